@@ -1,0 +1,296 @@
+"""Typed DeepSeek-V4 model configuration.
+
+Reads a `config.json` written with the official (native HF-hub) field names or with transformers' folded names
+(`layer_types`, `mlp_layer_types`, `rope_parameters`, `compress_rates`), validates it, and offers presets for the
+released models plus tiny random test models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config value is missing or out of range; the message names the key and what is allowed."""
+
+
+# transformers' layer_types <-> native compress ratios.
+_LAYER_TYPE_TO_RATIO = {
+    "sliding_attention": 0,
+    "compressed_sparse_attention": 4,
+    "heavily_compressed_attention": 128,
+}
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of a DeepSeek-V4 model, in the official config.json names."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    # One ratio per layer plus one for each MTP block: 0 = sliding window only, 4 = CSA, other (128) = HCA.
+    compress_ratios: list[int] = field(default_factory=list)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    num_hash_layers: int = 3
+    scoring_func: str = "sqrtsoftplus"
+    routed_scaling_factor: float = 1.5
+    norm_topk_prob: bool = True
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    # YaRN for the compress RoPE table (CSA/HCA layers); sliding-window layers use plain RoPE.
+    rope_factor: float = 16.0
+    rope_original_max_position: int = 65536
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    max_position_embeddings: int = 1048576
+    num_nextn_predict_layers: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    tie_word_embeddings: bool = False
+    # Checkpoint storage: "fp8" = block-scaled e4m3 linears; None = unquantised (bf16/fp32) weights.
+    quant_method: str | None = "fp8"
+    # Routed-expert storage: "fp4" (MXFP4), "fp8" or None (same as the other linears).
+    expert_dtype: str | None = "fp4"
+    torch_dtype: str = "bfloat16"
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def layer_ratios(self) -> list[int]:
+        """Compress ratio of each main-model layer (MTP entries excluded)."""
+        return self.compress_ratios[: self.num_hidden_layers]
+
+    @property
+    def mtp_ratios(self) -> list[int]:
+        return self.compress_ratios[self.num_hidden_layers :]
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def index_rope_dim(self) -> int:
+        return self.qk_rope_head_dim
+
+    def __post_init__(self) -> None:
+        if not self.compress_ratios:
+            self.compress_ratios = [0] * (self.num_hidden_layers + self.num_nextn_predict_layers)
+        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending key when a value is impossible."""
+
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"config key '{key}': {msg}")
+
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                    "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
+                    "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
+                    "index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, key)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, key,
+                 f"must be a positive integer, found {v!r}")
+        need(len(self.compress_ratios) in (self.num_hidden_layers,
+                                           self.num_hidden_layers + self.num_nextn_predict_layers),
+             "compress_ratios",
+             f"needs num_hidden_layers (+ num_nextn_predict_layers) = {self.num_hidden_layers}"
+             f" (+{self.num_nextn_predict_layers}) entries, found {len(self.compress_ratios)}")
+        if len(self.compress_ratios) == self.num_hidden_layers:
+            self.compress_ratios = self.compress_ratios + [0] * self.num_nextn_predict_layers
+        for i, r in enumerate(self.compress_ratios):
+            need(r == 0 or r == 4 or (r > 4 and r % 2 == 0), f"compress_ratios[{i}]",
+                 f"allowed values are 0 (sliding window), 4 (CSA) or an even ratio > 4 (HCA, 128 in the "
+                 f"released models); found {r}")
+        for i, r in enumerate(self.mtp_ratios):
+            need(r == 0, f"compress_ratios[{self.num_hidden_layers + i}]",
+                 f"MTP blocks use sliding-window attention only (0); found {r}")
+        need(0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"must be even and in (0, head_dim={self.head_dim}); found {self.qk_rope_head_dim}")
+        need(self.qk_rope_head_dim < self.index_head_dim, "index_head_dim",
+             f"must exceed qk_rope_head_dim={self.qk_rope_head_dim}; found {self.index_head_dim}")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups",
+             f"must divide num_attention_heads={self.num_attention_heads}; found {self.o_groups}")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"must be <= n_routed_experts={self.n_routed_experts}; found {self.num_experts_per_tok}")
+        need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",
+             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]; found {self.num_hash_layers}")
+        need(self.scoring_func == "sqrtsoftplus", "scoring_func",
+             f"allowed values: 'sqrtsoftplus'; found {self.scoring_func!r}")
+        need(self.n_shared_experts in (0, 1), "n_shared_experts", f"allowed values: 0, 1; found {self.n_shared_experts}")
+        need(self.quant_method in (None, "fp8"), "quantization_config.quant_method",
+             f"allowed values: 'fp8' or absent; found {self.quant_method!r}")
+        need(self.expert_dtype in (None, "fp4", "fp8"), "expert_dtype",
+             f"allowed values: 'fp4', 'fp8' or absent; found {self.expert_dtype!r}")
+        need(self.torch_dtype in ("bfloat16", "float32", "float16"), "torch_dtype",
+             f"allowed values: 'bfloat16', 'float32', 'float16'; found {self.torch_dtype!r}")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+
+    # ---- io ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Build from a config.json dict in native or transformers names; unknown keys are ignored."""
+        d = dict(raw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        # transformers' folded layer description.
+        if "compress_ratios" not in d and ("layer_types" in d or "compress_rates" in d):
+            types = d.get("layer_types")
+            if types is None:
+                raise ConfigError("config key 'layer_types': required when 'compress_ratios' is absent")
+            rates = d.get("compress_rates") or {}
+            ratios = []
+            for i, t in enumerate(types):
+                if t not in _LAYER_TYPE_TO_RATIO:
+                    raise ConfigError(f"config key 'layer_types[{i}]': allowed values "
+                                      f"{sorted(_LAYER_TYPE_TO_RATIO)}; found {t!r}")
+                r = _LAYER_TYPE_TO_RATIO[t]
+                if isinstance(rates, dict) and t in rates:
+                    r = int(rates[t])
+                ratios.append(r)
+            n_mtp = int(d.get("num_nextn_predict_layers", 1))
+            out["compress_ratios"] = ratios + [0] * n_mtp
+        if "num_hash_layers" not in d and "mlp_layer_types" in d:
+            out["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
+        if "qk_rope_head_dim" not in d and "partial_rotary_factor" in d and "head_dim" in d:
+            out["qk_rope_head_dim"] = int(round(d["partial_rotary_factor"] * d["head_dim"]))
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict) and "main" in rp:
+            out.setdefault("rope_theta", rp["main"].get("rope_theta", 10000.0))
+            c = rp.get("compress", {})
+            if "rope_theta" in c:
+                out["compress_rope_theta"] = c["rope_theta"]
+            for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
+                             "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
+                             ("beta_slow", "rope_beta_slow")):
+                if src in c:
+                    out[dst] = c[src]
+        rs = d.get("rope_scaling")
+        if isinstance(rs, dict):
+            if rs.get("type", rs.get("rope_type", "yarn")) != "yarn":
+                raise ConfigError(f"config key 'rope_scaling.type': allowed values ['yarn']; found {rs.get('type')!r}")
+            for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
+                             "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
+                             ("beta_slow", "rope_beta_slow")):
+                if src in rs:
+                    out[dst] = rs[src]
+        qc = d.get("quantization_config")
+        if qc is None:
+            out["quant_method"] = None
+            if "expert_dtype" not in d:
+                out["expert_dtype"] = None
+        else:
+            out["quant_method"] = qc.get("quant_method")
+            if "expert_dtype" not in d and "expert_dtype" in qc:
+                out["expert_dtype"] = qc["expert_dtype"]
+        if "dtype" in d and "torch_dtype" not in d:
+            out["torch_dtype"] = d["dtype"]
+        for k, v in d.items():
+            if k in names and k not in out:
+                out[k] = v
+        if isinstance(out.get("eos_token_id"), list):
+            out["eos_token_id"] = out["eos_token_id"][0]
+        try:
+            return cls(**out)
+        except TypeError as e:  # wrong value types
+            raise ConfigError(f"invalid config: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Official native config.json layout (what the released checkpoints ship)."""
+        d = dataclasses.asdict(self)
+        for k in ("rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow", "quant_method"):
+            d.pop(k)
+        d["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor, "beta_fast": self.rope_beta_fast,
+                             "beta_slow": self.rope_beta_slow,
+                             "original_max_position_embeddings": self.rope_original_max_position}
+        if self.quant_method is not None:
+            d["quantization_config"] = {"quant_method": self.quant_method, "fmt": "e4m3",
+                                        "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+                                        "weight_block_size": [128, 128]}
+        if self.expert_dtype is None:
+            d.pop("expert_dtype")
+        d.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", num_key_value_heads=1,
+                 hidden_act="silu", topk_method="noaux_tc")
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `config.json` (or a directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise ConfigError(f"no config.json at {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    return ModelConfig.from_dict(raw)
+
+
+def _flash() -> ModelConfig:
+    # Confirmed against shared/configs/deepseek-v4-flash.config.json (the official hub config.json).
+    return ModelConfig(compress_ratios=[0, 0] + [4, 128] * 20 + [4] + [0])
+
+
+def _pro() -> ModelConfig:
+    # Confirmed against shared/configs/deepseek-v4-pro.config.json (mirror of the official V4-Pro repo).
+    return ModelConfig(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+                       o_groups=16, n_routed_experts=384, moe_intermediate_size=3072, index_topk=1024,
+                       routed_scaling_factor=2.5, compress_ratios=[128, 128] + [4, 128] * 29 + [4] + [0])
+
+
+def _tiny() -> ModelConfig:
+    """All three layer types, both MoE kinds, small windows so short prompts cross many boundaries."""
+    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
+                       qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
+                       compress_ratios=[0, 4, 8, 4, 0], index_n_heads=2, index_head_dim=16, index_topk=4,
+                       n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2,
+                       rope_original_max_position=64, max_position_embeddings=4096)
+
+
+def _small() -> ModelConfig:
+    """Benchmark size: big enough that matmuls dominate, small enough for 2 CPU cores."""
+    return ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, head_dim=128,
+                       qk_rope_head_dim=32, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=64,
+                       compress_ratios=[0, 4, 16, 4, 0], index_n_heads=4, index_head_dim=64, index_topk=32,
+                       n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
+                       rope_original_max_position=1024, max_position_embeddings=65536)
+
+
+PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "small": _small}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset config."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,272 @@
+"""Quantisation formats of DeepSeek-V4: FP8 e4m3 block-128x128, MXFP4 e2m1 block-1x32, UE8M0 scales, act_quant.
+
+Every routine computes in fp32 and casts to a low-precision dtype only at the end, because on CPU most ops
+(amax, add, abs on e8m0) are not implemented for float8 dtypes and no cast exists for float4. Power-of-two
+scales are built from integer exponents, never from `.to(torch.float8_e8m0fnu)` (which rounds half-up).
+The facts behind each rule, and the test that proves it, are in docs/checkpoint-format.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "FP4_E2M1_VALUES",
+    "e8m0_to_float",
+    "float_to_e8m0",
+    "pow2_scale",
+    "unpack_fp4",
+    "pack_fp4",
+    "fp4_encode",
+    "quantize_fp4",
+    "dequantize_fp4",
+    "quantize_fp8_block",
+    "dequantize_fp8_block",
+    "act_quant",
+    "fp8_sim",
+    "fp4_sim",
+    "hadamard",
+]
+
+E4M3_MAX = 448.0
+FP4_MAX = 6.0
+FP8_BLOCK = 128
+ACT_AMAX_FLOOR = 1e-4  # DeepSeek act_quant: amax = max(|x_block|, 1e-4)
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # spec 10.5: keeps the fp4 scale >= 2^-126 (no zero/subnormal scales)
+
+# code -> value; bit 3 = sign, bits 2-1 = exponent (bias 1), bit 0 = mantissa. Code 8 is -0.0.
+FP4_E2M1_VALUES: torch.Tensor = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+
+# Midpoints between consecutive e2m1 magnitudes (codes i and i+1). A tie goes to the even code, so the
+# threshold is strict (>) when code i is even and inclusive (>=) when code i is odd.
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
+_FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
+
+
+def _ceil_log2(r: torch.Tensor) -> torch.Tensor:
+    """Exact ceil(log2(r)) as int32 for positive finite fp32 r (subnormals included), from frexp."""
+    m, e = torch.frexp(r)
+    return e - (m == 0.5).to(e.dtype)  # r = m * 2^e, m in [0.5, 1): exact power of two iff m == 0.5
+
+
+def _exp2i(k: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 2^k for integer k built from the bit pattern (inf above 2^127, 0 below 2^-149)."""
+    k = k.to(torch.int32)
+    normal = (k.clamp(-126, 127) + 127) << 23
+    subnormal = torch.ones_like(k) << (k.clamp(-149, -127) + 149)
+    out = torch.where(k >= -126, normal, subnormal).view(torch.float32)
+    out = torch.where(k > 127, torch.full_like(out, math.inf), out)
+    return torch.where(k < -149, torch.zeros_like(out), out)
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """Decode UE8M0 scales (float8_e8m0fnu or raw uint8 byte b) to fp32 2^(b-127), b=255 -> NaN, via bits."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        b = scale.view(torch.uint8)
+    elif scale.dtype == torch.uint8:
+        b = scale
+    else:
+        raise TypeError(f"e8m0_to_float expects float8_e8m0fnu or uint8, got {scale.dtype}")
+    b = b.to(torch.int32)
+    bits = torch.where(b == 0, torch.full_like(b, 0x00400000), b << 23)  # b=0 is the fp32 subnormal 2^-127
+    bits = torch.where(b == 255, torch.full_like(b, 0x7FC00000), bits)
+    return bits.view(torch.float32)
+
+
+def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
+    """Encode x as float8_e8m0fnu 2^ceil(log2 x): exact for powers of two, rounds UP otherwise.
+
+    0 <= x <= 2^-127 gives byte 0 (2^-127); x > 2^127, negative, inf or NaN give byte 255 (NaN).
+    """
+    xf = x.float()
+    b = (_ceil_log2(xf) + 127).clamp_min(0)
+    b = torch.where(xf == 0, torch.zeros_like(b), b)
+    ok = torch.isfinite(xf) & (xf >= 0) & (b <= 254)
+    b = torch.where(ok, b, torch.full_like(b, 255))
+    return b.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """DeepSeek's ue8m0 scale rule: fp32 2^ceil(log2(amax/qmax)), exact (0 -> 0, inf -> inf, <0/NaN -> NaN)."""
+    r = amax.float() / qmax
+    s = _exp2i(_ceil_log2(r))
+    good = torch.isfinite(r) & (r > 0)
+    return torch.where(good, s, torch.where(r >= 0, r, torch.full_like(r, math.nan)))
+
+
+def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """View packed FP4 storage (uint8, int8 or float4_e2m1fn_x2) as uint8 without copying."""
+    if packed.dtype == torch.uint8:
+        return packed
+    if packed.dtype == torch.int8 or (_FLOAT4_X2 is not None and packed.dtype == _FLOAT4_X2):
+        return packed.view(torch.uint8)
+    raise TypeError(f"packed FP4 must be uint8, int8 or float4_e2m1fn_x2, got {packed.dtype}")
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Decode packed e2m1 bytes [..., K/2] to fp32 [..., K]: element 2j = low nibble, 2j+1 = high nibble."""
+    b = _as_bytes(packed)
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+    return FP4_E2M1_VALUES.to(b.device)[codes.long()]
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes [..., K] pairwise into bytes (low nibble = even element) without checks."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack e2m1 codes 0..15 [..., K] (K even) into uint8 [..., K/2], low nibble = even element."""
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"pack_fp4 expects integer codes, got {codes.dtype}")
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("pack_fp4 codes must lie in 0..15")
+    return _pack(codes.to(torch.uint8))
+
+
+def fp4_encode(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values (already divided by their scale) to e2m1 codes: nearest, ties to even, saturate at +-6.
+
+    The sign bit is kept, so negative values that round to zero (and -0.0) give code 8 (-0); NaN gives code 0
+    or 8 by its sign bit (e2m1 has no NaN).
+    """
+    a = x.float().abs()
+    code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for i, m in enumerate(_FP4_MIDPOINTS):
+        code += ((a >= m) if i % 2 else (a > m)).to(torch.uint8)
+    return code | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def _check_last_dim(x: torch.Tensor, block: int, what: str) -> None:
+    """Raise ValueError naming the shape unless x's last dim is a positive multiple of block."""
+    if block <= 0 or x.dim() == 0 or x.shape[-1] % block:
+        raise ValueError(f"{what}: last dimension must be a multiple of block={block}, got shape {tuple(x.shape)}")
+
+
+def _fp4_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 1 x block: s = 2^ceil(log2(max(amax, 6*2^-126)/6)), codes = e2m1(clamp(x/s, -6, 6)); [..., nb, block]."""
+    xb = x.float().unflatten(-1, (-1, block))
+    s = pow2_scale(xb.abs().amax(-1).clamp_min(FP4_AMAX_FLOOR), FP4_MAX)
+    return fp4_encode((xb / s.unsqueeze(-1)).clamp(-FP4_MAX, FP4_MAX)), s
+
+
+def quantize_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4-quantise a weight [N, K] (any leading dims) into (packed uint8 [N, K/2], e8m0 scale [N, K/block])."""
+    _check_last_dim(w, block, "quantize_fp4")
+    if w.shape[-1] % 2:
+        raise ValueError(f"quantize_fp4: last dimension must be even, got shape {tuple(w.shape)}")
+    codes, s = _fp4_blocks(w, block)
+    return _pack(codes.flatten(-2)), float_to_e8m0(s)
+
+
+def _scale_float(scale: torch.Tensor, what: str) -> torch.Tensor:
+    """Return a weight scale (fp32, bf16 or float8_e8m0fnu) as fp32; refuse other dtypes to avoid misreads."""
+    if scale.dtype not in _SCALE_DTYPES:
+        raise TypeError(
+            f"{what}: scale must be float32, bfloat16 or float8_e8m0fnu, got {scale.dtype} "
+            "(view raw e8m0 bytes as torch.float8_e8m0fnu first)"
+        )
+    return e8m0_to_float(scale) if scale.dtype == torch.float8_e8m0fnu else scale.float()
+
+
+def dequantize_fp4(
+    packed: torch.Tensor, scale: torch.Tensor, block: int = 32, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dequantise MXFP4: packed [N, K/2] (uint8/int8/fp4x2) times scale [N, K/block] -> dtype [N, K]."""
+    vals = unpack_fp4(packed)
+    _check_last_dim(vals, block, "dequantize_fp4")
+    expected = (*vals.shape[:-1], vals.shape[-1] // block)
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"dequantize_fp4: expected scale shape {expected} for packed {tuple(packed.shape)} "
+            f"(block={block}), found {tuple(scale.shape)}"
+        )
+    s = _scale_float(scale, "dequantize_fp4")
+    return (vals.unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def quantize_fp8_block(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128), scale_fmt: str = "ue8m0"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise w [N, K] to e4m3 with one scale per block (edge blocks partial): scale = amax/448 or its pow2 ceil.
+
+    amax is floored at 1e-4 (DeepSeek's act_quant floor; keeps all-zero blocks finite). Returns
+    (float8_e4m3fn [N, K], scale [ceil(N/bn), ceil(K/bk)]) with scale float8_e8m0fnu ("ue8m0") or fp32 ("fp32").
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_fp8_block expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if scale_fmt not in ("ue8m0", "fp32"):
+        raise ValueError(f"scale_fmt must be 'ue8m0' or 'fp32', got {scale_fmt!r}")
+    bn, bk = block
+    if bn <= 0 or bk <= 0:
+        raise ValueError(f"block sizes must be positive, got {block}")
+    n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    wp = F.pad(w.float(), (0, kb * bk - k, 0, nb * bn - n)).view(nb, bn, kb, bk)  # zero padding: amax unchanged
+    amax = wp.abs().amax(dim=(1, 3)).clamp_min(ACT_AMAX_FLOOR)
+    s = pow2_scale(amax, E4M3_MAX) if scale_fmt == "ue8m0" else amax / E4M3_MAX
+    q = (wp / s[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = q.view(nb * bn, kb * bk)[:n, :k].contiguous()
+    return q, (float_to_e8m0(s) if scale_fmt == "ue8m0" else s)
+
+
+def dequantize_fp8_block(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantise a 128x128-block FP8 weight: W[i, j] = w8[i, j] * scale[i // 128, j // 128], in dtype."""
+    if w8.dim() != 2:
+        raise ValueError(f"dequantize_fp8_block expects a 2-D weight [N, K], got shape {tuple(w8.shape)}")
+    n, k = w8.shape
+    nb, kb = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+    if tuple(scale.shape) != (nb, kb):
+        raise ValueError(
+            f"dequantize_fp8_block: expected scale shape {(nb, kb)} for weight {(n, k)} "
+            f"(128x128 blocks), found {tuple(scale.shape)}"
+        )
+    s = _scale_float(scale, "dequantize_fp8_block")
+    wp = F.pad(w8.float(), (0, kb * FP8_BLOCK - k, 0, nb * FP8_BLOCK - n)).view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+    out = (wp * s[:, None, :, None]).view(nb * FP8_BLOCK, kb * FP8_BLOCK)[:n, :k]
+    return out.to(dtype).contiguous()
+
+
+def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek activation quant per 1 x block of the last dim: s = 2^ceil(log2(max(amax,1e-4)/448)), q = e4m3(x/s).
+
+    Returns (q float8_e4m3fn, same shape as x; s fp32 [..., last/block]).
+    """
+    _check_last_dim(x, block, "act_quant")
+    xb = x.float().unflatten(-1, (-1, block))
+    s = pow2_scale(xb.abs().amax(-1).clamp_min(ACT_AMAX_FLOOR), E4M3_MAX)
+    q = (xb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), s
+
+
+def fp8_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The reference's FP8 QAT simulation: act_quant(x, block) then dequantise, returned in x.dtype."""
+    q, s = act_quant(x, block)
+    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
+
+
+def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """The reference's FP4 QAT simulation per 1 x block: e2m1(clamp(x/s, -6, 6)) * s, returned in x.dtype."""
+    _check_last_dim(x, block, "fp4_sim")
+    codes, s = _fp4_blocks(x, block)
+    vals = FP4_E2M1_VALUES.to(x.device)[codes.long()]
+    return (vals * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sylvester Walsh-Hadamard matrix of order n (power of two) scaled by n^-0.5, so it is orthonormal."""
+    if not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard order must be a positive power of two, got {n!r}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h * n**-0.5).to(dtype)

@@ -1,0 +1,219 @@
+"""ReferenceBackend: the readable truth every other backend is checked against.
+
+Plain torch only, so it runs on CPU, CUDA or any torch device. Quantised weights stay packed in memory and are
+dequantised per call (per block), so FP4 experts cost 4.25 bits per weight at rest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsv4_ascend import quant
+from dsv4_ascend.backend import Backend, RunOptions
+
+__all__ = ["ReferenceBackend", "dequantize_weight"]
+
+# Queries per attention block: bounds the gathered [B, S_blk, K, d] key tensor.
+_ATTN_QUERY_BLOCK = 256
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Dense weight in `dtype` from a plain, FP8 (128x128 block scale) or packed FP4 (1x32 scale) tensor.
+
+    Leading dims (stacked experts) are allowed.
+    """
+    if scale is None:
+        return weight.to(dtype)
+    if weight.dtype == torch.float8_e4m3fn:
+        if weight.dim() == 2:
+            return quant.dequantize_fp8_block(weight, scale, dtype=dtype)
+        return torch.stack([dequantize_weight(w, s, dtype) for w, s in zip(weight, scale)])
+    if weight.dtype in (torch.uint8, torch.int8):
+        lead = weight.shape[:-1]
+        w = quant.dequantize_fp4(weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1]),
+                                 dtype=dtype)
+        return w.reshape(*lead, w.shape[-1])
+    raise TypeError(f"cannot dequantise a {weight.dtype} weight with a {scale.dtype} scale")
+
+
+class ReferenceBackend(Backend):
+    """Every op in plain torch; fp32 where DeepSeek's reference computes in fp32."""
+
+    name = "reference"
+
+    def __init__(self, options: RunOptions | None = None) -> None:
+        super().__init__(options)
+
+    # ---- elementwise -----------------------------------------------------------------------------------------
+    def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = weight.float() * y
+        return y.to(x.dtype)
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        xf = x.float().unflatten(-1, (-1, 2))
+        a, b = xf[..., 0], xf[..., 1]
+        y = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        return y.flatten(-2).to(x.dtype)
+
+    # ---- GEMMs -----------------------------------------------------------------------------------------------
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        if scale is None:
+            return F.linear(x, weight.to(x.dtype))
+        w = dequantize_weight(weight, scale, torch.float32 if self.options.deepseek else x.dtype)
+        if self.options.deepseek:
+            # DeepSeek's FP8 GEMM: activations quantised per 1x128 block, fp32 accumulation, output in x.dtype.
+            return F.linear(self._act_quant_dequant(x), w).to(x.dtype)
+        return F.linear(x, w)
+
+    def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        """Per-group projection: x [..., G, Kg] with weight [G*N, Kg] -> [..., G, N]."""
+        g = x.shape[-2]
+        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, x.shape[-1])
+        return torch.einsum("...gk,gnk->...gn", x, w)
+
+    def _act_quant_dequant(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 128:
+            return x.float()
+        q, s = quant.act_quant(x, 128)
+        return (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+
+    # ---- mHC -------------------------------------------------------------------------------------------------
+    def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+        xf = x.flatten(-2).float()
+        rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+        return (xf * rinv) @ fn.float().t()
+
+    def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
+               hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        n = x.shape[-2]
+        mix = self._hc_mix(x, fn, norm_eps)
+        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
+        post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
+        comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+        comb = torch.softmax(comb, dim=-1) + hc_eps
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+        h = (pre.unsqueeze(-1) * x.float()).sum(-2)
+        return h.to(x.dtype), post, comb
+
+    def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("...ij,...id->...jd", comb, x.float())
+        return out.to(f.dtype)
+
+    def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
+                hc_eps: float) -> Tensor:
+        mix = self._hc_mix(x, fn, norm_eps)
+        pre = torch.sigmoid(mix * scale[0] + base) + hc_eps
+        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+
+    # ---- compression and sparse attention --------------------------------------------------------------------
+    def compress(self, kv: Tensor, score: Tensor, ratio: int, overlap: bool) -> Tensor:
+        b, length, c = kv.shape
+        kv = kv.float().view(b, length // ratio, ratio, c)
+        score = score.float().view(b, length // ratio, ratio, c)
+        if overlap:
+            d = c // 2
+            kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)
+            score = torch.cat([score[:, :-1, :, :d], score[:, 1:, :, d:]], dim=2)
+        return (torch.softmax(score, dim=2) * kv).sum(2)
+
+    def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
+        n = keys.shape[1]
+        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
+        scores = (scores * weights.float().unsqueeze(-1)).sum(2)
+        visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        k = min(k, n)
+        # Stable descending sort = higher score first, then lower index: one tie-break everywhere.
+        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        vals, order = vals[..., :k], order[..., :k]
+        return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
+
+    def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+        s = q.shape[1]
+        if s > _ATTN_QUERY_BLOCK:
+            return torch.cat([self.sparse_attention(q[:, i:i + _ATTN_QUERY_BLOCK], kv,
+                                                    idx[:, i:i + _ATTN_QUERY_BLOCK], sink, scale)
+                              for i in range(0, s, _ATTN_QUERY_BLOCK)], dim=1)
+        b = q.shape[0]
+        valid = idx >= 0
+        keys = kv[torch.arange(b, device=kv.device).view(b, 1, 1), idx.clamp(min=0)].float()  # [B,S,K,d]
+        logits = torch.einsum("bshd,bskd->bshk", q.float(), keys) * scale
+        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
+        probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
+        return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+
+    # ---- MoE -------------------------------------------------------------------------------------------------
+    def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
+              route_scale: float) -> tuple[Tensor, Tensor]:
+        scores = F.softplus(logits.float()).sqrt()
+        if hash_ids is not None:
+            ids = hash_ids.long()
+        else:
+            biased = scores if bias is None else scores + bias.float()
+            ids = biased.topk(k, dim=-1).indices
+        w = scores.gather(-1, ids)
+        w = w / w.sum(-1, keepdim=True)
+        return w * route_scale, ids
+
+    def _swiglu(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1, s2, s3, limit: float,
+                weight: Tensor | None = None) -> Tensor:
+        g = self.linear(x, w1, s1).float().clamp(max=limit)
+        u = self.linear(x, w3, s3).float().clamp(-limit, limit)
+        h = F.silu(g) * u
+        if weight is not None:  # routing weight before the down projection, in fp32 (DeepSeek's order)
+            h = h * weight.unsqueeze(-1)
+        return self.linear(h.to(x.dtype), w2, s2)
+
+    def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor | None, s2: Tensor | None,
+                   s3: Tensor | None, limit: float) -> Tensor:
+        return self._swiglu(x, w1, w2, w3, s1, s2, s3, limit)
+
+    def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float) -> Tensor:
+        t, k = ids.shape
+        n_exp = w1.shape[0]
+        if t * k < n_exp:
+            return self._experts_gathered(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
+        # Many tokens: group the (token, slot) pairs by expert. Reads the per-expert counts on the host, which
+        # is fine for prefill; decode-sized batches take the gathered path above (no host sync).
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_exp).tolist()
+        tok = order // k
+        xs, ws = x[tok], weights.flatten()[order]
+        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sl = slice(start, start + c)
+            y = self._swiglu(xs[sl], w1[e], w2[e], w3[e], None if s1 is None else s1[e],
+                             None if s2 is None else s2[e], None if s3 is None else s3[e], limit, ws[sl])
+            out.index_add_(0, tok[sl], y.float())
+            start += c
+        return out.to(x.dtype)
+
+    def _experts_gathered(self, x, weights, ids, w1, w2, w3, s1, s2, s3, limit) -> Tensor:
+        """Decode path: gather the selected experts' weights per token; no data-dependent shapes."""
+        dt = x.dtype
+        g1 = dequantize_weight(w1[ids], None if s1 is None else s1[ids], dt)  # [T,k,I,D]
+        g3 = dequantize_weight(w3[ids], None if s3 is None else s3[ids], dt)
+        g2 = dequantize_weight(w2[ids], None if s2 is None else s2[ids], dt)  # [T,k,D,I]
+        xin = x
+        if self.options.deepseek and s1 is not None:
+            xin = self._act_quant_dequant(x).to(dt)
+        g = torch.einsum("td,tkid->tki", xin, g1).float().clamp(max=limit)
+        u = torch.einsum("td,tkid->tki", xin, g3).float().clamp(-limit, limit)
+        h = (F.silu(g) * u * weights.unsqueeze(-1)).to(dt)
+        if self.options.deepseek and s2 is not None:
+            h = self._act_quant_dequant(h).to(dt)
+        y = torch.einsum("tki,tkdi->tkd", h, g2).float().sum(1)
+        return y.to(dt)
