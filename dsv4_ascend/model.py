@@ -415,7 +415,8 @@ class Block(nn.Module):
     """One layer: attention then MoE, each wrapped by mHC pre/post over the 4 residual streams."""
 
     def __init__(self, backend: Backend, cfg: ModelConfig, layer_id: int, ratio: int, hashed: bool,
-                 fmt: WeightFormats, dtype: torch.dtype, tables: dict[str, RopeTable], device=None):
+                 fmt: WeightFormats, dtype: torch.dtype, tables: dict[str, RopeTable], device=None,
+                 expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.backend, self.cfg = backend, cfg
         n, dim = cfg.hc_mult, cfg.hidden_size
@@ -426,7 +427,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(backend, dim, cfg.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(backend, dim, cfg.rms_norm_eps, device)
         self.attn = Attention(backend, cfg, layer_id, ratio, fmt, dtype, tables, device)
-        self.ffn = MoE(backend, cfg, hashed, fmt, dtype, device=device)
+        self.ffn = MoE(backend, cfg, hashed, fmt, dtype, expert_range, device)
 
     def _hc(self, sub: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
@@ -460,8 +461,9 @@ class MTPBlock(Block, HcHead):
     """Multi-token prediction block: embeds token t+1, mixes it with the main streams at t, one SWA layer."""
 
     def __init__(self, backend: Backend, cfg: ModelConfig, layer_id: int, fmt: WeightFormats, dtype: torch.dtype,
-                 tables: dict[str, RopeTable], device=None):
-        super().__init__(backend, cfg, layer_id, cfg.compress_ratios[layer_id], False, fmt, dtype, tables, device)
+                 tables: dict[str, RopeTable], device=None, expert_range: tuple[int, int] | None = None):
+        super().__init__(backend, cfg, layer_id, cfg.compress_ratios[layer_id], False, fmt, dtype, tables, device,
+                         expert_range)
         dim = cfg.hidden_size
         self.e_proj = Linear(backend, dim, dim, fmt.dense, dtype, device)
         self.h_proj = Linear(backend, dim, dim, fmt.dense, dtype, device)
@@ -481,8 +483,14 @@ class Transformer(HcHead, nn.Module):
     """The whole model: embedding, 4-stream mHC layers, head collapse, final norm, lm head (+ MTP blocks)."""
 
     def __init__(self, cfg: ModelConfig, backend: Backend, dtype: torch.dtype = torch.bfloat16,
-                 formats: WeightFormats | None = None, device=None, n_mtp: int | None = None):
+                 formats: WeightFormats | None = None, device=None, n_mtp: int | None = None,
+                 expert_range: tuple[int, int] | None = None):
+        """`expert_range` = (first, end): the routed experts this rank holds (expert parallelism); all by default."""
         super().__init__()
+        if expert_range is not None and not 0 <= expert_range[0] < expert_range[1] <= cfg.n_routed_experts:
+            raise ValueError(f"expert_range {expert_range} must satisfy 0 <= first < end <= n_routed_experts="
+                             f"{cfg.n_routed_experts}")
+        self.expert_range = expert_range
         self.cfg, self.backend, self.dtype = cfg, backend, dtype
         fmt = formats or WeightFormats()
         self.formats = fmt
@@ -491,15 +499,15 @@ class Transformer(HcHead, nn.Module):
         self.embed = nn.Module()
         self.embed.weight = _param(cfg.vocab_size, dim, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            Block(backend, cfg, i, r, i < cfg.num_hash_layers, fmt, dtype, tables, device)
+            Block(backend, cfg, i, r, i < cfg.num_hash_layers, fmt, dtype, tables, device, expert_range)
             for i, r in enumerate(cfg.layer_ratios))
         self.norm = RMSNorm(backend, dim, cfg.rms_norm_eps, device)
         self.head = nn.Module()
         self.head.weight = _param(cfg.vocab_size, dim, dtype=dtype, device=device)
         _add_hc_head(self, cfg, device)
         n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
-        self.mtp = nn.ModuleList(MTPBlock(backend, cfg, cfg.num_hidden_layers + j, fmt, dtype, tables, device)
-                                 for j in range(n_mtp))
+        self.mtp = nn.ModuleList(MTPBlock(backend, cfg, cfg.num_hidden_layers + j, fmt, dtype, tables, device,
+                                          expert_range) for j in range(n_mtp))
 
     # -- names ------------------------------------------------------------------------------------------------
     def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:

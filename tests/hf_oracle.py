@@ -306,14 +306,16 @@ def build_hf_model(native_cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype
         assert torch.equal(t, new_hf[hf_name]), f"hf_oracle: {hf_name} did not keep its value"
 
     if dtype != torch.float32:
+        # RoPE inverse-frequency buffers stay fp32 (as with from_pretrained); .to() would round them to bf16.
+        inv_freq = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
         model = model.to(dtype)
+        for n, b in model.named_buffers():
+            if n in inv_freq:
+                b.data = inv_freq[n]
         keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-        for name, p in model.named_parameters():
-            if any(k in name for k in keep):
-                p.data = p.data.float()
-        for name, b in model.named_buffers():
-            if b.is_floating_point() and any(k in name for k in keep):
-                b.data = b.data.float()
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name in new_hf and t.is_floating_point() and any(k in name for k in keep):
+                t.data = new_hf[name].float().clone()  # exact fp32 values, not bf16-rounded ones
     model.eval()
     return model, native_sd
 

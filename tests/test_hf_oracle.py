@@ -105,20 +105,23 @@ def test_seeded_and_complete_native_state_dict(tiny):
         assert (sd[n] - 1).abs().max() > 0.05, n
 
 
-def test_native_state_dict_loads_through_transformers_conversion(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_state_dict_loads_through_transformers_conversion(tiny, tmp_path, dtype):
     """Our native names, loaded by transformers' own checkpoint conversion (conversion_mapping.py: renames and
-    expert merging), rebuild exactly the oracle's HF state dict: the name map agrees with transformers'."""
+    expert merging), rebuild exactly the oracle's HF model: the name map agrees with transformers'. In bf16 the
+    oracle also keeps the same tensors in fp32 (norms, mHC, sinks, ape, gate bias) with the same values."""
     from safetensors.torch import save_file
     from transformers import DeepseekV4ForCausalLM
 
-    model, sd = tiny
+    model, sd = tiny if dtype == torch.float32 else build_hf_model(TINY_NATIVE_CFG, seed=0, dtype=dtype)
     model.config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp_path, "model.safetensors"))
-    loaded, info = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    loaded, info = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ref, got = model.state_dict(), loaded.state_dict()
+    ref = dict(model.named_parameters()) | dict(model.named_buffers())
+    got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
     assert ref.keys() == got.keys()
-    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
+    assert [k for k in ref if ref[k].dtype != got[k].dtype or not torch.equal(ref[k], got[k])] == []
 
 
 def test_tiny_cfg_matches_our_tiny_preset():

@@ -68,7 +68,10 @@ def _stream(tok, ids):
 
 @pytest.mark.parametrize("which", ["real", "tiny"])
 def test_stream_decoder_matches_one_shot(which, request):
-    tok = request.getfixturevalue("real_tok") if which == "real" else load_tokenizer(request.getfixturevalue("tiny_dir"))
+    if which == "real":
+        tok = request.getfixturevalue("real_tok")
+    else:
+        tok = load_tokenizer(request.getfixturevalue("tiny_dir"))
     text = f"{BOS}{MIXED_TEXT}{ASSISTANT}漢字とかな🙂{EOS}"
     ids = tok.encode(text)
     chunks, tail = _stream(tok, ids)
@@ -138,7 +141,8 @@ TOOLS_SECTION = (
     "## Tools\n\nYou have access to a set of tools to help answer the user's question. You can invoke tools by "
     "writing a \"<｜DSML｜tool_calls>\" block like the following:\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke "
     "name=\"$TOOL_NAME\">\n<｜DSML｜parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE"
-    "</｜DSML｜parameter>\n...\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"$TOOL_NAME2\">\n...\n</｜DSML｜invoke>\n"
+    "</｜DSML｜parameter>\n...\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"$TOOL_NAME2\">\n...\n"
+    "</｜DSML｜invoke>\n"
     "</｜DSML｜tool_calls>\n\nString parameters should be specified as is and set `string=\"true\"`. For all other "
     "types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
     "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
@@ -224,13 +228,15 @@ def test_tool_results_follow_call_order():
     calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
              {"id": "b", "type": "function", "function": {"name": "g", "arguments": '{"x": [1, true]}'}}]
     msgs = [{"role": "user", "content": "Go"}, {"role": "assistant", "content": None, "tool_calls": calls},
-            {"role": "tool", "tool_call_id": "b", "content": "B"}, {"role": "tool", "tool_call_id": "a", "content": "A"}]
+            {"role": "tool", "tool_call_id": "b", "content": "B"},
+            {"role": "tool", "tool_call_id": "a", "content": "A"}]
     # Rules: results re-ordered to the tool_calls order and joined by "\n\n" in one user turn; an invoke with no
     # parameters renders as name line + "\n" + "" + "\n</｜DSML｜invoke>"; non-string values as JSON, string="false".
     assert encode_messages(msgs) == (
         f"{BOS}{USER}Go{ASSISTANT}</think>\n\n<｜DSML｜tool_calls>\n"
         "<｜DSML｜invoke name=\"f\">\n\n</｜DSML｜invoke>\n"
-        "<｜DSML｜invoke name=\"g\">\n<｜DSML｜parameter name=\"x\" string=\"false\">[1, true]</｜DSML｜parameter>\n"
+        "<｜DSML｜invoke name=\"g\">\n"
+        "<｜DSML｜parameter name=\"x\" string=\"false\">[1, true]</｜DSML｜parameter>\n"
         f"</｜DSML｜invoke>\n</｜DSML｜tool_calls>{EOS}"
         f"{USER}<tool_result>A</tool_result>\n\n<tool_result>B</tool_result>{ASSISTANT}</think>")
 

@@ -1,0 +1,193 @@
+"""The decoding engine: continuous batching over static cache slots, chunked prefill, batched decode.
+
+Seams: `Scheduler` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
+then one decode step for every running request); `KVCache` holds the state; the model runs prefill chunks
+(host-known start) and sync-free decode steps; `sampling.sample` picks tokens on the device.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .model import Transformer
+from .sampling import SamplingBatch, SamplingParams, sample
+
+__all__ = ["Request", "Engine", "CapacityError", "plan_capacity"]
+
+
+class CapacityError(ValueError):
+    """A request cannot fit the cache or the context length."""
+
+
+def plan_capacity(model: Transformer, budget_bytes: int, max_seq_len: int) -> int:
+    """How many sequence slots of `max_seq_len` tokens fit in `budget_bytes` of KV cache."""
+    one = KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", len(model.mtp)).nbytes()
+    return budget_bytes // one
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation request and its progress."""
+
+    prompt: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    slot: int | None = None
+    prefilled: int = 0           # prompt tokens already in the cache
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    first_token_time: float | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+class Engine:
+    """Runs many requests of different lengths together; requests join and leave between steps."""
+
+    def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
+                 eos_token_id: int | None = None) -> None:
+        self.model = model
+        self.device = model.embed.weight.device
+        self.cache = model.new_cache(max_slots, max_seq_len)
+        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.free_slots = deque(range(max_slots))
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0}
+
+    # -- admission --------------------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request; refuses at once (CapacityError) if it can never fit."""
+        params = params or SamplingParams()
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
+        need = len(prompt) + params.max_tokens
+        if need > self.max_seq_len:
+            raise CapacityError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {need} "
+                                f"exceeds the cache's max_seq_len {self.max_seq_len}")
+        req = Request(list(prompt), params)
+        self.waiting.append(req)
+        self.stats["requests"] += 1
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Stop a request now and free its slot (e.g. the client went away)."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if not req.finished:
+            req.finish_reason = "abort"
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one scheduling iteration -----------------------------------------------------------------------------
+    def step(self) -> list[tuple[Request, int]]:
+        """Admit, run at most one prefill chunk, then one batched decode step. Returns (request, token) events."""
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.popleft()
+            self.running.append(req)
+        events: list[tuple[Request, int]] = []
+        pending = [r for r in self.running if r.prefilled < len(r.prompt)]
+        if pending:
+            events += self._prefill_chunk(pending[0])
+        decoding = [r for r in self.running if r.prefilled == len(r.prompt) and r.output and not r.finished]
+        if decoding:
+            events += self._decode(decoding)
+        return events
+
+    def _prefill_chunk(self, req: Request) -> list[tuple[Request, int]]:
+        start = req.prefilled
+        chunk = req.prompt[start:start + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.device)
+        last = start + len(chunk) == len(req.prompt)
+        logits = self.model(ids, self.cache, torch.tensor([req.slot], device=self.device), start, last_only=True)
+        req.prefilled += len(chunk)
+        self.stats["prefill_tokens"] += len(chunk)
+        if not last:
+            return []
+        return self._emit([req], logits[:, -1])
+
+    def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        dev = self.device
+        ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
+        pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        logits = self.model.decode(ids, pos, self.cache, slots)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(reqs)
+        return self._emit(reqs, logits[:, -1])
+
+    def _emit(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
+        sb = SamplingBatch.of([r.params for r in reqs], logits.device)
+        step = torch.tensor([r.length for r in reqs], device=logits.device)
+        tokens, lps = sample(logits, sb, step)
+        want_top = max((r.params.logprobs or 0) for r in reqs)
+        top = torch.log_softmax(logits.float(), -1).topk(want_top, -1) if want_top else None
+        tokens_l, lps_l = tokens.tolist(), lps.tolist()  # the one host read per step: tokens must be streamed
+        now = time.perf_counter()
+        events = []
+        for i, (r, tok) in enumerate(zip(reqs, tokens_l)):
+            r.output.append(tok)
+            r.logprobs.append(lps_l[i])
+            if r.params.logprobs:
+                n = r.params.logprobs
+                r.top_logprobs.append(dict(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if (tok == self.eos and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
+                r.finish_reason = "stop"
+            elif len(r.output) >= r.params.max_tokens:
+                r.finish_reason = "length"
+            events.append((r, tok))
+            if r.finished:
+                self._release(r)
+        return events
+
+    # -- convenience ------------------------------------------------------------------------------------------
+    def run(self) -> Iterator[tuple[Request, int]]:
+        """Step until every queued request finishes, yielding (request, token) as tokens appear."""
+        while self.has_work:
+            yield from self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Request]:
+        """Generate for several prompts together; returns the finished requests in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams() for _ in prompts]
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        for _ in self.run():
+            pass
+        return reqs

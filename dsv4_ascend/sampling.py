@@ -1,0 +1,103 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs — batched and sync-free.
+
+Each row carries its own parameters as tensors, so one call serves a batch of requests with different settings
+and can sit inside a captured decode graph. Randomness is counter-based (hash of seed, step, token id) rather
+than a stateful generator: a request's samples depend only on its seed and position, never on its batch-mates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["SamplingParams", "SamplingBatch", "sample"]
+
+
+@dataclass
+class SamplingParams:
+    """What a user asks of one request's sampling and stopping."""
+
+    temperature: float = 1.0     # 0 = greedy
+    top_k: int = 0               # 0 = whole vocabulary
+    top_p: float = 1.0
+    seed: int | None = None      # None: a random seed is drawn for the request
+    max_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()   # stop strings (matched on the detokenized text)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # also return the top-N logprobs per generated token
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, found {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), found {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, found {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], found {self.logprobs}")
+        if self.seed is None:
+            self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as device tensors."""
+
+    temperature: Tensor  # [B] fp32
+    top_k: Tensor        # [B] int64, 0 = off
+    top_p: Tensor        # [B] fp32
+    seed: Tensor         # [B] int64
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
+        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.seed for p in params], dtype=torch.int64, device=device))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32; no overflow."""
+    for mul in (0x7FEB352D, 0x446F1A4B):  # odd multipliers < 2^31 keep products < 2^63
+        x = (x ^ (x >> 16)) & _M32
+        x = (x * mul) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """U(0,1) [B,V] determined by (seed, step, token id) only."""
+    v = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    h = _mix((seed.unsqueeze(1) & _M32) ^ _mix(step.unsqueeze(1) & _M32))
+    h = _mix(h ^ _mix(v + 0x9E3779B9 & _M32))
+    return (h.to(torch.float64) + 0.5) / 2**32
+
+
+def sample(logits: Tensor, sb: SamplingBatch, step: Tensor) -> tuple[Tensor, Tensor]:
+    """Next tokens [B] and their logprobs [B] (log-softmax of the raw logits) from fp32 logits [B,V]."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    greedy = logits.argmax(-1)
+    t = sb.temperature.clamp(min=1e-5).unsqueeze(1)
+    scaled = logits / t
+    vocab = logits.shape[-1]
+    sorted_l, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(sb.top_k > 0, sb.top_k, vocab).unsqueeze(1)
+    probs = torch.softmax(sorted_l, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each candidate
+    drop = (rank >= k) | (before >= sb.top_p.unsqueeze(1))  # the top candidate is always kept
+    sorted_l = sorted_l.masked_fill(drop, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(sb.seed, step, vocab))).float()
+    pick = (sorted_l + gumbel).argmax(-1, keepdim=True)
+    sampled = order.gather(-1, pick).squeeze(1)
+    tokens = torch.where(sb.temperature > 0, sampled, greedy)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(1)).squeeze(1)
