@@ -97,8 +97,12 @@ class Backend:
         raise NotImplementedError
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
-                s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float) -> Tensor:
-        """sum_j weights[t,j] * SwiGLU_{ids[t,j]}(x[t]) with stacked expert weights [E, ...]."""
+                s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
+                sync_free: bool = False) -> Tensor:
+        """sum_j weights[t,j] * SwiGLU_{ids[t,j]}(x[t]) with stacked expert weights [E, ...].
+
+        sync_free=True (decode) forbids host reads of routing results, so the step stays capturable.
+        """
         raise NotImplementedError
 
     def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor | None, s2: Tensor | None,

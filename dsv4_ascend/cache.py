@@ -1,19 +1,31 @@
-"""The V4 KV cache: one design for every layer type, allocated once as static buffers.
+"""The V4 KV cache: one design for every layer type, allocated once as static buffers (graph capture needs fixed
+addresses), paged for the parts that grow with the sequence.
 
-Per layer (see docs/design.md): a sliding-window ring of raw kv, the compressed entries (CSA, HCA), the indexer's
-compressed keys (CSA) and the unfinished-window state of each compressor. A sequence owns one slot (a row of
-every buffer). Nothing needs resetting when a slot is reused: every read is masked by the sequence's position.
+Per layer (docs/design.md): a sliding-window ring of raw kv (fixed size per sequence slot), the compressed
+entries (CSA, HCA) and the indexer's compressed keys (CSA) in fixed-size pages shared by all sequences through a
+block table, and the unfinished-window state of each compressor (per slot). One page covers `block_size` tokens
+in every layer (block_size/ratio entries). Nothing is reset when a slot or page is reused: every read is masked by
+the sequence's position. Optional FP8 storage (C8) keeps the nope dims as e4m3 with a power-of-two scale per 64
+values; the rope dims stay in the model dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import quant
 from .config import ModelConfig
 
-__all__ = ["CompressorState", "LayerCache", "KVCache"]
+__all__ = ["CompressorState", "RowStore", "LayerCache", "KVCache", "CacheFullError"]
+
+_C8_BLOCK = 64
+
+
+class CacheFullError(RuntimeError):
+    """No free pages left for a sequence."""
 
 
 @dataclass
@@ -34,49 +46,160 @@ class CompressorState:
 
         return cls(z(), z(), z() if overlap else None, z() if overlap else None)
 
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.kv_pend, self.score_pend, self.kv_prev, self.score_prev) if t is not None]
 
-@dataclass
+
+class RowStore:
+    """A [*lead, width] buffer of kv rows, stored in the model dtype or as C8 (e4m3 nope + scales, rope as is)."""
+
+    def __init__(self, lead: tuple[int, ...], width: int, rope_dim: int, dtype: torch.dtype, device,
+                 fp8: bool = False) -> None:
+        self.fp8, self.dtype, self.rope_dim = fp8, dtype, rope_dim
+        if fp8:
+            nope = width - rope_dim
+            if nope % _C8_BLOCK:
+                raise ValueError(f"C8 cache needs (head_dim - rope_dim) % {_C8_BLOCK} == 0, found {nope}")
+            self.nope = torch.zeros(*lead, nope, dtype=torch.uint8, device=device)
+            self.scale = torch.ones(*lead, nope // _C8_BLOCK, dtype=torch.float32, device=device)
+            self.rope = torch.zeros(*lead, rope_dim, dtype=dtype, device=device)
+        else:
+            self.data = torch.zeros(*lead, width, dtype=dtype, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.nope, self.scale, self.rope] if self.fp8 else [self.data]
+
+    def read(self, *index) -> Tensor:
+        if not self.fp8:
+            return self.data[index]
+        q = self.nope[index].view(torch.float8_e4m3fn).float()
+        s = self.scale[index]
+        nope = (q.unflatten(-1, (-1, _C8_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
+        return torch.cat([nope.to(self.dtype), self.rope[index]], -1)
+
+    def write(self, index: tuple, values: Tensor) -> None:
+        if not self.fp8:
+            self.data[index] = values.to(self.dtype)
+            return
+        q, s = quant.act_quant(values[..., : -self.rope_dim].float(), _C8_BLOCK)
+        self.nope[index] = q.view(torch.uint8)
+        self.scale[index] = s
+        self.rope[index] = values[..., -self.rope_dim:].to(self.dtype)
+
+
 class LayerCache:
     """All decode state of one attention layer."""
 
-    ratio: int
-    window: Tensor                      # [slots, sliding_window, head_dim]
-    entries: Tensor | None = None       # [slots, max_seq_len // ratio, head_dim]
-    comp: CompressorState | None = None
-    index_keys: Tensor | None = None    # [slots, max_seq_len // 4, index_head_dim]
-    index_comp: CompressorState | None = None
+    def __init__(self, cfg: ModelConfig, ratio: int, max_slots: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device, fp8: bool, block_table: Tensor) -> None:
+        d, di, r = cfg.head_dim, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.ratio, self.block_size, self.block_table = ratio, block_size, block_table
+        self.window = RowStore((max_slots, cfg.sliding_window), d, r, dtype, device, fp8)
+        self.entries = self.comp = self.index_keys = self.index_comp = None
+        if ratio:
+            self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8)
+            self.comp = CompressorState.allocate(max_slots, ratio, d, ratio == 4, device)
+        if ratio == 4:
+            self.index_keys = RowStore((num_blocks, block_size // 4), di, r, dtype, device, False)
+            self.index_comp = CompressorState.allocate(max_slots, 4, di, True, device)
 
     def tensors(self) -> list[Tensor]:
-        out = [self.window]
-        for s in (self.comp, self.index_comp):
+        out = self.window.tensors()
+        for s in (self.entries, self.index_keys, self.comp, self.index_comp):
             if s is not None:
-                out += [t for t in (s.kv_pend, s.score_pend, s.kv_prev, s.score_prev) if t is not None]
-        out += [t for t in (self.entries, self.index_keys) if t is not None]
+                out += s.tensors()
         return out
+
+    def _page(self, slots: Tensor, w: Tensor, ratio: int) -> tuple[Tensor, Tensor]:
+        """Physical (page, row) of entry indices w [B,N] (or [B]) of sequences in `slots` [B]."""
+        per = self.block_size // ratio
+        table = self.block_table[slots]  # [B, pages]
+        page = table.gather(1, (w // per).view(w.shape[0], -1)).view(w.shape)
+        return page, w % per
+
+    def read_entries(self, store: RowStore, slots: Tensor, n: int, ratio: int) -> Tensor:
+        w = torch.arange(n, device=slots.device).expand(slots.shape[0], n)
+        return store.read(*self._page(slots, w, ratio))
+
+    def write_entries(self, store: RowStore, slots: Tensor, w: Tensor, values: Tensor, ratio: int) -> None:
+        """values [B,N,c] for entry indices w [B,N]."""
+        store.write(self._page(slots, w, ratio), values)
 
 
 class KVCache:
-    """Static cache for `max_slots` sequences of up to `max_seq_len` tokens, main layers then MTP blocks."""
+    """Static cache for `max_slots` sequences of up to `max_seq_len` tokens: main layers then MTP blocks.
+
+    Pages (`num_blocks` of `block_size` tokens) are handed to sequences by `allocate`/`free`; physical page 0
+    is never handed out and absorbs writes of unused rows. With `preassign=True` every slot gets pages for
+    `max_seq_len` tokens up front (the simple no-engine path).
+    """
 
     def __init__(self, cfg: ModelConfig, max_slots: int, max_seq_len: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", n_mtp: int | None = None) -> None:
+                 device: torch.device | str = "cpu", n_mtp: int | None = None, num_blocks: int | None = None,
+                 block_size: int | None = None, kv_fp8: bool = False, preassign: bool = True) -> None:
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds config max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        self.max_slots, self.max_seq_len, self.dtype = max_slots, max_seq_len, dtype
         n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
         ratios = cfg.layer_ratios + cfg.mtp_ratios[:n_mtp]
-        d, di = cfg.head_dim, cfg.index_head_dim
-        self.layers: list[LayerCache] = []
-        for m in ratios:
-            lc = LayerCache(m, torch.zeros(max_slots, cfg.sliding_window, d, dtype=dtype, device=device))
-            if m:
-                lc.entries = torch.zeros(max_slots, max_seq_len // m, d, dtype=dtype, device=device)
-                lc.comp = CompressorState.allocate(max_slots, m, d, m == 4, device)
-            if m == 4:
-                lc.index_keys = torch.zeros(max_slots, max_seq_len // 4, di, dtype=dtype, device=device)
-                lc.index_comp = CompressorState.allocate(max_slots, 4, di, True, device)
-            self.layers.append(lc)
+        lcm = math.lcm(*[r for r in ratios if r] or [1])
+        # Default page: ~256 tokens (64 CSA entries, 2 HCA entries at ratio 128), never more than one sequence.
+        self.block_size = block_size or lcm * min(-(-256 // lcm), -(-max_seq_len // lcm))
+        if self.block_size % lcm:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of every compress ratio (lcm {lcm})")
+        self.max_slots, self.dtype, self.kv_fp8 = max_slots, dtype, kv_fp8
+        self.pages_per_seq = -(-max_seq_len // self.block_size)
+        self.max_seq_len = self.pages_per_seq * self.block_size
+        self.num_blocks = num_blocks or max_slots * self.pages_per_seq + 1
+        self.block_table = torch.zeros(max_slots, self.pages_per_seq, dtype=torch.int64, device=device)
+        self.layers = [LayerCache(cfg, m, max_slots, self.num_blocks, self.block_size, dtype, device, kv_fp8,
+                                  self.block_table) for m in ratios]
+        self._free = list(range(self.num_blocks - 1, 0, -1))
+        self._owned: dict[int, list[int]] = {}
+        if preassign:
+            for s in range(max_slots):
+                self.allocate(s, self.max_seq_len)
 
+    # -- pages ------------------------------------------------------------------------------------------------
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def allocate(self, slot: int, tokens: int) -> None:
+        """Give `slot` pages for `tokens` tokens (keeps the pages it already has)."""
+        if tokens > self.max_seq_len:
+            raise CacheFullError(f"{tokens} tokens exceed max_seq_len {self.max_seq_len}")
+        owned = self._owned.setdefault(slot, [])
+        need = self.pages_for(tokens) - len(owned)
+        if need > len(self._free):
+            raise CacheFullError(f"need {need} more cache pages for slot {slot}, {len(self._free)} free")
+        for _ in range(max(need, 0)):
+            owned.append(self._free.pop())
+        self.block_table[slot, : len(owned)] = torch.tensor(owned, dtype=torch.int64)
+
+    def free(self, slot: int) -> None:
+        """Return a finished sequence's pages."""
+        self._free.extend(reversed(self._owned.pop(slot, [])))
+        self.block_table[slot].zero_()
+
+    # -- size -------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, kv_fp8: bool = False,
+                        n_mtp: int = 0) -> float:
+        """Paged bytes per token of context, summed over layers (window rings and compressor state excluded)."""
+        el = torch.finfo(dtype).bits // 8
+        d, di, r = cfg.head_dim, cfg.index_head_dim, cfg.qk_rope_head_dim
+        row = (d - r) + 4 * (d - r) // _C8_BLOCK + r * el if kv_fp8 else d * el
+        total = 0.0
+        for m in cfg.layer_ratios + cfg.mtp_ratios[:n_mtp]:
+            if m:
+                total += row / m
+            if m == 4:
+                total += di * el / 4
+        return total

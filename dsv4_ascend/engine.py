@@ -26,10 +26,22 @@ class CapacityError(ValueError):
     """A request cannot fit the cache or the context length."""
 
 
-def plan_capacity(model: Transformer, budget_bytes: int, max_seq_len: int) -> int:
-    """How many sequence slots of `max_seq_len` tokens fit in `budget_bytes` of KV cache."""
-    one = KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", len(model.mtp)).nbytes()
-    return budget_bytes // one
+def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq_len: int,
+                  kv_fp8: bool = False) -> int:
+    """Number of cache pages that fit in `budget_bytes` next to the per-slot state (window rings, compressor
+    rows). Raises CapacityError when not even one full-length sequence fits."""
+    def size(pages: int) -> int:
+        return KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
+                       kv_fp8=kv_fp8, preassign=False).nbytes()
+
+    fixed, per_page = size(1), size(2) - size(1)
+    pages = 1 + (budget_bytes - fixed) // max(per_page, 1)
+    probe = KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=2, preassign=False)
+    if pages - 1 < probe.pages_per_seq:
+        raise CapacityError(f"a KV-cache budget of {budget_bytes / 2**20:.1f} MiB holds {max(pages - 1, 0)} pages of "
+                            f"{probe.block_size} tokens; one sequence of max_seq_len {max_seq_len} needs "
+                            f"{probe.pages_per_seq} (plus {fixed / 2**20:.1f} MiB of per-slot state)")
+    return int(pages)
 
 
 _ids = itertools.count()
@@ -64,11 +76,13 @@ class Engine:
     """Runs many requests of different lengths together; requests join and leave between steps."""
 
     def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False) -> None:
+        """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len)."""
         self.model = model
         self.device = model.embed.weight.device
-        self.cache = model.new_cache(max_slots, max_seq_len)
-        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        pages = plan_capacity(model, cache_bytes, max_slots, max_seq_len, kv_fp8) if cache_bytes else None
+        self.cache = model.new_cache(max_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False)
+        self.prefill_chunk = prefill_chunk
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.free_slots = deque(range(max_slots))
         self.waiting: deque[Request] = deque()
@@ -86,9 +100,12 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
         need = len(prompt) + params.max_tokens
-        if need > self.max_seq_len:
+        if need > self.cache.max_seq_len:
             raise CapacityError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {need} "
-                                f"exceeds the cache's max_seq_len {self.max_seq_len}")
+                                f"exceeds the cache's max_seq_len {self.cache.max_seq_len}")
+        if self.cache.pages_for(need) > self.cache.num_blocks - 1:
+            raise CapacityError(f"prompt + max_tokens = {need} tokens needs {self.cache.pages_for(need)} cache pages; "
+                                f"the cache has {self.cache.num_blocks - 1}")
         req = Request(list(prompt), params)
         self.waiting.append(req)
         self.stats["requests"] += 1
@@ -106,6 +123,7 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
         if req.slot is not None:
+            self.cache.free(req.slot)
             self.free_slots.append(req.slot)
             req.slot = None
 
@@ -117,8 +135,13 @@ class Engine:
     def step(self) -> list[tuple[Request, int]]:
         """Admit, run at most one prefill chunk, then one batched decode step. Returns (request, token) events."""
         while self.waiting and self.free_slots:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
+            tokens = len(req.prompt) + req.params.max_tokens
+            if self.cache.pages_for(tokens) > self.cache.free_pages:
+                break  # wait for running sequences to free pages (first come, first served)
+            self.waiting.popleft()
             req.slot = self.free_slots.popleft()
+            self.cache.allocate(req.slot, tokens)  # pages for the whole request: no mid-run eviction
             self.running.append(req)
         events: list[tuple[Request, int]] = []
         pending = [r for r in self.running if r.prefilled < len(r.prompt)]

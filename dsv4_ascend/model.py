@@ -209,6 +209,11 @@ def finish_keys(backend: Backend, e: Tensor, rope_dim: int | None) -> Tensor:
     return torch.cat([quant.fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
 
 
+def _span(w0: int, e: Tensor) -> Tensor:
+    """Entry indices [B,N] of N consecutive new entries starting at w0."""
+    return (w0 + torch.arange(e.shape[1], device=e.device)).expand(e.shape[0], e.shape[1])
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top `index_topk`."""
 
@@ -257,22 +262,22 @@ class Attention(nn.Module):
     def _window_prefill(self, kv: Tensor, step: Step, lc: LayerCache) -> tuple[Tensor, Tensor]:
         b, s, _ = kv.shape
         win, s0 = self.window, step.start
-        pool = torch.cat([lc.window[step.slots], kv], dim=1)  # ring (positions < s0) then this chunk
+        pool = torch.cat([lc.window.read(step.slots), kv], dim=1)  # ring (positions < s0) then this chunk
         t = s0 + torch.arange(s, device=kv.device)
         p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=kv.device)  # the window's positions [S, win]
         idx = torch.where(p >= s0, win + p - s0, p % win)
         idx = torch.where(p < 0, -1, idx)
         keep = min(s, win)  # the ring keeps the last `win` positions
-        lc.window[step.slots.unsqueeze(1), (t[-keep:] % win).unsqueeze(0)] = kv[:, -keep:]
+        lc.window.write((step.slots.unsqueeze(1), (t[-keep:] % win).unsqueeze(0)), kv[:, -keep:])
         return pool, idx.expand(b, s, win)
 
     def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> tuple[Tensor, Tensor]:
         win = self.window
         pos = step.positions[:, 0]
-        lc.window[step.slots, pos % win] = kv[:, 0]
+        lc.window.write((step.slots, pos % win), kv[:, 0])
         p = pos.unsqueeze(1) - (win - 1) + torch.arange(win, device=kv.device)  # [B, win]
         idx = torch.where(p < 0, -1, p % win)
-        return lc.window[step.slots], idx.unsqueeze(1)
+        return lc.window.read(step.slots), idx.unsqueeze(1)
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _compressed(self, x: Tensor, qr: Tensor, step: Step, lc: LayerCache, cos: Tensor,
@@ -282,12 +287,12 @@ class Attention(nn.Module):
         comp = self.compressor
         if step.decode:
             p = pos[:, 0]
-            lc.entries[slots, p // m] = comp.decode(x, p, lc.comp, slots, self.table)[:, 0]
-            n_total = lc.entries.shape[1]
+            lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp.decode(x, p, lc.comp, slots, self.table), m)
+            n_total = lc.block_table.shape[1] * lc.block_size // m  # static: the slot's whole capacity
         else:
             e, w0 = comp.prefill(x, step.start, lc.comp, slots, self.table)
             if e is not None:
-                lc.entries[slots, w0:w0 + e.shape[1]] = e
+                lc.write_entries(lc.entries, slots, _span(w0, e), e, m)
             n_total = (step.start + x.shape[1]) // m
         n_visible = (pos + 1) // m  # entry w is visible to query t iff w < (t+1)//m
         if self.indexer is None:
@@ -297,14 +302,15 @@ class Attention(nn.Module):
             ic = self.indexer.compressor
             if step.decode:
                 p = pos[:, 0]
-                lc.index_keys[slots, p // 4] = ic.decode(x, p, lc.index_comp, slots, self.table)[:, 0]
+                lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
+                                 ic.decode(x, p, lc.index_comp, slots, self.table), 4)
             else:
                 e, w0 = ic.prefill(x, step.start, lc.index_comp, slots, self.table)
                 if e is not None:
-                    lc.index_keys[slots, w0:w0 + e.shape[1]] = e
-            keys = lc.index_keys[slots, :n_total]
+                    lc.write_entries(lc.index_keys, slots, _span(w0, e), e, 4)
+            keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
             picks = self.indexer.select(x, qr, keys, n_visible, cos, sin)
-        return lc.entries[slots, :n_total], picks
+        return lc.read_entries(lc.entries, slots, n_total, m), picks
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
@@ -400,12 +406,13 @@ class MoE(nn.Module):
         self.routed = RoutedExperts(cfg, fmt.experts, dtype, first, last - first, device)
         self.shared_experts = Expert(backend, cfg, fmt.dense, dtype, device) if cfg.n_shared_experts else None
 
-    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_ids: Tensor, sync_free: bool = False) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
         r = self.routed
-        y = self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale, self.limit)
+        y = self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale, self.limit,
+                                 sync_free)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
@@ -438,7 +445,7 @@ class Block(nn.Module):
         h, post, comb = self._hc("attn", x)
         x = self.backend.hc_post(self.attn(self.attn_norm(h), step), x, post, comb)
         h, post, comb = self._hc("ffn", x)
-        return self.backend.hc_post(self.ffn(self.ffn_norm(h), step.input_ids), x, post, comb)
+        return self.backend.hc_post(self.ffn(self.ffn_norm(h), step.input_ids, step.decode), x, post, comb)
 
 
 class HcHead:
@@ -521,8 +528,9 @@ class Transformer(HcHead, nn.Module):
                 yield from mod.checkpoint_tensors(name[: -len("routed")])
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def new_cache(self, max_slots: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.embed.weight.device, len(self.mtp))
+    def new_cache(self, max_slots: int, max_seq_len: int, **kw) -> KVCache:
+        """A cache for this model (see KVCache for paging and C8 options)."""
+        return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.embed.weight.device, len(self.mtp), **kw)
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

@@ -1,4 +1,8 @@
-"""Putting named tensors (official checkpoint names) into a model, with errors that name the tensor."""
+"""Putting named tensors (official checkpoint names) into a model, with errors that name the tensor.
+
+`assign_tensors` takes in-memory tensors (tests, converters); `dsv4_ascend.checkpoint` streams safetensors files
+through the same `put_tensor`, so both accept the same dtypes and convert them the same way.
+"""
 from __future__ import annotations
 
 from typing import Iterable
@@ -6,61 +10,104 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightError", "assign_tensors"]
+from . import quant
+
+__all__ = ["WeightError", "assign_tensors", "put_tensor", "compatible"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_BYTES = (torch.int8, torch.uint8)
 
 
 class WeightError(ValueError):
     """A checkpoint tensor is missing, unexpected, or has the wrong shape or dtype."""
 
 
-def _compatible(dst: Tensor, src: Tensor) -> bool:
-    if dst.dtype == src.dtype:
+def compatible(dst: torch.dtype, src: torch.dtype) -> bool:
+    """Whether a `src` tensor can fill a `dst` parameter without changing what it means.
+
+    Float weights may change precision (bf16 norm weights are kept in fp32); packed FP4 may be int8 or uint8;
+    scales may be e8m0, fp32/bf16/fp16 (a float scale multiplies exactly like an e8m0 one) or raw e8m0 bytes
+    (uint8) where the model holds e8m0; int32 token tables widen to int64.
+    """
+    if dst == src:
         return True
-    fl = (torch.float32, torch.bfloat16, torch.float16)
-    # Float weights may change precision (e.g. bf16 norm weights kept in fp32); int8/uint8 packed FP4 both ok;
-    # ue8m0 and fp32 scales are both accepted for FP8 weights.
-    if dst.dtype in fl and src.dtype in fl:
+    if dst in _FLOATS and src in _FLOATS:
         return True
-    if {dst.dtype, src.dtype} <= {torch.int8, torch.uint8}:
+    if dst in _BYTES and src in _BYTES:
         return True
-    if dst.dtype == torch.float8_e8m0fnu and src.dtype in fl:
+    if dst == torch.float8_e8m0fnu and (src in _FLOATS or src == torch.uint8):
         return True
-    return dst.dtype == torch.int64 and src.dtype == torch.int32
+    if dst in _FLOATS and src == torch.float8_e8m0fnu:  # an fp32 scale stack that also receives e8m0 scales
+        return True
+    return dst == torch.int64 and src == torch.int32
+
+
+def _owner(model: nn.Module, target: Tensor) -> tuple[nn.Module, str]:
+    """The module and attribute of the parameter `target` is (a per-expert view of a stack counts as its stack)."""
+    base = target._base if target._base is not None else target
+    for pname, p in model.named_parameters():
+        if p is base:
+            mod_name, _, attr = pname.rpartition(".")
+            return model.get_submodule(mod_name), attr
+    raise KeyError("tensor is not a parameter (or a view of one) of the model")
+
+
+def _to_float_scale(model: nn.Module, target: Tensor) -> None:
+    """Hold the e8m0 scale parameter behind `target` in fp32 from now on (values already there decode exactly)."""
+    mod, attr = _owner(model, target)
+    old = getattr(mod, attr)
+    setattr(mod, attr, nn.Parameter(quant.e8m0_to_float(old.detach()), requires_grad=False))
+
+
+def put_tensor(model: nn.Module, targets: dict[str, Tensor], name: str, src: Tensor, source: str = "state dict",
+               error: type[WeightError] = WeightError) -> bool:
+    """Check `src` against `targets[name]` (from `model.checkpoint_tensors()`) and copy it in.
+
+    Float scales where the model holds e8m0: a scale of its own parameter (FP8 linears) is kept as stored, in
+    fp32 (the parameter is replaced); a scale inside a stack of routed experts is stored as e8m0 when every value
+    is an exact power of two (always so for MXFP4), otherwise the whole stack moves to fp32. Returns True when a
+    parameter was replaced: then `targets` is stale and must be rebuilt.
+    """
+    dst = targets[name]
+    if tuple(dst.shape) != tuple(src.shape):
+        raise error(f"{source}: tensor '{name}' has shape {list(src.shape)}, expected {list(dst.shape)}")
+    if not compatible(dst.dtype, src.dtype):
+        raise error(f"{source}: tensor '{name}' has dtype {src.dtype}, expected {dst.dtype}")
+    replaced = False
+    if dst.dtype == torch.float8_e8m0fnu and src.dtype in _FLOATS:
+        stacked = dst._base is not None
+        enc = quant.float_to_e8m0(src)
+        if stacked and torch.equal(quant.e8m0_to_float(enc), src.float()):
+            src = enc
+        else:
+            _to_float_scale(model, dst)
+            dst, replaced = dict(model.checkpoint_tensors())[name], True
+    with torch.no_grad():
+        if dst.dtype in _BYTES or dst.dtype in (torch.float8_e8m0fnu, torch.float8_e4m3fn):
+            dst.view(torch.uint8).copy_(src.view(torch.uint8))
+        elif src.dtype == torch.float8_e8m0fnu:
+            dst.copy_(quant.e8m0_to_float(src))
+        else:
+            dst.copy_(src)
+    return replaced
 
 
 def assign_tensors(model: nn.Module, tensors: Iterable[tuple[str, Tensor]], strict: bool = True,
                    source: str = "state dict") -> set[str]:
     """Copy tensors into `model.checkpoint_tensors()` by name; returns the names assigned.
 
-    A float scale given where the model holds ue8m0 replaces the parameter (keeping the checkpoint's fp32 scale).
+    A float scale given where the model holds ue8m0 replaces the parameter (keeping the checkpoint's fp32 scale);
+    see `put_tensor` for routed-expert stacks.
     """
     targets = dict(model.checkpoint_tensors())
-    params = dict(model.named_parameters())
     done: set[str] = set()
     for name, src in tensors:
         if name not in targets:
             if strict:
                 raise WeightError(f"{source}: unexpected tensor '{name}' (not a parameter of this model/config)")
             continue
-        dst = targets[name]
-        if tuple(dst.shape) != tuple(src.shape):
-            raise WeightError(f"{source}: tensor '{name}' has shape {list(src.shape)}, expected {list(dst.shape)}")
-        if not _compatible(dst, src):
-            raise WeightError(f"{source}: tensor '{name}' has dtype {src.dtype}, expected {dst.dtype}")
-        if dst.dtype == torch.float8_e8m0fnu and src.dtype != dst.dtype and name in params:
-            mod_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(mod_name), attr, nn.Parameter(src.float().to(dst.device), requires_grad=False))
-        elif dst.dtype == src.dtype or dst.dtype.is_floating_point == src.dtype.is_floating_point:
-            with torch.no_grad():
-                if dst.dtype in (torch.int8, torch.uint8):
-                    dst.view(torch.uint8).copy_(src.view(torch.uint8))
-                elif dst.dtype == torch.float8_e8m0fnu:
-                    dst.view(torch.uint8).copy_(src.view(torch.uint8))
-                else:
-                    dst.copy_(src)
-        else:
-            with torch.no_grad():
-                dst.copy_(src)
+        if put_tensor(model, targets, name, src, source):
+            targets = dict(model.checkpoint_tensors())
         done.add(name)
     if strict:
         missing = sorted(set(targets) - done)

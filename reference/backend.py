@@ -177,13 +177,14 @@ class ReferenceBackend(Backend):
         return self._swiglu(x, w1, w2, w3, s1, s2, s3, limit)
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
-                s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float) -> Tensor:
+                s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
+                sync_free: bool = False) -> Tensor:
         t, k = ids.shape
         n_exp = w1.shape[0]
-        if t * k < n_exp:
+        if sync_free or t * k < n_exp:
             return self._experts_gathered(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
         # Many tokens: group the (token, slot) pairs by expert. Reads the per-expert counts on the host, which
-        # is fine for prefill; decode-sized batches take the gathered path above (no host sync).
+        # is fine for prefill; decode takes the gathered path above (no host sync).
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=n_exp).tolist()

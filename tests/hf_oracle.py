@@ -214,7 +214,6 @@ def _init_native(name: str, shape: tuple[int, ...], cfg: DeepseekV4Config, gen: 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float32)
 
-    leaf = name.rsplit(".", 2)
     if name.endswith("tid2eid"):
         vocab, top_k = shape
         scores = torch.rand((vocab, cfg.n_routed_experts), generator=gen)
@@ -241,10 +240,10 @@ def _init_native(name: str, shape: tuple[int, ...], cfg: DeepseekV4Config, gen: 
         return normal(0.25 / math.sqrt(shape[-1]))  # w2
     if name.endswith(".weight") and len(shape) == 2:  # every other linear (incl. head)
         return normal(1.0 / math.sqrt(shape[-1]))
-    raise KeyError(f"hf_oracle: no init rule for native tensor {name!r} {shape} (leaf {leaf})")
+    raise KeyError(f"hf_oracle: no init rule for native tensor {name!r} {shape}")
 
 
-def _native_shapes(hf_name: str, t: torch.Tensor, natives: list[str], cfg: DeepseekV4Config) -> list[tuple]:
+def _native_shapes(hf_name: str, t: torch.Tensor, natives: list[str]) -> list[tuple]:
     if hf_name.endswith("mlp.experts.gate_up_proj"):
         e, two_i, d = t.shape
         return [(two_i // 2, d)] * len(natives)
@@ -280,6 +279,10 @@ def build_hf_model(native_cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype
     n_exp = cfg.n_routed_experts
 
     unmapped = [k for k in hf_sd if hf_to_native_names(k, n_exp) is None]
+    # Tensors outside the state dict must be derived (RoPE tables), never weights.
+    unmapped += [f"{n} (non-persistent buffer)" for n, _ in model.named_buffers()
+                 if n not in hf_sd and not n.endswith("inv_freq")]
+    unmapped += [f"{n} (parameter missing from state_dict)" for n, _ in model.named_parameters() if n not in hf_sd]
     if unmapped:
         raise AssertionError("hf_oracle: HF state-dict entries with no native name (update the map):\n  "
                              + "\n  ".join(unmapped))
@@ -287,7 +290,7 @@ def build_hf_model(native_cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype
     owner: dict[str, str] = {}
     for hf_name, t in hf_sd.items():
         natives = hf_to_native_names(hf_name, n_exp)
-        for nat, shape in zip(natives, _native_shapes(hf_name, t, natives, cfg)):
+        for nat, shape in zip(natives, _native_shapes(hf_name, t, natives)):
             if nat in owner:
                 raise AssertionError(f"hf_oracle: native name {nat!r} produced by both {owner[nat]!r} and {hf_name!r}")
             owner[nat] = hf_name

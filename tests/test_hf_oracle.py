@@ -19,9 +19,17 @@ from hf_oracle import (  # noqa: E402
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread is fastest and immune to the shared-core slowdowns seen on these machines.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+def tiny(_one_thread):
     return build_hf_model(TINY_NATIVE_CFG, seed=0)
 
 

@@ -1,0 +1,180 @@
+"""`dsv4` command line: generate, chat, make-tiny (and the Ascend tools when present)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "load_model", "default_model_dir"]
+
+
+def default_model_dir() -> Path:
+    """The embedded default: a tiny random model in the official format, created on first use."""
+    root = Path(os.environ.get("DSV4_HOME", Path.home() / ".cache" / "dsv4-ascend"))
+    d = root / "tiny-seed0"
+    if not (d / "config.json").exists() or not (d / "model.safetensors.index.json").exists():
+        from .tiny import write_tiny_checkpoint
+
+        print(f"[dsv4] creating the tiny random default model in {d}", file=sys.stderr)
+        write_tiny_checkpoint(d, seed=0)
+    return d
+
+
+def make_backend(name: str, numerics: str):
+    """The Backend named on the command line."""
+    from .backend import RunOptions
+
+    opts = RunOptions(numerics)
+    if name == "reference":
+        from .reference import ReferenceBackend
+
+        return ReferenceBackend(opts)
+    if name == "ascend":
+        from .ops import AscendBackend
+
+        return AscendBackend(options=opts)
+    raise SystemExit(f"unknown --backend {name!r}; allowed: reference, ascend")
+
+
+def load_model(model_dir: str | None, device: str = "cpu", backend: str = "reference", dtype: str = "bfloat16",
+               weights: str = "native", numerics: str = "exact"):
+    """Model from an official-format directory (or the tiny default) on `device` with the chosen backend."""
+    from .checkpoint import load_checkpoint
+
+    path = Path(model_dir) if model_dir else default_model_dir()
+    return load_checkpoint(path, backend=make_backend(backend, numerics), dtype=getattr(torch, dtype),
+                           weights=weights, device=device), path
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="official-format model directory (config.json, "
+                   "model.safetensors.index.json, shards, tokenizer.json); default: a tiny random model")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--backend", default="reference", choices=["reference", "ascend"],
+                   help="op implementation: plain torch (reference) or torch_npu / its CPU emulator (ascend)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="activation dtype")
+    p.add_argument("--weights", default="native", choices=["native", "bf16"],
+                   help="native: keep FP8/FP4 weights packed; bf16: dequantise at load (more memory)")
+    p.add_argument("--numerics", default="exact", choices=["exact", "deepseek"],
+                   help="exact: no quantisation simulation; deepseek: DeepSeek's FP8 act-quant and QAT sims")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="cache capacity per sequence in tokens")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="maximum number of generated tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _params(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_tokens=args.max_tokens, stop=tuple(args.stop))
+
+
+def _stream(engine, tok, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, int, float]:
+    """Run one request, printing text as it decodes; returns (text, tokens, seconds)."""
+    req = engine.add_request(prompt_ids, params)
+    dec = tok.stream_decoder(skip_special_tokens=True)
+    text, t0 = "", time.perf_counter()
+    for r, t in engine.run():
+        if r is not req:
+            continue
+        piece = dec.push(t)
+        text += piece
+        hit = [s for s in params.stop if s in text]
+        if hit:
+            cut = min(text.index(s) for s in hit)
+            piece = piece[: max(0, len(piece) - (len(text) - cut))]
+            text = text[:cut]
+            engine.abort(req)
+        out.write(piece)
+        out.flush()
+    if not params.stop or not any(s in text for s in params.stop):
+        rest = dec.flush()
+        text += rest
+        out.write(rest)
+    out.write("\n")
+    return text, len(req.output), time.perf_counter() - t0
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+    from .tokenizer import load_tokenizer
+
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    tok = load_tokenizer(path)
+    engine = Engine(model, max_slots=1, max_seq_len=args.max_seq_len)
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    _, n, secs = _stream(engine, tok, ids, _params(args))
+    print(f"[dsv4] {n} tokens in {secs:.2f} s = {n / secs:.1f} tok/s (prompt {len(ids)} tokens, "
+          f"model {path})", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import encode_messages
+    from .engine import Engine
+    from .tokenizer import load_tokenizer
+
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    tok = load_tokenizer(path)
+    engine = Engine(model, max_slots=1, max_seq_len=args.max_seq_len)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("[dsv4] chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode(encode_messages(messages, thinking=args.thinking))
+        text, n, secs = _stream(engine, tok, ids, _params(args))
+        messages.append({"role": "assistant", "content": text})
+        print(f"[dsv4] {n} tokens, {n / secs:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference (Ascend NPU and any torch device)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt, streaming the text; tokens/s at the end")
+    _add_model_flags(g)
+    _add_sampling_flags(g)
+    g.add_argument("--prompt", default="The capital of France is", help="text to complete (BOS is prepended)")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with history (DeepSeek-V4 chat encoding)")
+    _add_model_flags(c)
+    _add_sampling_flags(c)
+    c.add_argument("--system", default="", help="system prompt")
+    c.add_argument("--thinking", action="store_true", help="thinking mode (the reply opens with <think>)")
+    c.set_defaults(fn=cmd_chat)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random model in the official on-disk format",
+                       add_help=False)
+    t.set_defaults(fn=None)
+
+    args, rest = ap.parse_known_args(argv)
+    if args.cmd == "make-tiny":
+        from .tiny import make_tiny_main
+
+        return make_tiny_main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
