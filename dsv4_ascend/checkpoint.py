@@ -585,10 +585,10 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
                 bar.set_postfix_str(info.file.name, refresh=False)
             src = _read(handles, stack, info)
             nbytes = info.nbytes
-            for s in (job.scale,) if job.scale else ():
-                report.scale_dtypes[s.dtype] = report.scale_dtypes.get(s.dtype, 0) + 1
-            if name_is_scale := job.name.endswith(".scale"):
-                report.scale_dtypes[info.dtype] = report.scale_dtypes.get(info.dtype, 0) + 1
+            name_is_scale = job.name.endswith(".scale")
+            scale_info = job.scale if job.scale is not None else (info if name_is_scale else None)
+            if scale_info is not None:  # the stored scale dtype, for the report
+                report.scale_dtypes[scale_info.dtype] = report.scale_dtypes.get(scale_info.dtype, 0) + 1
             if job.scale is not None:
                 scale = _read(handles, stack, job.scale)
                 if scale.dtype == torch.uint8:

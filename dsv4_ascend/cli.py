@@ -1,4 +1,4 @@
-"""`dsv4` command line: generate, chat, make-tiny (and the Ascend tools when present)."""
+"""`dsv4` command line: generate, chat, serve, make-tiny (and the Ascend tools when present)."""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +145,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve_main  # lazy: fastapi/uvicorn are the optional `serve` extra
+
+    return serve_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference (Ascend NPU and any torch device)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default="", help="system prompt")
     c.add_argument("--thinking", action="store_true", help="thinking mode (the reply opens with <think>)")
     c.set_defaults(fn=cmd_chat)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching; needs the serve extra)")
+    _add_model_flags(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    v.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    v.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV4_API_KEY, else no key)")
+    v.add_argument("--served-model-name", default=None, help="model id in the API (default: model directory name)")
+    v.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    v.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    v.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV-cache budget in GiB (default: every slot can hold max-seq-len tokens)")
+    v.add_argument("--kv-fp8", action="store_true", help="store the paged KV cache in FP8")
+    v.add_argument("--max-queue", type=int, default=512, help="requests waiting for a slot before 503s")
+    v.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random model in the official on-disk format",
                        add_help=False)

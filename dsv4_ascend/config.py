@@ -270,18 +270,20 @@ def _pro() -> ModelConfig:
 
 def _tiny() -> ModelConfig:
     """All three layer types, both MoE kinds, small windows so short prompts cross many boundaries."""
-    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
+    # head_dim - rope = 64 and index_head_dim 32: whole blocks for DeepSeek's FP8 (64) / FP4 (32) simulations.
+    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=72,
                        qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
-                       compress_ratios=[0, 4, 8, 4, 0], index_n_heads=2, index_head_dim=16, index_topk=4,
+                       compress_ratios=[0, 4, 8, 4, 0], index_n_heads=2, index_head_dim=32, index_topk=4,
                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2,
                        rope_original_max_position=64, max_position_embeddings=4096)
 
 
 def _small() -> ModelConfig:
     """Benchmark size: big enough that matmuls dominate, small enough for 2 CPU cores."""
-    return ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, head_dim=128,
-                       qk_rope_head_dim=32, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=64,
-                       compress_ratios=[0, 4, 16, 4, 0], index_n_heads=4, index_head_dim=64, index_topk=32,
+    # head_dim - rope = 128 and index_head_dim 128: whole blocks for the FP8 (64) and FP4 (32) simulations.
+    return ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, head_dim=192,
+                       qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=128, sliding_window=64,
+                       compress_ratios=[0, 4, 16, 4, 0], index_n_heads=4, index_head_dim=128, index_topk=32,
                        n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
                        rope_original_max_position=1024, max_position_embeddings=65536)
 

@@ -76,12 +76,25 @@ class Engine:
     """Runs many requests of different lengths together; requests join and leave between steps."""
 
     def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
-                 eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False) -> None:
-        """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len)."""
+                 eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False,
+                 graph: bool = False, graph_buckets: list[int] | None = None,
+                 graph_compiler: str | None = None) -> None:
+        """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
+        `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
+        overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation)."""
         self.model = model
         self.device = model.embed.weight.device
-        pages = plan_capacity(model, cache_bytes, max_slots, max_seq_len, kv_fp8) if cache_bytes else None
-        self.cache = model.new_cache(max_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False)
+        # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
+        n_slots = max_slots + 1 if graph else max_slots
+        pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8) if cache_bytes else None
+        self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False)
+        self.graph = None
+        if graph:
+            from dsv4_ascend.graph_mode import GraphDecoder, default_buckets
+
+            self.graph = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
+                                      graph_compiler)
+            self.graph.warmup()
         self.prefill_chunk = prefill_chunk
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.free_slots = deque(range(max_slots))
@@ -169,7 +182,13 @@ class Engine:
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)
-        logits = self.model.decode(ids, pos, self.cache, slots)
+        if self.graph is not None:
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += len(reqs)
+            sb = SamplingBatch.of([r.params for r in reqs], dev)
+            return self._record(reqs, *self.graph.step(ids, pos, slots, sb))
+        # Page-granular length hint: a few distinct shapes, so a captured graph per bucket is reused.
+        logits = self.model.decode(ids, pos, self.cache, slots, max_len=max(r.length for r in reqs))
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         return self._emit(reqs, logits[:, -1])
@@ -178,6 +197,9 @@ class Engine:
         sb = SamplingBatch.of([r.params for r in reqs], logits.device)
         step = torch.tensor([r.length for r in reqs], device=logits.device)
         tokens, lps = sample(logits, sb, step)
+        return self._record(reqs, tokens, lps, logits)
+
+    def _record(self, reqs: list[Request], tokens: Tensor, lps: Tensor, logits: Tensor) -> list[tuple[Request, int]]:
         want_top = max((r.params.logprobs or 0) for r in reqs)
         top = torch.log_softmax(logits.float(), -1).topk(want_top, -1) if want_top else None
         tokens_l, lps_l = tokens.tolist(), lps.tolist()  # the one host read per step: tokens must be streamed

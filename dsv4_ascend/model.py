@@ -103,6 +103,7 @@ class Step:
     slots: Tensor
     cache: KVCache
     start: int | None
+    span_pages: int | None = None  # decode: pages that cover every row's context (host hint; None = all)
     _rope: dict = field(default_factory=dict)
 
     @property
@@ -110,10 +111,10 @@ class Step:
         return self.start is None
 
     def cos_sin(self, table: RopeTable) -> tuple[Tensor, Tensor]:
-        key = id(table)
-        if key not in self._rope:
-            self._rope[key] = table.cos_sin(self.positions)
-        return self._rope[key]
+        """cos/sin of this step's positions for one table, computed once per step."""
+        if table.name not in self._rope:
+            self._rope[table.name] = table.cos_sin(self.positions)
+        return self._rope[table.name]
 
 
 class Compressor(nn.Module):
@@ -288,7 +289,8 @@ class Attention(nn.Module):
         if step.decode:
             p = pos[:, 0]
             lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp.decode(x, p, lc.comp, slots, self.table), m)
-            n_total = lc.block_table.shape[1] * lc.block_size // m  # static: the slot's whole capacity
+            pages = step.span_pages or lc.block_table.shape[1]  # static per bucket: shapes never depend on data
+            n_total = pages * lc.block_size // m
         else:
             e, w0 = comp.prefill(x, step.start, lc.comp, slots, self.table)
             if e is not None:
@@ -404,6 +406,7 @@ class MoE(nn.Module):
         first, last = expert_range or (0, cfg.n_routed_experts)
         self.gate = Gate(backend, cfg, hashed, dtype, device)
         self.routed = RoutedExperts(cfg, fmt.experts, dtype, first, last - first, device)
+        self.n_experts = cfg.n_routed_experts
         self.shared_experts = Expert(backend, cfg, fmt.dense, dtype, device) if cfg.n_shared_experts else None
 
     def forward(self, x: Tensor, input_ids: Tensor, sync_free: bool = False) -> Tensor:
@@ -411,6 +414,10 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
         r = self.routed
+        if r.count != self.n_experts:  # expert parallelism: this rank computes only its experts' share
+            local = (ids >= r.first) & (ids < r.first + r.count)
+            weights = weights * local
+            ids = torch.where(local, ids - r.first, 0)
         y = self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale, self.limit,
                                  sync_free)
         if self.shared_experts is not None:
@@ -572,7 +579,13 @@ class Transformer(HcHead, nn.Module):
         return self.logits(x)
 
     @torch.no_grad()
-    def decode(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor) -> Tensor:
-        """One token per sequence at per-row `positions` [B]: fp32 logits [B,1,V]. No host syncs."""
-        step = Step(input_ids, positions.view(-1, 1), slots, cache, None)
+    def decode(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+               max_len: int | None = None) -> Tensor:
+        """One token per sequence at per-row `positions` [B]: fp32 logits [B,1,V]. No host syncs.
+
+        `max_len` (host-known, optional): an upper bound on every row's length after this token; compressed
+        entries are read only up to it (rounded up to whole pages) instead of the slot's full capacity.
+        """
+        pages = None if max_len is None else min(cache.pages_for(max_len), cache.pages_per_seq)
+        step = Step(input_ids, positions.view(-1, 1), slots, cache, None, pages)
         return self.logits(self.hidden_streams(input_ids, step))

@@ -36,17 +36,17 @@ def rope_inv_freq(dim: int, theta: float, yarn_factor: float = 1.0, original_max
 class RopeTable:
     """Frequencies of one RoPE table; `cos_sin(positions)` gives cos/sin [..., dim/2] in fp32."""
 
-    def __init__(self, inv_freq: Tensor) -> None:
-        self.inv_freq = inv_freq
+    def __init__(self, name: str, inv_freq: Tensor) -> None:
+        self.name, self.inv_freq = name, inv_freq
 
     @classmethod
     def main(cls, cfg: ModelConfig) -> "RopeTable":
-        return cls(rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta))
+        return cls("main", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta))
 
     @classmethod
     def compress(cls, cfg: ModelConfig) -> "RopeTable":
-        return cls(rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor,
-                                 cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow))
+        return cls("compress", rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor,
+                                             cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow))
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         inv = self.inv_freq.to(positions.device)

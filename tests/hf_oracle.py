@@ -52,7 +52,7 @@ TINY_NATIVE_CFG: dict[str, Any] = {
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 1,
-    "head_dim": 32,
+    "head_dim": 72,
     "qk_rope_head_dim": 8,
     "q_lora_rank": 32,
     "o_groups": 2,
@@ -60,7 +60,7 @@ TINY_NATIVE_CFG: dict[str, Any] = {
     "sliding_window": 8,
     "compress_ratios": [0, 4, 8, 4, 0],  # layers 0..3 + the MTP block (last entry)
     "index_n_heads": 2,
-    "index_head_dim": 16,
+    "index_head_dim": 32,
     "index_topk": 4,
     "n_routed_experts": 8,
     "n_shared_experts": 1,

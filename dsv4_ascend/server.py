@@ -1,0 +1,1220 @@
+"""An OpenAI-compatible HTTP server over one continuously-batching `Engine` (`dsv4 serve`).
+
+Layout:
+- `EngineWorker` owns the `Engine` and is the only code that touches it, on one background thread: it admits
+  submitted requests, applies aborts, steps while there is work and sleeps on a condition variable otherwise.
+  Handlers talk to it through `submit` / `abort` (thread-safe) and receive events on a per-request asyncio
+  queue (`loop.call_soon_threadsafe`): ("started",), ("error", exc), ("tokens", [(id, logprob, top)]),
+  ("finish", reason).
+- `create_app` builds the FastAPI app: /v1/completions, /v1/chat/completions (JSON or server-sent events),
+  /v1/models, /health, /metrics (Prometheus text). Request bodies are validated by hand so that every bad
+  request gets an OpenAI-style 400 naming the offending field.
+- Stop strings, detokenization and the thinking split (reasoning_content / content) happen in the handler;
+  a stop-string hit or a client disconnect aborts the request in the engine, freeing its slot at once.
+- `DrainingServer` (uvicorn) drains on shutdown: the listening socket closes, /health and new requests get 503,
+  in-flight requests run to completion for up to `drain_timeout` seconds; the rest are then aborted (their
+  streams end with finish_reason "abort") and the worker stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as _err:  # pragma: no cover - the optional extra is missing
+    raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
+
+from .chat import EOS, THINK_END, encode_messages, parse_completion
+from .engine import CapacityError, Engine, Request
+from .sampling import SamplingParams
+
+__all__ = ["APIError", "EngineWorker", "Metrics", "create_app", "DrainingServer", "BackgroundServer",
+           "build_server", "serve_main"]
+
+log = logging.getLogger("dsv4.server")
+
+MAX_BODY_BYTES = 16 << 20
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        i = next((k for k, b in enumerate(self.buckets) if v <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels) + "}"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v)) if math.isfinite(v) else ("+Inf" if v > 0 else "-Inf" if v < 0 else "NaN")
+
+
+class Metrics:
+    """Prometheus counters, gauges and histograms (text exposition format 0.0.4); thread-safe."""
+
+    COUNTERS = {
+        "dsv4_http_requests_total": "HTTP requests answered, by path and status code.",
+        "dsv4_requests_finished_total": "Generation requests finished, by endpoint and finish reason.",
+        "dsv4_prompt_tokens_total": "Prompt tokens admitted into the engine.",
+        "dsv4_generation_tokens_total": "Tokens generated by the engine.",
+    }
+    HISTOGRAMS = {
+        "dsv4_time_to_first_token_seconds": ("Time from request arrival to its first generated token.", TTFT_BUCKETS),
+        "dsv4_time_per_output_token_seconds": ("Mean time between generated tokens of a request (after the "
+                                               "first).", TPOT_BUCKETS),
+        "dsv4_e2e_request_latency_seconds": ("Time from request arrival to its last token.", E2E_BUCKETS),
+    }
+    GAUGES = {
+        "dsv4_cache_slots_used": "KV-cache sequence slots in use.",
+        "dsv4_cache_slots_total": "KV-cache sequence slots allocated.",
+        "dsv4_cache_pages_used": "KV-cache pages reserved by running requests (prompt + max_tokens each).",
+        "dsv4_cache_pages_total": "KV-cache pages allocated.",
+        "dsv4_cache_usage_ratio": "Fraction of the KV-cache pages reserved.",
+        "dsv4_cache_tokens_used": "Tokens written to the KV cache by running requests (prompt + generated).",
+        "dsv4_requests_running": "Requests holding a cache slot.",
+        "dsv4_requests_waiting": "Requests queued for a cache slot.",
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple, float]] = {k: {} for k in self.COUNTERS}
+        self._hists = {k: _Histogram(b) for k, (_, b) in self.HISTOGRAMS.items()}
+        self._gauges: dict[str, float] = {k: 0 for k in self.GAUGES}
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            c = self._counters[name]
+            c[key] = c.get(key, 0) + value
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self._hists[name].observe(value)
+
+    def set_gauges(self, **values: float) -> None:
+        with self._lock:
+            self._gauges.update(values)
+
+    def counter(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._counters[name].get(tuple(sorted(labels.items())), 0)
+
+    def render(self) -> str:
+        out: list[str] = []
+        with self._lock:
+            for name, help_ in self.COUNTERS.items():
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+                series = self._counters[name] or ({(): 0} if name in ("dsv4_prompt_tokens_total",
+                                                                      "dsv4_generation_tokens_total") else {})
+                out += [f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(series.items())]
+            for name, help_ in self.GAUGES.items():
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(self._gauges[name])}"]
+            for name, (help_, _) in self.HISTOGRAMS.items():
+                h = self._hists[name]
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+                acc = 0
+                for b, c in zip((*h.buckets, math.inf), h.counts):
+                    acc += c
+                    out.append(f'{name}_bucket{{le="{_num(float(b))}"}} {acc}')
+                out += [f"{name}_sum {_num(h.sum)}", f"{name}_count {h.count}"]
+        return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ engine thread
+
+@dataclass(eq=False)
+class Job:
+    """One submitted request as the worker and its handler see it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.perf_counter)
+    req: Request | None = None       # set by the engine thread on admission
+    cancelled: bool = False          # abort asked (set under the worker lock)
+    done: bool = False               # a "finish" or "error" event was sent (engine thread only)
+    sent: int = 0                    # tokens of req.output already delivered (engine thread only)
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def deliver(self, item: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class EngineWorker:
+    """Runs `engine` on a background thread; the only code that calls into the engine once started."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.max_slots = len(engine.free_slots)
+        self._cond = threading.Condition()
+        self._inbox: list[Job] = []
+        self._aborts: list[Job] = []
+        self._jobs: dict[int, Job] = {}   # request id -> job (engine thread only)
+        self._stopping = False
+        self._abort_all = False
+        self._pending = 0                 # submitted and not yet finished (under the lock)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # the last engine failure, for logs and /health
+        self._update_gauges()
+
+    # -- called from any thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return self._pending
+
+    def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue a request; its events arrive on the returned job's queue (first "started" or "error")."""
+        job = Job(list(prompt), params, loop, queue=asyncio.Queue())
+        with self._cond:
+            if self._stopping:
+                raise APIError("the server is shutting down", status=503, type="server_error")
+            self._inbox.append(job)
+            self._pending += 1
+            self._cond.notify()
+        return job
+
+    def abort(self, job: Job) -> None:
+        """Ask the engine thread to stop `job` and free its slot (no-op once finished)."""
+        with self._cond:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            self._aborts.append(job)
+            self._cond.notify()
+
+    def abort_all(self) -> None:
+        """Abort every request submitted so far (drain deadline); their streams end with finish_reason "abort"."""
+        with self._cond:
+            self._abort_all = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is left and end the thread (bounded wait)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- engine thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborts or eng.has_work or self._stopping or self._abort_all):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                stopping, abort_all, self._abort_all = self._stopping, self._abort_all, False
+            if abort_all:
+                aborts += list(self._jobs.values())
+            for job in inbox:
+                if stopping or abort_all:
+                    self._finish(job, ("finish", "abort"))
+                else:
+                    self._admit(job)
+            for job in aborts:
+                self._abort(job, "abort")
+            if stopping:
+                for job in list(self._jobs.values()):
+                    self._abort(job, "abort")
+                self._update_gauges()
+                return
+            if eng.has_work:
+                try:
+                    events = eng.step()
+                except Exception as exc:  # noqa: BLE001 - keep serving; fail only the requests in flight
+                    log.exception("engine step failed; failing %d request(s)", len(self._jobs))
+                    self.error = exc
+                    for job in list(self._jobs.values()):
+                        self._abort(job, None, exc)
+                    events = []
+                seen: dict[int, Request] = {}
+                for req, _ in events:
+                    seen.setdefault(req.id, req)
+                for req in seen.values():
+                    self._deliver(req)
+            self._update_gauges()
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            self._finish(job, ("finish", "abort"))
+            return
+        try:
+            job.req = self.engine.add_request(job.prompt, job.params)
+        except Exception as exc:  # noqa: BLE001 - CapacityError / ValueError go back to the handler
+            self._finish(job, ("error", exc))
+            return
+        self._jobs[job.req.id] = job
+        self.metrics.inc("dsv4_prompt_tokens_total", len(job.prompt))
+        job.deliver(("started",))
+
+    def _abort(self, job: Job, reason: str | None, exc: BaseException | None = None) -> None:
+        if job.done or job.req is None:
+            return
+        self.engine.abort(job.req)  # harmless on a finished request; frees its slot otherwise
+        self._jobs.pop(job.req.id, None)
+        self._finish(job, ("error", exc) if exc is not None else ("finish", reason))
+
+    def _deliver(self, req: Request) -> None:
+        job = self._jobs.get(req.id)
+        if job is None or job.done:
+            return
+        now = time.perf_counter()
+        new = req.output[job.sent:]
+        if new:
+            lps = req.logprobs[job.sent:]
+            tops = req.top_logprobs[job.sent:] if req.params.logprobs else [None] * len(new)
+            job.sent = len(req.output)
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.observe("dsv4_time_to_first_token_seconds", now - job.arrival)
+            job.last_token = now
+            self.metrics.inc("dsv4_generation_tokens_total", len(new))
+            job.deliver(("tokens", list(zip(new, lps, tops))))
+        if req.finished:
+            self._jobs.pop(req.id, None)
+            self._finish(job, ("finish", req.finish_reason))
+
+    def _finish(self, job: Job, item: tuple) -> None:
+        if job.done:
+            return
+        job.done = True
+        if job.first_token is not None:
+            end = job.last_token or job.first_token
+            self.metrics.observe("dsv4_e2e_request_latency_seconds", end - job.arrival)
+            if job.sent > 1:
+                self.metrics.observe("dsv4_time_per_output_token_seconds", (end - job.first_token) / (job.sent - 1))
+        with self._cond:
+            self._pending -= 1
+        job.deliver(item)
+
+    def _update_gauges(self) -> None:
+        eng, cache = self.engine, self.engine.cache
+        running = list(eng.running)
+        pages = cache.num_blocks - 1  # page 0 is the null page
+        used_pages = pages - cache.free_pages
+        self.metrics.set_gauges(dsv4_cache_slots_used=self.max_slots - len(eng.free_slots),
+                                dsv4_cache_slots_total=self.max_slots, dsv4_cache_pages_used=used_pages,
+                                dsv4_cache_pages_total=pages, dsv4_cache_usage_ratio=used_pages / max(1, pages),
+                                dsv4_cache_tokens_used=sum(r.length for r in running),
+                                dsv4_requests_running=len(running), dsv4_requests_waiting=len(eng.waiting))
+
+
+# ------------------------------------------------------------------------------------------ text handling
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2): byte -> printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class _TokenText:
+    """Per-token strings and raw bytes (for logprobs), cached."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self.tok.decode([token_id])
+            raw = self.tok.id_to_token(token_id) or ""
+            if raw and all(c in _BYTE_OF_CHAR for c in raw):
+                data = [_BYTE_OF_CHAR[c] for c in raw]
+            else:  # added/special tokens are stored as plain text
+                data = list(text.encode("utf-8"))
+            hit = self._cache[token_id] = (text, data)
+        return hit
+
+
+def _holdback(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+class _Output:
+    """A request's generated text as the handler builds it: incremental detokenization with stop strings."""
+
+    def __init__(self, tok, stops: tuple[str, ...]) -> None:
+        self.dec = tok.stream_decoder(skip_special_tokens=True)
+        self.stops = stops
+        self.maxstop = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.tokens: list[tuple[int, float, dict | None]] = []
+        self.finish: str | None = None
+        self.stop_hit = False
+
+    def push(self, token: int, logprob: float, top: dict | None) -> None:
+        if self.finish is None:
+            self.tokens.append((token, logprob, top))
+            self._add(self.dec.push(token))
+
+    def _add(self, piece: str) -> None:
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.maxstop + 1)
+        self.text += piece
+        hits = [k for k in (self.text.find(s, start) for s in self.stops) if k >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish, self.stop_hit = "stop", True
+
+    def end(self, reason: str) -> None:
+        if self.finish is None:
+            self._add(self.dec.flush())
+        if self.finish is None:
+            self.finish = reason
+
+    def take(self) -> str:
+        """New text safe to send (text that might start a stop string is held back until resolved)."""
+        safe = len(self.text) if self.finish else len(self.text) - _holdback(self.text, self.stops)
+        piece = self.text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return piece
+
+
+class _ThinkSplit:
+    """Routes text to reasoning until `</think>` (thinking mode), then to content; holds back partial markers."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.reasoning = thinking
+        self.buf = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        if not self.reasoning:
+            return "", piece
+        self.buf += piece
+        k = self.buf.find(THINK_END)
+        if k >= 0:
+            self.reasoning = False
+            r, c, self.buf = self.buf[:k], self.buf[k + len(THINK_END):], ""
+            return r, c
+        keep = 0 if final else _holdback(self.buf, (THINK_END,))
+        r, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return r, ""
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "integer", float: "number"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise APIError(f"'{name}' must be an integer, got {_type_name(v)}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise APIError(f"'{name}' must be {'in ' if hi is not None else ''}{rng}, got {v}", name)
+    return v
+
+
+def _opt_num(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_num(v):
+        raise APIError(f"'{name}' must be a number, got {_type_name(v)}", name)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise APIError(f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}", name)
+    return float(v)
+
+
+def _opt_bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(f"'{name}' must be a boolean, got {_type_name(v)}", name)
+    return v
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, neutral in (("n", 1), ("best_of", 1)):
+        v = body.get(name)
+        if v is not None and v != neutral:
+            raise APIError(f"'{name}' must be 1 (one choice per request is supported), got {v!r}", name)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = body.get(name)
+        if v is not None and not (_is_num(v) and v == (1 if name == "repetition_penalty" else 0)):
+            raise APIError(f"'{name}' is not supported (leave it unset)", name)
+    if body.get("logit_bias"):
+        raise APIError("'logit_bias' is not supported (leave it unset or empty)", "logit_bias")
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise APIError(f"'stop' must be a string or an array of strings, got {_type_name(v)}", "stop")
+    if len(v) > MAX_STOP_STRINGS:
+        raise APIError(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(v)}", "stop")
+    if any(s == "" for s in v):
+        raise APIError("'stop' strings must not be empty", "stop")
+    return tuple(v)
+
+
+@dataclass
+class _Settings:
+    model_name: str
+    max_seq_len: int
+    vocab: int
+    api_key: str | None = None
+    max_queue: int = 512
+
+
+@dataclass
+class _Parsed:
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None        # top-N (completions) or top_logprobs (chat); None = no logprobs
+    thinking: bool = False
+    tools: bool = False
+
+
+def _model_name(body: dict, s: _Settings) -> None:
+    v = body.get("model")
+    if v is None:
+        raise APIError("'model' is required", "model")
+    if not isinstance(v, str):
+        raise APIError(f"'model' must be a string, got {_type_name(v)}", "model")
+    if v != s.model_name:
+        raise APIError(f"the model '{v}' does not exist; this server serves '{s.model_name}'", "model", 404,
+                       code="model_not_found")
+
+
+def _sampling(body: dict, s: _Settings, prompt: list[int], prompt_param: str, default_max: int | None,
+              logprobs: int | None) -> SamplingParams:
+    """Shared sampling fields -> SamplingParams; also checks that the prompt and max_tokens fit the context."""
+    temperature = _opt_num(body, "temperature", 0.0, 2.0)
+    top_p = _opt_num(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = _opt_int(body, "top_k", -1)
+    seed = _opt_int(body, "seed", -(2**63), 2**63 - 1)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _opt_int(body, name, 1)
+    ignore_eos = _opt_bool(body, "ignore_eos")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
+        raise APIError("'stop_token_ids' must be an array of integers", "stop_token_ids")
+    room = s.max_seq_len - len(prompt)
+    if room < 1:
+        raise APIError(f"the prompt is {len(prompt)} tokens; this model's context holds {s.max_seq_len} tokens "
+                       f"(prompt + completion), so at most {s.max_seq_len - 1} prompt tokens fit", prompt_param)
+    if max_tokens is None:
+        max_tokens = room if default_max is None else min(default_max, room)
+    elif max_tokens > room:
+        raise APIError(f"'{name}' is {max_tokens} but the prompt is {len(prompt)} tokens and the context holds "
+                       f"{s.max_seq_len}: at most {room} tokens can be generated", name)
+    return SamplingParams(temperature=1.0 if temperature is None else temperature,
+                          top_k=0 if top_k in (None, -1) else top_k,
+                          top_p=1.0 if top_p is None else top_p, seed=seed, max_tokens=max_tokens,
+                          stop_token_ids=tuple(stop_ids), stop=_stops(body), ignore_eos=ignore_eos,
+                          logprobs=logprobs)
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _opt_bool(body, "stream")
+    opts = body.get("stream_options")
+    include = False
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise APIError(f"'stream_options' must be an object, got {_type_name(opts)}", "stream_options")
+        include = _opt_bool(opts, "include_usage")
+    return stream, include
+
+
+def parse_completion_request(body: dict, s: _Settings, tok) -> _Parsed:
+    _model_name(body, s)
+    _check_unsupported(body)
+    if _opt_bool(body, "echo"):
+        raise APIError("'echo' is not supported", "echo")
+    if body.get("suffix") not in (None, ""):
+        raise APIError("'suffix' is not supported", "suffix")
+    p = body.get("prompt")
+    if p is None:
+        raise APIError("'prompt' is required", "prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        if not p:
+            raise APIError("'prompt' must not be empty", "prompt")
+        prompt = [tok.bos_id] + tok.encode(p)
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        bad = [t for t in p if not 0 <= t < s.vocab]
+        if bad:
+            raise APIError(f"'prompt' token ids must be in [0, {s.vocab}), found {bad[:5]}", "prompt")
+        prompt = list(p)
+    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+        raise APIError("batched prompts are not supported; send one prompt per request", "prompt")
+    else:
+        raise APIError("'prompt' must be a non-empty string or a non-empty array of token ids", "prompt")
+    logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
+    stream, include = _stream_flags(body)
+    params = _sampling(body, s, prompt, "prompt", 16, logprobs)
+    return _Parsed(prompt, params, stream, include, logprobs)
+
+
+def _thinking(body: dict) -> bool:
+    kw = body.get("chat_template_kwargs")
+    if kw is not None and not isinstance(kw, dict):
+        raise APIError(f"'chat_template_kwargs' must be an object, got {_type_name(kw)}", "chat_template_kwargs")
+    v = body.get("thinking")
+    name = "thinking"
+    if v is None and kw:
+        for key in ("thinking", "enable_thinking"):
+            if kw.get(key) is not None:
+                v, name = kw[key], f"chat_template_kwargs.{key}"
+                break
+    if v is None:
+        return False
+    if isinstance(v, dict) and v.get("type") in ("enabled", "disabled"):  # {"type": "enabled"} style
+        return v["type"] == "enabled"
+    if not isinstance(v, bool):
+        raise APIError(f"'{name}' must be a boolean, got {_type_name(v)}", name)
+    return v
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise APIError("'messages' is required", "messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError("'messages' must be a non-empty array of message objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise APIError(f"'messages[{i}]' must be an object, got {_type_name(m)}", "messages")
+        m = {k: v for k, v in m.items() if k != "name"}
+        c = m.get("content")
+        if isinstance(c, list) and m.get("role") != "tool":  # content parts: text only
+            texts = []
+            for j, part in enumerate(c):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"'messages[{i}].content[{j}]': only text content parts are supported",
+                                   "messages")
+                texts.append(part["text"])
+            m["content"] = "\n".join(texts)
+        elif c is None and m.get("role") == "assistant":
+            m["content"] = ""
+        out.append(m)
+    return out
+
+
+def parse_chat_request(body: dict, s: _Settings, tok) -> _Parsed:
+    _model_name(body, s)
+    _check_unsupported(body)
+    messages = _messages(body)
+    thinking = _thinking(body)
+    effort = body.get("reasoning_effort")
+    if effort not in (None, "high", "max"):
+        raise APIError(f"'reasoning_effort' must be null, 'high' or 'max', got {effort!r}", "reasoning_effort")
+    tools = body.get("tools") or None
+    if tools is not None and not isinstance(tools, list):
+        raise APIError(f"'tools' must be an array, got {_type_name(tools)}", "tools")
+    if body.get("tool_choice") == "none":
+        tools = None
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise APIError("'response_format' must be an object with a 'type'", "response_format")
+        if fmt["type"] == "text":
+            fmt = None
+    try:
+        text = encode_messages(messages, thinking=thinking, reasoning_effort=effort, tools=tools,
+                               response_format=fmt)
+    except (ValueError, TypeError, KeyError) as exc:
+        msg = str(exc)
+        param = "tools" if msg.startswith("tools") else "messages"
+        raise APIError(f"invalid {param}: {msg}", param) from None
+    prompt = tok.encode(text)
+    lp = _opt_bool(body, "logprobs")
+    top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top and not lp:
+        raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    stream, include = _stream_flags(body)
+    params = _sampling(body, s, prompt, "messages", None, (top or 0) if lp else None)
+    return _Parsed(prompt, params, stream, include, (top or 0) if lp else None, thinking, bool(tools))
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+def _json_response(data: Any, status: int = 200):
+    return JSONResponse(data, status_code=status)
+
+
+def _error_response(err: APIError):
+    return _json_response(err.body(), err.status)
+
+
+class _Gate:
+    """Pure ASGI middleware: API key on /v1/*, 503 while draining, per-path status counters."""
+
+    def __init__(self, app, state: dict) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope.get("path", "")
+        status = {"code": 500}
+
+        async def send_wrapped(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        err = None
+        key = self.state["settings"].api_key
+        if path.startswith("/v1/"):
+            if key is not None:
+                headers = dict(scope.get("headers") or [])
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(given.encode(), key.encode()):
+                    err = APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", None, 401,
+                                   code="invalid_api_key")
+            if err is None and self.state.get("draining"):
+                err = APIError("the server is shutting down", None, 503, type="server_error")
+        try:
+            if err is not None:
+                await _error_response(err)(scope, receive, send_wrapped)
+            else:
+                await self.app(scope, receive, send_wrapped)
+        finally:
+            known = path if path in self.state["paths"] else "other"
+            self.state["metrics"].inc("dsv4_http_requests_total", path=known, code=str(status["code"]))
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_key: str | None = None,
+               max_queue: int = 512, metrics: Metrics | None = None):
+    """The FastAPI app serving `engine` (started/stopped with the app's lifespan)."""
+    metrics = metrics or Metrics()
+    worker = EngineWorker(engine, metrics)
+    cache = engine.cache
+    # The longest request (prompt + max_tokens) the engine can ever hold: the per-sequence length limit, or the
+    # whole page budget when that is smaller.
+    context = min(cache.max_seq_len, (cache.num_blocks - 1) * cache.block_size)
+    settings = _Settings(served_model_name, context, engine.model.cfg.vocab_size, api_key or None, max_queue)
+    tok_text = _TokenText(tokenizer)
+    eos = engine.eos
+    created = int(time.time())
+    state: dict = {"settings": settings, "metrics": metrics, "worker": worker, "draining": False,
+                   "paths": {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="dsv4-ascend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.dsv4 = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return _error_response(APIError(str(exc.detail), None, exc.status_code,
+                                        "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        return _error_response(APIError(str(exc), None))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_, exc: Exception):
+        log.exception("unhandled error")
+        return _error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    async def read_json(request: HTTPRequest) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(f"the request body is not valid JSON: {exc}", None) from None
+        if not isinstance(body, dict):
+            raise APIError(f"the request body must be a JSON object, got {_type_name(body)}", None)
+        return body
+
+    async def start(parsed: _Parsed, prompt_param: str) -> Job:
+        if worker.pending >= settings.max_queue + worker.max_slots:
+            raise APIError("the server is overloaded; retry later", None, 503, "server_error")
+        if not worker.alive:
+            raise APIError("the engine is not running", None, 503, "server_error")
+        job = worker.submit(parsed.prompt, parsed.params, asyncio.get_running_loop())
+        try:
+            first = await job.queue.get()
+        except BaseException:
+            worker.abort(job)
+            raise
+        if first[0] == "error":
+            exc = first[1]
+            if isinstance(exc, CapacityError):
+                raise APIError(str(exc), "max_tokens" if len(parsed.prompt) < settings.max_seq_len
+                               else prompt_param)
+            if isinstance(exc, ValueError):
+                raise APIError(str(exc), prompt_param)
+            raise APIError(f"engine error: {exc}", None, 500, "server_error")
+        if first[0] == "finish":
+            raise APIError("the server is shutting down", None, 503, "server_error")
+        return job
+
+    async def events(job: Job, out: _Output) -> AsyncIterator[list]:
+        """Token batches as they arrive (already pushed into `out`); ends when `out.finish` is set."""
+        while out.finish is None:
+            item = await job.queue.get()
+            if item[0] == "tokens":
+                batch = []
+                for t in item[1]:
+                    if out.finish is not None:
+                        break
+                    out.push(*t)
+                    batch.append(t)
+                if out.stop_hit:
+                    worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
+                yield batch
+            elif item[0] == "finish":
+                out.end(item[1])
+                yield []
+            elif item[0] == "error":
+                out.end("error")
+                raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+
+    def finish_reason(out: _Output) -> str:
+        return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
+
+    def usage(parsed: _Parsed, out: _Output) -> dict:
+        n = len(out.tokens)
+        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n}
+
+    def completion_logprobs(batch: list, offset: int, top_n: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        for t, lp, top in batch:
+            s = tok_text(t)[0]
+            tokens.append(s)
+            lps.append(lp)
+            entry: dict[str, float] = {}
+            for i, v in (top or {}).items() if top_n else ():
+                entry.setdefault(tok_text(i)[0], v)  # ids sharing a text keep the best logprob
+            tops.append(entry)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(batch: list) -> list[dict]:
+        out = []
+        for t, lp, top in batch:
+            s, b = tok_text(t)
+            tops = [{"token": tok_text(i)[0], "logprob": v, "bytes": tok_text(i)[1]} for i, v in (top or {}).items()]
+            out.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": tops})
+        return out
+
+    async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                worker.abort(job)
+                return
+
+    async def collect(request: HTTPRequest, job: Job, out: _Output) -> list:
+        batches = []
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            async for batch in events(job, out):
+                batches += batch
+        finally:
+            watcher.cancel()
+            if out.finish is None:  # the client went away (or the handler failed): free the slot now
+                worker.abort(job)
+        return batches
+
+    class SSEResponse(StreamingResponse):
+        """Server-sent events; whatever ends the response (done, disconnect, cancel) releases the request."""
+
+        def __init__(self, gen: AsyncIterator[str], job: Job, out: _Output) -> None:
+            super().__init__(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.gen, self.job, self.out = gen, job, out
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if self.out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
+                    worker.abort(self.job)
+                await self.gen.aclose()
+
+    def done_metric(endpoint: str, reason: str) -> None:
+        metrics.inc("dsv4_requests_finished_total", endpoint=endpoint, finish_reason=reason)
+
+    # -- endpoints --------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state["draining"]:
+            return _json_response({"status": "draining"}, 503)
+        if not worker.alive:
+            return _json_response({"status": "engine not running"}, 503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv4-ascend",
+                "max_model_len": settings.max_seq_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != settings.model_name:
+            raise APIError(f"the model '{name}' does not exist", "model", 404, code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        parsed = parse_completion_request(await read_json(request), settings, tokenizer)
+        job = await start(parsed, "prompt")
+        out = _Output(tokenizer, parsed.params.stop)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        top_n = parsed.logprobs or 0
+
+        def chunk(text: str, lp: dict | None, reason: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
+
+        if not parsed.stream:
+            batch = await collect(request, job, out)
+            reason = finish_reason(out)
+            done_metric("completions", reason)
+            lp = completion_logprobs(batch, 0, top_n) if parsed.logprobs is not None else None
+            return {**chunk(out.text, lp, reason), "usage": usage(parsed, out)}
+
+        async def gen() -> AsyncIterator[str]:
+            offset, reason = 0, "abort"
+            try:
+                async for batch in events(job, out):
+                    piece = out.take()
+                    lp = completion_logprobs(batch, offset, top_n) if parsed.logprobs is not None and batch else None
+                    offset += sum(len(tok_text(t)[0]) for t, _, _ in batch)
+                    if piece or lp:
+                        yield _sse(chunk(piece, lp, None))
+                reason = finish_reason(out)
+                yield _sse(chunk(out.take(), None, reason))
+                if parsed.include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": now,
+                                "model": settings.model_name, "choices": [], "usage": usage(parsed, out)})
+            except APIError as err:
+                reason = "error"
+                yield _sse(err.body())
+            finally:
+                done_metric("completions", reason)
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(gen(), job, out)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        parsed = parse_chat_request(await read_json(request), settings, tokenizer)
+        job = await start(parsed, "messages")
+        out = _Output(tokenizer, parsed.params.stop)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not parsed.stream:
+            batch = await collect(request, job, out)
+            reason = finish_reason(out)
+            message = None
+            if (parsed.thinking or parsed.tools) and not out.stop_hit:
+                ended_by_eos = out.tokens and out.tokens[-1][0] == eos
+                try:
+                    message = parse_completion(out.text + (EOS if ended_by_eos else ""), parsed.thinking)
+                except ValueError:
+                    message = None
+            if message is None:
+                split = _ThinkSplit(parsed.thinking)
+                r, c = split.feed(out.text, final=True)
+                message = {"role": "assistant", "content": c}
+                if parsed.thinking:
+                    message["reasoning_content"] = r
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **tc} for tc in message["tool_calls"]]
+                reason = "tool_calls"
+            done_metric("chat", reason)
+            lp = {"content": chat_logprobs(batch)} if parsed.logprobs is not None else None
+            return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
+                    "usage": usage(parsed, out)}
+
+        def chunk(delta: dict, lp: list | None, reason: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "delta": delta,
+                                 "logprobs": None if lp is None else {"content": lp}, "finish_reason": reason}]}
+
+        async def gen() -> AsyncIterator[str]:
+            split = _ThinkSplit(parsed.thinking)
+            reason = "abort"
+
+            def delta(piece: str, final: bool) -> dict:
+                r, c = split.feed(piece, final)
+                d = {}
+                if r:
+                    d["reasoning_content"] = r
+                if c:
+                    d["content"] = c
+                return d
+
+            try:
+                yield _sse(chunk({"role": "assistant", "content": ""}, None, None))
+                async for batch in events(job, out):
+                    d = delta(out.take(), False)
+                    lp = chat_logprobs(batch) if parsed.logprobs is not None and batch else None
+                    if d or lp:
+                        yield _sse(chunk(d, lp, None))
+                reason = finish_reason(out)
+                d = delta(out.take(), True)
+                if d:
+                    yield _sse(chunk(d, None, None))
+                yield _sse(chunk({}, None, reason))
+                if parsed.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now,
+                                "model": settings.model_name, "choices": [], "usage": usage(parsed, out)})
+            except APIError as err:
+                reason = "error"
+                yield _sse(err.body())
+            finally:
+                done_metric("chat", reason)
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(gen(), job, out)
+
+    return _Gate(app, state)
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with a graceful drain: on shutdown the app is flagged as draining (503 for new requests,
+    /health 503), in-flight requests run on for up to `drain_timeout` seconds, then the ones left are aborted so
+    their streams still end cleanly (finish_reason "abort", then [DONE]); uvicorn's own
+    `timeout_graceful_shutdown` (set a few seconds later) is the backstop."""
+
+    def __init__(self, config, drain_timeout: float | None = None) -> None:
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        state = getattr(self.config.app, "state", None)
+        timer = None
+        if isinstance(state, dict):
+            state["draining"] = True
+            if self.drain_timeout is not None and state.get("worker") is not None:
+                timer = asyncio.get_running_loop().call_later(self.drain_timeout, state["worker"].abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: float, access_log: bool = True):
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                          timeout_graceful_shutdown=drain_timeout + 5.0, lifespan="on")
+
+
+class BackgroundServer:
+    """Runs an app under uvicorn on a thread (tests, benchmarks): `with BackgroundServer(app) as srv: srv.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, drain_timeout: float = 30.0,
+                 log_level: str = "warning") -> None:
+        self.config = _uvicorn_config(app, host, port, log_level, drain_timeout, access_log=False)
+        self.server = DrainingServer(self.config, drain_timeout)
+        self.thread = threading.Thread(target=self.server.run, name="dsv4-uvicorn", daemon=True)
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 60.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (returns at once)."""
+        self.server.should_exit = True
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.shutdown()
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_server(args) -> DrainingServer:
+    """The uvicorn server `dsv4 serve` runs, from its parsed command-line flags (model loaded, not started)."""
+    import os
+    import sys
+
+    from .cli import load_model
+    from .tokenizer import load_tokenizer
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="[dsv4] %(levelname)s %(message)s")
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    tok = load_tokenizer(path)
+    budget = getattr(args, "kv_cache_gib", None)
+    engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                    cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False))
+    name = args.served_model_name or path.name
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
+    app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue)
+    cache = engine.cache
+    print(f"[dsv4] serving '{name}' ({path}) on http://{args.host}:{args.port}: {args.max_slots} slots, "
+          f"{cache.num_blocks - 1} pages of {cache.block_size} tokens, max_seq_len {cache.max_seq_len}"
+          f"{'; API key required' if api_key else ''}", file=sys.stderr)
+    config = _uvicorn_config(app, args.host, args.port, args.log_level, args.drain_timeout)
+    return DrainingServer(config, args.drain_timeout)
+
+
+def serve_main(args) -> int:
+    """`dsv4 serve`: serve until SIGINT/SIGTERM, then drain in-flight requests (bounded by --drain-timeout)."""
+    build_server(args).run()
+    return 0

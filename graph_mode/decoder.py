@@ -1,0 +1,110 @@
+"""Static-graph decode: the decode step (model + sampling) captured once per batch-size bucket.
+
+On NPU the step compiles with torchair's NPU backend in "reduce-overhead" mode (aclgraph, as Huawei's V4
+recipe runs it); elsewhere with `torch.compile(fullgraph=True)` (inductor; on CUDA "reduce-overhead" adds CUDA
+graphs). Batches are padded to the next bucket with rows that point at a reserved pad slot, whose writes land in
+the cache's null page, so every step of a bucket has identical shapes and addresses and never recompiles.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dsv4_ascend.cache import KVCache
+from dsv4_ascend.model import Transformer
+from dsv4_ascend.sampling import SamplingBatch, sample
+
+__all__ = ["GraphDecoder", "default_buckets"]
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch (and max_batch itself)."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def _compiler_backend(device: torch.device) -> tuple[object, str | None]:
+    if device.type == "npu":  # pragma: no cover - needs an NPU; not verified here
+        import torchair  # noqa: PLC0415  (lazy: only with torch_npu + CANN)
+
+        cfg = torchair.CompilerConfig()
+        cfg.mode = "reduce-overhead"
+        return torchair.get_npu_backend(compiler_config=cfg), None
+    if device.type == "cuda":
+        return "inductor", "reduce-overhead"
+    return "inductor", None
+
+
+class GraphDecoder:
+    """Runs `model.decode` + `sample` as one compiled graph per bucket; counts compilations."""
+
+    def __init__(self, model: Transformer, cache: KVCache, pad_slot: int, buckets: list[int],
+                 compiler: str | Callable | None = None) -> None:
+        if not 0 <= pad_slot < cache.max_slots:
+            raise ValueError(f"pad_slot {pad_slot} is not a slot of the cache (max_slots {cache.max_slots})")
+        self.model, self.cache, self.pad_slot = model, cache, pad_slot
+        self.buckets = sorted(set(buckets))
+        self.device = model.embed.weight.device
+        backend, mode = _compiler_backend(self.device)
+        inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        if compiler is not None:
+            inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
+        self.compiles = 0
+
+        def counting(gm, example_inputs):
+            self.compiles += 1
+            return inner(gm, example_inputs)
+
+        # One graph per bucket (static shapes); allow every bucket to stay cached.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
+        opts = {"fullgraph": True, "dynamic": False, "backend": counting}
+        if mode:
+            opts = {"fullgraph": True, "dynamic": False, "mode": mode}  # inductor + CUDA graphs
+        self._compiled = torch.compile(self._step, **opts)
+
+    def _step(self, ids: Tensor, pos: Tensor, slots: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.model.decode(ids, pos, self.cache, slots)[:, -1]
+        tokens, logprobs = sample(logits, SamplingBatch(temperature, top_k, top_p, seed), pos + 1)
+        return tokens, logprobs, logits
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the largest graph bucket {self.buckets[-1]}")
+
+    def step(self, ids: Tensor, pos: Tensor, slots: Tensor, sb: SamplingBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Decode one token for n rows (padded to the bucket): (tokens [n], logprobs [n], logits [n,V])."""
+        n = ids.shape[0]
+        pad = self.bucket_for(n) - n
+
+        def padded(t: Tensor, fill) -> Tensor:  # contiguous: a strided input would fail the graph's guards
+            if not pad:
+                return t.contiguous()
+            return torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+
+        out = self._compiled(padded(ids, 0), padded(pos, 0), padded(slots, self.pad_slot),
+                             padded(sb.temperature, 0.0), padded(sb.top_k, 0), padded(sb.top_p, 1.0),
+                             padded(sb.seed, 0))
+        return tuple(o[:n] for o in out)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket now (rows on the pad slot), so serving never stalls on a compile."""
+        for i, b in enumerate(self.buckets):
+            if progress:
+                print(f"[dsv4] compiling decode graph for batch {b} ({i + 1}/{len(self.buckets)})", file=sys.stderr,
+                      flush=True)
+            dev = self.device
+
+            def z() -> Tensor:  # distinct tensors: aliased inputs would specialise the graph
+                return torch.zeros(b, dtype=torch.int64, device=dev)
+
+            sb = SamplingBatch(torch.zeros(b, device=dev), z(), torch.ones(b, device=dev), z())
+            self.step(z().view(b, 1), z(), torch.full((b,), self.pad_slot, device=dev), sb)

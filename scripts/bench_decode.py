@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Decode benchmark: step time vs context length, KV bytes per token, and decode speed vs transformers.
+
+1. Decode step time at several context lengths (default 1K, 4K, 16K, 32K). The cache pages are filled with
+   random values and the positions set to the context length: a decode step's work depends on how many entries
+   exist, not on their values, so this measures the same step without spending minutes on prefill.
+2. KV-cache bytes per token of context, measured from the allocated buffers, vs V4's theoretical minimum
+   (CSA: head_dim/4 kv values + index_head_dim/4 index values; HCA: head_dim/128; per layer) for this config and
+   for V4-Flash / V4-Pro.
+3. Decode tokens/s of our engine vs transformers' cached greedy decode on the same weights after the same
+   (real) prompt.
+Threads are pinned and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", help="model config preset (default small)")
+    ap.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per measurement")
+    ap.add_argument("--prompt", type=int, default=256, help="prompt length for the transformers comparison")
+    ap.add_argument("--new-tokens", type=int, default=16, help="decoded tokens in the transformers comparison")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from dsv4_ascend.cache import KVCache
+    from dsv4_ascend.config import ModelConfig, preset
+    from dsv4_ascend.model import Transformer
+    from dsv4_ascend.reference import ReferenceBackend
+    from dsv4_ascend.tiny import random_weights
+    from dsv4_ascend.weights import assign_tensors
+
+    dtype = getattr(torch, args.dtype)
+    native = preset(args.preset).to_dict()
+    native.pop("quantization_config", None)
+    native.pop("expert_dtype", None)
+    cfg = ModelConfig.from_dict(native)
+    model = Transformer(cfg, ReferenceBackend(), dtype, n_mtp=0)
+    assign_tensors(model, [(k, v) for k, v in random_weights(cfg, 0).items() if not k.startswith("mtp.")])
+    b = args.batch
+    print(f"config={args.preset} (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, ratios "
+          f"{cfg.layer_ratios}) batch={b} dtype={args.dtype} threads={args.threads}")
+
+    # 1. step time vs context
+    print("\n1. decode step time vs context length (random-filled cache)")
+    times = {}
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        cache = model.new_cache(b, ctx + args.steps + 1)
+        g = torch.Generator().manual_seed(0)
+        for t in (t for lc in cache.layers for t in lc.tensors()):
+            if t.dtype.is_floating_point:
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+        slots = torch.arange(b)
+        ids = torch.randint(0, cfg.vocab_size, (b, 1))
+
+        def run(ctx=ctx, cache=cache, slots=slots, ids=ids) -> None:
+            for k in range(args.steps):
+                model.decode(ids, torch.full((b,), ctx + k), cache, slots, max_len=ctx + k + 1)
+
+        times[ctx] = _median_time(run, 3) / args.steps
+        print(f"  context {ctx:>6}: {times[ctx] * 1e3:8.2f} ms/step")
+    c0, c1 = min(times), max(times)
+    print(f"  t({c1})/t({c0}) = {times[c1] / times[c0]:.2f}  (goal <= 1.5)")
+
+    # 2. KV bytes per token
+    print("\n2. KV-cache bytes per token of context (paged part; window rings and compressor rows are per slot)")
+    for name, c in (("this config", cfg), ("v4-flash", preset("v4-flash")), ("v4-pro", preset("v4-pro"))):
+        el = 2  # bf16
+        theory = sum((c.head_dim / m if m else 0) + (c.index_head_dim / 4 if m == 4 else 0)
+                     for m in c.layer_ratios) * el
+        n = 1 << 16
+        a = KVCache(c, 1, n, torch.bfloat16, "meta", 0, preassign=False, num_blocks=2)
+        z = KVCache(c, 1, n, torch.bfloat16, "meta", 0, preassign=False, num_blocks=1)
+        measured = (a.nbytes() - z.nbytes()) / a.block_size
+        a8 = KVCache(c, 1, n, torch.bfloat16, "meta", 0, preassign=False, num_blocks=2, kv_fp8=True)
+        z8 = KVCache(c, 1, n, torch.bfloat16, "meta", 0, preassign=False, num_blocks=1, kv_fp8=True)
+        m8 = (a8.nbytes() - z8.nbytes()) / a8.block_size
+        full = c.num_hidden_layers * c.head_dim * el
+        print(f"  {name:12s}: measured {measured:8.1f} B/token (bf16), theoretical minimum {theory:8.1f}, "
+              f"ratio {measured / theory:.3f}; C8 {m8:8.1f} B/token ({m8 / measured:.2f}x); "
+              f"an uncompressed 1-head MQA cache would be {full} B/token")
+
+    if args.skip_hf:
+        return
+    # 3. vs transformers
+    from hf_oracle import build_hf_model, stable_indexer_topk
+    from transformers import DynamicCache
+
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.sampling import SamplingParams
+
+    hf, sd = build_hf_model(native, seed=0, dtype=dtype)
+    assign_tensors(model, sd.items())
+    prompt = torch.randint(2, cfg.vocab_size, (b, args.prompt), generator=torch.Generator().manual_seed(1))
+
+    def hf_decode() -> float:
+        cache = DynamicCache(config=hf.config)
+        with torch.no_grad(), stable_indexer_topk():
+            out = hf(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+            nxt = out.argmax(-1, keepdim=True)
+            t0 = time.perf_counter()
+            for _ in range(args.new_tokens):
+                nxt = hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            return time.perf_counter() - t0
+
+    def ours_decode() -> float:
+        eng = Engine(model, max_slots=b, max_seq_len=args.prompt + args.new_tokens + 1, prefill_chunk=args.prompt,
+                     eos_token_id=-1)
+        for p in prompt.tolist():
+            eng.add_request(p, SamplingParams(temperature=0, max_tokens=args.new_tokens + 1))
+        while any(r.prefilled < len(r.prompt) for r in eng.running + list(eng.waiting)):
+            eng.step()
+        t0 = time.perf_counter()
+        for _ in eng.run():
+            pass
+        return time.perf_counter() - t0
+
+    t_hf = statistics.median(hf_decode() for _ in range(2))
+    t_ours = statistics.median(ours_decode() for _ in range(2))
+    n = b * args.new_tokens
+    print(f"\n3. decode after a {args.prompt}-token prompt, {args.new_tokens} tokens x batch {b}")
+    print(f"  dsv4-ascend engine : {n / t_ours:8.1f} tok/s")
+    print(f"  transformers 5.23  : {n / t_hf:8.1f} tok/s")
+    print(f"  ratio ours/transformers: {t_hf / t_ours:.2f}x  (goal >= 5)")
+
+
+if __name__ == "__main__":
+    main()
