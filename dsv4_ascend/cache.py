@@ -69,6 +69,14 @@ class RowStore:
     def tensors(self) -> list[Tensor]:
         return [self.nope, self.scale, self.rope] if self.fp8 else [self.data]
 
+    def snapshot(self, index: tuple) -> list[Tensor]:
+        """Copies of the stored rows at `index` (raw storage, so restore is exact)."""
+        return [t[index].clone() for t in self.tensors()]
+
+    def restore(self, index: tuple, saved: list[Tensor]) -> None:
+        for t, v in zip(self.tensors(), saved):
+            t[index] = v
+
     def read(self, *index) -> Tensor:
         if not self.fp8:
             return self.data[index]

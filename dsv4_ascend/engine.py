@@ -61,6 +61,7 @@ class Request:
     prefilled: int = 0           # prompt tokens already in the cache
     finish_reason: str | None = None  # "stop", "length" or "abort"
     first_token_time: float | None = None
+    spec: object | None = None  # speculative.SpecState when MTP drafting is on
     arrival_time: float = field(default_factory=time.perf_counter)
 
     @property
@@ -78,10 +79,11 @@ class Engine:
     def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
                  eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False,
                  graph: bool = False, graph_buckets: list[int] | None = None,
-                 graph_compiler: str | None = None) -> None:
+                 graph_compiler: str | None = None, speculative_tokens: int = 0) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
-        overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation)."""
+        overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
+        `speculative_tokens`: MTP drafts verified per step (0 = off)."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
@@ -95,6 +97,11 @@ class Engine:
             self.graph = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
                                       graph_compiler)
             self.graph.warmup()
+        self.spec = None
+        if speculative_tokens:
+            from .speculative import Speculator
+
+            self.spec = Speculator(model, self.cache, speculative_tokens)
         self.prefill_chunk = prefill_chunk
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.free_slots = deque(range(max_slots))
@@ -140,6 +147,15 @@ class Engine:
             self.free_slots.append(req.slot)
             req.slot = None
 
+    def spec_stats(self) -> dict[str, float]:
+        """Speculative decoding: draft acceptance rate and main-model steps per generated token."""
+        if self.spec is None:
+            return {}
+        st = self.spec.stats
+        return {"acceptance_rate": st["accepted"] / max(st["proposed"], 1),
+                "main_steps_per_token": self.stats["decode_steps"] / max(self.stats["decode_tokens"], 1),
+                **st}
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -149,7 +165,8 @@ class Engine:
         """Admit, run at most one prefill chunk, then one batched decode step. Returns (request, token) events."""
         while self.waiting and self.free_slots:
             req = self.waiting[0]
-            tokens = len(req.prompt) + req.params.max_tokens
+            tokens = min(len(req.prompt) + req.params.max_tokens + (self.spec.n if self.spec else 0),
+                         self.cache.max_seq_len)
             if self.cache.pages_for(tokens) > self.cache.free_pages:
                 break  # wait for running sequences to free pages (first come, first served)
             self.waiting.popleft()
@@ -170,14 +187,48 @@ class Engine:
         chunk = req.prompt[start:start + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
         last = start + len(chunk) == len(req.prompt)
-        logits = self.model(ids, self.cache, torch.tensor([req.slot], device=self.device), start, last_only=True)
+        slot = torch.tensor([req.slot], device=self.device)
         req.prefilled += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
+        if self.spec is None:
+            logits = self.model(ids, self.cache, slot, start, last_only=True)
+            return self._emit([req], logits[:, -1]) if last else []
+        logits, streams, _ = self.model.prefill(ids, self.cache, slot, start)
         if not last:
+            self.spec.absorb(req.slot, streams, req.prompt[start + 1:start + len(chunk) + 1], start)
             return []
-        return self._emit([req], logits[:, -1])
+        events = self._emit([req], logits[:, -1])
+        if not req.finished:
+            self._draft(req, streams, req.prompt[start + 1:] + [req.output[-1]], start)
+        return events
+
+    def _draft(self, req: Request, streams: Tensor, next_ids: list[int], start: int) -> None:
+        """Let the MTP block absorb main streams at [start, start+S) and propose the next round's drafts."""
+        from .speculative import SpecState
+
+        if req.spec is None:
+            req.spec = SpecState(generator=torch.Generator().manual_seed(req.params.seed))
+        logits, x = self.spec.absorb(req.slot, streams, next_ids, start)
+        self.spec.propose(req.slot, logits, x, start + len(next_ids) - 1, req.params, req.spec)
+
+    def _spec_round(self, req: Request) -> list[tuple[Request, int]]:
+        """One verify round for one sequence: up to n+1 new tokens."""
+        length = req.length - 1  # the last output token is known but not yet in the cache
+        tokens, logits, streams = self.spec.verify(req.slot, req.output[-1], length, req.params, req.spec)
+        self.stats["decode_steps"] += 1
+        lps = torch.log_softmax(logits.float(), -1)
+        events = []
+        for i, tok in enumerate(tokens):
+            events += self._record([req], torch.tensor([tok]), lps[i, tok].view(1), logits[i:i + 1])
+            self.stats["decode_tokens"] += 1
+            if req.finished:
+                return events
+        self._draft(req, streams, tokens, length)
+        return events
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        if self.spec is not None:
+            return [e for r in reqs for e in self._spec_round(r)]
         dev = self.device
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -104,6 +104,7 @@ class Step:
     cache: KVCache
     start: int | None
     span_pages: int | None = None  # decode: pages that cover every row's context (host hint; None = all)
+    defer: list | None = None      # prefill: leave the cache untouched, collect commit(k) callbacks instead
     _rope: dict = field(default_factory=dict)
 
     @property
@@ -144,12 +145,19 @@ class Compressor(nn.Module):
         e = apply_rope_tail(self.backend, e, cos, sin)
         return finish_keys(self.backend, e, self.sim_rope_dim)
 
-    def prefill(self, x: Tensor, start: int, st: CompressorState, slots: Tensor,
-                table: RopeTable) -> tuple[Tensor | None, int]:
-        """Entries of every window this chunk closes, and the index of the first. Updates the pending state."""
-        b, s, _ = x.shape
+    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Per-token (kv, score) rows of a prefill chunk starting at `start`."""
+        return self._project(x, start + torch.arange(x.shape[1], device=x.device))
+
+    def absorb(self, kv: Tensor, sc: Tensor, start: int, st: CompressorState, slots: Tensor, table: RopeTable,
+               write: bool = True) -> tuple[Tensor | None, int]:
+        """Entries of every window that the chunk rows [start, start+S) close, and the index of the first.
+
+        With write=True the unfinished-window state is updated; write=False leaves the cache untouched (used to
+        verify speculative tokens before committing any of them).
+        """
+        b, s, _ = kv.shape
         m = self.ratio
-        kv, sc = self._project(x, start + torch.arange(s, device=x.device))
         r0 = start % m
         p0 = start - r0
         if r0:
@@ -167,13 +175,14 @@ class Compressor(nn.Module):
                     pk = torch.zeros_like(kv[:, :m])
                     ps = torch.full_like(sc[:, :m], NEG_INF)
                 kin, sin_ = torch.cat([pk, kin], 1), torch.cat([ps, sin_], 1)
-                st.kv_prev[slots] = kv[:, full - m:full]
-                st.score_prev[slots] = sc[:, full - m:full]
+                if write:
+                    st.kv_prev[slots] = kv[:, full - m:full]
+                    st.score_prev[slots] = sc[:, full - m:full]
             pooled = self.backend.compress(kin, sin_, m, self.overlap)
-            entry_pos = (p0 + m * torch.arange(n_win, device=x.device)).expand(b, n_win)
+            entry_pos = (p0 + m * torch.arange(n_win, device=kv.device)).expand(b, n_win)
             entries = self._finish(pooled, entry_pos, table)
         rest = r0 + s - full
-        if rest:
+        if rest and write:
             st.kv_pend[slots, :rest] = kv[:, full:]
             st.score_pend[slots, :rest] = sc[:, full:]
         return entries, p0 // m
@@ -268,9 +277,17 @@ class Attention(nn.Module):
         p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=kv.device)  # the window's positions [S, win]
         idx = torch.where(p >= s0, win + p - s0, p % win)
         idx = torch.where(p < 0, -1, idx)
-        keep = min(s, win)  # the ring keeps the last `win` positions
-        lc.window.write((step.slots.unsqueeze(1), (t[-keep:] % win).unsqueeze(0)), kv[:, -keep:])
+        if step.defer is None:
+            self._ring_write(lc, step.slots, s0, kv)
+        else:
+            step.defer.append(lambda k: k and self._ring_write(lc, step.slots, s0, kv[:, :k]))
         return pool, idx.expand(b, s, win)
+
+    def _ring_write(self, lc: LayerCache, slots: Tensor, start: int, kv: Tensor) -> None:
+        """Keep the last `window` rows of a chunk starting at `start` in the ring."""
+        keep = min(kv.shape[1], self.window)
+        t = start + torch.arange(kv.shape[1] - keep, kv.shape[1], device=kv.device)
+        lc.window.write((slots.unsqueeze(1), (t % self.window).unsqueeze(0)), kv[:, -keep:])
 
     def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> tuple[Tensor, Tensor]:
         win = self.window
@@ -281,38 +298,63 @@ class Attention(nn.Module):
         return lc.window.read(step.slots), idx.unsqueeze(1)
 
     # -- compressed keys ----------------------------------------------------------------------------------------
+    def _absorb(self, comp: Compressor, store, st: CompressorState, rows: tuple[Tensor, Tensor], step: Step,
+                write: bool) -> Tensor:
+        """Fold a prefill chunk's compressor rows in; return the entry pool [B, (start+S)//m, c]."""
+        m, slots = comp.ratio, step.slots
+        e, w0 = comp.absorb(*rows, step.start, st, slots, self.table, write)
+        lc = step.cache.layers[self.layer_id]
+        n_total = (step.start + rows[0].shape[1]) // m
+        if e is not None and write:
+            lc.write_entries(store, slots, _span(w0, e), e, m)
+        if e is None or write:
+            return lc.read_entries(store, slots, n_total, m)
+        return torch.cat([lc.read_entries(store, slots, w0, m), e.to(store.dtype)], 1)
+
     def _compressed(self, x: Tensor, qr: Tensor, step: Step, lc: LayerCache, cos: Tensor,
                     sin: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's new entries; return the entry pool [B,N,d] and per-query picks [B,S,K] (-1 = none)."""
         m, slots, pos = self.ratio, step.slots, step.positions
         comp = self.compressor
+        idx_comp = self.indexer.compressor if self.indexer is not None else None
         if step.decode:
             p = pos[:, 0]
             lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp.decode(x, p, lc.comp, slots, self.table), m)
             pages = step.span_pages or lc.block_table.shape[1]  # static per bucket: shapes never depend on data
             n_total = pages * lc.block_size // m
+            entries = lc.read_entries(lc.entries, slots, n_total, m)
+            if idx_comp is not None:
+                lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
+                                 idx_comp.decode(x, p, lc.index_comp, slots, self.table), 4)
+                keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
         else:
-            e, w0 = comp.prefill(x, step.start, lc.comp, slots, self.table)
-            if e is not None:
-                lc.write_entries(lc.entries, slots, _span(w0, e), e, m)
-            n_total = (step.start + x.shape[1]) // m
+            write = step.defer is None
+            rows = comp.project(x, step.start)
+            entries = self._absorb(comp, lc.entries, lc.comp, rows, step, write)
+            if idx_comp is not None:
+                irows = idx_comp.project(x, step.start)
+                keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, irows, step, write)
+            if not write:
+                step.defer.append(lambda k, rows=rows, irows=(irows if idx_comp is not None else None):
+                                  self._commit_compressed(step, rows, irows, k))
         n_visible = (pos + 1) // m  # entry w is visible to query t iff w < (t+1)//m
         if self.indexer is None:
-            w = torch.arange(n_total, device=x.device)
+            w = torch.arange(entries.shape[1], device=x.device)
             picks = torch.where(w < n_visible.unsqueeze(-1), w, -1)
         else:
-            ic = self.indexer.compressor
-            if step.decode:
-                p = pos[:, 0]
-                lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
-                                 ic.decode(x, p, lc.index_comp, slots, self.table), 4)
-            else:
-                e, w0 = ic.prefill(x, step.start, lc.index_comp, slots, self.table)
-                if e is not None:
-                    lc.write_entries(lc.index_keys, slots, _span(w0, e), e, 4)
-            keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
             picks = self.indexer.select(x, qr, keys, n_visible, cos, sin)
-        return lc.read_entries(lc.entries, slots, n_total, m), picks
+        return entries, picks
+
+    def _commit_compressed(self, step: Step, rows, irows, k: int) -> None:
+        """Fold the first k rows of a deferred chunk into the compressor state and entry pages."""
+        if k == 0:
+            return
+        lc = step.cache.layers[self.layer_id]
+        cut = Step(step.input_ids[:, :k], step.positions[:, :k], step.slots, step.cache, step.start)
+        self._absorb(self.compressor, lc.entries, lc.comp, (rows[0][:, :k], rows[1][:, :k]), cut, True)
+        if irows is not None:
+            self._absorb(self.indexer.compressor, lc.index_keys, lc.index_comp, (irows[0][:, :k], irows[1][:, :k]),
+                         cut, True)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
@@ -407,22 +449,30 @@ class MoE(nn.Module):
         self.gate = Gate(backend, cfg, hashed, dtype, device)
         self.routed = RoutedExperts(cfg, fmt.experts, dtype, first, last - first, device)
         self.n_experts = cfg.n_routed_experts
+        self.ep = None  # set by dsv4_ascend.parallel for expert parallelism
         self.shared_experts = Expert(backend, cfg, fmt.dense, dtype, device) if cfg.n_shared_experts else None
 
     def forward(self, x: Tensor, input_ids: Tensor, sync_free: bool = False) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
-        r = self.routed
-        if r.count != self.n_experts:  # expert parallelism: this rank computes only its experts' share
-            local = (ids >= r.first) & (ids < r.first + r.count)
-            weights = weights * local
-            ids = torch.where(local, ids - r.first, 0)
-        y = self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale, self.limit,
-                                 sync_free)
+        if self.ep is not None:  # expert parallel: dispatch to the experts' ranks and combine (parallel.py)
+            y = self.ep(self, x, weights, ids, sync_free)
+        else:
+            y = self.run_local_experts(x, weights, ids, sync_free)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False) -> Tensor:
+        """This rank's share of the routed output: pairs routed to experts outside `routed` get weight 0."""
+        r = self.routed
+        if r.count != self.n_experts:
+            local = (ids >= r.first) & (ids < r.first + r.count)
+            weights = weights * local
+            ids = torch.where(local, ids - r.first, 0)
+        return self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
+                                    self.limit, sync_free)
 
 
 class Block(nn.Module):
@@ -555,10 +605,8 @@ class Transformer(HcHead, nn.Module):
     def logits(self, streams: Tensor) -> Tensor:
         return self.backend.lm_head(self.norm(self.hc_head(streams)), self.head.weight)
 
-    @torch.no_grad()
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, slots: Tensor | None = None,
-                start_pos: int = 0, last_only: bool = False) -> Tensor:
-        """Prefill (a chunk starting at host-known `start_pos` for every row): fp32 logits [B,S,V] (or [B,1,V])."""
+    def _prefill_step(self, input_ids: Tensor, cache: KVCache | None, slots: Tensor | None, start_pos: int,
+                      defer: bool = False) -> Step:
         self._check_ids(input_ids)
         b, s = input_ids.shape
         dev = self.embed.weight.device
@@ -572,11 +620,53 @@ class Transformer(HcHead, nn.Module):
             raise ValueError(f"sequence of {start_pos + s} tokens exceeds the cache's max_seq_len "
                              f"{cache.max_seq_len}")
         positions = (start_pos + torch.arange(s, device=dev)).expand(b, s)
-        step = Step(input_ids, positions, slots, cache, start_pos)
+        return Step(input_ids, positions, slots, cache, start_pos, defer=[] if defer else None)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, slots: Tensor | None = None,
+                start_pos: int = 0, last_only: bool = False) -> Tensor:
+        """Prefill (a chunk starting at host-known `start_pos` for every row): fp32 logits [B,S,V] (or [B,1,V])."""
+        step = self._prefill_step(input_ids, cache, slots, start_pos)
         x = self.hidden_streams(input_ids, step)
         if last_only:
             x = x[:, -1:]
         return self.logits(x)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int,
+                defer: bool = False) -> tuple[Tensor, Tensor, Callable[[int], None]]:
+        """Prefill returning (logits [B,S,V], final streams [B,S,n,D], commit).
+
+        defer=True leaves the cache untouched; `commit(k)` then writes the state of the first k tokens only (the
+        accepted prefix of a speculative verify). Without defer, commit is a no-op.
+        """
+        step = self._prefill_step(input_ids, cache, slots, start_pos, defer)
+        x = self.hidden_streams(input_ids, step)
+
+        def commit(k: int) -> None:
+            for f in step.defer or ():
+                f(k)
+
+        return self.logits(x), x, commit
+
+    @torch.no_grad()
+    def mtp_prefill(self, streams: Tensor, next_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int,
+                    j: int = 0) -> tuple[Tensor, Tensor]:
+        """MTP block j over a chunk: main streams at positions [start, start+S) and the tokens that follow each.
+
+        Returns (logits [B,S,V] for the token after next, the block's streams for chained drafts).
+        """
+        step = self._prefill_step(next_ids, cache, slots, start_pos)
+        h, x = self.mtp[j].forward_mtp(streams, self.embed.weight[next_ids], step)
+        return self.backend.lm_head(h, self.head.weight), x
+
+    @torch.no_grad()
+    def mtp_decode(self, streams: Tensor, next_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+                   j: int = 0) -> tuple[Tensor, Tensor]:
+        """One chained MTP draft step per row at `positions` [B] (see mtp_prefill)."""
+        step = Step(next_ids, positions.view(-1, 1), slots, cache, None)
+        h, x = self.mtp[j].forward_mtp(streams, self.embed.weight[next_ids], step)
+        return self.backend.lm_head(h, self.head.weight), x
 
     @torch.no_grad()
     def decode(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,

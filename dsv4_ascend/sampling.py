@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "SamplingBatch", "sample"]
+__all__ = ["SamplingParams", "SamplingBatch", "sample", "probabilities"]
 
 
 @dataclass
@@ -79,6 +79,20 @@ def uniform_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
     h = _mix((seed.unsqueeze(1) & _M32) ^ _mix(step.unsqueeze(1) & _M32))
     h = _mix(h ^ _mix(v + 0x9E3779B9 & _M32))
     return (h.to(torch.float64) + 0.5) / 2**32
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution one request samples from: softmax(logits / T) restricted to top-k and top-p, [V] fp32."""
+    scaled = logits.float() / max(params.temperature, 1e-5)
+    sorted_l, order = torch.sort(scaled, descending=True, stable=True)
+    probs = torch.softmax(sorted_l, -1)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)
+    drop = (probs.cumsum(-1) - probs) >= params.top_p
+    if params.top_k:
+        drop |= rank >= params.top_k
+    probs = probs.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, order, probs)
+    return out / out.sum(-1, keepdim=True)
 
 
 def sample(logits: Tensor, sb: SamplingBatch, step: Tensor) -> tuple[Tensor, Tensor]:
