@@ -62,6 +62,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numerics", default="exact", choices=["exact", "deepseek"],
                    help="exact: no quantisation simulation; deepseek: DeepSeek's FP8 act-quant and QAT sims")
     p.add_argument("--max-seq-len", type=int, default=4096, help="cache capacity per sequence in tokens")
+    p.add_argument("--speculative-tokens", type=int, default=0,
+                   help="MTP speculative decoding: drafts verified per step (0 = off; V4 recipes use 1-3)")
+    p.add_argument("--graph", action="store_true",
+                   help="decode with captured graphs (torch.compile / torchair), compiled at start")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -106,28 +110,37 @@ def _stream(engine, tok, prompt_ids: list[int], params, out=sys.stdout) -> tuple
     return text, len(req.output), time.perf_counter() - t0
 
 
-def cmd_generate(args) -> int:
+def _engine(model, args, **kw):
     from .engine import Engine
+
+    return Engine(model, max_seq_len=args.max_seq_len, speculative_tokens=args.speculative_tokens,
+                  graph=args.graph, **kw)
+
+
+def cmd_generate(args) -> int:
     from .tokenizer import load_tokenizer
 
     model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
     tok = load_tokenizer(path)
-    engine = Engine(model, max_slots=1, max_seq_len=args.max_seq_len)
+    engine = _engine(model, args, max_slots=1)
     ids = [tok.bos_id] + tok.encode(args.prompt)
     _, n, secs = _stream(engine, tok, ids, _params(args))
     print(f"[dsv4] {n} tokens in {secs:.2f} s = {n / secs:.1f} tok/s (prompt {len(ids)} tokens, "
           f"model {path})", file=sys.stderr)
+    if engine.spec is not None:
+        st = engine.spec_stats()
+        print(f"[dsv4] MTP acceptance {st['acceptance_rate']:.1%}, main-model steps per token "
+              f"{st['main_steps_per_token']:.2f}", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
     from .chat import encode_messages
-    from .engine import Engine
     from .tokenizer import load_tokenizer
 
     model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
     tok = load_tokenizer(path)
-    engine = Engine(model, max_slots=1, max_seq_len=args.max_seq_len)
+    engine = _engine(model, args, max_slots=1)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("[dsv4] chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
