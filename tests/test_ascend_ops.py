@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dsv4_ascend.ops import emulator as E
 
