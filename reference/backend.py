@@ -85,7 +85,7 @@ class ReferenceBackend(Backend):
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         xf = x.flatten(-2).float()
         rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-        return (xf * rinv) @ fn.float().t()
+        return (xf @ fn.float().t()) * rinv  # DeepSeek's order (project, then scale); HF normalises first
 
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:

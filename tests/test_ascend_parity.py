@@ -30,17 +30,6 @@ def _bf16_norms(model):
     return model
 
 
-class DeepSeekOrderReference(ReferenceBackend):
-    """The reference with DeepSeek's own order for the mHC mix: `F.linear(x, hc_fn) * rsqrt` (official
-    inference/model.py, and the golden of CR's npu_hc_pre). reference/backend.py computes `(x * rsqrt) @ fn^T`:
-    the same math, one fp32 rounding apart, but the tiny bf16 model is chaotic enough that this alone moves the
-    greedy-run logit cosine from 0.99990 to 0.99973 and top-1 from 100% to 99.5% (measured). Identical to ReferenceBackend once that order is adopted there."""
-
-    def _hc_mix(self, x, fn, norm_eps):
-        xf = x.flatten(-2).float()
-        return (xf @ fn.float().t()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-
-
 # ---- per op: AscendBackend vs ReferenceBackend (layout conversions, fp32) -----------------------------------------
 @pytest.fixture(scope="module")
 def pair():
@@ -151,7 +140,7 @@ def _greedy(model, forced=None):
 
 @pytest.fixture(scope="module")
 def bf16_reference_run():
-    return _greedy(_bf16_norms(build_tiny(dtype=torch.bfloat16, backend=DeepSeekOrderReference())))
+    return _greedy(_bf16_norms(build_tiny(dtype=torch.bfloat16, backend=ReferenceBackend())))
 
 
 def _figures(ref: torch.Tensor, got: torch.Tensor) -> dict:
