@@ -28,6 +28,7 @@ __all__ = [
     "fp8_sim",
     "fp4_sim",
     "hadamard",
+    "dequantize",
 ]
 
 E4M3_MAX = 448.0
@@ -270,3 +271,21 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return (h * n**-0.5).to(dtype)
+
+
+def dequantize(weight: Tensor, scale: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense weight in `dtype` from plain, FP8 (128x128 block scale) or packed FP4 (1x32 scale) storage.
+
+    Leading dims (stacked experts) are allowed.
+    """
+    if scale is None:
+        return weight.to(dtype)
+    if weight.dtype == torch.float8_e4m3fn:
+        if weight.dim() == 2:
+            return dequantize_fp8_block(weight, scale, dtype=dtype)
+        return torch.stack([dequantize(w, s, dtype) for w, s in zip(weight, scale)])
+    if weight.dtype in (torch.uint8, torch.int8):
+        lead = weight.shape[:-1]
+        w = dequantize_fp4(weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1]), dtype=dtype)
+        return w.reshape(*lead, w.shape[-1])
+    raise TypeError(f"cannot dequantise a {weight.dtype} weight with a {scale.dtype} scale")

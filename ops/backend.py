@@ -51,20 +51,7 @@ def _quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def _dense(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Dense weight in dtype from plain / FP8-block / packed-FP4 storage (leading expert dims allowed)."""
-    if scale is None:
-        return weight.to(dtype)
-    if weight.dtype == torch.float8_e4m3fn:
-        if weight.dim() == 2:
-            return _quant.dequantize_fp8_block(weight, scale, dtype=dtype)
-        return torch.stack([_dense(w, s, dtype) for w, s in zip(weight, scale)])
-    if weight.dtype in (torch.uint8, torch.int8):
-        lead = weight.shape[:-1]
-        w = _quant.dequantize_fp4(weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1]),
-                                  dtype=dtype)
-        return w.reshape(*lead, w.shape[-1])
-    raise TypeError(f"cannot dequantise a {weight.dtype} weight with a {scale.dtype} scale")
+_dense = _quant.dequantize  # one home for the formats: dsv4_ascend.quant
 
 
 class AscendBackend(Backend):

@@ -18,23 +18,7 @@ __all__ = ["ReferenceBackend", "dequantize_weight"]
 _ATTN_QUERY_BLOCK = 256
 
 
-def dequantize_weight(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Dense weight in `dtype` from a plain, FP8 (128x128 block scale) or packed FP4 (1x32 scale) tensor.
-
-    Leading dims (stacked experts) are allowed.
-    """
-    if scale is None:
-        return weight.to(dtype)
-    if weight.dtype == torch.float8_e4m3fn:
-        if weight.dim() == 2:
-            return quant.dequantize_fp8_block(weight, scale, dtype=dtype)
-        return torch.stack([dequantize_weight(w, s, dtype) for w, s in zip(weight, scale)])
-    if weight.dtype in (torch.uint8, torch.int8):
-        lead = weight.shape[:-1]
-        w = quant.dequantize_fp4(weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1]),
-                                 dtype=dtype)
-        return w.reshape(*lead, w.shape[-1])
-    raise TypeError(f"cannot dequantise a {weight.dtype} weight with a {scale.dtype} scale")
+dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
 
 
 class ReferenceBackend(Backend):

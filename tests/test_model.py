@@ -114,13 +114,13 @@ def _decode_all(model, ids, prefill, **cache_kw):
 
 def test_fp8_cache_is_lossless_under_deepseek_numerics():
     # DeepSeek's numerics already round the kv nope dims to e4m3 with power-of-two scales per 64 values (QAT), so
-    # storing them as FP8 (C8) loses nothing: the C8 run must equal recompute to fp32 rounding.
+    # storing them as FP8 (C8) loses nothing: the C8 run equals the same run with a bf16/fp32 cache. (Comparing to
+    # a full recompute instead would also measure QAT rounding flips caused by fp32 op-order noise, ~1e-4.)
     model = _c8_model("deepseek")
     ids = _ids(40, seed=7)
-    full = model(ids)
-    inc, cache = _decode_all(model, ids, 9, kv_fp8=True)
-    assert (inc - full).abs().max().item() <= TOL
-    plain = model.new_cache(1, 40)
+    inc8, cache = _decode_all(model, ids, 9, kv_fp8=True)
+    inc, plain = _decode_all(model, ids, 9)
+    assert (inc8 - inc).abs().max().item() <= 1e-6
     assert cache.nbytes() < 0.75 * plain.nbytes()
 
 
