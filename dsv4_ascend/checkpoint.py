@@ -300,8 +300,11 @@ class CheckpointScan:
         return "hf" if self.renamed == len(self.tensors) else "mixed"
 
 
-def scan_checkpoint(model_dir: str | Path) -> CheckpointScan:
-    """Read config.json, the index (if any) and every shard header; check they agree with each other."""
+def scan_checkpoint(model_dir: str | Path, config: ModelConfig | None = None) -> CheckpointScan:
+    """Read config.json, the index (if any) and every shard header; check they agree with each other.
+
+    `config`: use this instead of parsing config.json (dsv4_ascend.convert reads converted checkpoints, whose
+    quantization_config ModelConfig does not accept)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory (expected a model snapshot with config.json and "
@@ -311,7 +314,7 @@ def scan_checkpoint(model_dir: str | Path) -> CheckpointScan:
         raise CheckpointError(f"{cfg_path}: missing config.json (a snapshot holds config.json next to its "
                               "safetensors shards)")
     try:
-        cfg = load_config(cfg_path)
+        cfg = config if config is not None else load_config(cfg_path)
     except ConfigError as e:
         msg = str(e)
         raise CheckpointError(msg if str(cfg_path) in msg else f"{cfg_path}: {msg}") from e
@@ -549,8 +552,15 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     `expert_range=(first, end)`: this rank's routed experts (others are never read). `n_mtp`: MTP blocks to build
     (default: config's num_nextn_predict_layers). `progress`: a tqdm bar on stderr and a one-line summary.
     Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
+    A directory written by `dsv4 convert --target a3` (int8 weights) is handed to `convert.load_converted`
+    (it needs an AscendBackend(quant="w8a8"); `weights` does not apply).
     """
+    from .convert import converted_target, load_converted
     from .model import Transformer, WeightFormats
+
+    if converted_target(model_dir) == "a3":
+        return load_converted(model_dir, backend, dtype=dtype, device=device, expert_range=expert_range,
+                              n_mtp=n_mtp, progress=progress)
 
     if weights not in ("native", "bf16"):
         raise ValueError(f"weights must be 'native' or 'bf16', found {weights!r}")

@@ -24,8 +24,8 @@ def default_model_dir() -> Path:
     return d
 
 
-def make_backend(name: str, numerics: str):
-    """The Backend named on the command line."""
+def make_backend(name: str, numerics: str, quant: str = "bf16"):
+    """The Backend named on the command line (`quant`: the Ascend weight format, w8a8 for converted A3 dirs)."""
     from .backend import RunOptions
 
     opts = RunOptions(numerics)
@@ -36,7 +36,7 @@ def make_backend(name: str, numerics: str):
     if name == "ascend":
         from .ops import AscendBackend
 
-        return AscendBackend(options=opts)
+        return AscendBackend(options=opts, quant=quant)
     raise SystemExit(f"unknown --backend {name!r}; allowed: reference, ascend")
 
 
@@ -45,8 +45,13 @@ def load_model(model_dir: str | None, device: str = "cpu", backend: str = "refer
     """Model from an official-format directory (or the tiny default) on `device` with the chosen backend."""
     from .checkpoint import load_checkpoint
 
+    import json
+
     path = Path(model_dir) if model_dir else default_model_dir()
-    return load_checkpoint(path, backend=make_backend(backend, numerics), dtype=getattr(torch, dtype),
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {} \
+        if (path / "config.json").exists() else {}
+    quant = "w8a8" if qc.get("quant_method") == "w8a8_int8" else "bf16"  # written by `dsv4 convert --target a3`
+    return load_checkpoint(path, backend=make_backend(backend, numerics, quant), dtype=getattr(torch, dtype),
                            weights=weights, device=device), path
 
 
@@ -164,6 +169,18 @@ def cmd_serve(args) -> int:
     return serve_main(args)
 
 
+def cmd_parity(args) -> int:
+    from .parity import parity_main
+
+    return parity_main(args)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_main
+
+    return convert_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference (Ascend NPU and any torch device)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -198,6 +215,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(fn=cmd_serve)
+
+    from .convert import add_convert_args
+    from .parity import add_parity_args
+
+    r = sub.add_parser("parity", help="Ascend backend (torch_npu or its CPU emulator) vs the reference backend: "
+                       "per-layer max-abs-diff / cosine, logit top-1 agreement; exit 1 past tolerance")
+    add_parity_args(r)
+    r.set_defaults(fn=cmd_parity)
+
+    k = sub.add_parser("convert", help="convert an official checkpoint for Atlas A2/A3 (W8A8 int8) or Ascend 950 "
+                       "(FP8/MXFP4), streaming with progress")
+    add_convert_args(k)
+    k.set_defaults(fn=cmd_convert)
 
     t = sub.add_parser("make-tiny", help="write a tiny random model in the official on-disk format",
                        add_help=False)

@@ -100,31 +100,55 @@ class AscendBackend(Backend):
                 self._prepare_routed(mod)
         return self
 
-    def _nz(self, t: Tensor) -> Tensor:
-        return self.npu.npu_format_cast(t, _ACL_FORMAT_NZ) if self.nz_weights else t
+    def _nz(self, t: Tensor, nz: bool | None = None) -> Tensor:
+        return self.npu.npu_format_cast(t, _ACL_FORMAT_NZ) if (self.nz_weights if nz is None else nz) else t
 
     def _prepare_linear(self, weight: Tensor, scale: Tensor | None) -> None:
         q, s = _quantize_per_channel(_dense(weight, scale, torch.float32))
-        self._w8[id(weight)] = (self._nz(q.t().contiguous()), s)
-        self._keep.append(weight)
+        self.register_linear(weight, q.t().contiguous(), s)
 
     def _prepare_shared(self, mod) -> None:
         w1 = _dense(mod.w1.weight, mod.w1.scale, torch.float32)
         w3 = _dense(mod.w3.weight, mod.w3.scale, torch.float32)
         w13q, w13s = _quantize_per_channel(torch.cat([w1, w3], 0))  # [2I, D]
         w2q, w2s = _quantize_per_channel(_dense(mod.w2.weight, mod.w2.scale, torch.float32))  # [D, I]
-        self._shared8[id(mod.w1.weight)] = (self._nz(w13q.t().contiguous()), w13s,
-                                            self._nz(w2q.t().contiguous()), w2s)
-        self._keep.append(mod.w1.weight)
+        self.register_shared(mod.w1.weight, w13q.t().contiguous(), w13s, w2q.t().contiguous(), w2s)
 
     def _prepare_routed(self, mod) -> None:
         w1 = _dense(mod.w1, mod.w1_scale, torch.float32)  # [E, I, D]
         w3 = _dense(mod.w3, mod.w3_scale, torch.float32)
         w13q, w13s = _quantize_per_channel(torch.cat([w1, w3], 1))  # [E, 2I, D], [E, 2I]
         w2q, w2s = _quantize_per_channel(_dense(mod.w2, mod.w2_scale, torch.float32))  # [E, D, I], [E, D]
-        self._experts8[id(mod.w1)] = (self._nz(w13q.transpose(1, 2).contiguous()), w13s,
-                                      self._nz(w2q.transpose(1, 2).contiguous()), w2s)
-        self._keep.append(mod.w1)
+        self.register_routed(mod.w1, w13q.transpose(1, 2).contiguous(), w13s, w2q.transpose(1, 2).contiguous(),
+                             w2s)
+
+    # Already-quantised W8A8 weights (prepare() above, or a checkpoint written by `dsv4 convert --target a3`,
+    # see dsv4_ascend/convert.py). `key` is the model parameter the model passes to the op (w1 for experts);
+    # weights are int8 in the op's [K, N] layout, scales fp32 per output channel. nz=None: self.nz_weights.
+    def _check_w8a8(self) -> None:
+        if self.quant != "w8a8":
+            raise ValueError("int8 weights need AscendBackend(quant='w8a8')")
+
+    def register_linear(self, key: Tensor, q_kn: Tensor, scale: Tensor, nz: bool | None = None) -> None:
+        """A W8A8 linear: q_kn int8 [K, N], scale fp32 [N]."""
+        self._check_w8a8()
+        self._w8[id(key)] = (self._nz(q_kn, nz), scale.float().reshape(-1))
+        self._keep.append(key)
+
+    def register_shared(self, key: Tensor, w13_kn: Tensor, w13_s: Tensor, w2_kn: Tensor, w2_s: Tensor,
+                        nz: bool | None = None) -> None:
+        """The shared expert: w13 int8 [D, 2I] (gate columns, then up), w13_s [2I]; w2 int8 [I, D], w2_s [D]."""
+        self._check_w8a8()
+        self._shared8[id(key)] = (self._nz(w13_kn, nz), w13_s.float().reshape(-1), self._nz(w2_kn, nz),
+                                  w2_s.float().reshape(-1))
+        self._keep.append(key)
+
+    def register_routed(self, key: Tensor, w13_kn: Tensor, w13_s: Tensor, w2_kn: Tensor, w2_s: Tensor,
+                        nz: bool | None = None) -> None:
+        """Routed experts: w13 int8 [E, D, 2I], w13_s [E, 2I]; w2 int8 [E, I, D], w2_s [E, D]."""
+        self._check_w8a8()
+        self._experts8[id(key)] = (self._nz(w13_kn, nz), w13_s.float(), self._nz(w2_kn, nz), w2_s.float())
+        self._keep.append(key)
 
     # ---- elementwise ------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:

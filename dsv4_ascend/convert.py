@@ -1,0 +1,653 @@
+"""`dsv4 convert`: an official DeepSeek-V4 checkpoint in the layout an Ascend chip wants, and loading it back.
+
+Streaming: tensors are read one at a time from the memory-mapped source shards (`checkpoint._read`), converted,
+and buffered into output shards of at most `shard_bytes` that are written as soon as they fill, so memory holds
+one source tensor plus one output shard, never the model. Input is validated from the headers first
+(`checkpoint._plan`, the loader's own checks), so a bad snapshot fails before anything is written.
+
+Targets (docs/ascend.md, "Converted checkpoints"):
+- `a3` (Atlas A2/A3: no FP8/FP4 arithmetic): W8A8, Huawei's W8A8C16 split as in cann-recipes-infer
+  `models/deepseek_v4/utils/convert_model.py`. The linears AscendBackend(quant="w8a8").prepare() quantises
+  (attn.wq_b, attn.wo_b, attn.indexer.wq_b, ffn.shared_experts.w1/w2/w3, ffn.experts.E.w1/w2/w3, MTP blocks
+  included) are dequantised to fp32 and stored as int8 `.weight` [out, in] + fp32 `.scale` [out, 1]:
+  s = max|w_row| / 127, q = clamp(round_half_even(w / s), -127, 127) (symmetric; -128 is never produced,
+  as in CR's converter; npu_quant_matmul / npu_grouped_matmul accept any int8 and compute y = acc * s[n] *
+  s_token[m]). It is the very function prepare() uses (`ops.backend._quantize_per_channel`), so a converted
+  checkpoint holds bit-for-bit the int8 weights prepare() would compute. Every other FP8 weight is
+  dequantised to bf16 (exact: e4m3 x 2^k fits bf16); bf16 / fp32 / int64 tensors are copied.
+  `experts="w4a8"`: routed experts become int4 (symmetric [-7, 7], per channel, CR's clip search) packed as
+  `npu_convert_weight_to_int4pack` lays out the GMM weight [K, N]: int32 [K, N/8], element 8i+j of a row in
+  bits 4j..4j+3 of word i; + fp32 `.scale` [N, 1] + CR's fp32 assistance `.bias` [N] = 8 * s[n] * sum_k q[n, k].
+  No backend path runs W4A8 yet (load_converted refuses it).
+- `950` (Ascend 950PR/DT: FP8 e4m3 and MXFP4 native): the official formats are what the chip computes in, so
+  every tensor is copied unchanged (native names). The 950 ops want the scales in other *layouts* -- the FP8
+  block scale transposed with the [K, N] weight view, MXFP4 e8m0 scales as pairs [K/64, N, 2] -- which are
+  load-time views / permutes of the official [N, K/32] (cann-recipes-infer does the same at load), so they are
+  not rewritten on disk: a straight copy, recorded as such in config.json.
+
+config.json gets `quantization_config.ascend_target` ("a3" / "950", the marker that refuses a second
+conversion) and `weight_format`: "ND" (default) or "NZ" (`nz=True`: the NPU should `npu_format_cast(w, 29)`
+the int8 weights at load; on CPU the emulator's cast is the identity, so nothing is cast there).
+`load_converted` (also reached through `checkpoint.load_checkpoint`) builds the model and hands the int8
+weights and scales to AscendBackend (`register_linear/_shared/_routed`, prepare()'s own tables): nothing is
+re-quantised.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import quant
+from .checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, LoadReport, _plan, _read, scan_checkpoint
+from .config import ConfigError, ModelConfig
+
+__all__ = ["TARGETS", "ConvertError", "ConvertReport", "converted_target", "convert_checkpoint", "load_converted",
+           "quantize_int8_per_channel", "quantize_int4_per_channel", "pack_int4", "unpack_int4",
+           "add_convert_args", "convert_main"]
+
+TARGETS = ("a3", "950")
+MARKER = "ascend_target"
+A3_METHOD = "w8a8_int8"
+DEFAULT_SHARD_BYTES = 4 << 30
+_INT8_RE = re.compile(r"^(layers|mtp)\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
+                      r"ffn\.experts\.\d+\.w[123])\.weight$")
+_ROUTED_RE = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.)experts\.(\d+)\.(w[123])\.(weight|scale|bias)$")
+_SHARED_RE = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.shared_experts)\.(w[123])\.(weight|scale)$")
+
+
+class ConvertError(CheckpointError):
+    """A checkpoint cannot be converted (already converted, unknown target) or loaded as converted."""
+
+
+def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 [..., N, K] and fp32 scale [..., N]: prepare()'s rule (s = amax/127, RNE, clamp +-127)."""
+    from .ops.backend import _quantize_per_channel
+
+    return _quantize_per_channel(w)
+
+
+def quantize_int4_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 per output channel with cann-recipes-infer's clip search: int8 values in [-7, 7], fp32 s [N].
+
+    For each row, the clip c = r * amax for r in 0.70, 0.71, ..., 1.30 with the least squared error of
+    round(clamp(w, -c, c) / (c/7)) * (c/7) wins (first on ties); s = c / 7. (CR searches r * max(w_row), the
+    signed row maximum; amax = max |w_row| is used here so rows whose extreme value is negative are not clipped
+    on their large side.) Zero rows give s = 0, q = 0.
+    """
+    wf = w.float()
+    amax = wf.abs().amax(-1, keepdim=True)
+    best_err = torch.full_like(amax, float("inf"))
+    best_c = amax.clone()
+    for i in range(61):
+        c = (0.7 + i * 0.01) * amax
+        s = torch.where(c > 0, c / 7, torch.ones_like(c))
+        err = (wf - torch.round(wf.clamp(-c, c) / s) * s).square().sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_c = torch.where(better, c, best_c)
+    s = best_c / 7
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf.clamp(-best_c, best_c) / safe).clamp(-7, 7).to(torch.int8)
+    return q, s.squeeze(-1)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int4 values [..., N] (N % 8 == 0, in [-8, 7]) -> int32 [..., N/8]: element 8i+j in bits 4j..4j+3 of word i.
+
+    The layout `torch_npu.npu_convert_weight_to_int4pack` produces (op-plugin ConvertWeightToINT4Pack: ND,
+    `(a & 0xF) | (b & 0xF) << 4 | ... | (h & 0xF) << 28`)."""
+    if q.shape[-1] % 8:
+        raise ValueError(f"pack_int4: last dimension must be a multiple of 8, found {tuple(q.shape)}")
+    nib = (q.to(torch.int64) & 0xF).unflatten(-1, (-1, 8))
+    word = (nib << (4 * torch.arange(8, dtype=torch.int64, device=q.device))).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4: int32 [..., N/8] -> int8 [..., N] with sign-extended nibbles."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    nib = (w.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int64, device=packed.device))) & 0xF
+    return torch.where(nib >= 8, nib - 16, nib).flatten(-2).to(torch.int8)
+
+
+# ---- what a directory is -------------------------------------------------------------------------------------------
+
+def _raw_config(d: Path) -> dict:
+    p = d / "config.json"
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{p}: missing config.json (a snapshot holds config.json next to its shards)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{p}: not a JSON object")
+    return raw
+
+
+def converted_target(model_dir: str | Path) -> str | None:
+    """"a3" / "950" when `model_dir/config.json` was written by `dsv4 convert`, else None (also when unreadable)."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        qc = raw.get("quantization_config") or {}
+        return qc.get(MARKER) if isinstance(qc, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
+def _plain_config(raw: dict, where: Path) -> ModelConfig:
+    """The model config of a converted a3 checkpoint: unquantised formats (int8 goes to the backend)."""
+    d = {k: v for k, v in raw.items() if k not in ("quantization_config", "expert_dtype")}
+    try:
+        return ModelConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConvertError(f"{where / 'config.json'}: {e}") from e
+
+
+# ---- converting --------------------------------------------------------------------------------------------------
+
+class _ShardWriter:
+    """Buffers tensors into shards of at most `limit` bytes; each shard is written as soon as it is full."""
+
+    def __init__(self, out: Path, limit: int) -> None:
+        self.out, self.limit = out, limit
+        self.buf: dict[str, Tensor] = {}
+        self.size = 0
+        self.tmp: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        t = t.contiguous()
+        if self.buf and self.size + t.nbytes > self.limit:
+            self.flush()
+        self.buf[name] = t
+        self.size += t.nbytes
+        self.total += t.nbytes
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        from safetensors.torch import save_file
+
+        path = self.out / f".dsv4-convert-{len(self.tmp):05d}.safetensors"
+        save_file(self.buf, str(path), metadata={"format": "pt"})
+        self.tmp.append((path, list(self.buf)))
+        self.buf, self.size = {}, 0
+
+    def finish(self) -> tuple[dict[str, str], int]:
+        self.flush()
+        n = len(self.tmp)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.tmp):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / fname)
+            weight_map.update({k: fname for k in names})
+        return dict(sorted(weight_map.items())), n
+
+
+@dataclass
+class ConvertReport:
+    """What `convert_checkpoint` wrote."""
+
+    out_dir: Path
+    target: str
+    experts: str
+    weight_format: str
+    tensors: int = 0
+    int8: int = 0  # int8 weights written (a3)
+    int4: int = 0  # int4 routed-expert weights written (a3, experts="w4a8")
+    dequantised: int = 0  # FP8/FP4 weights written as bf16 (a3)
+    copied: int = 0  # tensors copied unchanged
+    shards: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    other_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        what = (f"{self.int8} int8 weights + fp32 per-channel scales, "
+                + (f"{self.int4} int4 expert weights, " if self.int4 else "")
+                + f"{self.dequantised} dequantised to bf16, {self.copied} copied") if self.target == "a3" else \
+            f"{self.copied} tensors copied unchanged (FP8 e4m3 + MXFP4, native on Ascend 950)"
+        return (f"converted for {self.target} ({self.weight_format} weights): {self.tensors} tensors, {what}; "
+                f"{self.shards} shards, {self.bytes_in / 2**20:.1f} MiB -> {self.bytes_out / 2**20:.1f} MiB in "
+                f"{self.seconds:.1f} s -> {self.out_dir}")
+
+
+def _quant_config(raw_qc: dict | None, target: str, experts: str, nz: bool) -> dict:
+    fmt = "NZ" if nz else "ND"
+    if target == "950":
+        qc = dict(raw_qc or {})
+        qc.update({MARKER: "950", "weight_format": fmt, "converted_by": "dsv4-ascend convert",
+                   "layout_note": "tensors copied unchanged from the official checkpoint (FP8 e4m3 128x128 "
+                                  "ue8m0 block scales; MXFP4 experts packed low-nibble-first with e8m0 scales "
+                                  "per 1x32); the 950 ops' scale layouts are load-time views of these"})
+        return qc
+    return {
+        "quant_method": A3_METHOD, MARKER: "a3", "weight_format": fmt, "converted_by": "dsv4-ascend convert",
+        "source_quantization_config": raw_qc,
+        "weights": {"dtype": "int8", "strategy": "channel", "symmetric": True, "range": [-127, 127],
+                    "rounding": "half_to_even", "scale_dtype": "float32", "scale_shape": "[out_features, 1]",
+                    "scale_rule": "max|w_row| / 127"},
+        "activations": {"dtype": "int8", "strategy": "token", "dynamic": True, "symmetric": True},
+        "quantized": ["attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w1/w2/w3",
+                      "ffn.experts.*.w1/w2/w3"],
+        "experts": experts,
+        "experts_int4": None if experts == "w8a8" else {
+            "dtype": "int4", "range": [-7, 7], "scale": "float32 [out_features, 1], clip-searched",
+            "layout": "int32 [in_features, out_features/8] (npu_convert_weight_to_int4pack of the [K, N] weight)",
+            "bias": "float32 [out_features] = 8 * scale * sum_k q (assistance term of the A8W4 grouped matmul)"},
+        "other_weights": "bfloat16 (dequantised)",
+        "kv_cache": "bfloat16", "indexer_cache": "int8 per token + float16 scale (computed at run time)",
+    }
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, target: str, *, experts: str = "w8a8", nz: bool = False,
+                       shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                       progress: bool = True) -> ConvertReport:
+    """Convert the official checkpoint `src` for `target` ("a3" or "950") into `dst` (see the module doc).
+
+    Raises ConvertError for an unknown target / experts mode, a checkpoint that is already converted, or an
+    output directory that already holds a checkpoint (unless `overwrite`); CheckpointError for a bad snapshot.
+    """
+    if target not in TARGETS:
+        raise ConvertError(f"unknown target {target!r}; allowed: {', '.join(TARGETS)} (a3 = Atlas A2/A3 W8A8, "
+                           "950 = Ascend 950 FP8/MXFP4)")
+    if experts not in ("w8a8", "w4a8"):
+        raise ConvertError(f"unknown experts mode {experts!r}; allowed: w8a8, w4a8")
+    if experts == "w4a8" and target != "a3":
+        raise ConvertError("experts='w4a8' is an Atlas A2/A3 format; Ascend 950 keeps the MXFP4 experts")
+    if shard_bytes <= 0:
+        raise ConvertError(f"shard_bytes must be positive, found {shard_bytes}")
+    src, dst = Path(src), Path(dst)
+    raw = _raw_config(src) if src.is_dir() else None
+    if raw is None:
+        raise ConvertError(f"{src}: not a directory (expected an official snapshot with config.json)")
+    qc = raw.get("quantization_config")
+    if isinstance(qc, dict) and qc.get(MARKER):
+        raise ConvertError(f"{src}: already converted (for {qc[MARKER]}, by dsv4 convert: "
+                           f"quantization_config.{MARKER}={qc[MARKER]!r}); convert from the official checkpoint")
+    if isinstance(qc, dict) and qc.get("quant_method") not in (None, "fp8"):
+        raise ConvertError(f"{src}: quantization_config.quant_method is {qc.get('quant_method')!r}, so this is not "
+                           "an official DeepSeek-V4 checkpoint (fp8) but one converted by another tool; convert "
+                           "from the official checkpoint")
+    if dst.resolve() == src.resolve():
+        raise ConvertError(f"{dst}: the output directory must differ from the input")
+    holds_checkpoint = dst.is_dir() and ((dst / "config.json").exists() or any(dst.glob("*.safetensors")))
+    if holds_checkpoint and not overwrite:
+        raise ConvertError(f"{dst}: already holds a checkpoint; pass overwrite=True (--force) to replace it")
+
+    t_start = time.perf_counter()
+    from .backend import Backend
+    from .model import Transformer, WeightFormats
+
+    scan = scan_checkpoint(src)
+    cfg = scan.config
+    n_mtp = cfg.num_nextn_predict_layers
+    # a3: plan against an all-plain model, so every FP8/FP4 weight comes with its scale (job.scale) to dequantise;
+    # 950: against the checkpoint's own formats, so every tensor (scales too) is its own job, copied as stored.
+    fmt = WeightFormats() if target == "a3" else WeightFormats.from_config(cfg)
+    meta = Transformer(cfg, Backend(), torch.bfloat16, fmt, device="meta", n_mtp=n_mtp)
+    targets = {n: (t.dtype, tuple(t.shape)) for n, t in meta.checkpoint_tensors()}
+    del meta
+    jobs, _ = _plan(scan, targets, None, n_mtp, dequantize=target == "a3")
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in list(dst.glob("*.safetensors")) + [dst / INDEX_NAME, dst / SINGLE_NAME]:
+        if old.exists():
+            old.unlink()
+    rep = ConvertReport(dst, target, experts, "NZ" if nz else "ND")
+    writer = _ShardWriter(dst, shard_bytes)
+    total = sum(j.info.nbytes + (j.scale.nbytes if j.scale else 0) for j in jobs)
+    from tqdm.auto import tqdm
+
+    try:
+        with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                                        disable=not progress, desc=f"convert -> {target}",
+                                        dynamic_ncols=True) as bar:
+            handles: dict[Path, object] = {}
+            current = None
+            for job in jobs:
+                info = job.info
+                if info.file != current:
+                    current = info.file
+                    bar.set_postfix_str(info.file.name, refresh=False)
+                t = _read(handles, stack, info)
+                nbytes = info.nbytes
+                if target == "950":
+                    if info.dtype == "F4" and hasattr(torch, "float4_e2m1fn_x2"):
+                        t = t.view(torch.float4_e2m1fn_x2)
+                    elif job.name.endswith(".scale") and t.dtype == torch.uint8:
+                        t = t.view(torch.float8_e8m0fnu)
+                    writer.add(job.name, t)
+                    rep.copied += 1
+                else:
+                    if job.scale is not None:
+                        s = _read(handles, stack, job.scale)
+                        if s.dtype == torch.uint8:
+                            s = s.view(torch.float8_e8m0fnu)
+                        nbytes += job.scale.nbytes
+                        w = quant.dequantize(t, s, torch.float32)
+                    else:
+                        w = t
+                    _convert_a3(job.name, w, job.scale is not None, experts, writer, rep)
+                bar.update(nbytes)
+                rep.bytes_in += nbytes
+        weight_map, rep.shards = writer.finish()
+    except BaseException:
+        for path, _ in writer.tmp:
+            path.unlink(missing_ok=True)
+        raise
+    rep.tensors = len(weight_map)
+    rep.bytes_out = writer.total
+    index = {"metadata": {"total_size": writer.total, MARKER: target}, "weight_map": weight_map}
+    (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    out_cfg = dict(raw)
+    out_cfg["quantization_config"] = _quant_config(qc if isinstance(qc, dict) else None, target, experts, nz)
+    if target == "a3":
+        out_cfg.pop("expert_dtype", None)
+    (dst / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_NAME):
+            shutil.copy2(f, dst / f.name)
+            rep.other_files.append(f.name)
+    rep.seconds = time.perf_counter() - t_start
+    if progress:
+        print(rep.summary(), file=sys.stderr)
+    return rep
+
+
+def _convert_a3(name: str, w: Tensor, was_quantised: bool, experts: str, writer: _ShardWriter,
+                rep: ConvertReport) -> None:
+    if _INT8_RE.match(name):
+        base = name[: -len("weight")]
+        if experts == "w4a8" and _ROUTED_RE.match(name):
+            q, s = quantize_int4_per_channel(w)  # [N, K] in [-7, 7], [N]
+            writer.add(name, pack_int4(q.t().contiguous()))  # GMM weight [K, N] -> int32 [K, N/8]
+            writer.add(base + "scale", s.unsqueeze(-1))
+            writer.add(base + "bias", 8 * s * q.float().sum(-1))
+            rep.int4 += 1
+        else:
+            q, s = quantize_int8_per_channel(w)
+            writer.add(name, q)
+            writer.add(base + "scale", s.unsqueeze(-1))
+            rep.int8 += 1
+    elif was_quantised:
+        writer.add(name, w.to(torch.bfloat16))
+        rep.dequantised += 1
+    else:
+        writer.add(name, w)
+        rep.copied += 1
+
+
+# ---- loading a converted a3 checkpoint ---------------------------------------------------------------------------
+
+def _placeholder(shape, device) -> Tensor:
+    """A zero-byte int8 tensor of `shape` (stride 0): the model's stand-in when the backend holds the NZ copy."""
+    return torch.zeros((), dtype=torch.int8, device=device).expand(*shape)
+
+
+def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", expert_range: tuple[int, int] | None = None,
+                   n_mtp: int | None = None, progress: bool = True):
+    """Build the model a `dsv4 convert` directory describes; int8 weights go to `backend` as they are.
+
+    a3: `backend` must be an AscendBackend(quant="w8a8"); its W8A8 tables are filled through register_linear /
+    register_shared / register_routed with the stored int8 weights (transposed to the ops' [K, N]) and fp32
+    scales, so nothing is re-quantised and the result equals prepare() on the original checkpoint. The model's
+    int8 parameters are views of those same tensors (with weight_format "NZ", the backend casts them with
+    npu_format_cast and the model keeps zero-byte placeholders). 950: the files are in the official format
+    and load through checkpoint.load_checkpoint.
+    """
+    from .checkpoint import load_checkpoint
+    from .model import Attention, Expert, Indexer, RoutedExperts, Transformer, WeightFormats
+    from .weights import put_tensor
+
+    d = Path(model_dir)
+    raw = _raw_config(d)
+    qc = raw.get("quantization_config") if isinstance(raw.get("quantization_config"), dict) else {}
+    target = qc.get(MARKER)
+    if target == "950":
+        return load_checkpoint(d, backend=backend, dtype=dtype, device=device, expert_range=expert_range,
+                               n_mtp=n_mtp, progress=progress)
+    if target != "a3":
+        raise ConvertError(f"{d}: not a checkpoint written by dsv4 convert (no quantization_config.{MARKER})")
+    if qc.get("experts", "w8a8") != "w8a8":
+        raise ConvertError(f"{d}: routed experts are {qc.get('experts')!r}; AscendBackend has no W4A8 (int4 "
+                           "grouped matmul) path yet, and the emulator does not emulate int4: convert with "
+                           "--experts w8a8")
+    if not hasattr(backend, "register_routed") or getattr(backend, "quant", None) != "w8a8":
+        got = "the default ReferenceBackend" if backend is None else type(backend).__name__ + (
+            f"(quant={backend.quant!r})" if hasattr(backend, "quant") else "")
+        raise ConvertError(f"{d}: converted for Atlas A2/A3 (int8 weights); only AscendBackend(quant='w8a8') "
+                           f"runs it, got {got} (the reference backend needs the official checkpoint)")
+    nz = qc.get("weight_format", "ND") == "NZ"
+    cfg = _plain_config(raw, d)
+    scan = scan_checkpoint(d, config=cfg)
+    n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
+    first, end = expert_range or (0, cfg.n_routed_experts)
+    model = Transformer(cfg, backend, dtype, WeightFormats(), device="meta", n_mtp=n_mtp, expert_range=expert_range)
+
+    # The int8 holders: name of the stored weight -> (kind, module).
+    holders: dict[str, tuple[str, nn.Module]] = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, Attention):
+            for sub in ("wq_b", "wo_b"):
+                holders[f"{mname}.{sub}"] = ("linear", getattr(mod, sub))
+        elif isinstance(mod, Indexer):
+            holders[f"{mname}.wq_b"] = ("linear", mod.wq_b)
+        elif isinstance(mod, Expert):
+            holders[mname] = ("shared", mod)
+        elif isinstance(mod, RoutedExperts):
+            holders[mname] = ("routed", mod)
+    int8_params = set()
+    for key, (kind, mod) in holders.items():
+        if kind == "linear":
+            int8_params.add(id(mod.weight))
+        else:
+            int8_params.update(id(getattr(mod, w) if kind == "routed" else getattr(mod, w).weight)
+                               for w in ("w1", "w2", "w3"))
+    for mod in model.modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and id(p) not in int8_params:
+                mod._parameters[attr] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device),
+                                                     requires_grad=False)
+    targets = {n: t for n, t in model.checkpoint_tensors() if not t.is_meta}
+
+    # Check names, dtypes and shapes from the headers before reading anything.
+    def holder_of(name: str):
+        m = _ROUTED_RE.match(name)
+        if m:
+            return m.group(1)[:-1] + ".routed", int(m.group(2)), m.group(3), m.group(4)
+        m = _SHARED_RE.match(name)
+        if m:
+            return m.group(1), 0, m.group(2), m.group(3)
+        stem, _, leaf = name.rpartition(".")
+        return stem, 0, "", leaf
+
+    expected_int8: set[str] = set()
+    for key, (kind, mod) in holders.items():
+        if kind == "linear":
+            expected_int8.update({f"{key}.weight", f"{key}.scale"})
+        elif kind == "shared":
+            expected_int8.update(f"{key}.{w}.{leaf}" for w in ("w1", "w2", "w3") for leaf in ("weight", "scale"))
+        else:
+            pre = key[: -len("routed")]
+            expected_int8.update(f"{pre}experts.{e}.{w}.{leaf}" for e in range(mod.first, mod.first + mod.count)
+                                 for w in ("w1", "w2", "w3") for leaf in ("weight", "scale"))
+    jobs, skipped = [], 0
+    for name, info in scan.tensors.items():
+        blk = re.match(r"^(layers|mtp)\.(\d+)\.", name)
+        ex = re.search(r"\.experts\.(\d+)\.", name)
+        if (blk and blk.group(1) == "mtp" and int(blk.group(2)) >= n_mtp) or \
+                (ex and not first <= int(ex.group(1)) < end):
+            skipped += 1
+            continue
+        if name not in targets and name not in expected_int8:
+            raise CheckpointError(f"{info.file}: tensor '{info.key}' is unexpected in a converted a3 checkpoint "
+                                  f"for the model {d / 'config.json'} describes")
+        if name in expected_int8:
+            if name.endswith(".weight"):
+                n_out = _meta_shape(holders, holder_of(name))
+                ok = info.dtype == "I8" and info.shape == n_out
+                want = f"I8 {list(n_out)}"
+            else:
+                wshape = _meta_shape(holders, holder_of(name[: -len("scale")] + "weight"))
+                ok = info.dtype == "F32" and info.shape in ((wshape[0], 1), (wshape[0],))
+                want = f"F32 [{wshape[0]}, 1]"
+            if not ok:
+                raise CheckpointError(f"{info.file}: tensor '{info.key}' is {info.dtype} {list(info.shape)}, "
+                                      f"expected {want} (dsv4 convert --target a3 layout)")
+        jobs.append((name, info))
+    missing = sorted((set(targets) | expected_int8) - {n for n, _ in jobs})
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{scan.source}: missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    jobs.sort(key=lambda j: (str(j[1].file), j[1].start))
+
+    report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, "w8a8 (converted a3)", 0,
+                        skipped, 0)
+    pending: dict[str, dict] = {}
+    from tqdm.auto import tqdm
+
+    with ExitStack() as stack, tqdm(total=sum(i.nbytes for _, i in jobs), unit="B", unit_scale=True,
+                                    unit_divisor=1024, file=sys.stderr, disable=not progress,
+                                    desc=f"loading {scan.model_dir.name} (a3 int8)", dynamic_ncols=True) as bar:
+        handles: dict[Path, object] = {}
+        for name, info in jobs:
+            t = _read(handles, stack, info)
+            if name in expected_int8:
+                key, e, w, leaf = holder_of(name)
+                _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
+                        w, leaf, t.to(device), backend, nz, device)
+            else:
+                if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
+                    targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
+            report.loaded += 1
+            report.bytes_read += info.nbytes
+            bar.update(info.nbytes)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{d}: incomplete int8 tensors for {left[:3]}")
+    model.eval()
+    model.load_report = report
+    if progress:
+        print(report.summary(), file=sys.stderr)
+    return model
+
+
+def _meta_shape(holders, where) -> tuple[int, ...]:
+    """Shape [N, K] of one int8 weight from the (meta) model: where = (holder key, expert, w1/w2/w3, leaf)."""
+    key, _, w, _ = where
+    kind, mod = holders[key]
+    if kind == "linear":
+        return tuple(mod.weight.shape)
+    if kind == "shared":
+        return tuple(getattr(mod, w).weight.shape)
+    return tuple(getattr(mod, w).shape[1:])
+
+
+def _absorb(pending: dict, holders: dict, key: str, e: int, w: str, leaf: str, t: Tensor, backend, nz: bool,
+            device) -> None:
+    """Collect one stored int8 tensor; register the holder with the backend once all of its tensors arrived."""
+    kind, mod = holders[key]
+    if kind == "linear":
+        st = pending.setdefault(key, {})
+        st[leaf] = t
+        if len(st) == 2:
+            kn = st["weight"].t().contiguous()
+            mod.weight = nn.Parameter(_placeholder((kn.shape[1], kn.shape[0]), device) if nz else kn.t(),
+                                      requires_grad=False)
+            backend.register_linear(mod.weight, kn, st["scale"].reshape(-1), nz=nz)
+            del pending[key]
+        return
+    if kind == "shared":
+        n_inter, dim = mod.w1.weight.shape
+        lead: tuple[int, ...] = ()
+    else:
+        n_inter, dim = mod.w1.shape[1:]
+        lead = (mod.count,)
+    st = pending.get(key)
+    if st is None:
+        st = pending[key] = {
+            "w13": torch.empty(*lead, dim, 2 * n_inter, dtype=torch.int8, device=device),
+            "w2": torch.empty(*lead, n_inter, dim, dtype=torch.int8, device=device),
+            "s13": torch.empty(*lead, 2 * n_inter, dtype=torch.float32, device=device),
+            "s2": torch.empty(*lead, dim, dtype=torch.float32, device=device), "n": 0}
+    ix = (e,) if lead else ()
+    cols = {"w1": slice(0, n_inter), "w3": slice(n_inter, 2 * n_inter)}
+    if leaf == "weight":
+        if w == "w2":
+            st["w2"][ix] = t.t()
+        else:
+            st["w13"][ix][:, cols[w]] = t.t()
+    elif w == "w2":
+        st["s2"][ix] = t.reshape(-1)
+    else:
+        st["s13"][ix][cols[w]] = t.reshape(-1)
+    st["n"] += 1
+    if st["n"] < 6 * (lead[0] if lead else 1):
+        return
+    w13, w2 = st["w13"], st["w2"]
+    if kind == "shared":
+        views = {"w1": w13[:, : n_inter].t(), "w3": w13[:, n_inter:].t(), "w2": w2.t()}
+        for name, v in views.items():
+            lin = getattr(mod, name)
+            lin.weight = nn.Parameter(_placeholder(v.shape, device) if nz else v, requires_grad=False)
+        backend.register_shared(mod.w1.weight, w13, st["s13"], w2, st["s2"], nz=nz)
+    else:
+        views = {"w1": w13[:, :, : n_inter].transpose(1, 2), "w3": w13[:, :, n_inter:].transpose(1, 2),
+                 "w2": w2.transpose(1, 2)}
+        for name, v in views.items():
+            setattr(mod, name, nn.Parameter(_placeholder(v.shape, device) if nz else v, requires_grad=False))
+        backend.register_routed(mod.w1, w13, st["s13"], w2, st["s2"], nz=nz)
+    del pending[key]
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="official checkpoint directory (config.json, index json, shards)")
+    p.add_argument("dst", metavar="DST", help="output directory (created if missing)")
+    p.add_argument("--target", required=True, choices=TARGETS,
+                   help="a3: Atlas A2/A3 (no FP8): W8A8 int8 per-channel weights for q_b/o_b/indexer q_b/shared "
+                        "and routed experts, the rest dequantised to bf16. 950: Ascend 950 (FP8 + MXFP4 native): "
+                        "tensors copied unchanged")
+    p.add_argument("--experts", default="w8a8", choices=["w8a8", "w4a8"],
+                   help="a3 routed experts: int8 (w8a8, default) or int4 packed for npu_convert_weight_to_int4pack "
+                        "(w4a8; conversion only, no backend runs it yet)")
+    p.add_argument("--nz", action="store_true",
+                   help="record weight_format NZ: the NPU casts the int8 weights to FRACTAL_NZ at load "
+                        "(npu_format_cast(w, 29)); nothing is cast on CPU. Default ND")
+    p.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_BYTES / 2**30, metavar="GIB",
+                   help="maximum output shard size in GiB (default 4)")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint already in DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar / summary")
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    try:
+        convert_checkpoint(args.src, args.dst, args.target, experts=args.experts, nz=args.nz,
+                           shard_bytes=max(1, int(args.shard_size * 2**30)), overwrite=args.force,
+                           progress=not args.quiet)
+    except CheckpointError as e:
+        print(f"dsv4 convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dsv4 convert", description="Convert an official DeepSeek-V4 checkpoint "
+                                 "into the layout an Ascend chip wants (streaming, tensor by tensor).")
+    add_convert_args(ap)
+    return convert_main(ap.parse_args(argv))

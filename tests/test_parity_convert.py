@@ -1,0 +1,222 @@
+"""`dsv4 parity` and `dsv4 convert` on a tiny official-format checkpoint (CPU; the Ascend side is emulated)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dsv4_ascend import quant
+from dsv4_ascend.checkpoint import load_checkpoint
+from dsv4_ascend.cli import main
+from dsv4_ascend.convert import (ConvertError, convert_checkpoint, converted_target, load_converted, pack_int4,
+                                 unpack_int4)
+from dsv4_ascend.ops import AscendBackend, emulator
+from dsv4_ascend.reference import ReferenceBackend
+from dsv4_ascend.tiny import write_tiny_checkpoint
+
+INT8_NAMES = ("attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w", "ffn.experts.")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "official", seed=0)
+
+
+@pytest.fixture(scope="module")
+def a3(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("conv") / "a3"
+    convert_checkpoint(tiny, out, "a3", shard_bytes=300_000, progress=False)
+    return out
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for fname in sorted(set(index.values())):
+        with safe_open(str(d / fname), framework="pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    assert set(out) == set(index)
+    return out
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+# ---- parity --------------------------------------------------------------------------------------------------------
+def _parity(capsys, *args: str) -> tuple[int, str]:
+    rc = main(["parity", *args, "--tokens", "12", "--decode-steps", "8"])
+    return rc, capsys.readouterr().out
+
+
+def test_parity_bf16_passes(tiny, capsys):
+    rc, out = _parity(capsys, "--model", str(tiny))
+    assert rc == 0, out
+    assert "npu ops: emulated" in out and "quant=bf16" in out
+    assert all(f"  {i} " in out for i in range(4))  # one line per layer
+    assert "top-1 agreement: prompt 12/12" in out and "decode 8/8" in out
+    assert "PASS (cosine >= 0.9999" in out
+
+
+def test_parity_w8a8_passes_with_its_tolerance(tiny, capsys):
+    rc, out = _parity(capsys, "--model", str(tiny), "--quant", "w8a8")
+    assert rc == 0, out
+    assert "quant=w8a8" in out and "PASS (cosine >= 0.98, top-1 >= 80.00%)" in out
+
+
+def test_parity_fails_past_tolerance(tiny, capsys):
+    rc, out = _parity(capsys, "--model", str(tiny), "--min-cosine", "1.01")
+    assert rc == 1 and "FAIL: logit cosine" in out
+    rc, out = _parity(capsys, "--model", str(tiny), "--quant", "w8a8", "--min-top1", "1.0001")
+    assert rc == 1 and "FAIL: top-1 agreement" in out
+
+
+def test_parity_converted_a3_against_reference(tiny, a3, capsys):
+    rc, out = _parity(capsys, "--model", str(tiny), "--ascend-model", str(a3))
+    assert rc == 0, out
+    assert "quant=w8a8" in out and "ascend side" in out  # an a3 checkpoint implies the w8a8 path and bounds
+
+
+# ---- convert: a3 ---------------------------------------------------------------------------------------------------
+def test_convert_a3_layout(tiny, a3):
+    src, got = _tensors(tiny), _tensors(a3)
+    cfg = json.loads((a3 / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "w8a8_int8" and qc["ascend_target"] == "a3" and qc["weight_format"] == "ND"
+    assert "expert_dtype" not in cfg and converted_target(a3) == "a3"
+    assert len(list(a3.glob("model-*.safetensors"))) > 1  # shard_bytes=300 kB: several shards
+    assert (a3 / "tokenizer.json").is_file()
+    n_int8 = 0
+    for name, t in src.items():
+        if name.endswith(".scale"):
+            continue
+        w = quant.dequantize(t, src.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None,
+                             torch.float32) if t.dtype in (torch.float8_e4m3fn, torch.int8) else t
+        if name.endswith(".weight") and any(k in name for k in INT8_NAMES):
+            n_int8 += 1
+            q, s = got[name], got[name[: -len("weight")] + "scale"]
+            assert q.dtype == torch.int8 and tuple(q.shape) == tuple(w.shape), name
+            assert s.dtype == torch.float32 and tuple(s.shape) == (w.shape[0], 1), name
+            # independent: numpy per-channel symmetric int8, rint = round half to even, clamp to +-127
+            wn = w.numpy()
+            s_ref = np.abs(wn).max(1, keepdims=True) / np.float32(127)
+            q_ref = np.clip(np.rint(wn / s_ref), -127, 127)
+            assert np.array_equal(s.numpy(), s_ref), name
+            assert np.array_equal(q.numpy(), q_ref), name
+        elif t.dtype in (torch.float8_e4m3fn, torch.int8):  # the other FP8 weights: bf16, exact, no scale
+            assert got[name].dtype == torch.bfloat16 and torch.equal(got[name].float(), w), name
+            assert name[: -len("weight")] + "scale" not in got
+        else:
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert n_int8 == 5 * (2 + 3 + 8 * 3) + 2  # 4 layers + MTP: q_b, o_b, shared w1-3, 8 experts; 2 CSA indexers
+
+
+def test_convert_a3_loads_like_prepare(tiny, a3, tmp_path):
+    # Exact: the converter quantises with prepare()'s own rule on the same fp32 dequantised values, so the int8
+    # weights and scales are bit-identical; the remaining FP8 weights are stored as bf16, which holds e4m3 x 2^k
+    # exactly, and the bf16 GEMM path dequantises them to bf16 per call anyway. Same ops, same operands.
+    ids = _ids()
+    be = AscendBackend(emulator, quant="w8a8")
+    model = load_checkpoint(tiny, backend=be, progress=False)
+    be.prepare(model)
+    want = model(ids)
+    be2 = AscendBackend(emulator, quant="w8a8")
+    conv = load_checkpoint(a3, backend=be2, progress=False)  # dispatches to load_converted
+    assert (len(be2._w8), len(be2._experts8), len(be2._shared8)) == (len(be._w8), len(be._experts8),
+                                                                     len(be._shared8)) == (12, 5, 5)
+    assert torch.equal(conv(ids), want)
+    # the model's int8 parameters are views of the backend's [K, N] tensors (no second copy)
+    wq = conv.layers[0].attn.wq_b.weight
+    assert wq.dtype == torch.int8 and wq.data_ptr() == be2._w8[id(wq)][0].data_ptr()
+    # --nz: recorded; the emulator's npu_format_cast is the identity (nothing is cast on CPU)
+    nz = tmp_path / "a3nz"
+    assert main(["convert", str(tiny), str(nz), "--target", "a3", "--nz", "--quiet"]) == 0
+    assert json.loads((nz / "config.json").read_text())["quantization_config"]["weight_format"] == "NZ"
+    be3 = AscendBackend(emulator, quant="w8a8")
+    assert torch.equal(load_converted(nz, be3, progress=False)(ids), want)
+
+
+# ---- convert: 950 --------------------------------------------------------------------------------------------------
+def test_convert_950_roundtrip(tiny, tmp_path, capsys):
+    out = tmp_path / "a950"
+    assert main(["convert", str(tiny), str(out), "--target", "950"]) == 0
+    err = capsys.readouterr().err
+    assert "convert -> 950" in err and "100%" in err and "converted for 950" in err  # progress bar + summary
+    src, got = _tensors(tiny), _tensors(out)
+    assert set(got) == set(src)
+    for name, t in src.items():  # byte-identical copies
+        assert got[name].dtype == t.dtype and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "fp8" and qc["ascend_target"] == "950" and qc["weight_format"] == "ND"
+    ids = _ids()
+    a = load_checkpoint(tiny, backend=ReferenceBackend(), progress=False)(ids)
+    b = load_checkpoint(out, backend=ReferenceBackend(), progress=False)(ids)
+    assert torch.equal(a, b)
+
+
+# ---- convert: errors, W4A8 -----------------------------------------------------------------------------------------
+def test_convert_errors(tiny, a3, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # unknown target: argparse
+        main(["convert", str(tiny), str(tmp_path / "x"), "--target", "a5"])
+    assert e.value.code == 2 and "invalid choice: 'a5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # missing target
+        main(["convert", str(tiny), str(tmp_path / "x")])
+    assert e.value.code == 2 and "--target" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match="unknown target 'a5'"):
+        convert_checkpoint(tiny, tmp_path / "x", "a5")
+    for tgt in ("a3", "950"):  # already converted
+        assert main(["convert", str(a3), str(tmp_path / "y"), "--target", tgt]) == 2
+        assert "already converted (for a3" in capsys.readouterr().err
+    assert main(["convert", str(tiny), str(a3), "--target", "a3", "--quiet"]) == 2  # output holds a checkpoint
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match="only AscendBackend\\(quant='w8a8'\\)"):
+        load_checkpoint(a3, backend=ReferenceBackend(), progress=False)
+    with pytest.raises(ConvertError, match="only AscendBackend\\(quant='w8a8'\\)"):
+        load_checkpoint(a3, backend=AscendBackend(emulator), progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_int4_pack_layout():
+    # independent: op-plugin's convert_to_int4_pack, word i = sum_j (v[8i+j] & 0xF) << 4j, as unsigned 32-bit
+    q = torch.randint(-8, 8, (3, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    words = []
+    for row in q.tolist():
+        out = []
+        for i in range(len(row) // 8):
+            w = 0
+            for j in range(8):
+                w |= (row[8 * i + j] & 0xF) << (4 * j)
+            out.append(np.uint32(w).view(np.int32).item())
+        words.append(out)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.tolist() == words
+    assert torch.equal(unpack_int4(packed), q)
+    # little-endian bytes: low nibble = even element (two int4 per byte along the packed dim)
+    b = packed.contiguous().view(torch.uint8)
+    assert torch.equal((b & 0xF).to(torch.int8), torch.where(q[:, 0::2] < 0, q[:, 0::2] + 16, q[:, 0::2]))
+
+
+def test_convert_w4a8_experts(tiny, tmp_path):
+    out = tmp_path / "w4"
+    rep = convert_checkpoint(tiny, out, "a3", experts="w4a8", progress=False)
+    assert rep.int4 == 5 * 8 * 3 and rep.int8 == 5 * 5 + 2
+    got, src = _tensors(out), _tensors(tiny)
+    name = "layers.2.ffn.experts.5.w2"
+    w = quant.dequantize(src[name + ".weight"], src[name + ".scale"], torch.float32)  # [N, K]
+    p, s, bias = got[name + ".weight"], got[name + ".scale"], got[name + ".bias"]
+    n, k = w.shape
+    assert p.dtype == torch.int32 and tuple(p.shape) == (k, n // 8)  # GMM weight [K, N] packed along N
+    assert tuple(s.shape) == (n, 1) and tuple(bias.shape) == (n,)
+    q = unpack_int4(p).t()  # [N, K]
+    assert q.abs().max() <= 7
+    assert torch.allclose(bias, 8 * s[:, 0] * q.float().sum(1))
+    err = (q.float() * s - w).norm() / w.norm()
+    assert err < 0.15  # int4 per-channel on Gaussian-like rows: ~9% measured
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["experts"] == "w4a8"
+    with pytest.raises(ConvertError, match="no W4A8"):
+        load_converted(out, AscendBackend(emulator, quant="w8a8"), progress=False)
