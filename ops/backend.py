@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from dsv4_ascend import quant as _quant
 from dsv4_ascend.backend import Backend, RunOptions
+from dsv4_ascend.reference import ReferenceBackend
 
 from . import emulator
 from .npu import load_custom_ops, npu_available
@@ -201,6 +202,17 @@ class AscendBackend(Backend):
         y = self.npu.npu_transpose_batchmatmul(x3, w, perm_x1=(1, 0, 2), perm_x2=(0, 2, 1), perm_y=(1, 0, 2))
         return y.view(*x.shape[:-1], -1)
 
+    # ---- composites ------------------------------------------------------------------------------------------
+    # No fused op covers these V4 steps at this Backend contract (see docs/ascend.md), so the composite of
+    # built-in ops is exactly the reference's plain-torch code: one implementation, shared.
+    # hc_head: CR runs it in plain fp32 torch too. compress: the custom `compressor` op fuses projection, state,
+    # norm and RoPE (a coarser step). sparse_attention: the contract hands one gathered pool with indices and no
+    # positions, which npu_sparse_attn_sharedkv cannot express (it needs positions and K2 = 512).
+    _hc_mix = ReferenceBackend._hc_mix
+    hc_head = ReferenceBackend.hc_head
+    compress = ReferenceBackend.compress
+    sparse_attention = ReferenceBackend.sparse_attention
+
     # ---- mHC -------------------------------------------------------------------------------------------------
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,47 +220,12 @@ class AscendBackend(Backend):
         if self.custom is not None:
             return self.custom.npu_hc_pre(x, fn, scale, base, hc_mult=n, hc_sinkhorn_iters=iters,
                                           norm_eps=norm_eps, hc_eps=hc_eps)
-        return self._hc_pre_composite(x, fn, base, scale, iters, norm_eps, hc_eps)
-
-    def _hc_pre_composite(self, x, fn, base, scale, iters, norm_eps, hc_eps):
-        n = x.shape[-2]
-        xf = x.flatten(-2).float()
-        mix = (xf @ fn.float().t()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
-        post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb = torch.softmax((mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)), -1) + hc_eps
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        for _ in range(iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype), post, comb
+        return ReferenceBackend.hc_pre(self, x, fn, base, scale, iters, norm_eps, hc_eps)
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         if self.custom is not None:
             return self.custom.npu_hc_post(f, x, post, comb)
-        out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("...ij,...id->...jd", comb, x.float())
-        return out.to(f.dtype)
-
-    def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
-                hc_eps: float) -> Tensor:
-        # CR runs hc_head in plain fp32 torch as well (no fused op).
-        xf = x.flatten(-2).float()
-        mix = (xf @ fn.float().t()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-        pre = torch.sigmoid(mix * scale[0] + base) + hc_eps
-        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
-
-    # ---- compression and attention -----------------------------------------------------------------------------
-    def compress(self, kv: Tensor, score: Tensor, ratio: int, overlap: bool) -> Tensor:
-        # Composite: the custom `compressor` op fuses projection, state cache, norm and RoPE, a coarser step than
-        # this Backend op (it would replace Compressor.prefill/decode as a whole).
-        b, length, c = kv.shape
-        kv = kv.float().view(b, length // ratio, ratio, c)
-        score = score.float().view(b, length // ratio, ratio, c)
-        if overlap:
-            d = c // 2
-            kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)
-            score = torch.cat([score[:, :-1, :, :d], score[:, 1:, :, d:]], dim=2)
-        return (torch.softmax(score, dim=2) * kv).sum(2)
+        return ReferenceBackend.hc_post(self, f, x, post, comb)
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         # Every query becomes its own batch of one token (TND, actual_seq_lengths_query = 1..T) whose key length
@@ -284,23 +261,6 @@ class AscendBackend(Backend):
                 actual_seq_lengths_query=asl_q, actual_seq_lengths_key=asl_k, block_table=table,
                 layout_query="TND", layout_key="PA_BSND", sparse_count=kk, sparse_mode=3)
         return idx.view(b, s, kk).long()
-
-    def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-        # Composite: the Backend contract hands one gathered pool with explicit indices and no positions, which
-        # the custom npu_sparse_attn_sharedkv cannot express (it derives the window from positions and needs
-        # K2 = 512). See docs/ascend.md for the contract change that would let it be called.
-        b, s, _, _ = q.shape
-        out = []
-        for i in range(0, s, 256):  # bounds the gathered [B, S_blk, K, d] tensor
-            qi, ii = q[:, i:i + 256], idx[:, i:i + 256]
-            valid = ii >= 0
-            keys = kv[torch.arange(b, device=kv.device).view(b, 1, 1), ii.clamp(min=0)].float()
-            logits = torch.einsum("bshd,bskd->bshk", qi.float(), keys) * scale
-            logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-            sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
-            probs = torch.softmax(torch.cat([logits, sink_col], -1), -1)[..., :-1]
-            out.append(torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype))
-        return torch.cat(out, 1)
 
     # ---- MoE ---------------------------------------------------------------------------------------------------
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
