@@ -24,6 +24,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -541,6 +543,34 @@ def _read(handles: dict[Path, object], stack: ExitStack, info: TensorInfo) -> Te
     return t
 
 
+def stream_tensors(items: list[tuple[TensorInfo, TensorInfo | None]], desc: str,
+                   progress: bool = True) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """Read tensors one at a time from memory-mapped shards, in order, with a byte progress bar on stderr.
+
+    Each item is (tensor, its FP8/FP4 scale or None); yields (index, tensor, scale) with raw-byte scales viewed
+    as e8m0. Shards stay open until the stream ends; nothing else is held.
+    """
+    from tqdm.auto import tqdm
+
+    total = sum(i.nbytes + (si.nbytes if si else 0) for i, si in items)
+    with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                                    disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+        handles: dict[Path, object] = {}
+        current = None
+        for k, (info, sinfo) in enumerate(items):
+            if info.file != current:
+                current = info.file
+                bar.set_postfix_str(info.file.name, refresh=False)
+            t = _read(handles, stack, info)
+            sc = None
+            if sinfo is not None:
+                sc = _read(handles, stack, sinfo)
+                if sc.dtype == torch.uint8:
+                    sc = sc.view(torch.float8_e8m0fnu)
+            yield k, t, sc
+            bar.update(info.nbytes + (sinfo.nbytes if sinfo else 0))
+
+
 def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dtype: torch.dtype = torch.bfloat16,
                     weights: str = "native", device: str | torch.device = "cpu",
                     expert_range: tuple[int, int] | None = None, n_mtp: int | None = None,
@@ -580,40 +610,26 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     model = Transformer(cfg, backend, dtype, fmt, device=device, n_mtp=n_mtp, expert_range=expert_range)
     targets = dict(model.checkpoint_tensors())
     report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, weights, 0, skipped, 0)
-    total = sum(j.info.nbytes + (j.scale.nbytes if j.scale else 0) for j in jobs)
-    from tqdm.auto import tqdm
-
-    with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                                    disable=not progress, desc=f"loading {scan.model_dir.name}",
-                                    dynamic_ncols=True) as bar:
-        handles: dict[Path, object] = {}
-        current = None
-        for job in jobs:
-            info = job.info
-            if info.file != current:
-                current = info.file
-                bar.set_postfix_str(info.file.name, refresh=False)
-            src = _read(handles, stack, info)
-            nbytes = info.nbytes
-            name_is_scale = job.name.endswith(".scale")
-            scale_info = job.scale if job.scale is not None else (info if name_is_scale else None)
-            if scale_info is not None:  # the stored scale dtype, for the report
-                report.scale_dtypes[scale_info.dtype] = report.scale_dtypes.get(scale_info.dtype, 0) + 1
-            if job.scale is not None:
-                scale = _read(handles, stack, job.scale)
-                if scale.dtype == torch.uint8:
-                    scale = scale.view(torch.float8_e8m0fnu)
-                dt = targets[job.name].dtype
-                src = (quant.dequantize_fp8_block(src, scale, dt) if info.dtype == "F8_E4M3"
-                       else quant.dequantize_fp4(src, scale, 32, dt))
-                nbytes += job.scale.nbytes
-            elif name_is_scale and src.dtype == torch.uint8:
-                src = src.view(torch.float8_e8m0fnu)
-            if put_tensor(model, targets, job.name, src, source=str(info.file), error=CheckpointError):
-                targets = dict(model.checkpoint_tensors())
-            report.loaded += 1
-            report.bytes_read += nbytes
-            bar.update(nbytes)
+    stream = stream_tensors([(j.info, j.scale) for j in jobs], f"loading {scan.model_dir.name}", progress)
+    for k, src, scale in stream:
+        job = jobs[k]
+        info = job.info
+        nbytes = info.nbytes
+        name_is_scale = job.name.endswith(".scale")
+        scale_info = job.scale if job.scale is not None else (info if name_is_scale else None)
+        if scale_info is not None:  # the stored scale dtype, for the report
+            report.scale_dtypes[scale_info.dtype] = report.scale_dtypes.get(scale_info.dtype, 0) + 1
+        if scale is not None:
+            dt = targets[job.name].dtype
+            src = (quant.dequantize_fp8_block(src, scale, dt) if info.dtype == "F8_E4M3"
+                   else quant.dequantize_fp4(src, scale, 32, dt))
+            nbytes += job.scale.nbytes
+        elif name_is_scale and src.dtype == torch.uint8:
+            src = src.view(torch.float8_e8m0fnu)
+        if put_tensor(model, targets, job.name, src, source=str(info.file), error=CheckpointError):
+            targets = dict(model.checkpoint_tensors())
+        report.loaded += 1
+        report.bytes_read += nbytes
     model.eval()
     model.load_report = report
     if progress:

@@ -1,6 +1,6 @@
 """`dsv4 convert`: an official DeepSeek-V4 checkpoint in the layout an Ascend chip wants, and loading it back.
 
-Streaming: tensors are read one at a time from the memory-mapped source shards (`checkpoint._read`), converted,
+Streaming: tensors are read one at a time from the memory-mapped source shards (`checkpoint.stream_tensors`), converted,
 and buffered into output shards of at most `shard_bytes` that are written as soon as they fill, so memory holds
 one source tensor plus one output shard, never the model. Input is validated from the headers first
 (`checkpoint._plan`, the loader's own checks), so a bad snapshot fails before anything is written.
@@ -40,7 +40,6 @@ import re
 import shutil
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, LoadReport, _plan, _read, scan_checkpoint
+from .checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointError, LoadReport, _plan, scan_checkpoint,
+                         stream_tensors)
 from .config import ConfigError, ModelConfig
 
 __all__ = ["TARGETS", "ConvertError", "ConvertReport", "converted_target", "convert_checkpoint", "load_converted",
@@ -308,41 +308,22 @@ def convert_checkpoint(src: str | Path, dst: str | Path, target: str, *, experts
             old.unlink()
     rep = ConvertReport(dst, target, experts, "NZ" if nz else "ND")
     writer = _ShardWriter(dst, shard_bytes)
-    total = sum(j.info.nbytes + (j.scale.nbytes if j.scale else 0) for j in jobs)
-    from tqdm.auto import tqdm
-
     try:
-        with ExitStack() as stack, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                                        disable=not progress, desc=f"convert -> {target}",
-                                        dynamic_ncols=True) as bar:
-            handles: dict[Path, object] = {}
-            current = None
-            for job in jobs:
-                info = job.info
-                if info.file != current:
-                    current = info.file
-                    bar.set_postfix_str(info.file.name, refresh=False)
-                t = _read(handles, stack, info)
-                nbytes = info.nbytes
-                if target == "950":
-                    if info.dtype == "F4" and hasattr(torch, "float4_e2m1fn_x2"):
-                        t = t.view(torch.float4_e2m1fn_x2)
-                    elif job.name.endswith(".scale") and t.dtype == torch.uint8:
-                        t = t.view(torch.float8_e8m0fnu)
-                    writer.add(job.name, t)
-                    rep.copied += 1
-                else:
-                    if job.scale is not None:
-                        s = _read(handles, stack, job.scale)
-                        if s.dtype == torch.uint8:
-                            s = s.view(torch.float8_e8m0fnu)
-                        nbytes += job.scale.nbytes
-                        w = quant.dequantize(t, s, torch.float32)
-                    else:
-                        w = t
-                    _convert_a3(job.name, w, job.scale is not None, experts, writer, rep)
-                bar.update(nbytes)
-                rep.bytes_in += nbytes
+        for k, t, scale in stream_tensors([(j.info, j.scale) for j in jobs], f"convert -> {target}", progress):
+            job = jobs[k]
+            info = job.info
+            nbytes = info.nbytes + (job.scale.nbytes if job.scale else 0)
+            if target == "950":
+                if info.dtype == "F4" and hasattr(torch, "float4_e2m1fn_x2"):
+                    t = t.view(torch.float4_e2m1fn_x2)
+                elif job.name.endswith(".scale") and t.dtype == torch.uint8:
+                    t = t.view(torch.float8_e8m0fnu)
+                writer.add(job.name, t)
+                rep.copied += 1
+            else:
+                w = quant.dequantize(t, scale, torch.float32) if scale is not None else t
+                _convert_a3(job.name, w, scale is not None, experts, writer, rep)
+            rep.bytes_in += nbytes
         weight_map, rep.shards = writer.finish()
     except BaseException:
         for path, _ in writer.tmp:
@@ -518,24 +499,18 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
     report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, "w8a8 (converted a3)", 0,
                         skipped, 0)
     pending: dict[str, dict] = {}
-    from tqdm.auto import tqdm
-
-    with ExitStack() as stack, tqdm(total=sum(i.nbytes for _, i in jobs), unit="B", unit_scale=True,
-                                    unit_divisor=1024, file=sys.stderr, disable=not progress,
-                                    desc=f"loading {scan.model_dir.name} (a3 int8)", dynamic_ncols=True) as bar:
-        handles: dict[Path, object] = {}
-        for name, info in jobs:
-            t = _read(handles, stack, info)
-            if name in expected_int8:
-                key, e, w, leaf = holder_of(name)
-                _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
-                        w, leaf, t.to(device), backend, nz, device)
-            else:
-                if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
-                    targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
-            report.loaded += 1
-            report.bytes_read += info.nbytes
-            bar.update(info.nbytes)
+    desc = f"loading {scan.model_dir.name} (a3 int8)"
+    for k, t, _ in stream_tensors([(info, None) for _, info in jobs], desc, progress):
+        name, info = jobs[k]
+        if name in expected_int8:
+            key, e, w, leaf = holder_of(name)
+            _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
+                    w, leaf, t.to(device), backend, nz, device)
+        else:
+            if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
+                targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
+        report.loaded += 1
+        report.bytes_read += info.nbytes
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{d}: incomplete int8 tensors for {left[:3]}")

@@ -11,7 +11,6 @@ tensors and do no host syncs, so they can be captured as a graph.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 

@@ -273,7 +273,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (h * n**-0.5).to(dtype)
 
 
-def dequantize(weight: Tensor, scale: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense weight in `dtype` from plain, FP8 (128x128 block scale) or packed FP4 (1x32 scale) storage.
 
     Leading dims (stacked experts) are allowed.

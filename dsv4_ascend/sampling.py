@@ -6,7 +6,7 @@ than a stateful generator: a request's samples depend only on its seed and posit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
