@@ -85,6 +85,19 @@ class RowStore:
         nope = (q.unflatten(-1, (-1, _C8_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
         return torch.cat([nope.to(self.dtype), self.rope[index]], -1)
 
+    def read_pages(self, table: Tensor) -> Tensor:
+        """Whole pages `table` [B, P] of a paged store, as rows [B, P*rows_per_page, c]."""
+        b = table.shape[0]
+
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, table.reshape(-1)).view(b, -1, t.shape[-1])
+
+        if not self.fp8:
+            return pick(self.data)
+        q = pick(self.nope).view(torch.float8_e4m3fn).float()
+        nope = (q.unflatten(-1, (-1, _C8_BLOCK)) * pick(self.scale).unsqueeze(-1)).flatten(-2)
+        return torch.cat([nope.to(self.dtype), pick(self.rope)], -1)
+
     def write(self, index: tuple, values: Tensor) -> None:
         if not self.fp8:
             self.data[index] = values.to(self.dtype)
@@ -126,8 +139,11 @@ class LayerCache:
         return page, w % per
 
     def read_entries(self, store: RowStore, slots: Tensor, n: int, ratio: int) -> Tensor:
-        w = torch.arange(n, device=slots.device).expand(slots.shape[0], n)
-        return store.read(*self._page(slots, w, ratio))
+        """Entries 0..n-1 [B,n,c] of the sequences in `slots`, read page by page (whole-page copies)."""
+        per = self.block_size // ratio
+        pages = -(-n // per)
+        table = self.block_table[slots][:, :pages]  # [B, pages]
+        return store.read_pages(table)[:, :n]
 
     def write_entries(self, store: RowStore, slots: Tensor, w: Tensor, values: Tensor, ratio: int) -> None:
         """values [B,N,c] for entry indices w [B,N]."""

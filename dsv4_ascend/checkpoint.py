@@ -583,7 +583,7 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     (default: config's num_nextn_predict_layers). `progress`: a tqdm bar on stderr and a one-line summary.
     Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
     A directory written by `dsv4 convert --target a3` (int8 weights) is handed to `convert.load_converted`
-    (it needs an AscendBackend(quant="w8a8"); `weights` does not apply).
+    (it needs an AscendBackend(quant="w8a8"), or quant="w4a8" for `--experts w4a8`; `weights` does not apply).
     """
     from .convert import converted_target, load_converted
     from .model import Transformer, WeightFormats

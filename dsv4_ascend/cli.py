@@ -25,7 +25,8 @@ def default_model_dir() -> Path:
 
 
 def make_backend(name: str, numerics: str, quant: str = "bf16"):
-    """The Backend named on the command line (`quant`: the Ascend weight format, w8a8 for converted A3 dirs)."""
+    """The Backend named on the command line (`quant`: the Ascend weight format, w8a8 / w4a8 for converted A3
+    dirs)."""
     from .backend import RunOptions
 
     opts = RunOptions(numerics)
@@ -40,9 +41,21 @@ def make_backend(name: str, numerics: str, quant: str = "bf16"):
     raise SystemExit(f"unknown --backend {name!r}; allowed: reference, ascend")
 
 
+def auto_quant(qc: dict, backend: str, weights: str, implied: str = "bf16") -> str:
+    """The Ascend quant mode a checkpoint implies for `--quant auto`: what `implied` says for converted A2/A3
+    dirs, "fp8" (the 950's native FP8 + MXFP4 path) for an FP8 checkpoint kept native on --backend ascend (the
+    official one or a `dsv4 convert --target 950` copy), else "bf16"."""
+    if implied == "bf16" and backend == "ascend" and weights == "native" and qc.get("quant_method") == "fp8":
+        return "fp8"
+    return implied
+
+
 def load_model(model_dir: str | None, device: str = "cpu", backend: str = "reference", dtype: str = "bfloat16",
-               weights: str = "native", numerics: str = "exact"):
-    """Model from an official-format directory (or the tiny default) on `device` with the chosen backend."""
+               weights: str = "native", numerics: str = "exact", quant: str = "auto"):
+    """Model from an official-format directory (or the tiny default) on `device` with the chosen backend.
+
+    `quant` (Ascend only): "auto" picks it from the checkpoint (`auto_quant`), or one of AscendBackend's modes.
+    """
     from .checkpoint import load_checkpoint
 
     import json
@@ -50,9 +63,19 @@ def load_model(model_dir: str | None, device: str = "cpu", backend: str = "refer
     path = Path(model_dir) if model_dir else default_model_dir()
     qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {} \
         if (path / "config.json").exists() else {}
-    quant = "w8a8" if qc.get("quant_method") == "w8a8_int8" else "bf16"  # written by `dsv4 convert --target a3`
-    return load_checkpoint(path, backend=make_backend(backend, numerics, quant), dtype=getattr(torch, dtype),
-                           weights=weights, device=device), path
+    implied = "bf16"
+    if qc.get("quant_method") == "w8a8_int8":  # written by `dsv4 convert --target a3`: int8, experts int8 or int4
+        implied = "w4a8" if qc.get("experts") == "w4a8" else "w8a8"
+    if quant == "auto":
+        quant = auto_quant(qc, backend, weights, implied)
+    elif backend != "ascend" and quant != "bf16":
+        raise SystemExit(f"--quant {quant} needs --backend ascend (the reference backend runs the checkpoint as "
+                         "stored, dequantising per call)")
+    model = load_checkpoint(path, backend=make_backend(backend, numerics, quant), dtype=getattr(torch, dtype),
+                            weights=weights, device=device)
+    if quant in ("fp8", "mxfp8"):
+        model.backend.prepare(model)  # the 950 scale layouts once, before the first request or a graph capture
+    return model, path
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -62,6 +85,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference", choices=["reference", "ascend"],
                    help="op implementation: plain torch (reference) or torch_npu / its CPU emulator (ascend)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="activation dtype")
+    from .ops.backend import QUANT_MODES
+
+    p.add_argument("--quant", default="auto", choices=["auto", *QUANT_MODES],
+                   help="Ascend GEMM scheme (--backend ascend): auto (default) = what a `convert --target a3` dir "
+                        "was written for (w8a8 / w4a8), fp8 for an FP8 checkpoint (official or `convert --target "
+                        "950`) with --weights native, else bf16; fp8 = Ascend 950 Hybrid FP8-MXFP4 (FP8 block "
+                        "linears, MXFP4 experts with MXFP8 activations); mxfp8 = 950 Hybrid MXFP8-MXFP4 (linears "
+                        "re-quantised to MXFP8 at load); bf16 = dequantise per call (A2/A3 without conversion)")
     p.add_argument("--weights", default="native", choices=["native", "bf16"],
                    help="native: keep FP8/FP4 weights packed; bf16: dequantise at load (more memory)")
     p.add_argument("--numerics", default="exact", choices=["exact", "deepseek"],
@@ -125,7 +156,8 @@ def _engine(model, args, **kw):
 def cmd_generate(args) -> int:
     from .tokenizer import load_tokenizer
 
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                             args.quant)
     tok = load_tokenizer(path)
     engine = _engine(model, args, max_slots=1)
     ids = [tok.bos_id] + tok.encode(args.prompt)
@@ -143,7 +175,8 @@ def cmd_chat(args) -> int:
     from .chat import encode_messages
     from .tokenizer import load_tokenizer
 
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                             args.quant)
     tok = load_tokenizer(path)
     engine = _engine(model, args, max_slots=1)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

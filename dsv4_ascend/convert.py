@@ -17,8 +17,9 @@ Targets (docs/ascend.md, "Converted checkpoints"):
   dequantised to bf16 (exact: e4m3 x 2^k fits bf16); bf16 / fp32 / int64 tensors are copied.
   `experts="w4a8"`: routed experts become int4 (symmetric [-7, 7], per channel, CR's clip search) packed as
   `npu_convert_weight_to_int4pack` lays out the GMM weight [K, N]: int32 [K, N/8], element 8i+j of a row in
-  bits 4j..4j+3 of word i; + fp32 `.scale` [N, 1] + CR's fp32 assistance `.bias` [N] = 8 * s[n] * sum_k q[n, k].
-  No backend path runs W4A8 yet (load_converted refuses it).
+  bits 4j..4j+3 of word i; + fp32 `.scale` [N, 1] + CR's fp32 assistance `.bias` [N] = 8 * s[n] * sum_k q[n, k]
+  (the format lives in dsv4_ascend/quant.py). AscendBackend(quant="w4a8") runs it (load_converted hands the
+  packed weights, scales and biases to `register_routed_int4` unchanged).
 - `950` (Ascend 950PR/DT: FP8 e4m3 and MXFP4 native): the official formats are what the chip computes in, so
   every tensor is copied unchanged (native names). The 950 ops want the scales in other *layouts* -- the FP8
   block scale transposed with the [K, N] weight view, MXFP4 e8m0 scales as pairs [K/64, N, 2] -- which are
@@ -76,48 +77,11 @@ def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return _quantize_per_channel(w)
 
 
-def quantize_int4_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int4 per output channel with cann-recipes-infer's clip search: int8 values in [-7, 7], fp32 s [N].
-
-    For each row, the clip c = r * amax for r in 0.70, 0.71, ..., 1.30 with the least squared error of
-    round(clamp(w, -c, c) / (c/7)) * (c/7) wins (first on ties); s = c / 7. (CR searches r * max(w_row), the
-    signed row maximum; amax = max |w_row| is used here so rows whose extreme value is negative are not clipped
-    on their large side.) Zero rows give s = 0, q = 0.
-    """
-    wf = w.float()
-    amax = wf.abs().amax(-1, keepdim=True)
-    best_err = torch.full_like(amax, float("inf"))
-    best_c = amax.clone()
-    for i in range(61):
-        c = (0.7 + i * 0.01) * amax
-        s = torch.where(c > 0, c / 7, torch.ones_like(c))
-        err = (wf - torch.round(wf.clamp(-c, c) / s) * s).square().sum(-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_c = torch.where(better, c, best_c)
-    s = best_c / 7
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(wf.clamp(-best_c, best_c) / safe).clamp(-7, 7).to(torch.int8)
-    return q, s.squeeze(-1)
-
-
-def pack_int4(q: Tensor) -> Tensor:
-    """int4 values [..., N] (N % 8 == 0, in [-8, 7]) -> int32 [..., N/8]: element 8i+j in bits 4j..4j+3 of word i.
-
-    The layout `torch_npu.npu_convert_weight_to_int4pack` produces (op-plugin ConvertWeightToINT4Pack: ND,
-    `(a & 0xF) | (b & 0xF) << 4 | ... | (h & 0xF) << 28`)."""
-    if q.shape[-1] % 8:
-        raise ValueError(f"pack_int4: last dimension must be a multiple of 8, found {tuple(q.shape)}")
-    nib = (q.to(torch.int64) & 0xF).unflatten(-1, (-1, 8))
-    word = (nib << (4 * torch.arange(8, dtype=torch.int64, device=q.device))).sum(-1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-
-
-def unpack_int4(packed: Tensor) -> Tensor:
-    """Inverse of pack_int4: int32 [..., N/8] -> int8 [..., N] with sign-extended nibbles."""
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    nib = (w.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int64, device=packed.device))) & 0xF
-    return torch.where(nib >= 8, nib - 16, nib).flatten(-2).to(torch.int8)
+# The int4 format (W4A8 routed experts) lives in dsv4_ascend/quant.py, shared with AscendBackend.prepare();
+# re-exported here because the converter writes it.
+quantize_int4_per_channel = quant.quantize_int4_per_channel
+pack_int4 = quant.pack_int4
+unpack_int4 = quant.unpack_int4
 
 
 # ---- what a directory is -------------------------------------------------------------------------------------------
@@ -356,7 +320,7 @@ def _convert_a3(name: str, w: Tensor, was_quantised: bool, experts: str, writer:
             q, s = quantize_int4_per_channel(w)  # [N, K] in [-7, 7], [N]
             writer.add(name, pack_int4(q.t().contiguous()))  # GMM weight [K, N] -> int32 [K, N/8]
             writer.add(base + "scale", s.unsqueeze(-1))
-            writer.add(base + "bias", 8 * s * q.float().sum(-1))
+            writer.add(base + "bias", quant.int4_assistance_bias(q, s))
             rep.int4 += 1
         else:
             q, s = quantize_int8_per_channel(w)
@@ -383,9 +347,11 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
                    n_mtp: int | None = None, progress: bool = True):
     """Build the model a `dsv4 convert` directory describes; int8 weights go to `backend` as they are.
 
-    a3: `backend` must be an AscendBackend(quant="w8a8"); its W8A8 tables are filled through register_linear /
-    register_shared / register_routed with the stored int8 weights (transposed to the ops' [K, N]) and fp32
-    scales, so nothing is re-quantised and the result equals prepare() on the original checkpoint. The model's
+    a3: `backend` must be an AscendBackend whose quant matches the checkpoint's experts ("w8a8", or "w4a8" for
+    `--experts w4a8`); its tables are filled through register_linear / register_shared / register_routed with
+    the stored int8 weights (transposed to the ops' [K, N]) and fp32 scales -- int4 experts through
+    register_routed_int4 with the stored packed int32 [K, N/8] weights, scales and assistance biases -- so
+    nothing is re-quantised and the result equals prepare() on the original checkpoint. The model's
     int8 parameters are views of those same tensors (with weight_format "NZ", the backend casts them with
     npu_format_cast and the model keeps zero-byte placeholders). 950: the files are in the official format
     and load through checkpoint.load_checkpoint.
@@ -403,14 +369,16 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
                                n_mtp=n_mtp, progress=progress)
     if target != "a3":
         raise ConvertError(f"{d}: not a checkpoint written by dsv4 convert (no quantization_config.{MARKER})")
-    if qc.get("experts", "w8a8") != "w8a8":
-        raise ConvertError(f"{d}: routed experts are {qc.get('experts')!r}; AscendBackend has no W4A8 (int4 "
-                           "grouped matmul) path yet, and the emulator does not emulate int4: convert with "
-                           "--experts w8a8")
-    if not hasattr(backend, "register_routed") or getattr(backend, "quant", None) != "w8a8":
+    experts = qc.get("experts", "w8a8")
+    if experts not in ("w8a8", "w4a8"):
+        raise ConvertError(f"{d}: quantization_config.experts is {experts!r}; known routed-expert formats: w8a8, "
+                           "w4a8")
+    int4 = experts == "w4a8"  # routed experts int4 (packed int32 + scale + assistance bias), the rest int8
+    if not hasattr(backend, "register_routed") or getattr(backend, "quant", None) != experts:
         got = "the default ReferenceBackend" if backend is None else type(backend).__name__ + (
             f"(quant={backend.quant!r})" if hasattr(backend, "quant") else "")
-        raise ConvertError(f"{d}: converted for Atlas A2/A3 (int8 weights); only AscendBackend(quant='w8a8') "
+        what = "int8 weights, int4 routed experts" if int4 else "int8 weights"
+        raise ConvertError(f"{d}: converted for Atlas A2/A3 ({what}); only AscendBackend(quant={experts!r}) "
                            f"runs it, got {got} (the reference backend needs the official checkpoint)")
     nz = qc.get("weight_format", "ND") == "NZ"
     cfg = _plain_config(raw, d)
@@ -465,7 +433,8 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
         else:
             pre = key[: -len("routed")]
             expected_int8.update(f"{pre}experts.{e}.{w}.{leaf}" for e in range(mod.first, mod.first + mod.count)
-                                 for w in ("w1", "w2", "w3") for leaf in ("weight", "scale"))
+                                 for w in ("w1", "w2", "w3")
+                                 for leaf in (("weight", "scale", "bias") if int4 else ("weight", "scale")))
     jobs, skipped = [], 0
     for name, info in scan.tensors.items():
         blk = re.match(r"^(layers|mtp)\.(\d+)\.", name)
@@ -478,10 +447,17 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
             raise CheckpointError(f"{info.file}: tensor '{info.key}' is unexpected in a converted a3 checkpoint "
                                   f"for the model {d / 'config.json'} describes")
         if name in expected_int8:
+            packed = int4 and _ROUTED_RE.match(name) is not None  # int32 [K, N/8] + fp32 scale [N, 1] + bias [N]
             if name.endswith(".weight"):
                 n_out = _meta_shape(holders, holder_of(name))
-                ok = info.dtype == "I8" and info.shape == n_out
-                want = f"I8 {list(n_out)}"
+                if packed:
+                    n_out = (n_out[1], n_out[0] // 8)
+                ok = info.dtype == ("I32" if packed else "I8") and info.shape == n_out
+                want = f"{'I32' if packed else 'I8'} {list(n_out)}"
+            elif name.endswith(".bias"):
+                wshape = _meta_shape(holders, holder_of(name[: -len("bias")] + "weight"))
+                ok = info.dtype == "F32" and info.shape == (wshape[0],)
+                want = f"F32 [{wshape[0]}]"
             else:
                 wshape = _meta_shape(holders, holder_of(name[: -len("scale")] + "weight"))
                 ok = info.dtype == "F32" and info.shape in ((wshape[0], 1), (wshape[0],))
@@ -496,16 +472,20 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
         raise CheckpointError(f"{scan.source}: missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
     jobs.sort(key=lambda j: (str(j[1].file), j[1].start))
 
-    report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, "w8a8 (converted a3)", 0,
+    report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, f"{experts} (converted a3)", 0,
                         skipped, 0)
     pending: dict[str, dict] = {}
-    desc = f"loading {scan.model_dir.name} (a3 int8)"
+    desc = f"loading {scan.model_dir.name} (a3 int8{', int4 experts' if int4 else ''})"
     for k, t, _ in stream_tensors([(info, None) for _, info in jobs], desc, progress):
         name, info = jobs[k]
         if name in expected_int8:
             key, e, w, leaf = holder_of(name)
-            _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
-                    w, leaf, t.to(device), backend, nz, device)
+            if int4 and holders[key][0] == "routed":
+                mod = holders[key][1]
+                _absorb_routed_int4(pending, key, mod, e - mod.first, w, leaf, t.to(device), backend, nz, device)
+            else:
+                _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
+                        w, leaf, t.to(device), backend, nz, device)
         else:
             if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
                 targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
@@ -589,6 +569,40 @@ def _absorb(pending: dict, holders: dict, key: str, e: int, w: str, leaf: str, t
     del pending[key]
 
 
+def _absorb_routed_int4(pending: dict, key: str, mod: nn.Module, e: int, w: str, leaf: str, t: Tensor, backend,
+                        nz: bool, device) -> None:
+    """Collect one stored W4A8 expert tensor (int32 [K, N/8] packed along N, fp32 scale [N, 1], fp32 assistance
+    bias [N]); once the layer's 9 * count tensors arrived, hand them to backend.register_routed_int4 unchanged (w1
+    and w3 side by side along N, as the GMM1 weight wants) and give the model zero-byte placeholders."""
+    n_inter, dim = mod.w1.shape[1:]
+    st = pending.get(key)
+    if st is None:
+        if n_inter % 8 or dim % 8:
+            raise CheckpointError(f"{key}: int4 experts need intermediate ({n_inter}) and hidden ({dim}) sizes that "
+                                  "are multiples of 8 (eight int4 per int32 along N)")
+        c = mod.count
+        st = pending[key] = {
+            "w13": torch.empty(c, dim, 2 * n_inter // 8, dtype=torch.int32, device=device),
+            "w2": torch.empty(c, n_inter, dim // 8, dtype=torch.int32, device=device),
+            "s13": torch.empty(c, 2 * n_inter, dtype=torch.float32, device=device),
+            "b13": torch.empty(c, 2 * n_inter, dtype=torch.float32, device=device),
+            "s2": torch.empty(c, dim, dtype=torch.float32, device=device),
+            "b2": torch.empty(c, dim, dtype=torch.float32, device=device), "n": 0}
+    half = {"w1": 0, "w3": 1}.get(w)
+    if leaf == "weight":
+        dst = st["w2"][e] if w == "w2" else st["w13"][e][:, half * n_inter // 8:(half + 1) * n_inter // 8]
+    else:
+        tab = st[("s" if leaf == "scale" else "b") + ("2" if w == "w2" else "13")][e]
+        dst = tab if w == "w2" else tab[half * n_inter:(half + 1) * n_inter]
+    dst.copy_(t.reshape(dst.shape))
+    st["n"] += 1
+    if st["n"] < 9 * mod.count:
+        return
+    for name in ("w1", "w2", "w3"):
+        setattr(mod, name, nn.Parameter(_placeholder(getattr(mod, name).shape, device), requires_grad=False))
+    backend.register_routed_int4(mod.w1, st["w13"], st["s13"], st["b13"], st["w2"], st["s2"], st["b2"], nz=nz)
+    del pending[key]
+
 # ---- command line --------------------------------------------------------------------------------------------------
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -600,7 +614,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                         "tensors copied unchanged")
     p.add_argument("--experts", default="w8a8", choices=["w8a8", "w4a8"],
                    help="a3 routed experts: int8 (w8a8, default) or int4 packed for npu_convert_weight_to_int4pack "
-                        "(w4a8; conversion only, no backend runs it yet)")
+                        "(w4a8, CR's Hybrid INT8-INT4; runs with AscendBackend(quant='w4a8'))")
     p.add_argument("--nz", action="store_true",
                    help="record weight_format NZ: the NPU casts the int8 weights to FRACTAL_NZ at load "
                         "(npu_format_cast(w, 29)); nothing is cast on CPU. Default ND")

@@ -39,6 +39,12 @@ __all__ = ["DEFAULT_TOLERANCE", "ParityResult", "run_parity", "format_report", "
 #   top-1 92-95%. Bounds 0.98 / 0.80 (as tests/test_ascend_parity.py); a broken int8 path (wrong scale axis,
 #   transposed weight) gives O(1) error and chance-level top-1.
 DEFAULT_TOLERANCE = {"bf16": (0.9999, 0.99), "w8a8": (0.98, 0.80)}
+# - fp8 / mxfp8 (Ascend 950 native paths): every FP8 GEMM input gets one e4m3 rounding (3 mantissa bits: ~2.5%
+#   RMS per element and per GEMM, ~30x bf16) that the exact reference lacks, or a different one than DeepSeek's
+#   power-of-two act-quant; the tiny model amplifies that like DeepSeek's own FP8 simulation (deepseek vs exact
+#   reference: cosine ~0.99). Measured (seeds 0-2, exact and deepseek numerics): cosine 0.982-0.989, top-1
+#   66-92%. Bounds 0.97 / 0.60; a broken scale layout gives cosine ~0.75 and top-1 ~12% (tests/test_ascend_950.py).
+DEFAULT_TOLERANCE.update({"fp8": (0.97, 0.60), "mxfp8": (0.97, 0.60)})
 
 
 class _Stat:

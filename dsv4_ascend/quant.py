@@ -29,6 +29,20 @@ __all__ = [
     "fp4_sim",
     "hadamard",
     "dequantize",
+    "INT4_QMAX",
+    "quantize_int4_per_channel",
+    "pack_int4",
+    "unpack_int4",
+    "int4_assistance_bias",
+    "a8w4_scale_u64",
+    "MX_BLOCK",
+    "MX_EMAX",
+    "cast_fp8_saturate",
+    "mx_scale_floor",
+    "e8m0_pairs",
+    "e8m0_unpairs",
+    "quantize_mxfp8",
+    "dequantize_mxfp8",
 ]
 
 E4M3_MAX = 448.0
@@ -289,3 +303,166 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
         w = dequantize_fp4(weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1]), dtype=dtype)
         return w.reshape(*lead, w.shape[-1])
     raise TypeError(f"cannot dequantise a {weight.dtype} weight with a {scale.dtype} scale")
+
+
+# ---- Atlas A2/A3 W4A8 routed experts: int4 weights for the A8W4 grouped matmul ---------------------------------
+# One home for the format: `dsv4 convert --experts w4a8` (convert.py) and AscendBackend(quant="w4a8").prepare()
+# (ops/backend.py) both quantise, pack and build the assistance bias with these functions, so a converted checkpoint
+# holds bit for bit what prepare() computes.
+INT4_QMAX = 7  # symmetric int4: q in [-7, 7] (CR's converter; -8 is never produced)
+INT4_CLIP_RATIOS = tuple(0.7 + i * 0.01 for i in range(61))  # CR's per-channel clip search: 0.70 .. 1.30
+
+
+def quantize_int4_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per output channel with cann-recipes-infer's clip search: int8 values in [-7, 7], fp32 s [N].
+
+    w [..., N, K]. For each row, the clip c = r * amax for r in 0.70, 0.71, ..., 1.30 with the least squared error
+    of round(clamp(w, -c, c) / (c/7)) * (c/7) wins (first on ties); s = c / 7. (CR searches r * max(w_row), the
+    signed row maximum; amax = max |w_row| is used here so rows whose extreme value is negative are not clipped
+    on their large side.) Zero rows give s = 0, q = 0.
+    """
+    wf = w.float()
+    amax = wf.abs().amax(-1, keepdim=True)
+    best_err = torch.full_like(amax, float("inf"))
+    best_c = amax.clone()
+    for r in INT4_CLIP_RATIOS:
+        c = r * amax
+        s = torch.where(c > 0, c / INT4_QMAX, torch.ones_like(c))
+        err = (wf - torch.round(wf.clamp(-c, c) / s) * s).square().sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_c = torch.where(better, c, best_c)
+    s = best_c / INT4_QMAX
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf.clamp(-best_c, best_c) / safe).clamp(-INT4_QMAX, INT4_QMAX).to(torch.int8)
+    return q, s.squeeze(-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [..., N] (N % 8 == 0, in [-8, 7]) -> int32 [..., N/8]: element 8i+j in bits 4j..4j+3 of word i.
+
+    The layout `torch_npu.npu_convert_weight_to_int4pack` produces (op-plugin ConvertWeightToINT4Pack: ND,
+    `(a & 0xF) | (b & 0xF) << 4 | ... | (h & 0xF) << 28`); as little-endian bytes, two int4 per byte with the
+    even element in the low nibble (CR's converter packs the W4A8 experts that way along N)."""
+    if q.shape[-1] % 8:
+        raise ValueError(f"pack_int4: last dimension must be a multiple of 8, found {tuple(q.shape)}")
+    nib = (q.to(torch.int64) & 0xF).unflatten(-1, (-1, 8))
+    word = (nib << (4 * torch.arange(8, dtype=torch.int64, device=q.device))).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int32 [..., N/8] -> int8 [..., N] with sign-extended nibbles."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    nib = (w.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int64, device=packed.device))) & 0xF
+    return torch.where(nib >= 8, nib - 16, nib).flatten(-2).to(torch.int8)
+
+
+def int4_assistance_bias(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The A8W4 grouped matmul's fp32 assistance bias 8 * s[n] * sum_k q[n, k] for q [..., N, K], s [..., N].
+
+    aclnnGroupedMatmulV5 (A8W4): bias = 8 x weight x scale reduced along k, computed offline; the kernel computes
+    ((x - 8) @ W * s + bias) * per_token_scale, which this bias turns into x @ W * s * per_token_scale. The integer
+    row sum is exact in fp32 (|sum| <= 7 K < 2^24), so the bias is the correctly rounded fp32 value.
+    """
+    return 8 * s.float() * q.float().sum(-1)
+
+
+def a8w4_scale_u64(s: torch.Tensor) -> torch.Tensor:
+    """fp32 per-channel scales -> the uint64 scale operand of the A8W4 grouped matmul, carried in torch.int64.
+
+    Layout of CR's `scale_fp32_to_u64` (models/deepseek_v4/utils/convert_model.py): the fp32 bit pattern in the
+    low 32 bits, high 32 bits zero, so the value is exact. (npu_trans_quant_param is not this layout: it keeps
+    19 bits of the fp32 and sets bit 46 -- the A8W8 requant deq-scale format, aclnnTransQuantParam.)
+    """
+    return s.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+# ---- MX formats of the Ascend 950 (OCP MX v1.0 block scales; e8m0 scales travel in pairs) ----------------------
+MX_BLOCK = 32  # elements per e8m0 scale in every MX format
+# emax = exponent of the largest normal of the element format (OCP MX v1.0 table; aclnnDynamicMxQuant doc)
+MX_EMAX: dict[torch.dtype | str, int] = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15, "e2m1": 2}
+_FP8_MAX = {torch.float8_e4m3fn: E4M3_MAX, torch.float8_e5m2: 57344.0}
+
+
+def cast_fp8_saturate(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Round fp32 x to an fp8 dtype, nearest-even, saturating at +-max (torch's e5m2 cast would give inf)."""
+    if dtype not in _FP8_MAX:
+        raise TypeError(f"cast_fp8_saturate: dtype must be float8_e4m3fn or float8_e5m2, got {dtype}")
+    m = _FP8_MAX[dtype]
+    return x.float().clamp(-m, m).to(dtype)
+
+
+def mx_scale_floor(amax: torch.Tensor, emax: int) -> torch.Tensor:
+    """OCP MX v1.0 e8m0 scale byte (npu_dynamic_mx_quant scale_alg 0): floor(log2 amax) - emax + 127.
+
+    Clamped to [0, 254] (0 = 2^-127); amax 0 gives byte 0, inf or NaN byte 255 (NaN). Returns uint8. floor(log2)
+    comes from frexp (exact, subnormals included), never from a float log.
+    """
+    a = amax.float()
+    _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1): floor(log2 a) = e - 1
+    b = (e.to(torch.int32) - 1 - emax + 127).clamp(0, 254)
+    b = torch.where(a == 0, torch.zeros_like(b), b)
+    b = torch.where(torch.isfinite(a), b, torch.full_like(b, 255))
+    return b.to(torch.uint8)
+
+
+def _e8m0_bytes(scale: torch.Tensor, what: str) -> torch.Tensor:
+    """Raw e8m0 bytes (uint8) of a float8_e8m0fnu or uint8 tensor; refuse anything else."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    if scale.dtype == torch.uint8:
+        return scale
+    raise TypeError(f"{what}: e8m0 scales must be float8_e8m0fnu or uint8, got {scale.dtype}")
+
+
+def e8m0_pairs(scale: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Per-block e8m0 scales [..., nb (at dim), ...] in the 950 ops' pair layout: dim becomes ceil(nb/2) and a
+    trailing dim of 2 holds blocks (2j, 2j+1); an odd count is padded with byte 0. Same dtype as `scale`."""
+    b = _e8m0_bytes(scale, "e8m0_pairs")
+    d = dim % b.dim()
+    b = b.movedim(d, -1)
+    if b.shape[-1] % 2:
+        b = F.pad(b, (0, 1))  # zero byte = 2^-127; it never multiplies a real element
+    p = b.unflatten(-1, (-1, 2)).movedim(-2, d).contiguous()  # [..., nb/2 at d, ..., 2]
+    return p.view(scale.dtype) if scale.dtype != torch.uint8 else p
+
+
+def e8m0_unpairs(pairs: torch.Tensor, n_blocks: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of e8m0_pairs: [..., ceil(nb/2) (at dim), ..., 2] -> [..., nb (at dim), ...], padding dropped."""
+    b = _e8m0_bytes(pairs, "e8m0_unpairs")
+    if b.shape[-1] != 2:
+        raise ValueError(f"e8m0_unpairs: the last dim must be the pair dim of size 2, found shape {tuple(b.shape)}")
+    d = dim % (b.dim() - 1)
+    if b.shape[d] != -(-n_blocks // 2):
+        raise ValueError(f"e8m0_unpairs: dim {dim} has {b.shape[d]} pairs, expected ceil({n_blocks}/2) "
+                         f"= {-(-n_blocks // 2)} (shape {tuple(b.shape)})")
+    flat = b.movedim(d, -2).flatten(-2)[..., :n_blocks]  # [..., nb]
+    out = flat.movedim(-1, d).contiguous()
+    return out.view(pairs.dtype) if pairs.dtype != torch.uint8 else out
+
+
+def quantize_mxfp8(w: torch.Tensor, block: int = MX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 of w [..., K] per 1 x block along K with DeepSeek's ceil rule: s = 2^ceil(log2(max(amax,1e-4)/448)).
+
+    The ceil rule never saturates, so re-quantising an FP8 weight whose 128x128 scale is a power of two is
+    lossless (every element is an e4m3 value times a power of two no smaller than the new scale's).
+    Returns (float8_e4m3fn [..., K], float8_e8m0fnu [..., K/block]).
+    """
+    _check_last_dim(w, block, "quantize_mxfp8")
+    wb = w.float().unflatten(-1, (-1, block))
+    s = pow2_scale(wb.abs().amax(-1).clamp_min(ACT_AMAX_FLOOR), E4M3_MAX)
+    q = (wb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), float_to_e8m0(s)
+
+
+def dequantize_mxfp8(q: torch.Tensor, scale: torch.Tensor, block: int = MX_BLOCK,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantise MXFP8: q fp8 [..., K] times e8m0 scale [..., K/block] (one per 1 x block) -> dtype [..., K]."""
+    _check_last_dim(q, block, "dequantize_mxfp8")
+    expected = (*q.shape[:-1], q.shape[-1] // block)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"dequantize_mxfp8: expected scale shape {expected} for {tuple(q.shape)}, "
+                         f"found {tuple(scale.shape)}")
+    s = _scale_float(scale, "dequantize_mxfp8")
+    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)

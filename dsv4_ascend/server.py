@@ -1198,7 +1198,8 @@ def build_server(args) -> DrainingServer:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="[dsv4] %(levelname)s %(message)s")
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics)
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                             getattr(args, "quant", "auto"))
     tok = load_tokenizer(path)
     budget = getattr(args, "kv_cache_gib", None)
     engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,

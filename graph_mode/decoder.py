@@ -7,6 +7,7 @@ the cache's null page, so every step of a bucket has identical shapes and addres
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable
 
@@ -29,7 +30,7 @@ def default_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
-def _compiler_backend(device: torch.device) -> tuple[object, str | None]:
+def _compiler_backend(device: torch.device, cpp_wrapper: bool) -> tuple[object, str | None]:
     if device.type == "npu":  # pragma: no cover - needs an NPU; not verified here
         import torchair  # noqa: PLC0415  (lazy: only with torch_npu + CANN)
 
@@ -38,6 +39,13 @@ def _compiler_backend(device: torch.device) -> tuple[object, str | None]:
         return torchair.get_npu_backend(compiler_config=cfg), None
     if device.type == "cuda":
         return "inductor", "reduce-overhead"
+    if cpp_wrapper:
+        # CPU: the compiled step calls its kernels from generated C++ instead of a Python wrapper; at decode
+        # batch sizes the per-kernel Python calls are a large share of the step (docs/graph-mode numbers in
+        # scripts/bench_decode.py --graph). Costs a longer compile (a C++ build of the wrapper).
+        from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
+
+        return functools.partial(compile_fx, config_patches={"cpp_wrapper": True}), None
     return "inductor", None
 
 
@@ -45,17 +53,20 @@ class GraphDecoder:
     """Runs `model.decode` + `sample` as one compiled graph per bucket; counts compilations."""
 
     def __init__(self, model: Transformer, cache: KVCache, pad_slot: int, buckets: list[int],
-                 compiler: str | Callable | None = None) -> None:
+                 compiler: str | Callable | None = None, cpp_wrapper: bool = True,
+                 skip_guards: bool = True) -> None:
         if not 0 <= pad_slot < cache.max_slots:
             raise ValueError(f"pad_slot {pad_slot} is not a slot of the cache (max_slots {cache.max_slots})")
         self.model, self.cache, self.pad_slot = model, cache, pad_slot
         self.buckets = sorted(set(buckets))
         self.device = model.embed.weight.device
-        backend, mode = _compiler_backend(self.device)
+        backend, mode = _compiler_backend(self.device, cpp_wrapper)
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         if compiler is not None:
             inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
         self.compiles = 0
+        self.skip_guards = skip_guards
+        self._ready: set[int] = set()  # buckets whose graph exists
 
         def counting(gm, example_inputs):
             self.compiles += 1
@@ -90,9 +101,19 @@ class GraphDecoder:
                 return t.contiguous()
             return torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
 
-        out = self._compiled(padded(ids, 0), padded(pos, 0), padded(slots, self.pad_slot),
-                             padded(sb.temperature, 0.0), padded(sb.top_k, 0), padded(sb.top_p, 1.0),
-                             padded(sb.seed, 0))
+        bucket = n + pad
+        args = (padded(ids, 0), padded(pos, 0), padded(slots, self.pad_slot), padded(sb.temperature, 0.0),
+                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0))
+        with torch.no_grad():
+            if self.skip_guards and bucket in self._ready:
+                # Every input is fixed per bucket (shapes, dtypes, the model's weights and cache buffers), so
+                # after a bucket compiled only the guards that tell buckets apart are evaluated: checking every
+                # weight tensor's guards on each call costs ~1 ms/step on CPU.
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    out = self._compiled(*args)
+            else:
+                out = self._compiled(*args)
+                self._ready.add(bucket)
         return tuple(o[:n] for o in out)
 
     def warmup(self, progress: bool = True) -> None:

@@ -13,6 +13,16 @@ Quantisation (`quant`):
   experts) hold per-channel int8 weights (s = rowmax|w|/127, q = clamp(rint(w/s), +-127)) and run as
   npu_dynamic_quant (per-token int8) + npu_quant_matmul / npu_grouped_matmul with int32 accumulation; the rest
   stays bf16, as in CR's W8A8C16 scheme. Without prepare() every linear stays bf16.
+- "w4a8": as "w8a8", except the routed experts: int4 per channel (CR's "Hybrid INT8-INT4" for V4-Pro on A3), run
+  through the A8W4 npu_grouped_matmul (int8 activations, int4 weights packed in int32, uint64 scales, assistance
+  bias); see "Atlas A2/A3 W4A8 routed experts" below.
+- "fp8" (Ascend 950 "Hybrid FP8-MXFP4", the official checkpoint as stored): FP8 linears run as
+  npu_dynamic_block_quant (1x128, fp32 scales) + npu_quant_matmul (128x128 weight scales, group_sizes [1,128,128]);
+  MXFP4 routed experts as npu_dynamic_mx_quant (MXFP8 activations) + npu_grouped_matmul (float4_e2m1fn_x2 weights,
+  e8m0 scale pairs); the FP8 shared expert like the linears. No dequantisation to bf16; prepare() is optional
+  (the scale layouts are built on first use). See "Ascend 950 native low precision" below.
+- "mxfp8" (950 "Hybrid MXFP8-MXFP4", Huawei's default): as "fp8", but the FP8 linears are re-quantised (lossless)
+  to MXFP8 (1x32 e8m0) and run as npu_dynamic_mx_quant + npu_quant_matmul (group_sizes [1,1,32]).
 """
 from __future__ import annotations
 
@@ -31,6 +41,11 @@ __all__ = ["AscendBackend", "default_npu"]
 
 _ACL_FORMAT_NZ = 29
 _LI_BLOCK = 16  # paged-key block size handed to the lightning indexer (device: multiple of 16, <= 1024)
+# Every `quant` AscendBackend accepts (extend here; __init__ checks against it).
+QUANT_MODES: tuple[str, ...] = ("bf16", "w8a8", "fp8", "mxfp8", "w4a8")
+_A3_INT = ("w8a8", "w4a8")  # Atlas A2/A3 integer schemes: int8 linears + shared expert, int8 / int4 routed
+_LOWP_950 = ("fp8", "mxfp8")  # the Ascend 950 native low-precision schemes
+_PACKED_FP4 = (torch.int8, torch.uint8)  # how packed e2m1 expert weights are held in the model
 
 
 def default_npu():
@@ -63,8 +78,8 @@ class AscendBackend(Backend):
     def __init__(self, npu=None, options: RunOptions | None = None, quant: str = "bf16", custom="auto",
                  nz_weights: bool | None = None) -> None:
         super().__init__(options)
-        if quant not in ("bf16", "w8a8"):
-            raise ValueError(f"quant must be 'bf16' or 'w8a8', found {quant!r}")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(map(repr, QUANT_MODES))}, found {quant!r}")
         if npu is None:
             npu, auto_custom, self.provider = default_npu()
         else:
@@ -79,13 +94,18 @@ class AscendBackend(Backend):
         self._w8: dict[int, tuple[Tensor, Tensor]] = {}       # id(weight) -> (int8 [K, N], fp32 scale [N])
         self._experts8: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # id(w1) -> w13q, w13s, w2q, w2s
         self._shared8: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._experts4: dict[int, tuple[Tensor, ...]] = {}  # id(w1) -> w13, w13 scale, bias, w2, scale, bias (W4A8)
         self._keep: list[Tensor] = []  # keeps prepared source tensors alive so their ids stay unique
+        self._lp: dict[int, tuple] = {}  # 950 op layouts, id(weight) -> (weight kept alive, ...) (_linear_plan)
 
     # ---- preparation (W8A8) ----------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, model: nn.Module) -> "AscendBackend":
-        """Convert the weights CR quantises on A2/A3 to per-channel int8, once. Only for quant="w8a8"."""
-        if self.quant != "w8a8":
+        """Convert the weights CR quantises on A2/A3 to per-channel int8 (routed experts int4 for quant="w4a8"),
+        once; for the 950 schemes build their op layouts. Nothing to do for quant="bf16"."""
+        if self.quant in _LOWP_950:
+            return self._prepare_950(model)
+        if self.quant not in _A3_INT:
             return self
         from dsv4_ascend.model import Attention, Expert, Indexer, RoutedExperts
 
@@ -98,7 +118,7 @@ class AscendBackend(Backend):
             elif isinstance(mod, Expert):
                 self._prepare_shared(mod)
             elif isinstance(mod, RoutedExperts):
-                self._prepare_routed(mod)
+                (self._prepare_routed_int4 if self.quant == "w4a8" else self._prepare_routed)(mod)
         return self
 
     def _nz(self, t: Tensor, nz: bool | None = None) -> Tensor:
@@ -127,8 +147,9 @@ class AscendBackend(Backend):
     # see dsv4_ascend/convert.py). `key` is the model parameter the model passes to the op (w1 for experts);
     # weights are int8 in the op's [K, N] layout, scales fp32 per output channel. nz=None: self.nz_weights.
     def _check_w8a8(self) -> None:
-        if self.quant != "w8a8":
-            raise ValueError("int8 weights need AscendBackend(quant='w8a8')")
+        if self.quant not in _A3_INT:
+            raise ValueError(f"int8 weights need AscendBackend(quant='w8a8' or 'w4a8'), this one is "
+                             f"quant={self.quant!r}")
 
     def register_linear(self, key: Tensor, q_kn: Tensor, scale: Tensor, nz: bool | None = None) -> None:
         """A W8A8 linear: q_kn int8 [K, N], scale fp32 [N]."""
@@ -150,6 +171,221 @@ class AscendBackend(Backend):
         self._check_w8a8()
         self._experts8[id(key)] = (self._nz(w13_kn, nz), w13_s.float(), self._nz(w2_kn, nz), w2_s.float())
         self._keep.append(key)
+
+    # ---- Atlas A2/A3 W4A8 routed experts (quant="w4a8", CR's "Hybrid INT8-INT4") ---------------------------------
+    # Routed experts only; every other quantised linear is W8A8 as above. Weights: int4 per output channel,
+    # symmetric [-7, 7] with CR's clip search (quant.quantize_int4_per_channel, the converter's rule), packed along
+    # N by npu_convert_weight_to_int4pack into the A8W4 grouped matmul's [E, K, N/8] int32; scales fp32 per channel,
+    # handed to the op as uint64 (quant.a8w4_scale_u64); the op's assistance bias 8 * s * sum_k q
+    # (quant.int4_assistance_bias).
+    def _prepare_routed_int4(self, mod) -> None:
+        """Quantise one RoutedExperts stack to int4, expert by expert and weight by weight (as the converter does,
+        so the result is bit-identical to a `dsv4 convert --experts w4a8` checkpoint), and register it."""
+        parts: dict[str, list[tuple[Tensor, Tensor]]] = {"w1": [], "w2": [], "w3": []}
+        for name in parts:
+            w, s = getattr(mod, name), getattr(mod, f"{name}_scale")
+            for e in range(w.shape[0]):
+                parts[name].append(_quant.quantize_int4_per_channel(_dense(w[e], None if s is None else s[e],
+                                                                           torch.float32)))
+        q13 = torch.stack([torch.cat([a[0], b[0]], 0) for a, b in zip(parts["w1"], parts["w3"])])  # [E, 2I, D]
+        s13 = torch.stack([torch.cat([a[1], b[1]], 0) for a, b in zip(parts["w1"], parts["w3"])])  # [E, 2I]
+        q2 = torch.stack([q for q, _ in parts["w2"]])  # [E, D, I]
+        s2 = torch.stack([s for _, s in parts["w2"]])  # [E, D]
+        self.register_routed_int4(mod.w1, self._int4pack(q13), s13, _quant.int4_assistance_bias(q13, s13),
+                                  self._int4pack(q2), s2, _quant.int4_assistance_bias(q2, s2))
+
+    def _int4pack(self, q_nk: Tensor) -> Tensor:
+        """int4 values int8 [E, N, K] -> the A8W4 GMM weight int32 [E, K, N/8] via npu_convert_weight_to_int4pack."""
+        e, n, k = q_nk.shape
+        kn = q_nk.transpose(1, 2).reshape(e * k, n).to(torch.int32).contiguous()
+        return self.npu.npu_convert_weight_to_int4pack(kn).view(e, k, n // 8)
+
+    def register_routed_int4(self, key: Tensor, w13_packed: Tensor, w13_s: Tensor, w13_bias: Tensor,
+                             w2_packed: Tensor, w2_s: Tensor, w2_bias: Tensor, nz: bool | None = None) -> None:
+        """W4A8 routed experts, already converted: w13 int32 [E, D, 2I/8] (gate columns, then up; int4 packed along
+        N), w13_s / w13_bias fp32 [E, 2I]; w2 int32 [E, I, D/8], w2_s / w2_bias fp32 [E, D]. Only quant="w4a8"."""
+        if self.quant != "w4a8":
+            raise ValueError(f"int4 routed experts need AscendBackend(quant='w4a8'), this one is quant={self.quant!r}")
+        for what, p, s, b in (("w13", w13_packed, w13_s, w13_bias), ("w2", w2_packed, w2_s, w2_bias)):
+            if p.dtype != torch.int32 or p.dim() != 3:
+                raise ValueError(f"register_routed_int4: {what} must be int32 [E, K, N/8] (int4 packed along N), "
+                                 f"found {p.dtype} {tuple(p.shape)}")
+            want = (p.shape[0], 8 * p.shape[2])
+            if tuple(s.shape) != want or tuple(b.shape) != want:
+                raise ValueError(f"register_routed_int4: {what} scale and bias must be [E, N] = {list(want)}, found "
+                                 f"{list(s.shape)} and {list(b.shape)}")
+        if w13_packed.shape[0] != w2_packed.shape[0] or w2_packed.shape[1] * 2 != 8 * w13_packed.shape[2] or \
+                w13_packed.shape[1] != 8 * w2_packed.shape[2]:
+            raise ValueError(f"register_routed_int4: w13 {tuple(w13_packed.shape)} and w2 {tuple(w2_packed.shape)} "
+                             "are not [E, D, 2I/8] and [E, I, D/8] of one expert stack")
+        # uint64 scales as CR passes them: [E, 1, N] (one group along K = per channel)
+        self._experts4[id(key)] = (self._nz(w13_packed, nz), _quant.a8w4_scale_u64(w13_s).unsqueeze(1),
+                                   w13_bias.float().contiguous(), self._nz(w2_packed, nz),
+                                   _quant.a8w4_scale_u64(w2_s).unsqueeze(1), w2_bias.float().contiguous())
+        self._keep.append(key)
+
+    def _experts_w4a8(self, x: Tensor, weights: Tensor, ids: Tensor, packed: tuple, limit: float) -> Tensor:
+        """init_routing_v2 (per-row int8) -> GMM1 A8W4 (bf16 out, scales applied: the A8W4 kernel has no int32
+        output) -> npu_dequant_swiglu_clamp_quant on bf16 (clamped SwiGLU + per-row int8) -> GMM2 A8W4 ->
+        finalize_routing with the routing weights (CR's order, as in the W8A8 path)."""
+        w13, w13s, w13b, w2, w2s, w2b = packed
+        t, k = ids.shape
+        n_exp, dt = w13.shape[0], x.dtype
+        out_dt = dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16  # the A8W4 GMM outputs bf16/fp16
+        ex, row_idx, counts, ex_scale = self.npu.npu_moe_init_routing_v2(
+            x, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, quant_mode=1, active_expert_range=[0, n_exp], row_idx_type=0)
+        gmm = dict(group_list=counts, group_list_type=1, split_item=3, group_type=0)
+        h = self.npu.npu_grouped_matmul([ex], [w13], bias=[w13b], scale=[w13s], per_token_scale=[ex_scale],
+                                        output_dtype=out_dt, **gmm)[0]
+        hq, hs = self.custom_or_emulated("npu_dequant_swiglu_clamp_quant")(
+            h, group_index=counts, activate_left=True, quant_mode=1, swiglu_mode=1, clamp_limit=limit,
+            glu_alpha=1.0, glu_bias=0.0)
+        y = self.npu.npu_grouped_matmul([hq], [w2], bias=[w2b], scale=[w2s], per_token_scale=[hs],
+                                        output_dtype=out_dt, **gmm)[0]
+        out = self.npu.npu_moe_finalize_routing(y, None, None, None, weights.to(out_dt), row_idx,
+                                                ids.to(torch.int32), drop_pad_mode=2)
+        return out.to(dt)
+
+    # ---- Ascend 950 native low precision (quant="fp8" / "mxfp8") ------------------------------------------------
+    # Huawei's two 950 schemes (spec section 4) on the official checkpoint as stored: FP8 e4m3 linears with 128x128
+    # block scales, MXFP4 routed experts with e8m0 per-32 scales. The ops want other *layouts* of those scales
+    # (load-time views / permutes, built once per weight by prepare() or on first use, cached by id(weight)):
+    # - FP8 block ("fp8"): weight [N, K] -> [K, N] view; scale [N/128, K/128] -> fp32 [K/128, N/128].
+    # - MXFP8 ("mxfp8" linears): the FP8 weight re-quantised per 1x32 along K with the ceil rule (lossless, see
+    #   quant.quantize_mxfp8) -> fp8 [K, N] + e8m0 pairs [K/64, N, 2].
+    # - MXFP4 experts (both): w1|w3 stacked along N as the GMM1 weight, packed bytes viewed [E, K/2, N]; scales
+    #   [E, N, K/32] -> e8m0 pairs [E, K/64, N, 2].
+    # Weights that are bf16 in the checkpoint (or dequantised at load) keep the bf16 paths. wo_a (grouped_linear)
+    # stays bf16 too: its 950 op, npu_transpose_quant_batchmatmul, is not emulated.
+    def _npu_dtype(self, name: str) -> torch.dtype:
+        """torch_npu's spelling of a low-precision dtype when it has one (float4_e2m1fn_x2, float8_e8m0fnu)."""
+        return getattr(self.npu, name, getattr(emulator, name))
+
+    @torch.no_grad()
+    def _prepare_950(self, model: nn.Module) -> "AscendBackend":
+        """Build the 950 op layouts of every FP8 linear (but wo_a) and every MXFP4 expert stack, once."""
+        from dsv4_ascend.model import Attention, Linear, RoutedExperts
+
+        grouped = {id(m.wo_a.weight) for m in model.modules() if isinstance(m, Attention)}
+        for mod in model.modules():
+            if (isinstance(mod, Linear) and mod.scale is not None and mod.weight.dtype == torch.float8_e4m3fn
+                    and id(mod.weight) not in grouped):
+                self._linear_plan(mod.weight, mod.scale)
+            elif isinstance(mod, RoutedExperts) and mod.w1_scale is not None and mod.w1.dtype in _PACKED_FP4:
+                self._experts_plan(mod.w1, mod.w2, mod.w3, mod.w1_scale, mod.w2_scale, mod.w3_scale)
+        return self
+
+    def _linear_plan(self, weight: Tensor, scale: Tensor) -> tuple:
+        """(weight, w [K, N] fp8, w scale in the op's layout, is_mx) for an FP8 block-scaled weight [N, K]."""
+        plan = self._lp.get(id(weight))
+        if plan is not None:
+            return plan
+        n, k = weight.shape
+        if self.quant == "mxfp8":
+            if k % _quant.MX_BLOCK:
+                raise ValueError(f"quant='mxfp8': weight {tuple(weight.shape)} needs in_features % 32 == 0 for "
+                                 "1x32 MX blocks")
+            q, s = _quant.quantize_mxfp8(_dense(weight, scale, torch.float32))  # [N, K], e8m0 [N, K/32]
+            plan = (weight, q.t(), _quant.e8m0_pairs(s.t(), 0), True)  # [K, N], [K/64, N, 2]
+        else:
+            s = _quant.e8m0_to_float(scale) if scale.dtype == torch.float8_e8m0fnu else scale.float()
+            expect = (-(-n // _quant.FP8_BLOCK), -(-k // _quant.FP8_BLOCK))
+            if tuple(s.shape) != expect:
+                raise ValueError(f"FP8 weight {tuple(weight.shape)}: expected a 128x128 block scale {expect}, "
+                                 f"found {tuple(scale.shape)}")
+            plan = (weight, weight.t(), s.t().contiguous(), False)
+        self._lp[id(weight)] = plan
+        return plan
+
+    @staticmethod
+    def _e8m0_of(scale: Tensor, what: str) -> Tensor:
+        """e8m0 bytes of an expert scale stored as float8_e8m0fnu, or as float values that are powers of two."""
+        if scale.dtype == torch.float8_e8m0fnu:
+            return scale.view(torch.uint8)
+        b = _quant.float_to_e8m0(scale).view(torch.uint8)
+        if not torch.equal(_quant.e8m0_to_float(b), scale.float()):
+            raise ValueError(f"{what}: MXFP4 scales must be powers of two (e8m0) for the 950 MX path, found "
+                             f"{scale.dtype} values that are not")
+        return b
+
+    def _experts_plan(self, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor, s2: Tensor, s3: Tensor) -> tuple:
+        """(w1, GMM1 w13 uint8 [E, D/2, 2I], its e8m0 pairs [E, D/64, 2I, 2], GMM2 w2 [E, I/2, D], pairs)."""
+        plan = self._lp.get(id(w1))
+        if plan is not None:
+            return plan
+        e8 = torch.float8_e8m0fnu
+        as_u8 = (lambda t: t.view(torch.uint8) if t.dtype == torch.int8 else t)
+        w13 = torch.cat([as_u8(w1), as_u8(w3)], 1).transpose(1, 2)  # [E, D/2, 2I]: packed along K = D
+        s13 = torch.cat([self._e8m0_of(s1, "w1 scale"), self._e8m0_of(s3, "w3 scale")], 1)  # [E, 2I, D/32]
+        p13 = _quant.e8m0_pairs(s13.transpose(1, 2), 1).view(e8)  # [E, D/64, 2I, 2]
+        p2 = _quant.e8m0_pairs(self._e8m0_of(s2, "w2 scale").transpose(1, 2), 1).view(e8)  # [E, I/64, D, 2]
+        plan = (w1, w13, p13, as_u8(w2).transpose(1, 2), p2)
+        self._lp[id(w1)] = plan
+        return plan
+
+    def _linear_950(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        """FP8 linear: npu_dynamic_block_quant (1x128, fp32 scales) or npu_dynamic_mx_quant (1x32, e8m0) of x,
+        then npu_quant_matmul (fp32 accumulation, output in x.dtype)."""
+        _, w_kn, w_s, mx = self._linear_plan(weight, scale)
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = self._act_quant_950(x2, mx)
+        return self._quant_mm(xq, xs, w_kn, w_s, mx, x.dtype).view(*x.shape[:-1], -1)
+
+    def _act_quant_950(self, x2: Tensor, mx: bool) -> tuple[Tensor, Tensor]:
+        """Dynamic FP8 e4m3 activation quant: MX (1x32, e8m0 pairs) or block (1x128, fp32 scales)."""
+        if mx:
+            return self.npu.npu_dynamic_mx_quant(x2, axis=-1, dst_type=torch.float8_e4m3fn)
+        return self.npu.npu_dynamic_block_quant(x2, dst_type=torch.float8_e4m3fn, row_block_size=1,
+                                                col_block_size=_quant.FP8_BLOCK)
+
+    def _quant_mm(self, xq: Tensor, xs: Tensor, w_kn: Tensor, w_s: Tensor, mx: bool, dt: torch.dtype) -> Tensor:
+        """npu_quant_matmul of quantised x [M, K] with an FP8 weight [K, N]: MXFP8 or FP8-block scales."""
+        if mx:
+            e8 = self._npu_dtype("float8_e8m0fnu")
+            return self.npu.npu_quant_matmul(xq, w_kn, w_s, pertoken_scale=xs, output_dtype=dt, scale_dtype=e8,
+                                             pertoken_scale_dtype=e8, group_sizes=[1, 1, _quant.MX_BLOCK])
+        return self.npu.npu_quant_matmul(xq, w_kn, w_s, pertoken_scale=xs, output_dtype=dt,
+                                         group_sizes=[1, _quant.FP8_BLOCK, _quant.FP8_BLOCK])
+
+    def _swiglu_950(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor, s2: Tensor, s3: Tensor,
+                    limit: float) -> Tensor:
+        """FP8 / MXFP8 shared expert: x quantised once for w1 and w3, clamped SwiGLU in fp32, then w2."""
+        x2 = x.reshape(-1, x.shape[-1])
+        _, w1_kn, w1_s, mx = self._linear_plan(w1, s1)
+        _, w3_kn, w3_s, _ = self._linear_plan(w3, s3)
+        xq, xs = self._act_quant_950(x2, mx)
+        g = self._quant_mm(xq, xs, w1_kn, w1_s, mx, x.dtype).float().clamp(max=limit)
+        u = self._quant_mm(xq, xs, w3_kn, w3_s, mx, x.dtype).float().clamp(-limit, limit)
+        y = self._linear_950((F.silu(g) * u).to(x.dtype), w2, s2)
+        return y.view(*x.shape[:-1], -1)
+
+    def _experts_950(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                     s1: Tensor, s2: Tensor, s3: Tensor, limit: float) -> Tensor:
+        """MXFP4 experts with MXFP8 activations (the 950's "W4A8 MX"): init_routing_v2 (no quant) ->
+        npu_dynamic_mx_quant -> GMM1 (w13) -> clamped SwiGLU x routing weight (fp32, DeepSeek's order) ->
+        npu_dynamic_mx_quant -> GMM2 (w2) -> finalize_routing."""
+        _, w13, p13, w2t, p2 = self._experts_plan(w1, w2, w3, s1, s2, s3)
+        t, k = ids.shape
+        n_exp, dt = w13.shape[0], x.dtype
+        ex, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
+            x, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, n_exp], row_idx_type=0)
+        gmm = dict(group_list=counts, group_list_type=1, split_item=3, group_type=0, output_dtype=dt,
+                   weight_dtype=self._npu_dtype("float4_e2m1fn_x2"),
+                   per_token_scale_dtype=self._npu_dtype("float8_e8m0fnu"), tuning_config=[0])
+        xq, xs = self.npu.npu_dynamic_mx_quant(ex, axis=-1, dst_type=torch.float8_e4m3fn)
+        h = self.npu.npu_grouped_matmul([xq], [w13], antiquant_scale=[p13], per_token_scale=[xs], **gmm)[0]
+        inter = h.shape[-1] // 2
+        g = h[:, :inter].float().clamp(max=limit)
+        u = h[:, inter:].float().clamp(-limit, limit)
+        w_rows = torch.empty(t * k, dtype=torch.float32, device=x.device)
+        w_rows[row_idx.long()] = weights.reshape(-1).float()
+        hq, hs = self.npu.npu_dynamic_mx_quant((F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt), axis=-1,
+                                               dst_type=torch.float8_e4m3fn)
+        y = self.npu.npu_grouped_matmul([hq], [w2t], antiquant_scale=[p2], per_token_scale=[hs], **gmm)[0]
+        return self.npu.npu_moe_finalize_routing(y, None, None, None, None, row_idx, ids.to(torch.int32),
+                                                 drop_pad_mode=2)
 
     # ---- elementwise ------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -181,6 +417,8 @@ class AscendBackend(Backend):
         return (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        if self.quant in _LOWP_950 and scale is not None and weight.dtype == torch.float8_e4m3fn:
+            return self._linear_950(x, weight, scale)
         w8 = self._w8.get(id(weight))
         if w8 is not None:
             k = x.shape[-1]
@@ -244,7 +482,7 @@ class AscendBackend(Backend):
         asl_q = torch.arange(1, t + 1, device=dev, dtype=torch.int32)
         asl_k = n_visible.reshape(t).clamp(0, n).to(torch.int32)
         pad = nblk * _LI_BLOCK - n
-        if self.quant == "w8a8":
+        if self.quant in _A3_INT:
             qi, qs = self.npu.npu_dynamic_quant(q.reshape(t, h, di))  # per token-head
             ki, ks = self.npu.npu_dynamic_quant(keys)  # per key
             kcache = F.pad(ki, (0, 0, 0, pad)).view(b * nblk, _LI_BLOCK, 1, di)
@@ -297,6 +535,11 @@ class AscendBackend(Backend):
         t, k = ids.shape
         n_exp = w1.shape[0]
         dt = x.dtype
+        if self.quant in _LOWP_950 and s1 is not None and w1.dtype in _PACKED_FP4:
+            return self._experts_950(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
+        int4 = self._experts4.get(id(w1))
+        if int4 is not None:
+            return self._experts_w4a8(x, weights, ids, int4, limit)
         prepared = self._experts8.get(id(w1))
         ex, row_idx, counts, ex_scale = self.npu.npu_moe_init_routing_v2(
             x, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
@@ -334,6 +577,8 @@ class AscendBackend(Backend):
 
     def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor | None, s2: Tensor | None,
                    s3: Tensor | None, limit: float) -> Tensor:
+        if self.quant in _LOWP_950 and s1 is not None and w1.dtype == torch.float8_e4m3fn:
+            return self._swiglu_950(x, w1, w2, w3, s1, s2, s3, limit)
         prepared = self._shared8.get(id(w1))
         if prepared is not None:
             w13q, w13s, w2q, w2s = prepared

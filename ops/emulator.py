@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsv4_ascend import quant as _quant
+
 __all__ = [
     "npu_rms_norm",
     "npu_rotary_mul",
@@ -29,8 +31,13 @@ __all__ = [
     "npu_format_cast",
     "npu_transpose_batchmatmul",
     "npu_dynamic_quant",
+    "npu_dynamic_block_quant",
+    "npu_dynamic_mx_quant",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
     "npu_quant_matmul",
     "npu_grouped_matmul",
+    "npu_convert_weight_to_int4pack",
     "npu_moe_init_routing_v2",
     "npu_moe_finalize_routing",
     "npu_moe_gating_top_k",
@@ -193,7 +200,17 @@ def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, *, offset=None, pert
     """TNPU `npu_quant_matmul`, W8A8 int8 (spec 3.6): x1 int8 [..., M, K] @ x2 int8 [K, N] with exact int32
     accumulation. output_dtype=int32: the raw accumulators (scale ignored). output_dtype bf16/fp16/fp32:
     y = acc * scale[N] * pertoken_scale[M] (+ bias) in fp32, cast once. The int8-output requant path
-    (output_dtype None, uint64 scale) and FP8/MX variants are not emulated."""
+    (output_dtype None, uint64 scale) is not emulated.
+
+    950 (FP8 x1 [..., M, K] @ FP8 x2 [K, N], fp32 accumulation, one cast to output_dtype; `_quant_matmul_950`):
+    FP8 block, group_sizes [1, gn, gk] (CR: [1, 128, 128]): pertoken_scale fp32 [M, ceil(K/gk)], scale fp32
+    [ceil(K/gk), ceil(N/gn)], y = sum_kb pts[m, kb] * scale[kb, n // gn] * (x1 . x2 over block kb).
+    MXFP8, group_sizes [1, 1, 32] with scale_dtype = pertoken_scale_dtype = float8_e8m0fnu: pertoken_scale e8m0
+    pairs [M, K/64, 2], scale e8m0 pairs [K/64, N, 2]; y = sum_k x1 2^(sx[m, k/32] - 127) x2 2^(sw[k/32, n] - 127).
+    """
+    if x1.dtype in _FP8_DTYPES:
+        return _quant_matmul_950(x1, x2, scale, pertoken_scale, bias, output_dtype, scale_dtype,
+                                 pertoken_scale_dtype, group_sizes)
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         raise NotImplementedError("npu_quant_matmul: only int8 x int8 is emulated")
     if offset is not None or group_sizes is not None or y_scale is not None:
@@ -246,15 +263,33 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
 
     float path: fp32 accumulation, output x.dtype (bias [E, N] added per group).
     int8 path (W8A8): exact int32 accumulation; output_dtype int32 -> raw accumulators; output_dtype bf16/fp16
-    -> acc * scale[e, n] * per_token_scale[m], cast once. Weight-only (antiquant), int4 and MX paths are not
-    emulated.
+    -> acc * scale[e, n] * per_token_scale[m], cast once. Weight-only (antiquant) paths are not emulated.
+    A8W4 (int8 x, int4 weight packed in int32 [E, K, N/8], uint64 scale, assistance bias; A2/A3 W4A8 experts):
+    `_grouped_matmul_a8w4`.
+
+    950 (FP8 x [M, K], output_dtype required; `_grouped_matmul_950`): MXFP4 weights ("W4A8 MX") with
+    weight_dtype=float4_e2m1fn_x2: weight uint8 [E, K/2, N] (the `.transpose(1, 2)` view of the checkpoint's
+    [E, N, K/2], packed along K, low nibble = even k), antiquant_scale=[e8m0 (E, K/64, N, 2)], per_token_scale=
+    [e8m0 (M, K/64, 2)], per_token_scale_dtype=float8_e8m0fnu; MXFP8 weights fp8 [E, K, N] with scale=[e8m0
+    (E, K/64, N, 2)], scale_dtype=float8_e8m0fnu; FP8 block weights fp8 [E, K, N] with scale=[fp32
+    (E, K/128, N/128)], per_token_scale=[fp32 (M, K/128)]. Math: spec 3.14, fp32 accumulation, one cast.
     """
+    if x and x[0].dtype in _FP8_DTYPES:
+        if len(x) != 1 or len(weight) != 1 or split_item not in (2, 3) or group_type not in (None, 0):
+            raise NotImplementedError("npu_grouped_matmul: only single x / single stacked weight, split_item 2|3, "
+                                      "group_type 0 is emulated")
+        if offset is not None or antiquant_offset is not None or activation_input is not None or act_type != 0:
+            raise NotImplementedError("npu_grouped_matmul: offsets / fused activation not emulated on FP8 x")
+        return [_grouped_matmul_950(x[0], weight[0], group_list, group_list_type, bias, scale, antiquant_scale,
+                                    per_token_scale, output_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)]
     if len(x) != 1 or len(weight) != 1 or split_item not in (2, 3) or group_type not in (None, 0):
         raise NotImplementedError("npu_grouped_matmul: only single x / single stacked weight, split_item 2|3, "
                                   "group_type 0 is emulated")
     if antiquant_scale is not None or offset is not None or activation_input is not None or act_type != 0:
         raise NotImplementedError("npu_grouped_matmul: antiquant / offset / fused activation not emulated")
     xm, w = x[0], weight[0]
+    if xm.dtype == torch.int8 and w.dtype == torch.int32 and weight_dtype is None:  # A8W4: int4 packed in int32
+        return [_grouped_matmul_a8w4(xm, w, group_list, group_list_type, bias, scale, per_token_scale, output_dtype)]
     if w.dim() != 3:
         raise ValueError("npu_grouped_matmul: weight must be stacked [E, K, N]")
     e = w.shape[0]
@@ -295,6 +330,109 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
         out[a:b] = y.to(out_dt)
     return [out]
 
+
+# ---- Atlas A2/A3 W4A8: int4 weights for the A8W4 grouped matmul (spec 3.14 W4A8 bullet) ---------------------------
+def npu_convert_weight_to_int4pack(weight: Tensor, inner_k_tiles: int = 0) -> Tensor:
+    """TNPU `npu_convert_weight_to_int4pack(weight, inner_k_tiles=0) -> Tensor` (op-plugin doc,
+    aclnnConvertWeightToINT4Pack): eight int4 values per int32, ND output.
+
+    weight int32 [k, n] (or [n, k]), contiguous, every value in the int4 range [-8, 7], last dim a multiple of 8
+    -> int32 [k, n/8]: element 8i+j of a row in bits 4j..4j+3 of word i (quant.pack_int4, the layout the
+    converter writes). inner_k_tiles is documented as reserved and unused.
+    """
+    if not isinstance(weight, Tensor) or weight.dtype != torch.int32:
+        found = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
+        raise TypeError(f"npu_convert_weight_to_int4pack: weight must be int32 holding int4 values, found {found}")
+    if weight.dim() != 2:
+        raise ValueError(f"npu_convert_weight_to_int4pack: weight must be 2-D, found shape {tuple(weight.shape)}")
+    if not weight.is_contiguous():
+        raise ValueError("npu_convert_weight_to_int4pack: non-contiguous weight is not supported (documented)")
+    if weight.shape[-1] % 8:
+        raise ValueError(f"npu_convert_weight_to_int4pack: last dim must be a multiple of 8, found "
+                         f"{tuple(weight.shape)}")
+    if weight.numel() and (int(weight.min()) < -8 or int(weight.max()) > 7):
+        raise ValueError(f"npu_convert_weight_to_int4pack: values must be in the int4 range [-8, 7], found "
+                         f"[{int(weight.min())}, {int(weight.max())}]")
+    return _quant.pack_int4(weight)
+
+
+def _a8w4_scale(scale: Tensor, e: int, k: int, n: int) -> Tensor:
+    """fp32 [E, G, N] from the A8W4 scale operand: uint64 (carried in int64) [E, N] or [E, G, N], G | K.
+
+    CR's layout (quant.a8w4_scale_u64): the fp32 bits in the low 32 bits, high 32 bits zero. Anything in the high
+    half (e.g. npu_trans_quant_param's bit 46 + fp19 deq-scale format) is a layout the emulator does not know.
+    """
+    if scale.dtype != torch.int64 and scale.dtype != getattr(torch, "uint64", None):
+        raise TypeError(f"npu_grouped_matmul (A8W4): scale must be uint64 carried in int64, found {scale.dtype} "
+                        "(see quant.a8w4_scale_u64)")
+    s = scale.view(torch.int64)
+    if s.dim() == 2:
+        s = s.unsqueeze(1)
+    if s.dim() != 3 or s.shape[0] != e or s.shape[2] != n or s.shape[1] == 0 or k % s.shape[1]:
+        raise ValueError(f"npu_grouped_matmul (A8W4): scale must be [E, N] or [E, G, N] with G dividing K "
+                         f"(E={e}, K={k}, N={n}), found {tuple(scale.shape)}")
+    if ((s < 0) | (s >= 2**32)).any():
+        raise NotImplementedError("npu_grouped_matmul (A8W4): scale has bits in its high 32; only CR's layout "
+                                  "(fp32 bits in the low half, high half zero) is emulated")
+    return torch.where(s >= 2**31, s - 2**32, s).to(torch.int32).view(torch.float32)
+
+
+def _grouped_matmul_a8w4(xm: Tensor, w: Tensor, group_list, group_list_type: int, bias, scale, per_token_scale,
+                         output_dtype) -> Tensor:
+    """The A8W4 branch of npu_grouped_matmul (aclnnGroupedMatmulV5 "A8W4"; CR's W4A8 MoE): one output [M, N].
+
+    x int8 [M, K]; weight int4 as int32 [E, K, N/8] (npu_convert_weight_to_int4pack layout, packed along N);
+    scale = [uint64-in-int64 (E, N) or (E, G, N)]; bias = [fp32 (E, N)] (mandatory); per_token_scale = [fp32 (M,)];
+    group_list counts (group_list_type 1); output bf16 / fp16.
+
+    How the bias enters. The documented formula is y = ((x - 8) @ W * scale + bias) * per_token_scale with
+    bias = 8 * sum_k W * scale computed offline (the kernel works on an offset operand; the bias cancels the
+    offset). In exact arithmetic that is  y = (x @ W * scale + (bias - b*)) * pts,  b* = 8 * sum_k W * scale.
+    The emulator computes x @ W exactly in int32 per K-group of the scale, applies the fp32 scales, adds only the
+    deviation bias - b* (b* formed as the correctly rounded fp32 value, which is what quant.int4_assistance_bias
+    gives), then multiplies by pts in fp32 and casts once. So the documented bias contributes exactly nothing --
+    the result is the mathematical pts[m] * sum_k x[m,k] W[k,n] scale[n] (spec 3.14) -- while any other bias
+    moves y as the documented formula says, and a caller that passes a wrong bias is caught instead of silently
+    repaired. Not settled without a device (docs/ascend.md): the kernel's fp32 association order, whether it
+    reads the scale as full fp32 or as fp19, and per-channel [E, 1, N] (CR) vs the documented [E, K/256, N].
+    """
+    if group_list_type != 1:
+        raise NotImplementedError("npu_grouped_matmul (A8W4): group_list must be counts (group_list_type=1); the "
+                                  "documented A8W4 kernel reads group_list as counts whatever the type says")
+    if w.dim() != 3 or xm.dim() != 2 or xm.shape[1] != w.shape[1]:
+        raise ValueError(f"npu_grouped_matmul (A8W4): x [M, K] and weight [E, K, N/8] expected, found "
+                         f"{tuple(xm.shape)} and {tuple(w.shape)}")
+    e, k, n = w.shape[0], w.shape[1], 8 * w.shape[2]
+    if output_dtype not in (torch.bfloat16, torch.float16):
+        raise NotImplementedError(f"npu_grouped_matmul (A8W4): output_dtype must be bfloat16 or float16 "
+                                  f"(documented), found {output_dtype}")
+    if bias is None or len(bias) != 1 or bias[0].dtype != torch.float32 or tuple(bias[0].shape) != (e, n):
+        found = None if bias is None else [(b.dtype, tuple(b.shape)) for b in bias]
+        raise ValueError(f"npu_grouped_matmul (A8W4): bias (the assistance term 8 * sum_k W * scale) is mandatory: "
+                         f"[fp32 ({e}, {n})] expected, found {found}")
+    if scale is None or len(scale) != 1:
+        raise ValueError("npu_grouped_matmul (A8W4): scale=[uint64 per-channel weight scale] is required")
+    if per_token_scale is None or len(per_token_scale) != 1 or tuple(per_token_scale[0].shape) != (xm.shape[0],):
+        raise ValueError(f"npu_grouped_matmul (A8W4): per_token_scale=[fp32 ({xm.shape[0]},)] is required")
+    s = _a8w4_scale(scale[0], e, k, n)  # [E, G, N] fp32
+    n_grp = s.shape[1]
+    bounds = _group_bounds(group_list, 1, e)
+    if bounds and bounds[-1][1] > xm.shape[0]:
+        raise ValueError(f"group_list covers {bounds[-1][1]} rows but x has {xm.shape[0]}")
+    wq = _quant.unpack_int4(w)  # int8 [E, K, N]
+    w_sums = wq.double().unflatten(1, (n_grp, k // n_grp)).sum(2)  # [E, G, N], exact
+    b_star = (8 * (s.double() * w_sums).sum(1)).float()  # [E, N], the documented bias, correctly rounded
+    dev = bias[0].float() - b_star
+    pts = per_token_scale[0].float()
+    out = torch.full((xm.shape[0], n), float("nan"), dtype=output_dtype, device=xm.device)
+    for g, (a, b) in enumerate(bounds):
+        if b <= a:
+            continue
+        xg = xm[a:b].unflatten(1, (n_grp, k // n_grp))  # [m, G, K/G]
+        wg = wq[g].unflatten(0, (n_grp, k // n_grp))  # [G, K/G, N]
+        y = sum(_int_matmul(xg[:, j], wg[j]).float() * s[g, j] for j in range(n_grp))
+        out[a:b] = ((y + dev[g]) * pts[a:b].unsqueeze(-1)).to(output_dtype)
+    return out
 
 # ---- MoE routing -------------------------------------------------------------------------------------------------
 def npu_moe_init_routing_v2(x: Tensor, expert_idx: Tensor, *, scale=None, offset=None, active_num=-1,
@@ -440,18 +578,30 @@ def npu_dequant_swiglu_clamp_quant(x: Tensor, *, weight_scale=None, activation_s
     """CR custom `npu_dequant_swiglu_clamp_quant` (spec 3.15), the dynamic-quant (quant_mode=1) form.
 
     x int32 [M, 2I] (GMM1 accumulators). deq = x * weight_scale[e(m)] * activation_scale[m] in fp32, with
-    e(m) the group of row m from group_index (counts) or a single weight_scale [2I] row. With activate_left the
-    activated half is the left one: A = deq[:, :I], B = deq[:, I:] (else swapped). swiglu_mode 1 (V4 clamp):
+    e(m) the group of row m from group_index (counts) or a single weight_scale [2I] row. x bf16/fp16 (GMM1 output
+    already dequantised, as the A8W4 grouped matmul gives): no scales (documented for the built-in
+    npu_dequant_swiglu_quant: x int32 or bfloat16, scales required only for int32; same for the custom op (verify)),
+    and group_index only bounds the valid rows. With activate_left the activated half is the left one:
+    A = deq[:, :I], B = deq[:, I:] (else swapped). swiglu_mode 1 (V4 clamp):
     A = min(A, L), B = clamp(B, -L, L), out = A * sigmoid(glu_alpha * A) * (B + glu_bias); swiglu_mode 0:
     out = silu(A) * B. Then out * quant_scale (smooth, if given) and per-row int8 (scale = rowmax/127, rint,
     saturate). Rows past sum(group_index) are left as zeros (untouched on the device).
     """
     if quant_mode != 1 or quant_offset is not None or bias is not None:
         raise NotImplementedError("npu_dequant_swiglu_clamp_quant: only quant_mode=1 without offset/bias emulated")
+    if x.dtype == torch.int32:
+        if weight_scale is None or activation_scale is None:
+            raise ValueError("npu_dequant_swiglu_clamp_quant: int32 x (GMM accumulators) needs weight_scale and "
+                             "activation_scale")
+    elif x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"npu_dequant_swiglu_clamp_quant: x must be int32, bfloat16 or float16, found {x.dtype}")
     m, two_i = x.shape
     half = two_i // 2
     deq = x.float()
     valid = m
+    if weight_scale is None and group_index is not None:
+        valid = int(group_index.long().sum())
+        deq = deq[:valid]
     if weight_scale is not None:
         ws = weight_scale.float()
         if ws.dim() == 1:
@@ -755,3 +905,241 @@ def npu_sparse_attn_sharedkv_metadata(num_heads_q, num_heads_kv, head_dim, *, cu
                                       has_ori_kv=True, has_cmp_kv=True, device="npu:0") -> Tensor:
     """CR custom AICPU tiling op: carries no math, so the emulator returns an int32 [1024] placeholder."""
     return torch.zeros(1024, dtype=torch.int32)
+
+
+# ---- Ascend 950 low-precision paths: FP8 block and MX (spec 3.6, 3.14, 3.18) -------------------------------------
+# torch_npu spells these dtypes torch_npu.float8_e8m0fnu / torch_npu.float4_e2m1fn_x2 (dtype codes 293 / 296);
+# torch 2.13 has dtypes of the same meaning, which stand in for them so `npu.float4_e2m1fn_x2` works with either
+# module. FP4 data and e8m0 scales may arrive as uint8 (what torch_npu returns) or as these dtypes.
+float8_e8m0fnu = torch.float8_e8m0fnu
+float4_e2m1fn_x2 = torch.float4_e2m1fn_x2
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Summation order of the FP8-block matmul (npu_quant_matmul group_sizes [1, gn, gk], FP8-block grouped matmul).
+# "blockwise" (default) models a block-scaled Cube GEMM: fp32 partial sums per K block, then scaled and summed;
+# "dequant" dequantises both operands and runs one fp32 GEMM (the reference's order). Same math; results differ
+# only by fp32 rounding order, which the device does not document (verify).
+FP8_BLOCK_ACCUMULATION = "blockwise"
+_DTYPE_CODES = {1: torch.int8, 23: torch.float8_e5m2, 291: torch.float8_e5m2, 24: torch.float8_e4m3fn,
+                292: torch.float8_e4m3fn, 293: torch.float8_e8m0fnu, 296: torch.float4_e2m1fn_x2}
+
+
+def _dtype_arg(value, what: str) -> torch.dtype | None:
+    """A dtype argument given as a torch dtype or a torch_npu dtype code (spec section 0) -> torch dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, int) and value in _DTYPE_CODES:
+        return _DTYPE_CODES[value]
+    raise NotImplementedError(f"{what}={value!r} not emulated (codes {sorted(_DTYPE_CODES)} or torch dtypes)")
+
+
+def _is_e8m0(t: Tensor | None, declared) -> bool:
+    """Whether a scale is e8m0: its *_dtype argument says so, or the tensor already is float8_e8m0fnu."""
+    return _dtype_arg(declared, "scale dtype") == torch.float8_e8m0fnu or (
+        t is not None and t.dtype == torch.float8_e8m0fnu)
+
+
+def _mx_scales(pairs: Tensor, n_blocks: int, dim: int, what: str) -> Tensor:
+    """fp32 2^(b-127) per block from e8m0 pairs (uint8 or float8_e8m0fnu) [..., ceil(nb/2) at dim, ..., 2]."""
+    if pairs.dtype not in (torch.uint8, torch.float8_e8m0fnu):
+        raise TypeError(f"{what}: e8m0 scales must be uint8 or float8_e8m0fnu, got {pairs.dtype}")
+    try:
+        return _quant.e8m0_to_float(_quant.e8m0_unpairs(pairs, n_blocks, dim))
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def npu_dynamic_block_quant(x: Tensor, *, min_scale=0.0, round_mode="rint", dst_type=1, row_block_size=1,
+                            col_block_size=128, dst_type_max=0.0) -> tuple[Tensor, Tensor]:
+    """TNPU `npu_dynamic_block_quant` (spec 3.6; ops-nn DynamicBlockQuant), FP8 destinations only.
+
+    x [M, N] or [B, M, N] in blocks of row_block_size x col_block_size (edge blocks partial). Per block:
+    inf/NaN -> 0 before amax (the CR goldens do this (verify for this op)); scale = max(amax / FP8_MAX,
+    min_scale) (the doc writes the reciprocal capped at 1/min_scale), fp32, not rounded; y = fp8(x / scale),
+    round-to-nearest-even, saturating (an all-zero block gives scale 0 and y 0). x / scale versus
+    x * (FP8_MAX / amax) can differ at an exact tie (verify). Returns (y [x.shape] fp8, scale fp32
+    [ceil(M/rb), ceil(N/cb)] or [B, ...]). dst_type: torch.float8_e4m3fn / float8_e5m2 or their codes; the
+    default 1 (int8, A2/A3) and HiF8 are not emulated.
+    """
+    dt = _dtype_arg(dst_type, "npu_dynamic_block_quant dst_type")
+    if dt not in _FP8_DTYPES:
+        raise NotImplementedError(f"npu_dynamic_block_quant: dst_type {dt} not emulated (float8_e4m3fn, float8_e5m2)")
+    if round_mode != "rint":
+        raise NotImplementedError("npu_dynamic_block_quant: FP8 destinations take round_mode='rint' only")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"npu_dynamic_block_quant: x must be 2-D or 3-D, found shape {tuple(x.shape)}")
+    rb, cb = row_block_size, col_block_size
+    if rb <= 0 or cb <= 0:
+        raise ValueError(f"npu_dynamic_block_quant: block sizes must be positive, found {rb} x {cb}")
+    qmax = float(dst_type_max) if dst_type_max else float(torch.finfo(dt).max)
+    x3 = x.float() if x.dim() == 3 else x.float().unsqueeze(0)
+    b, m, n = x3.shape
+    mb, nb = -(-m // rb), -(-n // cb)
+    xf = torch.nan_to_num(x3, nan=0.0, posinf=0.0, neginf=0.0)
+    xp = F.pad(xf, (0, nb * cb - n, 0, mb * rb - m)).view(b, mb, rb, nb, cb)
+    s = torch.clamp_min(xp.abs().amax(dim=(2, 4)) / qmax, float(min_scale))  # [b, mb, nb]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    y = _quant.cast_fp8_saturate((xp / safe[:, :, None, :, None]).clamp(-qmax, qmax), dt)
+    y = y.view(b, mb * rb, nb * cb)[:, :m, :n].contiguous()
+    if x.dim() == 2:
+        return y[0], s[0]
+    return y, s
+
+
+def npu_dynamic_mx_quant(input: Tensor, *, axis=-1, round_mode="rint", dst_type=296, block_size=32,  # noqa: A002
+                         scale_alg=0, dst_type_max=0.0, max_low_bound=0.0) -> tuple[Tensor, Tensor]:
+    """TNPU `npu_dynamic_mx_quant` (spec 3.6; ops-nn aclnnDynamicMxQuant), scale_alg 0 (OCP MX v1.0).
+
+    Per block of block_size along `axis` (the last block zero-padded): e8m0 byte = floor(log2 amax) - emax + 127
+    clamped to [0, 254] (emax 8 e4m3, 15 e5m2, 2 e2m1; amax 0 -> byte 0; inf/NaN amax -> 255); y = cast(x / 2^(byte
+    - 127)), nearest-even and saturating at the format max (|x/scale| reaches ~512 > 448 for e4m3, so the top
+    values clamp; saturation rather than NaN is (verify)). Returns (y, mxscale uint8): y has x's shape for FP8
+    (float8 dtype) and is uint8 [..., last/2] for dst_type float4_e2m1fn_x2 (296, the default; two e2m1 codes per
+    byte along the last dim, low nibble first); mxscale = x's shape with the axis dim -> ceil(ceil(n/bs)/2) plus a
+    trailing dim of 2 (block pairs (2j, 2j+1), odd counts padded with byte 0). Other scale_alg / round modes,
+    dst_type_max and max_low_bound are not emulated.
+    """
+    dt = _dtype_arg(dst_type, "npu_dynamic_mx_quant dst_type")
+    if dt in _FP8_DTYPES:
+        emax = _quant.MX_EMAX[dt]
+    elif dt == torch.float4_e2m1fn_x2:
+        emax = _quant.MX_EMAX["e2m1"]
+    else:
+        raise NotImplementedError(f"npu_dynamic_mx_quant: dst_type {dt} not emulated "
+                                  "(float8_e4m3fn, float8_e5m2, float4_e2m1fn_x2)")
+    if scale_alg != 0 or round_mode != "rint" or dst_type_max or max_low_bound:
+        raise NotImplementedError("npu_dynamic_mx_quant: only scale_alg=0, round_mode='rint', dst_type_max=0, "
+                                  "max_low_bound=0 are emulated")
+    if block_size <= 0 or block_size % 32 or block_size > 1024:
+        raise ValueError(f"npu_dynamic_mx_quant: block_size must be a multiple of 32 in [32, 1024], found {block_size}")
+    if input.dim() == 0:
+        raise ValueError("npu_dynamic_mx_quant: input must have at least one dim")
+    d = axis % input.dim()
+    xf = input.float().movedim(d, -1)
+    k = xf.shape[-1]
+    nb = -(-k // block_size)
+    xb = F.pad(xf, (0, nb * block_size - k)).unflatten(-1, (nb, block_size))
+    byte = _quant.mx_scale_floor(xb.abs().amax(-1), emax)  # [..., nb]
+    v = xb / _quant.e8m0_to_float(byte).unsqueeze(-1)
+    if dt in _FP8_DTYPES:
+        y = _quant.cast_fp8_saturate(v, dt).flatten(-2)[..., :k].movedim(-1, d).contiguous()
+    else:
+        if input.shape[-1] % 2:
+            raise ValueError(f"npu_dynamic_mx_quant: FP4 output needs an even last dim, found {tuple(input.shape)}")
+        codes = _quant.fp4_encode(v.clamp(-_quant.FP4_MAX, _quant.FP4_MAX)).flatten(-2)[..., :k].movedim(-1, d)
+        y = _quant.pack_fp4(codes.contiguous())
+    return y, _quant.e8m0_pairs(byte.movedim(-1, d), d)
+
+
+def _blocked_fp8_matmul(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, gn: int, gk: int) -> Tensor:
+    """fp32 sum over K blocks of a_scale[m, kb] * b_scale[kb, n // gn] * (a[m, kb-block] . b[kb-block, n])."""
+    m, k = a.shape
+    n = b.shape[1]
+    kb = -(-k // gk)
+    if tuple(a_scale.shape) != (m, kb) or tuple(b_scale.shape) != (kb, -(-n // gn)):
+        raise ValueError(f"FP8 block matmul: expected pertoken_scale {(m, kb)} and scale {(kb, -(-n // gn))} for "
+                         f"x1 {(m, k)} / x2 {(k, n)} with group_sizes [1, {gn}, {gk}], found "
+                         f"{tuple(a_scale.shape)} / {tuple(b_scale.shape)}")
+    if FP8_BLOCK_ACCUMULATION == "dequant":
+        ad = a.float() * a_scale.float().repeat_interleave(gk, 1)[:, :k]
+        bd = b.float() * b_scale.float().repeat_interleave(gk, 0)[:k].repeat_interleave(gn, 1)[:, :n]
+        return F.linear(ad, bd.t())
+    ap = F.pad(a.float(), (0, kb * gk - k)).view(m, kb, gk).transpose(0, 1)  # [kb, m, gk]
+    bp = F.pad(b.float(), (0, 0, 0, kb * gk - k)).view(kb, gk, n)
+    part = torch.bmm(ap, bp)  # per-block partial sums, fp32
+    bs = b_scale.float().repeat_interleave(gn, dim=1)[:, :n]
+    return (part * a_scale.float().t().unsqueeze(-1) * bs.unsqueeze(1)).sum(0)
+
+
+def _mx_matmul(a: Tensor, a_pairs: Tensor, b: Tensor, b_pairs: Tensor, block: int = 32) -> Tensor:
+    """fp32 sum_k (a[m,k] 2^(sa[m,k/32]-127)) (b[k,n] 2^(sb[k/32,n]-127)); a, b already decoded to fp32."""
+    k = a.shape[-1]
+    nb = -(-k // block)
+    sa = _mx_scales(a_pairs, nb, -1, "per-token MX scale").repeat_interleave(block, -1)[..., :k]
+    sb = _mx_scales(b_pairs, nb, -2, "weight MX scale").repeat_interleave(block, -2)[..., :k, :]
+    return (a.float() * sa) @ (b.float() * sb)
+
+
+def _quant_matmul_950(x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale, bias, output_dtype, scale_dtype,
+                      pertoken_scale_dtype, group_sizes) -> Tensor:
+    """npu_quant_matmul's FP8 paths: FP8 block (fp32 scales, group_sizes [1, gn, gk]) or MXFP8 (e8m0 pairs)."""
+    if x2.dtype not in _FP8_DTYPES or x1.dim() < 2 or x2.dim() != 2:
+        raise NotImplementedError(f"npu_quant_matmul: FP8 x1 [..., M, K] with an FP8 x2 [K, N] only, found "
+                                  f"{x1.dtype} {tuple(x1.shape)} / {x2.dtype} {tuple(x2.shape)}")
+    if output_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise NotImplementedError(f"npu_quant_matmul: FP8 output_dtype {output_dtype} not emulated "
+                                  "(bfloat16, float16, float32)")
+    if pertoken_scale is None:
+        raise ValueError("npu_quant_matmul: the FP8 paths need pertoken_scale (the activation scales)")
+    lead, (m, k) = x1.shape[:-2], x1.shape[-2:]
+    if x2.shape[0] != k:
+        raise ValueError(f"npu_quant_matmul: x1 K={k} but x2 is {tuple(x2.shape)} (expected [K, N])")
+    a = x1.reshape(-1, k)
+    mx = _is_e8m0(scale, scale_dtype) or _is_e8m0(pertoken_scale, pertoken_scale_dtype)
+    gs = list(group_sizes) if group_sizes is not None else None
+    if mx:
+        if gs not in ([1, 1, 32], [0, 0, 32]) or not (_is_e8m0(scale, scale_dtype)
+                                                     and _is_e8m0(pertoken_scale, pertoken_scale_dtype)):
+            raise ValueError("npu_quant_matmul: MXFP8 needs group_sizes [1, 1, 32] and e8m0 scale / pertoken_scale "
+                             f"(scale_dtype / pertoken_scale_dtype float8_e8m0fnu), found group_sizes {gs}")
+        y = _mx_matmul(a, pertoken_scale.reshape(-1, *pertoken_scale.shape[-2:]), x2, scale)
+    else:
+        if gs is None or len(gs) != 3 or gs[0] != 1:
+            raise ValueError(f"npu_quant_matmul: FP8 block scaling needs group_sizes [1, gn, gk], found {gs}")
+        y = _blocked_fp8_matmul(a, pertoken_scale.reshape(a.shape[0], -1), x2, scale, gs[1], gs[2])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(output_dtype).view(*lead, m, x2.shape[1])
+
+
+def _grouped_matmul_950(xm: Tensor, w: Tensor, group_list, group_list_type: int, bias, scale, antiquant_scale,
+                        per_token_scale, output_dtype, weight_dtype, scale_dtype, per_token_scale_dtype) -> Tensor:
+    """npu_grouped_matmul's 950 paths with FP8 x [M, K]: MXFP4 weights (antiquant_scale pairs), MXFP8 or FP8-block
+    weights (scale); per group an fp32 accumulation, one cast; rows past the groups are NaN (see the caller)."""
+    if output_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise NotImplementedError(f"npu_grouped_matmul: FP8 x needs output_dtype bf16/fp16/fp32, got {output_dtype}")
+    if per_token_scale is None:
+        raise ValueError("npu_grouped_matmul: FP8 x needs per_token_scale (the activation scales)")
+    if group_list is None:
+        raise ValueError("npu_grouped_matmul: group_list is required with a stacked weight")
+    fp4 = _dtype_arg(weight_dtype, "weight_dtype") == torch.float4_e2m1fn_x2
+    if w.dim() != 3:
+        raise ValueError(f"npu_grouped_matmul: weight must be stacked [E, K, N] (FP4: [E, K/2, N]), found "
+                         f"{tuple(w.shape)}")
+    m, k = xm.shape
+    e, n = w.shape[0], w.shape[2]
+    if w.shape[1] != (k // 2 if fp4 else k):
+        want = "K/2 (FP4 x2)" if fp4 else "K"
+        raise ValueError(f"npu_grouped_matmul: x has K={k}, weight is {tuple(w.shape)}: expected {want} in dim 1")
+    bounds = _group_bounds(group_list, group_list_type, e)
+    if bounds and bounds[-1][1] > m:
+        raise ValueError(f"group_list covers {bounds[-1][1]} rows but x has {m}")
+    pts = per_token_scale[0]
+    mx = _is_e8m0(pts, per_token_scale_dtype)
+    if fp4:
+        if antiquant_scale is None or not mx:
+            raise ValueError("npu_grouped_matmul: MXFP4 weights need antiquant_scale=[e8m0 (E, K/64, N, 2)] and "
+                             "per_token_scale=[e8m0 (M, K/64, 2)] with per_token_scale_dtype float8_e8m0fnu")
+        wscale = antiquant_scale[0]
+    else:
+        if w.dtype not in _FP8_DTYPES or scale is None:
+            raise NotImplementedError("npu_grouped_matmul: FP8 x with an FP8 weight needs scale=[...]; "
+                                      "set weight_dtype=float4_e2m1fn_x2 for packed MXFP4 weights")
+        wscale = scale[0]
+        if mx != _is_e8m0(wscale, scale_dtype):
+            raise ValueError("npu_grouped_matmul: MXFP8 needs e8m0 scale and per_token_scale (scale_dtype and "
+                             "per_token_scale_dtype float8_e8m0fnu); FP8 block needs fp32 for both")
+    out = torch.full((m, n), float("nan"), dtype=output_dtype, device=xm.device)
+    for g, (a, b) in enumerate(bounds):
+        if b <= a:
+            continue
+        if fp4:  # packed along K (dim 0 of the [K/2, N] view): byte j holds k = 2j (low) and 2j + 1 (high)
+            wg = _quant.unpack_fp4(w[g].t()).t()
+            y = _mx_matmul(xm[a:b], pts[a:b], wg, wscale[g])
+        elif mx:
+            y = _mx_matmul(xm[a:b], pts[a:b], w[g], wscale[g])
+        else:
+            y = _blocked_fp8_matmul(xm[a:b], pts[a:b], w[g], wscale[g], 128, 128)
+        if bias is not None:
+            y = y + bias[0][g].float()
+        out[a:b] = y.to(output_dtype)
+    return out
