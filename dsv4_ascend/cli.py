@@ -102,6 +102,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding: drafts verified per step (0 = off; V4 recipes use 1-3)")
     p.add_argument("--graph", action="store_true",
                    help="decode with captured graphs (torch.compile / torchair), compiled at start")
+    p.add_argument("--graph-tuning", default="default", choices=["default", "max"],
+                   help="with --graph on CPU: 'max' folds the weights into the graph (MKL-packed copies) and "
+                        "autotunes the GEMMs; faster decode, several minutes more compile")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -150,7 +153,7 @@ def _engine(model, args, **kw):
     from .engine import Engine
 
     return Engine(model, max_seq_len=args.max_seq_len, speculative_tokens=args.speculative_tokens,
-                  graph=args.graph, **kw)
+                  graph=args.graph, graph_tuning=args.graph_tuning, **kw)
 
 
 def cmd_generate(args) -> int:

@@ -79,11 +79,13 @@ class Engine:
     def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
                  eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False,
                  graph: bool = False, graph_buckets: list[int] | None = None,
-                 graph_compiler: str | None = None, speculative_tokens: int = 0) -> None:
+                 graph_compiler: str | None = None, speculative_tokens: int = 0,
+                 graph_tuning: str = "default") -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
-        `speculative_tokens`: MTP drafts verified per step (0 = off)."""
+        `speculative_tokens`: MTP drafts verified per step (0 = off). `graph_tuning`: "max" freezes the weights
+        into the compiled graph and autotunes its GEMMs (CPU: faster decode, longer compile)."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
@@ -95,7 +97,7 @@ class Engine:
             from dsv4_ascend.graph_mode import GraphDecoder, default_buckets
 
             self.graph = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
-                                      graph_compiler)
+                                      graph_compiler, tuning=graph_tuning)
             self.graph.warmup()
         self.spec = None
         if speculative_tokens:

@@ -1204,7 +1204,8 @@ def build_server(args) -> DrainingServer:
     budget = getattr(args, "kv_cache_gib", None)
     engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                     cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
-                    speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False))
+                    speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
+                    graph_tuning=getattr(args, "graph_tuning", "default"))
     name = args.served_model_name or path.name
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue)

@@ -18,7 +18,7 @@ from dsv4_ascend.cache import KVCache
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.sampling import SamplingBatch, sample
 
-__all__ = ["GraphDecoder", "default_buckets"]
+__all__ = ["GRAPH_TUNING", "GraphDecoder", "default_buckets"]
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -30,7 +30,10 @@ def default_buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
-def _compiler_backend(device: torch.device, cpp_wrapper: bool) -> tuple[object, str | None]:
+GRAPH_TUNING = ("default", "max")
+
+
+def _compiler_backend(device: torch.device, cpp_wrapper: bool, tuning: str = "default") -> tuple[object, str | None]:
     if device.type == "npu":  # pragma: no cover - needs an NPU; not verified here
         import torchair  # noqa: PLC0415  (lazy: only with torch_npu + CANN)
 
@@ -39,13 +42,21 @@ def _compiler_backend(device: torch.device, cpp_wrapper: bool) -> tuple[object, 
         return torchair.get_npu_backend(compiler_config=cfg), None
     if device.type == "cuda":
         return "inductor", "reduce-overhead"
+    patches: dict[str, object] = {}
     if cpp_wrapper:
         # CPU: the compiled step calls its kernels from generated C++ instead of a Python wrapper; at decode
-        # batch sizes the per-kernel Python calls are a large share of the step (docs/graph-mode numbers in
-        # scripts/bench_decode.py --graph). Costs a longer compile (a C++ build of the wrapper).
+        # batch sizes the per-kernel Python calls are a large share of the step (scripts/bench_decode.py
+        # --graph). Costs a longer compile (a C++ build of the wrapper).
+        patches["cpp_wrapper"] = True
+    if tuning == "max":
+        # Freezing folds the weights into the graph as constants, so the linears become MKL-packed GEMMs (a
+        # second, packed copy of those weights) and max-autotune benchmarks GEMM kernels per shape: faster
+        # decode for minutes more compile. Weights must not change after the compile.
+        patches.update({"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})
+    if patches:
         from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-        return functools.partial(compile_fx, config_patches={"cpp_wrapper": True}), None
+        return functools.partial(compile_fx, config_patches=patches), None
     return "inductor", None
 
 
@@ -54,13 +65,15 @@ class GraphDecoder:
 
     def __init__(self, model: Transformer, cache: KVCache, pad_slot: int, buckets: list[int],
                  compiler: str | Callable | None = None, cpp_wrapper: bool = True,
-                 skip_guards: bool = True) -> None:
+                 skip_guards: bool = True, tuning: str = "default") -> None:
+        if tuning not in GRAPH_TUNING:
+            raise ValueError(f"graph tuning must be one of {GRAPH_TUNING}, found {tuning!r}")
         if not 0 <= pad_slot < cache.max_slots:
             raise ValueError(f"pad_slot {pad_slot} is not a slot of the cache (max_slots {cache.max_slots})")
         self.model, self.cache, self.pad_slot = model, cache, pad_slot
         self.buckets = sorted(set(buckets))
         self.device = model.embed.weight.device
-        backend, mode = _compiler_backend(self.device, cpp_wrapper)
+        backend, mode = _compiler_backend(self.device, cpp_wrapper, tuning)
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         if compiler is not None:
             inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler

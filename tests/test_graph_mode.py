@@ -25,13 +25,13 @@ def test_decode_graph_has_no_breaks(tiny_model):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-def _check_compiled(model, compiler: str) -> None:
+def _check_compiled(model, compiler: str | None, tuning: str = "default") -> None:
     torch._dynamo.reset()
     prompts = [torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 14, 5)]
     params = SamplingParams(temperature=0, max_tokens=12)
     eager = Engine(model, max_slots=3, max_seq_len=32, eos_token_id=-1)
     compiled = Engine(model, max_slots=3, max_seq_len=32, eos_token_id=-1, graph=True, graph_buckets=[2, 3],
-                      graph_compiler=compiler)
+                      graph_compiler=compiler, graph_tuning=tuning)
     after_warmup = compiled.graph.compiles
     assert after_warmup == 2  # one graph per bucket
     want = [r.output for r in eager.generate(prompts, params)]
@@ -64,4 +64,9 @@ def test_compiled_equals_eager_and_does_not_recompile(tiny_model):
 
 @pytest.mark.slow
 def test_inductor_compiled_equals_eager(tiny_model):
-    _check_compiled(tiny_model, "inductor")
+    _check_compiled(tiny_model, None)  # the product's path: inductor with the C++ wrapper, guards skipped
+
+
+@pytest.mark.slow
+def test_inductor_max_tuning_equals_eager(tiny_model):
+    _check_compiled(tiny_model, None, "max")  # frozen weights, MKL-packed / autotuned GEMMs

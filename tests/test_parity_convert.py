@@ -220,3 +220,12 @@ def test_convert_w4a8_experts(tiny, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["experts"] == "w4a8"
     with pytest.raises(ConvertError, match="only AscendBackend\\(quant='w4a8'\\) runs it"):  # runs: test_ascend_w4a8
         load_converted(out, AscendBackend(emulator, quant="w8a8"), progress=False)
+
+
+def test_parity_converted_w4a8_implies_its_path_and_bounds(tiny, tmp_path, capsys):
+    out = tmp_path / "w4p"
+    convert_checkpoint(tiny, out, "a3", experts="w4a8", progress=False)
+    rc, text = _parity(capsys, "--model", str(tiny), "--ascend-model", str(out))
+    assert rc == 0, text
+    # int4 experts: the w4a8 bounds (format error, dsv4_ascend/parity.py), not w8a8's tighter ones.
+    assert "quant=w4a8" in text and "PASS (cosine >= 0.95, top-1 >= 55.00%)" in text
