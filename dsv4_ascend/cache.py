@@ -80,10 +80,13 @@ class RowStore:
     def read(self, *index) -> Tensor:
         if not self.fp8:
             return self.data[index]
-        q = self.nope[index].view(torch.float8_e4m3fn).float()
-        s = self.scale[index]
-        nope = (q.unflatten(-1, (-1, _C8_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
-        return torch.cat([nope.to(self.dtype), self.rope[index]], -1)
+        return self._c8_rows(self.nope[index], self.scale[index], self.rope[index])
+
+    def _c8_rows(self, nope: Tensor, scale: Tensor, rope: Tensor) -> Tensor:
+        """Stored C8 parts (fp8 nope bytes, per-block scales, rope) -> rows in the cache dtype."""
+        q = nope.view(torch.float8_e4m3fn).float()
+        deq = (q.unflatten(-1, (-1, _C8_BLOCK)) * scale.unsqueeze(-1)).flatten(-2)
+        return torch.cat([deq.to(self.dtype), rope], -1)
 
     def read_pages(self, table: Tensor) -> Tensor:
         """Whole pages `table` [B, P] of a paged store, as rows [B, P*rows_per_page, c]."""
@@ -94,9 +97,7 @@ class RowStore:
 
         if not self.fp8:
             return pick(self.data)
-        q = pick(self.nope).view(torch.float8_e4m3fn).float()
-        nope = (q.unflatten(-1, (-1, _C8_BLOCK)) * pick(self.scale).unsqueeze(-1)).flatten(-2)
-        return torch.cat([nope.to(self.dtype), pick(self.rope)], -1)
+        return self._c8_rows(pick(self.nope), pick(self.scale), pick(self.rope))
 
     def write(self, index: tuple, values: Tensor) -> None:
         if not self.fp8:

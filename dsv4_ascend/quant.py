@@ -81,15 +81,18 @@ def _exp2i(k: torch.Tensor) -> torch.Tensor:
     return torch.where(k < -149, torch.zeros_like(out), out)
 
 
+def _e8m0_bytes(scale: torch.Tensor, what: str) -> torch.Tensor:
+    """Raw e8m0 bytes (uint8) of a float8_e8m0fnu or uint8 tensor; refuse anything else."""
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    if scale.dtype == torch.uint8:
+        return scale
+    raise TypeError(f"{what}: e8m0 scales must be float8_e8m0fnu or uint8, got {scale.dtype}")
+
+
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     """Decode UE8M0 scales (float8_e8m0fnu or raw uint8 byte b) to fp32 2^(b-127), b=255 -> NaN, via bits."""
-    if scale.dtype == torch.float8_e8m0fnu:
-        b = scale.view(torch.uint8)
-    elif scale.dtype == torch.uint8:
-        b = scale
-    else:
-        raise TypeError(f"e8m0_to_float expects float8_e8m0fnu or uint8, got {scale.dtype}")
-    b = b.to(torch.int32)
+    b = _e8m0_bytes(scale, "e8m0_to_float").to(torch.int32)
     bits = torch.where(b == 0, torch.full_like(b, 0x00400000), b << 23)  # b=0 is the fp32 subnormal 2^-127
     bits = torch.where(b == 255, torch.full_like(b, 0x7FC00000), bits)
     return bits.view(torch.float32)
@@ -405,15 +408,6 @@ def mx_scale_floor(amax: torch.Tensor, emax: int) -> torch.Tensor:
     b = torch.where(a == 0, torch.zeros_like(b), b)
     b = torch.where(torch.isfinite(a), b, torch.full_like(b, 255))
     return b.to(torch.uint8)
-
-
-def _e8m0_bytes(scale: torch.Tensor, what: str) -> torch.Tensor:
-    """Raw e8m0 bytes (uint8) of a float8_e8m0fnu or uint8 tensor; refuse anything else."""
-    if scale.dtype == torch.float8_e8m0fnu:
-        return scale.view(torch.uint8)
-    if scale.dtype == torch.uint8:
-        return scale
-    raise TypeError(f"{what}: e8m0 scales must be float8_e8m0fnu or uint8, got {scale.dtype}")
 
 
 def e8m0_pairs(scale: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -24,3 +24,14 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, cfg=None, back
 @pytest.fixture(scope="session")
 def tiny_model() -> Transformer:
     return build_tiny()
+
+
+def bf16_norms(model):
+    """Round the norm weights to bf16 values (as the official checkpoint stores them), in place; returns model.
+
+    npu_rms_norm casts gamma to the activation dtype, so parity in bf16 needs bf16-valued norm weights."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(p.to(torch.bfloat16).float())
+    return model

@@ -13,21 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny
+from conftest import bf16_norms as _bf16_norms, build_tiny
 from dsv4_ascend.ops import AscendBackend, emulator
 from dsv4_ascend.reference import ReferenceBackend
 
 
 def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _bf16_norms(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(p.to(torch.bfloat16).float())
-    return model
 
 
 # ---- per op: AscendBackend vs ReferenceBackend (layout conversions, fp32) -----------------------------------------

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny
+from conftest import bf16_norms as _bf16_norms, build_tiny
 from dsv4_ascend import quant
 from dsv4_ascend.checkpoint import load_checkpoint
 from dsv4_ascend.cli import load_model
@@ -221,14 +221,6 @@ def _figures(got: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"cosine": F.cosine_similarity(ref.flatten(), got.flatten(), dim=0).item(),
             "top1": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
             "max_abs": (ref - got).abs().max().item(), "rel_rms": _rel(got, ref)}
-
-
-def _bf16_norms(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(p.to(torch.bfloat16).float())
-    return model
 
 
 @pytest.fixture(scope="module")
