@@ -6,9 +6,15 @@ The model calls only these (plus plain torch glue). `reference.ReferenceBackend`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from . import sampling as _sampling
+
+if TYPE_CHECKING:
+    from .attention_view import KVView
 
 __all__ = ["Backend", "RunOptions"]
 
@@ -80,6 +86,44 @@ class Backend:
         """
         raise NotImplementedError
 
+    def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                   state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
+                   used: int | None = None) -> Tensor:
+        """The KV compressor over a chunk x [B,S,D] at positions start[b] + s, state updated in place.
+
+        Rows: kv = x wkv^T, score = x wgate^T + ape[p % ratio] (fp32, [coff*d] each; coff = 2 overlaps, CSA).
+        state fp32 [N, R, 2*coff*d] (cache.CompressorState): row p % R of block blocks[b] holds position p's
+        [kv | score]; rows of earlier positions are read from it, this chunk's rows written to it. Entry j of
+        row b is window w = start[b]//ratio + j, pooled by `compress` (w = 0 has no previous window), cast to
+        x.dtype, RMS-normed (norm_weight) and RoPE'd on the last 2*cos.shape[-1] dims with cos/sin [B,W,r/2]
+        (its position w*ratio). Returns [B, ceil(S/ratio), d] in x.dtype; rows of windows the chunk does not
+        close are unspecified. `used` < S: only the first `used` tokens take part (commit of a verified prefix;
+        the rows are projected for all S, so they equal the verify pass's bit for bit). This default is the
+        composite of the fine-grained ops.
+        """
+        b, s, _ = x.shape
+        m, ring = ratio, state.shape[1]
+        c = wkv.shape[0]
+        overlap = c == 2 * norm_weight.shape[0]
+        xf = x.float()
+        pos = start.unsqueeze(1) + torch.arange(s, device=x.device)  # [B,S]
+        new = torch.cat([self.linear(xf, wkv), self.linear(xf, wgate) + ape[pos % m]], -1)  # [B,S,2c]
+        n_win = -(-s // m)
+        first = (start // m - int(overlap)) * m  # first position any entry reads
+        vpos = first.unsqueeze(1) + torch.arange((n_win + int(overlap)) * m, device=x.device)  # [B,L]
+        old = state[blocks.unsqueeze(1), vpos % ring]  # rows of positions before the chunk (read before writing)
+        at = (vpos - start.unsqueeze(1)).clamp(0, s - 1).unsqueeze(-1).expand(-1, -1, 2 * c)  # chunk row of vpos
+        rows = torch.where((vpos < start.unsqueeze(1)).unsqueeze(-1), old, new.gather(1, at))
+        n = s if used is None else used
+        valid = ((vpos >= 0) & (vpos < (start + n).unsqueeze(1))).unsqueeze(-1)
+        kv = rows[..., :c].masked_fill(~valid, 0.0)
+        score = rows[..., c:].masked_fill(~valid, float("-inf"))
+        keep = min(n, ring)  # later rows of a long chunk overwrite earlier ones: write only the last R
+        state[blocks.unsqueeze(1), pos[:, n - keep:n] % ring] = new[:, n - keep:n]
+        e = self.rms_norm(self.compress(kv, score, m, overlap).to(x.dtype), norm_weight, norm_eps)
+        r = 2 * cos.shape[-1]
+        return torch.cat([e[..., :-r], self.rope(e[..., -r:], cos, sin)], dim=-1)
+
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         """Lightning indexer: score[t,w] = sum_h weights[t,h] relu(q[t,h].keys[w]); top-k over w < n_visible[t].
 
@@ -90,6 +134,14 @@ class Backend:
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """Shared-KV attention of q [B,S,H,d] over kv[b, idx[b,s,:]] (K = V; -1 = masked), sink logits [H]."""
         raise NotImplementedError
+
+    def attend(self, q: Tensor, view: "KVView", sink: Tensor, scale: float) -> Tensor:
+        """V4 attention of q [B,S,H,d] over the stored keys `view` describes (window ring + compressed entries).
+
+        Default: gather the keys (`view.gathered()`) and run `sparse_attention`; a backend with a fused kernel
+        that reads the stores and positions directly overrides this.
+        """
+        return self.sparse_attention(q, *view.gathered(), sink, scale)
 
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
               route_scale: float) -> tuple[Tensor, Tensor]:
@@ -113,3 +165,44 @@ class Backend:
     def lm_head(self, x: Tensor, weight: Tensor) -> Tensor:
         """Vocabulary logits in fp32."""
         return torch.nn.functional.linear(x.float(), weight.float())
+
+    def scatter_rows(self, dst: Tensor, rows: Tensor, src: Tensor) -> None:
+        """In place: dst[rows[i]] = src[i] for dst [R, s], rows [u] int64, src [u, s]; negative rows are skipped.
+
+        The cache-write primitive (every RowStore write). Sync-free. Among valid duplicate rows one write wins
+        (which one is unspecified, as on the device); callers only duplicate padding rows nobody reads.
+        """
+        plain_scatter_rows(dst, rows, src)
+
+    def sample(self, logits: Tensor, sb: "_sampling.SamplingBatch", step: Tensor) -> tuple[Tensor, Tensor]:
+        """Next tokens [B] and their logprobs [B] from fp32 logits [B, V] (rules: sampling.sample); sync-free."""
+        return _sampling.sample(logits, sb, step)
+
+
+def plain_scatter_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
+    """`Backend.scatter_rows` in plain torch (also what a cache without a backend hook uses)."""
+    idx, upd = redirect_skipped_rows(dst, rows, src.to(dst.dtype))
+    dst.index_copy_(0, idx, upd)
+
+
+def redirect_skipped_rows(dst: Tensor, rows: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, src) with every negative row replaced by a copy of the last valid write, so that a plain scatter
+    that cannot skip rows gives the skipping result, with no host sync.
+
+    The copies write the same value to the same row as that last valid write, so they change nothing, whatever
+    the order; when no row is valid they all rewrite row 0 with its current value.
+    """
+    if rows.dim() != 1 or src.shape[0] != rows.shape[0] or dst.dim() != 2:
+        raise ValueError(f"scatter rows: need dst [R, s], rows [u], src [u, s]; found dst {list(dst.shape)}, "
+                         f"rows {list(rows.shape)}, src {list(src.shape)}")
+    rows = rows.long()
+    if rows.shape[0] == 0:
+        return rows, src
+    keep = rows >= 0
+    pos = torch.arange(rows.shape[0], device=rows.device)
+    last = torch.where(keep, pos, -1).amax().reshape(1)  # last valid position, -1 when none
+    some = last >= 0
+    j = last.clamp(min=0)
+    fill_row = torch.where(some, rows.index_select(0, j), torch.zeros_like(j))
+    fill_val = torch.where(some.unsqueeze(1), src.index_select(0, j), dst[:1])
+    return torch.where(keep, rows, fill_row), torch.where(keep.unsqueeze(1), src, fill_val)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from .config import ModelConfig
 __all__ = ["CompressorState", "RowStore", "LayerCache", "KVCache", "CacheFullError"]
 
 _C8_BLOCK = 64
+ScatterRows = Callable[[Tensor, Tensor, Tensor], None]  # Backend.scatter_rows(dst [R, s], rows [u], src [u, s])
 
 
 class CacheFullError(RuntimeError):
@@ -30,32 +32,55 @@ class CacheFullError(RuntimeError):
 
 @dataclass
 class CompressorState:
-    """Raw (kv, score) rows of the unfinished window ("pend") and, for overlapping CSA, the previous window."""
+    """The compressor's raw (kv | score) rows as one fp32 ring per slot, in the layout of the `compressor` op.
 
-    kv_pend: Tensor     # [slots, m, c] fp32
-    score_pend: Tensor  # [slots, m, c] fp32 (gate logits + position bias)
-    kv_prev: Tensor | None     # [slots, m, c] fp32 (CSA only)
-    score_prev: Tensor | None
+    `state` [1 + slots, R, 2c]: block s + 1 belongs to slot s (block 0 is never a slot's: the op reads a 0 in its
+    block table as "do not touch"); position p of that slot sits in row p % R as [kv (c) | score (c)]
+    (score = gate logits + position bias). R = 2*ratio with overlap (CSA: the previous window is read too),
+    else ratio. The rows still needed are those of positions (p // ratio - overlap) * ratio .. p, so nothing
+    is counted or reset.
+    """
+
+    state: Tensor  # [1 + slots, R, 2c] fp32
+    ratio: int
 
     @classmethod
     def allocate(cls, slots: int, ratio: int, width: int, overlap: bool, device) -> "CompressorState":
         c = 2 * width if overlap else width
+        ring = 2 * ratio if overlap else ratio
+        return cls(torch.zeros(1 + slots, ring, 2 * c, dtype=torch.float32, device=device), ratio)
 
-        def z() -> Tensor:
-            return torch.zeros(slots, ratio, c, dtype=torch.float32, device=device)
+    def blocks(self, slots: Tensor) -> Tensor:
+        """State block of each slot in `slots` [B]."""
+        return slots + 1
 
-        return cls(z(), z(), z() if overlap else None, z() if overlap else None)
+    def scratch(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """(copy of the slots' blocks behind a null block 0, their blocks 1..B in it): a state to run on and
+        throw away (deferred prefill)."""
+        blocks = torch.cat([torch.zeros(1, dtype=slots.dtype, device=slots.device), self.blocks(slots)])
+        return self.state.index_select(0, blocks), torch.arange(1, slots.shape[0] + 1, device=slots.device)
+
+    def rows(self, slot: int, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(kv, score) rows [N, c] stored for `positions` [N] of `slot` (valid for the live positions only)."""
+        r = self.state[slot + 1, positions % self.state.shape[1]]
+        c = r.shape[-1] // 2
+        return r[:, :c], r[:, c:]
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.kv_pend, self.score_pend, self.kv_prev, self.score_prev) if t is not None]
+        return [self.state]
 
 
 class RowStore:
     """A [*lead, width] buffer of kv rows, stored in the model dtype or as C8 (e4m3 nope + scales, rope as is)."""
 
     def __init__(self, lead: tuple[int, ...], width: int, rope_dim: int, dtype: torch.dtype, device,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, scatter: ScatterRows | None = None) -> None:
         self.fp8, self.dtype, self.rope_dim = fp8, dtype, rope_dim
+        self.lead = tuple(lead)
+        # Writes go through `scatter(dst [R, s], rows [u], src [u, s])` (a backend's scatter_rows override); None:
+        # a plain aten index_put (what Backend.scatter_rows would do, minus its redirect ops: 25-45% of a tiny
+        # model's eager decode step, and the model never writes negative rows).
+        self.scatter: ScatterRows | None = scatter
         if fp8:
             nope = width - rope_dim
             if nope % _C8_BLOCK:
@@ -99,7 +124,43 @@ class RowStore:
             return pick(self.data)
         return self._c8_rows(pick(self.nope), pick(self.scale), pick(self.rope))
 
+    def _flat_rows(self, index) -> Tensor | None:
+        """Row numbers in the [prod(lead), width] view for a tuple of one integer tensor per lead dim
+        (broadcast together; -1 where any part is negative, i.e. skipped), or None for other index forms."""
+        if not isinstance(index, tuple) or len(index) != len(self.lead):
+            return None
+        if not all(isinstance(i, Tensor) and not i.is_floating_point() and i.dtype != torch.bool for i in index):
+            return None
+        parts = torch.broadcast_tensors(*[i.long() for i in index])
+        rows, skip = torch.zeros_like(parts[0]), torch.zeros_like(parts[0], dtype=torch.bool)
+        for i, n in zip(parts, self.lead):
+            rows, skip = rows * n + i, skip | (i < 0)
+        return torch.where(skip, -1, rows)
+
     def write(self, index: tuple, values: Tensor) -> None:
+        """Store rows `values` [..., width] at `index` (one integer tensor per lead dim) through `self.scatter`
+        (a negative part skips the row); without one, or for other index forms, an aten index_put (which would
+        wrap a negative index, so the model passes none)."""
+        rows = None if self.scatter is None else self._flat_rows(index)
+        if rows is None:
+            return self._write_indexed(index, values)
+        shape = rows.shape
+        rows = rows.reshape(-1)
+
+        def put(dst: Tensor, src: Tensor) -> None:
+            w = dst.shape[-1]
+            self.scatter(dst.view(-1, w), rows, src.expand(*shape, w).reshape(-1, w))
+
+        if not self.fp8:
+            put(self.data, values.to(self.dtype))
+            return
+        q, s = quant.act_quant(values[..., : -self.rope_dim].float(), _C8_BLOCK)
+        put(self.nope, q.view(torch.uint8))
+        put(self.scale, s)
+        put(self.rope, values[..., -self.rope_dim:].to(self.dtype))
+
+    def _write_indexed(self, index, values: Tensor) -> None:
+        """The aten path: no scatter hook, or an index form `write` cannot flatten (slices, python ints)."""
         if not self.fp8:
             self.data[index] = values.to(self.dtype)
             return
@@ -113,16 +174,17 @@ class LayerCache:
     """All decode state of one attention layer."""
 
     def __init__(self, cfg: ModelConfig, ratio: int, max_slots: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device, fp8: bool, block_table: Tensor) -> None:
+                 dtype: torch.dtype, device, fp8: bool, block_table: Tensor,
+                 scatter: ScatterRows | None = None) -> None:
         d, di, r = cfg.head_dim, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.ratio, self.block_size, self.block_table = ratio, block_size, block_table
-        self.window = RowStore((max_slots, cfg.sliding_window), d, r, dtype, device, fp8)
+        self.window = RowStore((max_slots, cfg.sliding_window), d, r, dtype, device, fp8, scatter)
         self.entries = self.comp = self.index_keys = self.index_comp = None
         if ratio:
-            self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8)
+            self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8, scatter)
             self.comp = CompressorState.allocate(max_slots, ratio, d, ratio == 4, device)
         if ratio == 4:
-            self.index_keys = RowStore((num_blocks, block_size // 4), di, r, dtype, device, False)
+            self.index_keys = RowStore((num_blocks, block_size // 4), di, r, dtype, device, False, scatter)
             self.index_comp = CompressorState.allocate(max_slots, 4, di, True, device)
 
     def tensors(self) -> list[Tensor]:
@@ -161,7 +223,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, max_slots: int, max_seq_len: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", n_mtp: int | None = None, num_blocks: int | None = None,
-                 block_size: int | None = None, kv_fp8: bool = False, preassign: bool = True) -> None:
+                 block_size: int | None = None, kv_fp8: bool = False, preassign: bool = True,
+                 scatter: ScatterRows | None = None) -> None:
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds config max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
@@ -178,7 +241,7 @@ class KVCache:
         self.num_blocks = num_blocks or max_slots * self.pages_per_seq + 1
         self.block_table = torch.zeros(max_slots, self.pages_per_seq, dtype=torch.int64, device=device)
         self.layers = [LayerCache(cfg, m, max_slots, self.num_blocks, self.block_size, dtype, device, kv_fp8,
-                                  self.block_table) for m in ratios]
+                                  self.block_table, scatter) for m in ratios]
         self._free = list(range(self.num_blocks - 1, 0, -1))
         self._owned: dict[int, list[int]] = {}
         if preassign:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .model import Transformer
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, greedy
 
 __all__ = ["Request", "Engine", "CapacityError", "plan_capacity"]
 
@@ -249,7 +249,10 @@ class Engine:
     def _emit(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
         sb = SamplingBatch.of([r.params for r in reqs], logits.device)
         step = torch.tensor([r.length for r in reqs], device=logits.device)
-        tokens, lps = sample(logits, sb, step)
+        if all(r.params.temperature == 0 for r in reqs):  # host-known: skip sampling's sort and noise
+            tokens, lps = greedy(logits)
+        else:
+            tokens, lps = self.model.backend.sample(logits, sb, step)
         return self._record(reqs, tokens, lps, logits)
 
     def _record(self, reqs: list[Request], tokens: Tensor, lps: Tensor, logits: Tensor) -> list[tuple[Request, int]]:

@@ -18,14 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
+from .attention_view import KVView
 from .backend import Backend
 from .cache import CompressorState, KVCache, LayerCache
 from .config import ModelConfig
 from .rope import RopeTable, apply_rope_tail
 
 __all__ = ["WeightFormats", "Linear", "Step", "Transformer"]
-
-NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,8 @@ class Step:
 
 
 class Compressor(nn.Module):
-    """Softmax-pools kv of every `ratio` tokens into one entry (CSA: overlapping windows of 2*ratio)."""
+    """Softmax-pools kv of every `ratio` tokens into one entry (CSA: overlapping windows of 2*ratio), through the
+    Backend's `compressor` op (the custom fused op on Ascend); its raw-row state is a `CompressorState` ring."""
 
     def __init__(self, backend: Backend, cfg: ModelConfig, ratio: int, width: int, dtype: torch.dtype,
                  rotate: bool, device=None):
@@ -126,86 +126,29 @@ class Compressor(nn.Module):
         self.backend, self.ratio, self.width, self.overlap = backend, ratio, width, ratio == 4
         # Indexer keys get Hadamard + FP4 simulation, kv entries FP8 on their nope dims (deepseek numerics).
         self.sim_rope_dim = None if rotate else cfg.qk_rope_head_dim
-        self.dtype = dtype
         coff = 2 if self.overlap else 1
         self.wkv = Linear(backend, cfg.hidden_size, coff * width, "plain", dtype, device)
         self.wgate = Linear(backend, cfg.hidden_size, coff * width, "plain", dtype, device)
         self.ape = _param(ratio, coff * width, dtype=torch.float32, device=device)
         self.norm = RMSNorm(backend, width, cfg.rms_norm_eps, device)
 
-    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        xf = x.float()
-        return self.wkv(xf), self.wgate(xf) + self.ape[positions % self.ratio]
-
-    def _finish(self, pooled: Tensor, entry_pos: Tensor, table: RopeTable) -> Tensor:
-        """Norm, RoPE at the window's first position, QAT simulation: the entry as stored in the cache."""
-        e = self.norm(pooled.to(self.dtype))
-        cos, sin = table.cos_sin(entry_pos)
-        e = apply_rope_tail(self.backend, e, cos, sin)
-        return finish_keys(self.backend, e, self.sim_rope_dim)
-
-    def project(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Per-token (kv, score) rows of a prefill chunk starting at `start`."""
-        return self._project(x, start + torch.arange(x.shape[1], device=x.device))
-
-    def absorb(self, kv: Tensor, sc: Tensor, start: int, st: CompressorState, slots: Tensor, table: RopeTable,
-               write: bool = True) -> tuple[Tensor | None, int]:
-        """Entries of every window that the chunk rows [start, start+S) close, and the index of the first.
-
-        With write=True the unfinished-window state is updated; write=False leaves the cache untouched (used to
-        verify speculative tokens before committing any of them).
-        """
-        b, s, _ = kv.shape
+    def forward(self, x: Tensor, start: Tensor, st: CompressorState, slots: Tensor, table: RopeTable,
+                write: bool = True, used: int | None = None) -> Tensor:
+        """Entries [B, ceil(S/ratio), d] of the windows that x [B,S,D] (positions start[b] + s) closes, as stored
+        in the cache; later rows (windows still open) are unspecified. The state of `slots` is updated, or with
+        write=False left untouched (a scratch copy runs instead: speculative verify before commit). `used`: only
+        the first `used` tokens take part (commit of a verified prefix)."""
         m = self.ratio
-        r0 = start % m
-        p0 = start - r0
-        if r0:
-            kv = torch.cat([st.kv_pend[slots, :r0], kv], dim=1)
-            sc = torch.cat([st.score_pend[slots, :r0], sc], dim=1)
-        n_win = (r0 + s) // m
-        full = n_win * m
-        entries = None
-        if n_win:
-            kin, sin_ = kv[:, :full], sc[:, :full]
-            if self.overlap:
-                if p0 >= m:
-                    pk, ps = st.kv_prev[slots], st.score_prev[slots]
-                else:  # first window: no previous half-series
-                    pk = torch.zeros_like(kv[:, :m])
-                    ps = torch.full_like(sc[:, :m], NEG_INF)
-                kin, sin_ = torch.cat([pk, kin], 1), torch.cat([ps, sin_], 1)
-                if write:
-                    st.kv_prev[slots] = kv[:, full - m:full]
-                    st.score_prev[slots] = sc[:, full - m:full]
-            pooled = self.backend.compress(kin, sin_, m, self.overlap)
-            entry_pos = (p0 + m * torch.arange(n_win, device=kv.device)).expand(b, n_win)
-            entries = self._finish(pooled, entry_pos, table)
-        rest = r0 + s - full
-        if rest and write:
-            st.kv_pend[slots, :rest] = kv[:, full:]
-            st.score_pend[slots, :rest] = sc[:, full:]
-        return entries, p0 // m
-
-    def decode(self, x: Tensor, pos: Tensor, st: CompressorState, slots: Tensor, table: RopeTable) -> Tensor:
-        """Entry of the window holding `pos` [B] (final once the window closes; invisible until then)."""
-        m = self.ratio
-        kv, sc = self._project(x, pos.unsqueeze(1))
-        row = pos % m
-        st.kv_pend[slots, row] = kv[:, 0]
-        st.score_pend[slots, row] = sc[:, 0]
-        pk, ps_raw = st.kv_pend[slots], st.score_pend[slots]
-        unfilled = torch.arange(m, device=x.device).view(1, m, 1) > row.view(-1, 1, 1)
-        ps = ps_raw.masked_fill(unfilled, NEG_INF)
-        if self.overlap:
-            qk, qs_raw = st.kv_prev[slots], st.score_prev[slots]
-            qs = qs_raw.masked_fill((pos < m).view(-1, 1, 1), NEG_INF)
-            pooled = self.backend.compress(torch.cat([qk, pk], 1), torch.cat([qs, ps], 1), m, True)
-            closing = (row == m - 1).view(-1, 1, 1)
-            st.kv_prev[slots] = torch.where(closing, pk, qk)
-            st.score_prev[slots] = torch.where(closing, ps_raw, qs_raw)
-        else:
-            pooled = self.backend.compress(pk, ps, m, False)
-        return self._finish(pooled, (pos - row).unsqueeze(1), table)
+        n = -(-x.shape[1] // m)
+        cos, sin = table.cos_sin(((start // m).unsqueeze(1) + torch.arange(n, device=x.device)) * m)
+        state, blocks = (st.state, st.blocks(slots)) if write else st.scratch(slots)
+        e = self.backend.compressor(x, self.wkv.weight, self.wgate.weight, self.ape, self.norm.weight, self.norm.eps,
+                                    state, blocks, start, cos, sin, m, used)
+        e = finish_keys(self.backend, e, self.sim_rope_dim)
+        # Rows of windows still open are garbage (NaN in the emulator); decode stores its row anyway, and attention
+        # kernels weigh masked rows by 0, so store zeros there (0 * NaN would poison the output).
+        closed = (start % m + (x.shape[1] if used is None else used)) // m  # [B] windows closed
+        return torch.where((torch.arange(n, device=x.device) < closed.unsqueeze(1)).unsqueeze(-1), e, 0.0)
 
 
 def finish_keys(backend: Backend, e: Tensor, rope_dim: int | None) -> Tensor:
@@ -268,19 +211,15 @@ class Attention(nn.Module):
         self.rope_dim = cfg.qk_rope_head_dim
 
     # -- window keys ------------------------------------------------------------------------------------------
-    def _window_prefill(self, kv: Tensor, step: Step, lc: LayerCache) -> tuple[Tensor, Tensor]:
-        b, s, _ = kv.shape
-        win, s0 = self.window, step.start
-        pool = torch.cat([lc.window.read(step.slots), kv], dim=1)  # ring (positions < s0) then this chunk
-        t = s0 + torch.arange(s, device=kv.device)
-        p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=kv.device)  # the window's positions [S, win]
-        idx = torch.where(p >= s0, win + p - s0, p % win)
-        idx = torch.where(p < 0, -1, idx)
-        if step.defer is None:
-            self._ring_write(lc, step.slots, s0, kv)
-        else:
+    def _window_prefill(self, kv: Tensor, step: Step, lc: LayerCache) -> KVView:
+        """The window part of a prefill chunk's view: the ring (positions < start) plus the chunk's own rows.
+
+        The ring is written after attention (`forward`), so the view reads it as it was before the chunk; a
+        deferred chunk only registers the write of its accepted prefix."""
+        s0 = step.start
+        if step.defer is not None:
             step.defer.append(lambda k: k and self._ring_write(lc, step.slots, s0, kv[:, :k]))
-        return pool, idx.expand(b, s, win)
+        return KVView(lc.window, self.window, step.slots, step.positions, kv, s0, s0 + kv.shape[1])
 
     def _ring_write(self, lc: LayerCache, slots: Tensor, start: int, kv: Tensor) -> None:
         """Keep the last `window` rows of a chunk starting at `start` in the ring."""
@@ -288,72 +227,68 @@ class Attention(nn.Module):
         t = start + torch.arange(kv.shape[1] - keep, kv.shape[1], device=kv.device)
         lc.window.write((slots.unsqueeze(1), (t % self.window).unsqueeze(0)), kv[:, -keep:])
 
-    def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> tuple[Tensor, Tensor]:
-        win = self.window
+    def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> KVView:
+        """Write this step's row into the ring; return the window part of the step's view."""
         pos = step.positions[:, 0]
-        lc.window.write((step.slots, pos % win), kv[:, 0])
-        p = pos.unsqueeze(1) - (win - 1) + torch.arange(win, device=kv.device)  # [B, win]
-        idx = torch.where(p < 0, -1, p % win)
-        return lc.window.read(step.slots), idx.unsqueeze(1)
+        lc.window.write((step.slots, pos % self.window), kv[:, 0])
+        max_len = (step.span_pages or lc.block_table.shape[1]) * lc.block_size  # host bound on every position
+        return KVView(lc.window, self.window, step.slots, step.positions, None, None, max_len)
 
     # -- compressed keys ----------------------------------------------------------------------------------------
-    def _absorb(self, comp: Compressor, store, st: CompressorState, rows: tuple[Tensor, Tensor], step: Step,
-                write: bool) -> Tensor:
-        """Fold a prefill chunk's compressor rows in; return the entry pool [B, (start+S)//m, c]."""
-        m, slots = comp.ratio, step.slots
-        e, w0 = comp.absorb(*rows, step.start, st, slots, self.table, write)
+    def _absorb(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
+                used: int | None = None) -> Tensor:
+        """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
+        [B, (start+used)//m, c]."""
+        m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used
+        w0, n_win = step.start // m, (step.start % m + s) // m  # first window the chunk touches, windows it closes
+        start = torch.full((x.shape[0],), step.start, dtype=torch.int64, device=x.device)
+        e = comp(x, start, st, slots, self.table, write, used)[:, :n_win]
         lc = step.cache.layers[self.layer_id]
-        n_total = (step.start + rows[0].shape[1]) // m
-        if e is not None and write:
+        n_total = (step.start + s) // m
+        if n_win and write:
             lc.write_entries(store, slots, _span(w0, e), e, m)
-        if e is None or write:
+        if not n_win or write:
             return lc.read_entries(store, slots, n_total, m)
         return torch.cat([lc.read_entries(store, slots, w0, m), e.to(store.dtype)], 1)
 
     def _compressed(self, x: Tensor, qr: Tensor, step: Step, lc: LayerCache, cos: Tensor,
-                    sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's new entries; return the entry pool [B,N,d] and per-query picks [B,S,K] (-1 = none)."""
+                    sin: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Write this step's new entries; return (the prefill entry pool [B,N,d], decode: None = read from the
+        pages by the view; CSA picks [B,S,K] (-1 = none), HCA: None = every visible entry)."""
         m, slots, pos = self.ratio, step.slots, step.positions
         comp = self.compressor
         idx_comp = self.indexer.compressor if self.indexer is not None else None
         if step.decode:
             p = pos[:, 0]
-            lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp.decode(x, p, lc.comp, slots, self.table), m)
+            lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp(x, p, lc.comp, slots, self.table), m)
             pages = step.span_pages or lc.block_table.shape[1]  # static per bucket: shapes never depend on data
             n_total = pages * lc.block_size // m
-            entries = lc.read_entries(lc.entries, slots, n_total, m)
+            entries = None  # the attention view reads the pages (only if the backend needs them gathered)
             if idx_comp is not None:
                 lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
-                                 idx_comp.decode(x, p, lc.index_comp, slots, self.table), 4)
+                                 idx_comp(x, p, lc.index_comp, slots, self.table), 4)
                 keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
         else:
             write = step.defer is None
-            rows = comp.project(x, step.start)
-            entries = self._absorb(comp, lc.entries, lc.comp, rows, step, write)
+            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write)
             if idx_comp is not None:
-                irows = idx_comp.project(x, step.start)
-                keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, irows, step, write)
+                keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, x, step, write)
             if not write:
-                step.defer.append(lambda k, rows=rows, irows=(irows if idx_comp is not None else None):
-                                  self._commit_compressed(step, rows, irows, k))
+                step.defer.append(lambda k: self._commit_compressed(step, x, k))
+        if self.indexer is None:  # HCA: every visible entry (KVView masks by position)
+            return entries, None
         n_visible = (pos + 1) // m  # entry w is visible to query t iff w < (t+1)//m
-        if self.indexer is None:
-            w = torch.arange(entries.shape[1], device=x.device)
-            picks = torch.where(w < n_visible.unsqueeze(-1), w, -1)
-        else:
-            picks = self.indexer.select(x, qr, keys, n_visible, cos, sin)
-        return entries, picks
+        return entries, self.indexer.select(x, qr, keys, n_visible, cos, sin)
 
-    def _commit_compressed(self, step: Step, rows, irows, k: int) -> None:
-        """Fold the first k rows of a deferred chunk into the compressor state and entry pages."""
+    def _commit_compressed(self, step: Step, x: Tensor, k: int) -> None:
+        """Run the first k tokens of a deferred chunk (x [B,S,D]) through the compressors for real: state and
+        entry pages as if the chunk had been those k tokens."""
         if k == 0:
             return
         lc = step.cache.layers[self.layer_id]
-        cut = Step(step.input_ids[:, :k], step.positions[:, :k], step.slots, step.cache, step.start)
-        self._absorb(self.compressor, lc.entries, lc.comp, (rows[0][:, :k], rows[1][:, :k]), cut, True)
-        if irows is not None:
-            self._absorb(self.indexer.compressor, lc.index_keys, lc.index_comp, (irows[0][:, :k], irows[1][:, :k]),
-                         cut, True)
+        self._absorb(self.compressor, lc.entries, lc.comp, x, step, True, k)
+        if self.indexer is not None:
+            self._absorb(self.indexer.compressor, lc.index_keys, lc.index_comp, x, step, True, k)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
@@ -366,16 +301,15 @@ class Attention(nn.Module):
         kv = self.kv_norm(self.wkv(x))
         kv = finish_keys(be, apply_rope_tail(be, kv, cos, sin), self.rope_dim)
         lc = step.cache.layers[self.layer_id]
-        if step.decode:
-            pool, idx = self._window_decode(kv, step, lc)
-        else:
-            pool, idx = self._window_prefill(kv, step, lc)
+        view = self._window_decode(kv, step, lc) if step.decode else self._window_prefill(kv, step, lc)
         if self.ratio:
-            entries, picks = self._compressed(x, qr, step, lc, cos, sin)
-            picks = torch.where(picks >= 0, picks + pool.shape[1], -1)
-            pool = torch.cat([pool, entries.to(pool.dtype)], dim=1)
-            idx = torch.cat([idx, picks], dim=-1)
-        o = be.sparse_attention(q, pool, idx, self.attn_sink, self.head_dim ** -0.5)
+            view.entry_rows, view.picks = self._compressed(x, qr, step, lc, cos, sin)
+            view.ratio, view.entries, view.entries_in_store = self.ratio, lc.entries, step.defer is None
+            table = lc.block_table[step.slots]
+            view.block_table = table[:, :step.span_pages or table.shape[1]] if step.decode else table
+        o = be.attend(q, view, self.attn_sink, self.head_dim ** -0.5)
+        if not step.decode and step.defer is None:  # after attention: the view read the ring before this chunk
+            self._ring_write(lc, step.slots, step.start, kv)
         o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))
@@ -585,7 +519,11 @@ class Transformer(HcHead, nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def new_cache(self, max_slots: int, max_seq_len: int, **kw) -> KVCache:
-        """A cache for this model (see KVCache for paging and C8 options)."""
+        """A cache for this model (see KVCache for paging and C8 options); its writes go through the backend's
+        `scatter_rows` when the backend overrides it (the base default is what the cache does anyway)."""
+        scatter = getattr(self.backend, "scatter_rows", None)  # wrappers (parallel.py) forward the attribute
+        if scatter is not None and getattr(scatter, "__func__", None) is not Backend.scatter_rows:
+            kw.setdefault("scatter", scatter)
         return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.embed.weight.device, len(self.mtp), **kw)
 
     def _check_ids(self, input_ids: Tensor) -> None:

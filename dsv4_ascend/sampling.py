@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "SamplingBatch", "sample", "probabilities"]
+__all__ = ["SamplingParams", "SamplingBatch", "sample", "greedy", "probabilities"]
 
 
 @dataclass
@@ -115,3 +115,11 @@ def sample(logits: Tensor, sb: SamplingBatch, step: Tensor) -> tuple[Tensor, Ten
     sampled = order.gather(-1, pick).squeeze(1)
     tokens = torch.where(sb.temperature > 0, sampled, greedy)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """What `sample` returns when every row has temperature 0, without its full-vocabulary sort and noise:
+    (argmax tokens [B], their logprobs [B]); bit-identical to `sample` on such rows."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(1)).squeeze(1)

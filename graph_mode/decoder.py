@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dsv4_ascend.cache import KVCache
 from dsv4_ascend.model import Transformer
-from dsv4_ascend.sampling import SamplingBatch, sample
+from dsv4_ascend.sampling import SamplingBatch, greedy, sample
 
 __all__ = ["GRAPH_TUNING", "GraphDecoder", "default_buckets"]
 
@@ -75,10 +75,18 @@ class GraphDecoder:
         self.device = model.embed.weight.device
         backend, mode = _compiler_backend(self.device, cpp_wrapper, tuning)
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        if compiler is None and getattr(model.backend, "emulated", False) and self.device.type == "cpu":
+            # The torch_npu emulator is a correctness model, not a fast path: capture it whole (dynamo +
+            # AOTAutograd) without C++ code generation, which also has no CPU code for its e8m0 scale dtypes.
+            compiler = "aot_eager"
         if compiler is not None:
             inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
+            mode = None
         self.compiles = 0
         self.skip_guards = skip_guards
+        # torch.cond for all-greedy batches where a data-dependent branch is free (CPU); CUDA graphs and
+        # torchair capture both paths of sampling unconditionally instead.
+        self.greedy_branch = self.device.type == "cpu"
         self._ready: set[int] = set()  # buckets whose graph exists
 
         def counting(gm, example_inputs):
@@ -95,8 +103,25 @@ class GraphDecoder:
     def _step(self, ids: Tensor, pos: Tensor, slots: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
               seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = self.model.decode(ids, pos, self.cache, slots)[:, -1]
-        tokens, logprobs = sample(logits, SamplingBatch(temperature, top_k, top_p, seed), pos + 1)
+        operands = (logits, temperature, top_k, top_p, seed, pos + 1)
+        if self.greedy_branch:
+            # Greedy batches skip the full-vocabulary sort and noise of sampling: the branch is taken inside the
+            # compiled code from the temperatures (on CPU a branch costs nothing; no host sync in the engine).
+            tokens, logprobs = torch.cond((temperature > 0).any(), self._sampled, self._greedy, operands)
+        else:
+            tokens, logprobs = self._sampled(*operands)
         return tokens, logprobs, logits
+
+    def _sampled(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
+                 step: Tensor) -> tuple[Tensor, Tensor]:
+        sb = SamplingBatch(temperature, top_k, top_p, seed)
+        if self.device.type == "npu":  # pragma: no cover - torch_npu documents npu_top_k_top_p_sample as eager-only
+            return sample(logits, sb, step)
+        return self.model.backend.sample(logits, sb, step)
+
+    @staticmethod
+    def _greedy(logits: Tensor, *_: Tensor) -> tuple[Tensor, Tensor]:
+        return greedy(logits)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv4_ascend import quant as _quant
-from dsv4_ascend.backend import Backend, RunOptions
+from dsv4_ascend.attention_view import KVView
+from dsv4_ascend import sampling as _sampling
+from dsv4_ascend.backend import Backend, RunOptions, redirect_skipped_rows
 from dsv4_ascend.reference import ReferenceBackend
 
 from . import emulator
@@ -41,11 +43,15 @@ __all__ = ["AscendBackend", "default_npu"]
 
 _ACL_FORMAT_NZ = 29
 _LI_BLOCK = 16  # paged-key block size handed to the lightning indexer (device: multiple of 16, <= 1024)
+_SAS_TOPK = 512  # npu_sparse_attn_sharedkv's only supported cmp_sparse_indices width (K2)
 # Every `quant` AscendBackend accepts (extend here; __init__ checks against it).
 QUANT_MODES: tuple[str, ...] = ("bf16", "w8a8", "fp8", "mxfp8", "w4a8")
 _A3_INT = ("w8a8", "w4a8")  # Atlas A2/A3 integer schemes: int8 linears + shared expert, int8 / int4 routed
 _LOWP_950 = ("fp8", "mxfp8")  # the Ascend 950 native low-precision schemes
 _PACKED_FP4 = (torch.int8, torch.uint8)  # how packed e2m1 expert weights are held in the model
+_ASC_SCATTER_DTYPES = (torch.bfloat16, torch.float16, torch.int8)  # scatter_nd_update_asc's var dtypes
+_ASC_SCATTER_WIDTHS = (1, 128, 512)  # and its only row widths s (spec 3.8)
+_SAMPLE_KS_MAX = 1024  # npu_top_k_top_p_sample: largest top_k it applies (larger ones skip the stage)
 
 
 def default_npu():
@@ -256,15 +262,17 @@ class AscendBackend(Backend):
     #   quant.quantize_mxfp8) -> fp8 [K, N] + e8m0 pairs [K/64, N, 2].
     # - MXFP4 experts (both): w1|w3 stacked along N as the GMM1 weight, packed bytes viewed [E, K/2, N]; scales
     #   [E, N, K/32] -> e8m0 pairs [E, K/64, N, 2].
-    # Weights that are bf16 in the checkpoint (or dequantised at load) keep the bf16 paths. wo_a (grouped_linear)
-    # stays bf16 too: its 950 op, npu_transpose_quant_batchmatmul, is not emulated.
+    # - wo_a (grouped_linear, "mxfp8" only, as in CR's MXFP8 recipe): re-quantised (lossless) to MXFP8 along K, K
+    #   zero-padded to a multiple of 64, for the MX mode of npu_transpose_quant_batchmatmul (_grouped_plan). In
+    #   "fp8" CR dequantises wo_a to bf16 (the op has no 128x128-block mode), and so does this backend.
+    # Weights that are bf16 in the checkpoint (or dequantised at load) keep the bf16 paths.
     def _npu_dtype(self, name: str) -> torch.dtype:
         """torch_npu's spelling of a low-precision dtype when it has one (float4_e2m1fn_x2, float8_e8m0fnu)."""
         return getattr(self.npu, name, getattr(emulator, name))
 
     @torch.no_grad()
     def _prepare_950(self, model: nn.Module) -> "AscendBackend":
-        """Build the 950 op layouts of every FP8 linear (but wo_a) and every MXFP4 expert stack, once."""
+        """Build the 950 op layouts of every FP8 linear (wo_a: its MXFP8 form) and every MXFP4 expert stack, once."""
         from dsv4_ascend.model import Attention, Linear, RoutedExperts
 
         grouped = {id(m.wo_a.weight) for m in model.modules() if isinstance(m, Attention)}
@@ -272,6 +280,9 @@ class AscendBackend(Backend):
             if (isinstance(mod, Linear) and mod.scale is not None and mod.weight.dtype == torch.float8_e4m3fn
                     and id(mod.weight) not in grouped):
                 self._linear_plan(mod.weight, mod.scale)
+            elif isinstance(mod, Attention) and self.quant == "mxfp8" and mod.wo_a.scale is not None and \
+                    mod.wo_a.weight.dtype == torch.float8_e4m3fn:
+                self._grouped_plan(mod.wo_a.weight, mod.wo_a.scale)  # wo_a: MXFP8 (grouped_linear)
             elif isinstance(mod, RoutedExperts) and mod.w1_scale is not None and mod.w1.dtype in _PACKED_FP4:
                 self._experts_plan(mod.w1, mod.w2, mod.w3, mod.w1_scale, mod.w2_scale, mod.w3_scale)
         return self
@@ -431,7 +442,42 @@ class AscendBackend(Backend):
             return F.linear(self._act_quant_sim(x), _dense(weight, scale, torch.float32)).to(x.dtype)
         return torch.matmul(x, _dense(weight, scale, x.dtype).t())
 
+    def _grouped_plan(self, weight: Tensor, scale: Tensor) -> tuple:
+        """(weight, MXFP8 w [G, N, Kp] fp8, e8m0 pairs [G, N, Kp/64, 2], Kp) for wo_a's FP8 block-scaled weight
+        [G*N, Kg] viewed per group: re-quantised per 1x32 along K with the ceil rule (lossless for power-of-two
+        128x128 scales, quant.quantize_mxfp8), K zero-padded to Kp = a multiple of 64 (the op's MX constraint)."""
+        plan = self._lp.get(id(weight))
+        if plan is not None:
+            return plan
+        kg = weight.shape[-1]
+        kp = -(-kg // 64) * 64
+        w = F.pad(_dense(weight, scale, torch.float32), (0, kp - kg))  # zero columns: zero products
+        q, s = _quant.quantize_mxfp8(w)  # [G*N, Kp] e4m3, e8m0 [G*N, Kp/32]
+        plan = (weight, q, _quant.e8m0_pairs(s, -1), kp)  # groups split off at call time (G = x.shape[-2])
+        self._lp[id(weight)] = plan
+        return plan
+
+    def _grouped_linear_950(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        """wo_a on the 950 (fp8 / mxfp8): npu_dynamic_mx_quant of x [T, G, Kp] (MXFP8, K zero-padded like the
+        weight: the padded block has the same amax, so the quantisation is that of x itself) + the MX mode of
+        npu_transpose_quant_batchmatmul (x1 (T, G, Kp) perm (1, 0, 2), x2 (G, N, Kp) perm (0, 2, 1)) -> [T, G, N]."""
+        _, q, pairs, kp = self._grouped_plan(weight, scale)
+        g, kg = x.shape[-2], x.shape[-1]
+        x3 = F.pad(x.reshape(-1, g, kg), (0, kp - kg))
+        xq, xs = self.npu.npu_dynamic_mx_quant(x3, axis=-1, dst_type=torch.float8_e4m3fn)
+        e8 = self._npu_dtype("float8_e8m0fnu")
+        y = self.npu.npu_transpose_quant_batchmatmul(
+            xq, q.view(g, -1, kp), x.dtype, x1_scale=xs.view(e8), x2_scale=pairs.view(g, -1, kp // 64, 2).view(e8),
+            group_sizes=[0, 0, 32], perm_x1=(1, 0, 2), perm_x2=(0, 2, 1), perm_y=(1, 0, 2))
+        return y.reshape(*x.shape[:-1], -1)
+
     def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        # 950 mxfp8 with the FP8 wo_a: the MX mode of npu_transpose_quant_batchmatmul (its only documented mode
+        # that fits V4's shapes; K-C is K = 512 / N = 128 only; no 128x128-block mode, so "fp8" keeps bf16 like
+        # CR's FP8 recipe). fp16 / bf16 out only.
+        if (self.quant == "mxfp8" and scale is not None and weight.dtype == torch.float8_e4m3fn
+                and x.dtype in (torch.bfloat16, torch.float16)):
+            return self._grouped_linear_950(x, weight, scale)
         # x [..., G, Kg], weight [G*N, Kg]: npu_transpose_batchmatmul with x as [T, G, Kg] (perm_x1 -> [G, T, Kg]),
         # weight as [G, N, Kg] (perm_x2 -> [G, Kg, N]) and the result [G, T, N] permuted back to [T, G, N].
         g, kg = x.shape[-2], x.shape[-1]
@@ -443,13 +489,111 @@ class AscendBackend(Backend):
     # ---- composites ------------------------------------------------------------------------------------------
     # No fused op covers these V4 steps at this Backend contract (see docs/ascend.md), so the composite of
     # built-in ops is exactly the reference's plain-torch code: one implementation, shared.
-    # hc_head: CR runs it in plain fp32 torch too. compress: the custom `compressor` op fuses projection, state,
-    # norm and RoPE (a coarser step). sparse_attention: the contract hands one gathered pool with indices and no
-    # positions, which npu_sparse_attn_sharedkv cannot express (it needs positions and K2 = 512).
+    # hc_head: CR runs it in plain fp32 torch too. compress: the pooling step of the composite `compressor`
+    # (below), used where no custom provider is installed. sparse_attention: a gathered pool with indices and
+    # no positions, which npu_sparse_attn_sharedkv cannot express; the model calls `attend` (below), which
+    # reaches the kernel through the stores and positions and falls back to this composite where it does not fit.
     _hc_mix = ReferenceBackend._hc_mix
     hc_head = ReferenceBackend.hc_head
     compress = ReferenceBackend.compress
     sparse_attention = ReferenceBackend.sparse_attention
+
+    # ---- KV compressor: the custom `compressor` ----------------------------------------------------------------
+    def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                   state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
+                   used: int | None = None) -> Tensor:
+        # CR's fused op (spec 3.7), BSND for decode and prefill alike (every row of a chunk shares S). The state
+        # ring [N, R, 2c] is the op's paged state cache with block_size R: a block table that repeats each row's
+        # block sends position p to row p % R. start_pos goes in shifted down by a multiple of R (to start % R + R
+        # once start >= R): the op uses it only for the window phase, the ape row, the w = 0 rule and the state
+        # address, all unchanged by the shift (R is a multiple of the ratio, and >= 2*ratio with overlap, so no
+        # window becomes the first), while RoPE comes in per entry; so the table needs only a few columns, fixed
+        # by S, instead of max_seq_len / R (verify on the device that nothing else reads start_pos).
+        if self.custom is None or not hasattr(self.custom, "compressor"):
+            return super().compressor(x, wkv, wgate, ape, norm_weight, norm_eps, state, blocks, start, cos, sin,
+                                      ratio, used)
+        b, s, _ = x.shape
+        ring = state.shape[1]
+        coff = wkv.shape[0] // norm_weight.shape[0]
+        shifted = torch.where(start >= ring, start % ring + ring, start)
+        table = blocks.to(torch.int32).unsqueeze(1).expand(b, (2 * ring + s - 2) // ring + 1).contiguous()
+        seqused = None if used is None else torch.full((b,), used, dtype=torch.int32, device=x.device)
+        return self.custom.compressor(
+            x, wkv.to(x.dtype), wgate.to(x.dtype), state, ape.float(), norm_weight.float(),
+            sin.repeat_interleave(2, -1).float(), cos.repeat_interleave(2, -1).float(), 2 * cos.shape[-1], ratio,
+            state_block_table=table, seqused=seqused, start_pos=shifted.to(torch.int32), coff=coff,
+            norm_eps=norm_eps, rotary_mode=2, cache_mode=1)
+
+    # ---- V4 attention: npu_sparse_attn_sharedkv ----------------------------------------------------------------
+    def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
+        """CR's fused shared-KV attention over the stores `view` describes, when a custom provider is installed
+        and the kernel can read them; otherwise the composite (`view.gathered()` + sparse_attention).
+
+        TND q (one batch per sequence, cu_seqlens_q); ori_kv = the window ring [slots, win, 1, d] as a paged
+        cache of block size win whose block table repeats the row's slot (position p -> block slot, row p % win);
+        cmp_kv = the entry pages [pages, block_size/m, 1, d] through the sequence's block table row (entry j in
+        page j // (block_size/m)); CSA picks as cmp_sparse_indices (-1 padded to K2 = 512); seqused_kv = last
+        position + 1. Prefill chunks are not in the ring yet: a temporary paged window (`_sas_prefill_window`)
+        stands in for it. No host reads: decode stays capturable.
+        """
+        if self._sas_unsupported(q, view):
+            return Backend.attend(self, q, view, sink, scale)
+        b, s, h, d = q.shape
+        win, dev, i32 = view.win, q.device, torch.int32
+        if view.chunk is None:  # decode: this step's row is already in the ring
+            ori_kv = view.window.data.unsqueeze(2)
+            ori_table = view.slots.to(i32).view(b, 1).expand(b, -(-view.max_len // win)).contiguous()
+        else:
+            ori_kv, ori_table = self._sas_prefill_window(view)
+        cu = torch.arange(0, (b + 1) * s, s, device=dev, dtype=i32)  # one TND batch per sequence
+        seqused = (view.positions[:, -1] + 1).to(i32)
+        kw = dict(cu_seqlens_q=cu, seqused_kv=seqused, cmp_ratio=view.ratio or 1, ori_mask_mode=4, cmp_mask_mode=3,
+                  ori_win_left=win - 1, ori_win_right=0, layout_q="TND", layout_kv="PA_ND")
+        cmp, cmp_topk = {}, 0
+        if view.ratio:
+            cmp = dict(cmp_kv=view.entries.data.unsqueeze(2), cmp_block_table=view.block_table.to(i32))
+            if view.picks is not None:
+                picks = F.pad(view.picks, (0, _SAS_TOPK - view.picks.shape[-1]), value=-1)
+                cmp["cmp_sparse_indices"] = picks.reshape(b * s, 1, _SAS_TOPK).to(i32)
+                cmp_topk = _SAS_TOPK
+        meta = self.custom.npu_sparse_attn_sharedkv_metadata(
+            h, 1, d, batch_size=b, max_seqlen_q=s, max_seqlen_kv=view.max_len, ori_topk=0, cmp_topk=cmp_topk,
+            has_ori_kv=True, has_cmp_kv=bool(view.ratio), device=str(dev), **kw)
+        out, _ = self.custom.npu_sparse_attn_sharedkv(
+            q.reshape(b * s, h, d), ori_kv=ori_kv, ori_block_table=ori_table, sinks=sink.float(), metadata=meta,
+            softmax_scale=scale, **cmp, **kw)
+        return out.view(b, s, h, d)
+
+    def _sas_unsupported(self, q: Tensor, view: KVView) -> str:
+        """Why npu_sparse_attn_sharedkv cannot run this view ('' when it can); decided from host-known facts."""
+        if self.custom is None or not hasattr(self.custom, "npu_sparse_attn_sharedkv"):
+            return "no custom-op provider"
+        stores = [view.window] + ([view.entries] if view.ratio else [])
+        if any(st.fp8 for st in stores):
+            return "C8 (kv_fp8) cache: npu_kv_quant_sparse_attn_sharedkv's row layout differs from ours"
+        if any(st.dtype != q.dtype for st in stores):
+            return "cache dtype differs from q's (the kernel takes one dtype)"
+        if view.ratio and not view.entries_in_store:
+            return "deferred prefill: the chunk's entries are not in the pages yet"
+        if view.picks is not None and view.picks.shape[-1] > _SAS_TOPK:
+            return f"more than {_SAS_TOPK} picks per query"
+        return ""
+
+    def _sas_prefill_window(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """A temporary paged window for a prefill chunk: ring rows of positions [start-win, start) then the chunk,
+        in position order, front-aligned to the block size (= win). Returns (cache [B*nblk, win, 1, d], table)."""
+        b, s, d = view.chunk.shape
+        win, s0, dev = view.win, view.start, view.chunk.device
+        first = max(s0 - win, 0) // win  # first block held; earlier columns are never read unmasked
+        nblk = -(-(s0 + s) // win) - first
+        p = first * win + torch.arange(nblk * win, device=dev)  # positions held
+        src = torch.where(p < s0, p % win, torch.where(p < s0 + s, win + p - s0, win + s))  # ring | chunk | zero
+        rows = torch.cat([view.window.read(view.slots), view.chunk.to(view.window.dtype),
+                          view.chunk.new_zeros(b, 1, d, dtype=view.window.dtype)], 1)
+        cache = rows.index_select(1, src).view(b * nblk, win, 1, d)
+        col = (torch.arange(first + nblk, device=dev) - first).clamp(min=0)
+        table = (torch.arange(b, device=dev).unsqueeze(1) * nblk + col).to(torch.int32)
+        return cache, table
 
     # ---- mHC -------------------------------------------------------------------------------------------------
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
@@ -531,7 +675,7 @@ class AscendBackend(Backend):
                 sync_free: bool = False) -> Tensor:
         # init_routing_v2 (sort copies by expert) -> GMM1 (w13) -> clamped SwiGLU -> GMM2 (w2) -> finalize_routing.
         # Every shape is static (T*k rows); group_list is a device tensor, so nothing syncs to the host on the
-        # device. (The emulator's grouped matmul reads group_list on the host, like any CPU loop.)
+        # device, and the emulator's ops are tensor code too (graph mode traces them on CPU).
         t, k = ids.shape
         n_exp = w1.shape[0]
         dt = x.dtype
@@ -593,3 +737,45 @@ class AscendBackend(Backend):
         g = self.linear(x, w1, s1).float().clamp(max=limit)
         u = self.linear(x, w3, s3).float().clamp(-limit, limit)
         return self.linear((F.silu(g) * u).to(x.dtype), w2, s2)
+
+    # ---- cache writes and sampling ---------------------------------------------------------------------------
+    def scatter_rows(self, dst: Tensor, rows: Tensor, src: Tensor) -> None:
+        """dst[rows[i]] = src[i] in place, negative rows skipped: CR's `scatter_nd_update_asc` when a provider
+        exists and dst fits it (bf16 / fp16 / int8 (uint8 as int8), s in {1, 128, 512}, u <= R), else the built-in
+        `npu_scatter_nd_update_` after redirecting skipped rows onto a copy of the last valid write (the built-in
+        does not document skipping negative indices); both sync-free."""
+        src = src.to(dst.dtype)
+        if dst.dtype == torch.uint8:  # C8 fp8 bytes: the ops take int8; same bytes
+            dst, src = dst.view(torch.int8), src.view(torch.int8)
+        rows = rows.long()
+        if (self.custom is not None and hasattr(self.custom, "scatter_nd_update_asc")
+                and dst.dtype in _ASC_SCATTER_DTYPES and dst.shape[1] in _ASC_SCATTER_WIDTHS
+                and rows.shape[0] <= dst.shape[0] and dst.is_contiguous()):
+            self.custom.scatter_nd_update_asc(dst, rows.unsqueeze(1), src.contiguous())
+            return
+        idx, upd = redirect_skipped_rows(dst, rows, src)
+        self.npu.npu_scatter_nd_update_(dst, idx.unsqueeze(1), upd.contiguous())
+
+    def sample(self, logits: Tensor, sb: _sampling.SamplingBatch, step: Tensor) -> tuple[Tensor, Tensor]:
+        """Sampling through `npu_top_k_top_p_sample` (qSample) with q = -log(u) from the reference's counter-based
+        noise, so tokens equal `sampling.sample`'s; sync-free.
+
+        The op takes the temperature-scaled logits and reads q by sorted position, as the reference adds its
+        Gumbel noise -log(-log u) by sorted position: argmax(p / E) = argmax(log p - log E). Rows the op cannot
+        express take the reference's token (torch.where): greedy (temperature 0), top_k in (1024, V), top-k and
+        top-p together (the op renormalises over the top-k before the top-p cut, the reference does not), and
+        neither filter (the op then reads q by token id). Logprobs: log-softmax of the raw logits, as the reference.
+        """
+        logits = logits.float()
+        ref_tokens, _ = _sampling.sample(logits, sb, step)
+        vocab = logits.shape[-1]
+        k, p = sb.top_k, sb.top_p.float()
+        k_on, p_on = (k > 0) & (k < vocab), p < 1
+        ok = (sb.temperature > 0) & (k_on ^ p_on) & (~k_on | (k <= _SAMPLE_KS_MAX))
+        scaled = logits / sb.temperature.clamp(min=1e-5).unsqueeze(1)
+        q = (-torch.log(_sampling.uniform_noise(sb.seed, step, vocab))).float()  # Exp(1) noise, > 0
+        picked, _ = self.npu.npu_top_k_top_p_sample(
+            scaled, torch.where(k_on, k, 0).to(torch.int32), torch.where(p_on, p, 1.0), q=q, eps=0.0,
+            is_need_logits=False, ks_max=_SAMPLE_KS_MAX, input_is_logits=True, post_sample="qSample")
+        tokens = torch.where(ok, picked.long(), ref_tokens)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(1)).squeeze(1)

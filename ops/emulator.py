@@ -30,6 +30,7 @@ __all__ = [
     "inplace_partial_rotary_mul",
     "npu_format_cast",
     "npu_transpose_batchmatmul",
+    "npu_transpose_quant_batchmatmul",
     "npu_dynamic_quant",
     "npu_dynamic_block_quant",
     "npu_dynamic_mx_quant",
@@ -41,9 +42,13 @@ __all__ = [
     "npu_moe_init_routing_v2",
     "npu_moe_finalize_routing",
     "npu_moe_gating_top_k",
+    "scatter_nd_update_asc",
+    "npu_scatter_nd_update_",
+    "npu_top_k_top_p_sample",
     "npu_dequant_swiglu_clamp_quant",
     "npu_hc_pre",
     "npu_hc_post",
+    "compressor",
     "npu_lightning_indexer",
     "npu_quant_lightning_indexer",
     "npu_quant_lightning_indexer_metadata",
@@ -178,6 +183,83 @@ def npu_transpose_batchmatmul(input: Tensor, weight: Tensor, *, bias=None, scale
     return y.permute(*(perm_y or (0, 1, 2))).to(input.dtype)
 
 
+def npu_transpose_quant_batchmatmul(x1: Tensor, x2: Tensor, dtype, *, bias=None, x1_scale=None, x2_scale=None,
+                                    group_sizes=None, perm_x1=None, perm_x2=None, perm_y=None, batch_split_factor=1,
+                                    x1_dtype=None, x2_dtype=None) -> Tensor:
+    """TNPU `npu_transpose_quant_batchmatmul` (950 only; spec 3.6, aclnnTransposeQuantBatchMatMul): quantised
+    batched matmul, x1 (M, B, K) with perm_x1 (1, 0, 2) -> [B, M, K]; x2 (B, K, N) with perm_x2 (0, 1, 2) or
+    (B, N, K) with (0, 2, 1); y = ((x1 @ x2) * x2_scale * x1_scale) in fp32, cast once to `dtype` (fp16 / bf16),
+    returned (M, B, N) (perm_y (1, 0, 2)). Defaults of the perms are those values. Modes:
+    - MX (MXFP8): x1, x2 float8_e4m3fn; x1_scale e8m0 pairs (M, B, K/64, 2); x2_scale e8m0 pairs (B, K/64, N, 2)
+      (perm_x2 (0, 1, 2)) or (B, N, K/64, 2) (perm_x2 (0, 2, 1)); one scale per 32 along K; K % 64 == 0;
+      group_sizes [gm, gn, 32] with gm, gn in {0, 1}.
+    - K-C: x1, x2 e4m3fn / e5m2; x1_scale fp32 (M,) per token, x2_scale fp32 (N,) per channel (shared by every
+      batch); documented for K = 512, N = 128 and perm_x2 (0, 1, 2) only; group_sizes ignored.
+    bias is reserved (must be None), batch_split_factor must be 1. T-C (HiF8) and FP4 inputs are not emulated.
+    """
+    out_dt = _dtype_arg(dtype, "npu_transpose_quant_batchmatmul dtype")
+    if out_dt not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"npu_transpose_quant_batchmatmul: dtype must be torch.float16 or torch.bfloat16, found "
+                         f"{dtype!r}")
+    if bias is not None or batch_split_factor != 1:
+        raise ValueError("npu_transpose_quant_batchmatmul: bias is reserved (None) and batch_split_factor must be 1")
+    perm_x1, perm_x2, perm_y = (tuple(perm_x1 or (1, 0, 2)), tuple(perm_x2 or (0, 1, 2)),
+                                tuple(perm_y or (1, 0, 2)))
+    if perm_x1 != (1, 0, 2) or perm_y != (1, 0, 2) or perm_x2 not in ((0, 1, 2), (0, 2, 1)):
+        raise ValueError(f"npu_transpose_quant_batchmatmul: perm_x1 / perm_y must be (1, 0, 2) and perm_x2 (0, 1, 2) "
+                         f"or (0, 2, 1), found {perm_x1} / {perm_y} / {perm_x2}")
+    views = []
+    for name, t, declared in (("x1", x1, x1_dtype), ("x2", x2, x2_dtype)):
+        want = _dtype_arg(declared, f"{name}_dtype")
+        if want is not None and t.dtype in (torch.uint8, torch.int8) and want in _FP8_DTYPES:
+            t = t.view(want)  # FP8 carried in a byte tensor, its dtype given by x*_dtype
+        if t.dtype not in _FP8_DTYPES or (want is not None and t.dtype != want):
+            raise NotImplementedError(f"npu_transpose_quant_batchmatmul: {name} must be float8_e4m3fn / float8_e5m2 "
+                                      f"(HiF8 / FP4 not emulated), found {t.dtype} (declared {declared!r})")
+        if t.dim() != 3:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: {name} must be 3-D, found shape {tuple(t.shape)}")
+        views.append(t)
+    x1, x2 = views
+    a = x1.permute(1, 0, 2)  # [B, M, K]
+    b = x2.permute(*perm_x2)  # [B, K, N]
+    bsz, m, k = a.shape
+    n = b.shape[2]
+    if b.shape[:2] != (bsz, k):
+        raise ValueError(f"npu_transpose_quant_batchmatmul: x1 {tuple(x1.shape)} (M, B, K) and x2 {tuple(x2.shape)} "
+                         f"with perm_x2 {perm_x2} do not share B and K")
+    if x1_scale is None or x2_scale is None:
+        raise ValueError("npu_transpose_quant_batchmatmul: x1_scale and x2_scale are required (K-C or MX mode)")
+    if _is_e8m0(x1_scale, None) or _is_e8m0(x2_scale, None):  # MX
+        if x1.dtype != torch.float8_e4m3fn or x2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: MX mode takes float8_e4m3fn x1 / x2, found "
+                             f"{x1.dtype} / {x2.dtype}")
+        gs = None if group_sizes is None else [int(v) for v in group_sizes]
+        if gs is None or len(gs) != 3 or gs[0] not in (0, 1) or gs[1] not in (0, 1) or gs[2] != 32:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: MX mode needs group_sizes [0|1, 0|1, 32], found {gs}")
+        if k % 64:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: MX mode needs K % 64 == 0, found K = {k}")
+        s2_want = (bsz, k // 64, n, 2) if perm_x2 == (0, 1, 2) else (bsz, n, k // 64, 2)
+        if tuple(x1_scale.shape) != (m, bsz, k // 64, 2) or tuple(x2_scale.shape) != s2_want:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: MX scales must be x1_scale {(m, bsz, k // 64, 2)} and "
+                             f"x2_scale {s2_want}, found {tuple(x1_scale.shape)} / {tuple(x2_scale.shape)}")
+        if not (_is_e8m0(x1_scale, None) and _is_e8m0(x2_scale, None)):
+            raise ValueError("npu_transpose_quant_batchmatmul: MX mode takes float8_e8m0fnu x1_scale and x2_scale")
+        s2 = x2_scale if perm_x2 == (0, 1, 2) else x2_scale.permute(0, 2, 1, 3)  # [B, K/64, N, 2]
+        y = _mx_matmul(a, x1_scale.permute(1, 0, 2, 3), b, s2)  # [B, M, N] fp32
+    else:  # K-C
+        if x1_scale.dtype != torch.float32 or x2_scale.dtype != torch.float32:
+            raise ValueError(f"npu_transpose_quant_batchmatmul: K-C mode takes fp32 scales (MX mode float8_e8m0fnu), "
+                             f"found {x1_scale.dtype} / {x2_scale.dtype}")
+        if tuple(x1_scale.shape) != (m,) or tuple(x2_scale.shape) != (n,):
+            raise ValueError(f"npu_transpose_quant_batchmatmul: K-C scales must be x1_scale ({m},) and x2_scale "
+                             f"({n},), found {tuple(x1_scale.shape)} / {tuple(x2_scale.shape)}")
+        if k != 512 or n != 128 or perm_x2 != (0, 1, 2):
+            raise ValueError(f"npu_transpose_quant_batchmatmul: K-C mode is documented for K = 512, N = 128, perm_x2 "
+                             f"(0, 1, 2) only, found K = {k}, N = {n}, perm_x2 {perm_x2}")
+        y = torch.bmm(a.float(), b.float()) * x2_scale.view(1, 1, n) * x1_scale.view(1, m, 1)
+    return y.to(out_dt).permute(1, 0, 2)
+
+
 def npu_dynamic_quant(x: Tensor, *, smooth_scales=None, group_index=None, dst_type=None, quant_mode="pertoken",
                       dst_type_max=0.0) -> tuple[Tensor, Tensor]:
     """TNPU `npu_dynamic_quant` (spec 3.6): per-token symmetric int8 over the last dim.
@@ -228,27 +310,41 @@ def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, *, offset=None, pert
     return y.to(output_dtype)
 
 
-def _group_bounds(group_list: Tensor, group_list_type: int, n_groups: int) -> list[tuple[int, int]]:
-    """[start, end) row range per group from counts (type 1) or a non-decreasing cumsum (type 0)."""
-    g = [int(v) for v in group_list.tolist()]
-    if len(g) != n_groups:
-        raise ValueError(f"group_list has {len(g)} entries for {n_groups} weight groups")
+def _checking_values() -> bool:
+    """Whether to run argument checks that read tensor *values* on the host (group_list totals, scale bits).
+
+    Eager calls run them (clear errors); while torch.compile traces (graph mode) they are skipped so the op stays
+    capturable, as the device op is (it does not check either)."""
+    return not torch.compiler.is_compiling()
+
+
+def _group_bounds(group_list, group_list_type: int, n_groups: int, m: int) -> Tensor:
+    """Group index int64 [M] of every row of x [M, ...] from group_list counts (type 1) or a non-decreasing
+    cumsum (type 0); rows past the last group get n_groups (the tail). Tensor ops only: searchsorted of the row
+    index in the group ends, so it traces without a host read (the value checks run in eager calls only)."""
+    gl = group_list if isinstance(group_list, Tensor) else torch.tensor(list(group_list), dtype=torch.int64)
+    if gl.dim() != 1 or gl.shape[0] != n_groups:
+        raise ValueError(f"group_list must be 1-D with one entry per weight group ({n_groups}), found shape "
+                         f"{tuple(gl.shape)}")
     if group_list_type == 1:
-        ends = []
-        acc = 0
-        for c in g:
-            if c < 0:
-                raise ValueError("group_list counts must be >= 0")
-            acc += c
-            ends.append(acc)
+        ends = gl.long().cumsum(0)
     elif group_list_type == 0:
-        if any(b < a for a, b in zip(g, g[1:])) or (g and g[0] < 0):
-            raise ValueError("group_list cumsum must be non-decreasing and >= 0")
-        ends = g
+        ends = gl.long()
     else:
         raise NotImplementedError(f"group_list_type {group_list_type} not emulated (0 = cumsum, 1 = counts)")
-    starts = [0] + ends[:-1]
-    return list(zip(starts, ends))
+    if _checking_values() and n_groups:
+        if group_list_type == 1 and bool((gl < 0).any()):
+            raise ValueError(f"group_list counts must be >= 0, found {gl.tolist()}")
+        if group_list_type == 0 and (bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0):
+            raise ValueError(f"group_list cumsum must be non-decreasing and >= 0, found {gl.tolist()}")
+        if int(ends[-1]) > m:
+            raise ValueError(f"group_list covers {int(ends[-1])} rows but x has {m}")
+    return torch.searchsorted(ends, torch.arange(m, device=ends.device), right=True)
+
+
+def _rows_of(t: Tensor, gid: Tensor, n_groups: int) -> Tensor:
+    """t[group of each row] [M, ...] for a per-group tensor t [E, ...]; tail rows read group E-1 (masked later)."""
+    return t.index_select(0, gid.clamp(max=n_groups - 1))
 
 
 def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
@@ -295,9 +391,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     e = w.shape[0]
     if group_list is None:
         raise ValueError("npu_grouped_matmul: group_list is required with a stacked weight")
-    bounds = _group_bounds(group_list, group_list_type, e)
-    if bounds and bounds[-1][1] > xm.shape[0]:
-        raise ValueError(f"group_list covers {bounds[-1][1]} rows but x has {xm.shape[0]}")
+    gid = _group_bounds(group_list, group_list_type, e, xm.shape[0])
     quant = xm.dtype == torch.int8
     if quant != (w.dtype == torch.int8):
         raise NotImplementedError("npu_grouped_matmul: mixed int8/float operands not emulated")
@@ -309,25 +403,24 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             raise ValueError("npu_grouped_matmul: int8 with a float output needs `scale`")
     else:
         out_dt = output_dtype or xm.dtype
+    # Every row against its own group's weight (gathered per row, one batched matmul): static shapes, no host read.
+    w_rows = _rows_of(w, gid, e)  # [M, K, N]
+    if quant:
+        y = _int_matmul(xm.unsqueeze(1), w_rows).squeeze(1)  # exact int32 accumulators
+        if out_dt != torch.int32:
+            y = y.float() * _rows_of(scale[0].float(), gid, e)
+            if per_token_scale is not None:
+                y = y * per_token_scale[0].float().unsqueeze(-1)
+    elif xm.dtype in (torch.bfloat16, torch.float16) and w.dtype == xm.dtype == out_dt:
+        # 16-bit operands: torch's 16-bit CPU bmm accumulates in fp32 (the documented semantics) and is the
+        # product the reference backend's decode uses, so the two round alike.
+        y = torch.bmm(xm.unsqueeze(1), w_rows).squeeze(1).float()
+    else:
+        y = torch.bmm(xm.float().unsqueeze(1), w_rows.float()).squeeze(1)
+    if bias is not None and out_dt != torch.int32:
+        y = y + _rows_of(bias[0].float(), gid, e)
     fill = torch.iinfo(torch.int32).min if out_dt == torch.int32 else float("nan")
-    out = torch.full((xm.shape[0], w.shape[2]), fill, dtype=out_dt, device=xm.device)
-    pts = None if per_token_scale is None else per_token_scale[0].float()
-    for g, (a, b) in enumerate(bounds):
-        if b <= a:
-            continue
-        if quant:
-            acc = _int_matmul(xm[a:b], w[g])
-            if out_dt == torch.int32:
-                out[a:b] = acc
-                continue
-            y = acc.float() * scale[0][g].float()
-            if pts is not None:
-                y = y * pts[a:b].unsqueeze(-1)
-        else:
-            y = xm[a:b].float() @ w[g].float()
-        if bias is not None:
-            y = y + bias[0][g].float()
-        out[a:b] = y.to(out_dt)
+    out = torch.where((gid < e).unsqueeze(-1), y.to(out_dt), torch.full((), fill, dtype=out_dt, device=xm.device))
     return [out]
 
 
@@ -371,7 +464,7 @@ def _a8w4_scale(scale: Tensor, e: int, k: int, n: int) -> Tensor:
     if s.dim() != 3 or s.shape[0] != e or s.shape[2] != n or s.shape[1] == 0 or k % s.shape[1]:
         raise ValueError(f"npu_grouped_matmul (A8W4): scale must be [E, N] or [E, G, N] with G dividing K "
                          f"(E={e}, K={k}, N={n}), found {tuple(scale.shape)}")
-    if ((s < 0) | (s >= 2**32)).any():
+    if _checking_values() and bool(((s < 0) | (s >= 2**32)).any()):
         raise NotImplementedError("npu_grouped_matmul (A8W4): scale has bits in its high 32; only CR's layout "
                                   "(fp32 bits in the low half, high half zero) is emulated")
     return torch.where(s >= 2**31, s - 2**32, s).to(torch.int32).view(torch.float32)
@@ -416,22 +509,20 @@ def _grouped_matmul_a8w4(xm: Tensor, w: Tensor, group_list, group_list_type: int
         raise ValueError(f"npu_grouped_matmul (A8W4): per_token_scale=[fp32 ({xm.shape[0]},)] is required")
     s = _a8w4_scale(scale[0], e, k, n)  # [E, G, N] fp32
     n_grp = s.shape[1]
-    bounds = _group_bounds(group_list, 1, e)
-    if bounds and bounds[-1][1] > xm.shape[0]:
-        raise ValueError(f"group_list covers {bounds[-1][1]} rows but x has {xm.shape[0]}")
+    gid = _group_bounds(group_list, 1, e, xm.shape[0])
     wq = _quant.unpack_int4(w)  # int8 [E, K, N]
     w_sums = wq.double().unflatten(1, (n_grp, k // n_grp)).sum(2)  # [E, G, N], exact
     b_star = (8 * (s.double() * w_sums).sum(1)).float()  # [E, N], the documented bias, correctly rounded
     dev = bias[0].float() - b_star
     pts = per_token_scale[0].float()
-    out = torch.full((xm.shape[0], n), float("nan"), dtype=output_dtype, device=xm.device)
-    for g, (a, b) in enumerate(bounds):
-        if b <= a:
-            continue
-        xg = xm[a:b].unflatten(1, (n_grp, k // n_grp))  # [m, G, K/G]
-        wg = wq[g].unflatten(0, (n_grp, k // n_grp))  # [G, K/G, N]
-        y = sum(_int_matmul(xg[:, j], wg[j]).float() * s[g, j] for j in range(n_grp))
-        out[a:b] = ((y + dev[g]) * pts[a:b].unsqueeze(-1)).to(output_dtype)
+    # Per row against its group's weight (gathered, batched): static shapes, no host read.
+    xg = xm.unflatten(1, (n_grp, k // n_grp)).unsqueeze(2)  # [M, G, 1, K/G]
+    wg = _rows_of(wq, gid, e).unflatten(1, (n_grp, k // n_grp))  # [M, G, K/G, N]
+    acc = _int_matmul(xg, wg).squeeze(2)  # [M, G, N] exact int32 per K-group
+    s_rows = _rows_of(s, gid, e)  # [M, G, N]
+    y = sum(acc[:, j].float() * s_rows[:, j] for j in range(n_grp))
+    y = ((y + _rows_of(dev, gid, e)) * pts.unsqueeze(-1)).to(output_dtype)
+    out = torch.where((gid < e).unsqueeze(-1), y, torch.full((), float("nan"), dtype=output_dtype, device=xm.device))
     return out
 
 # ---- MoE routing -------------------------------------------------------------------------------------------------
@@ -457,19 +548,23 @@ def npu_moe_init_routing_v2(x: Tensor, expert_idx: Tensor, *, scale=None, offset
     if quant_mode not in (-1, 1):
         raise NotImplementedError(f"npu_moe_init_routing_v2: quant_mode {quant_mode} not emulated")
     n, k = expert_idx.shape
+    # expert_num <= 0 (unknown count) derives it from the ids: a host read, so callers that compile pass it.
     e_total = expert_num if expert_num > 0 else int(expert_idx.max()) + 1
     lo, hi = (active_expert_range or [0, e_total])
     flat = expert_idx.reshape(-1).long()
     keep = (flat >= lo) & (flat < hi)
     key = torch.where(keep, flat, torch.full_like(flat, hi))  # out-of-range copies sort last and are dropped
-    order = torch.sort(key, stable=True).indices  # sorted position -> src
-    n_keep = int(keep.sum())
+    sorted_key, order = torch.sort(key, stable=True)  # sorted position -> src
     rows = n * k if active_num is None or active_num <= 0 else min(n * k, active_num)
     src_sorted = order[:rows]
+    # Kept copies form a prefix of the sorted order (their keys are < hi); everything is static-shape tensor
+    # math, no count is read on the host.
+    valid = sorted_key[:rows] < hi
+    pos = torch.arange(rows, device=x.device)
     dst_of_src = torch.full((n * k,), -1, dtype=torch.int64, device=x.device)
-    valid_rows = min(rows, n_keep)
-    dst_of_src[src_sorted[:valid_rows]] = torch.arange(valid_rows, device=x.device)
-    counts = torch.bincount(flat[keep] - lo, minlength=hi - lo).to(torch.int64)
+    dst_of_src = dst_of_src.scatter(0, src_sorted, torch.where(valid, pos, torch.full_like(pos, -1)))
+    counts = torch.zeros(hi - lo, dtype=torch.int64, device=x.device).scatter_add(
+        0, torch.where(keep, flat - lo, torch.zeros_like(flat)), keep.long())
     tok = src_sorted // k
     xe = x[tok]
     if quant_mode == 1:
@@ -481,13 +576,14 @@ def npu_moe_init_routing_v2(x: Tensor, expert_idx: Tensor, *, scale=None, offset
         expanded_x = xe.clone()
         expanded_scale = (scale.float()[tok] if scale is not None and scale.dim() == 1
                           else torch.zeros(rows, dtype=torch.float32, device=x.device))
-    if valid_rows < rows:  # tail rows hold dropped copies: garbage on the device, zeroed here
-        expanded_x[valid_rows:] = 0
+    # tail rows hold dropped copies: garbage on the device, zeroed here
+    expanded_x = torch.where(valid.unsqueeze(-1), expanded_x, torch.zeros((), dtype=expanded_x.dtype,
+                                                                           device=x.device))
     if row_idx_type == 0:
         row_idx = dst_of_src
     elif row_idx_type == 1:
         row_idx = torch.full((n * k,), -1, dtype=torch.int64, device=x.device)
-        row_idx[:valid_rows] = src_sorted[:valid_rows]
+        row_idx[:rows] = torch.where(valid, src_sorted, torch.full_like(src_sorted, -1))
     else:
         raise ValueError(f"row_idx_type must be 0 or 1, found {row_idx_type}")
     if expert_tokens_num_type == 1:
@@ -571,6 +667,141 @@ def npu_moe_gating_top_k(x: Tensor, k: int, *, bias=None, input_ids=None, tid2ei
     return y.to(x.dtype), idx.to(torch.int32), s
 
 
+def scatter_nd_update_asc(var: Tensor, indices: Tensor, update: Tensor) -> None:
+    """CR custom `scatter_nd_update_asc` (ScatterNdUpdateAsc; spec 3.8), in place: var[indices[i, 0]] = update[i].
+
+    var [b, s] bf16 / fp16 / int8, contiguous, s in {1, 128, 512}; indices int32 / int64 [u, 1], u <= b; update
+    [u, s] of var's dtype. Negative indices are skipped (documented). The device does no bounds check; the
+    emulator raises on an index >= b. Duplicate indices are undocumented: the emulator applies the rows in order,
+    so the last one wins (verify).
+    """
+    if var.dtype not in (torch.bfloat16, torch.float16, torch.int8):
+        raise TypeError(f"scatter_nd_update_asc: var must be bfloat16, float16 or int8, found {var.dtype}")
+    if var.dim() != 2 or not var.is_contiguous():
+        raise ValueError(f"scatter_nd_update_asc: var must be a contiguous [b, s] tensor, found {list(var.shape)} "
+                         f"(contiguous={var.is_contiguous()})")
+    b, s = var.shape
+    if s not in (1, 128, 512):
+        raise ValueError(f"scatter_nd_update_asc: var's last dim s must be 1, 128 or 512, found {s}")
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 2 or indices.shape[1] != 1:
+        raise ValueError(f"scatter_nd_update_asc: indices must be int32/int64 [u, 1], found {indices.dtype} "
+                         f"{list(indices.shape)}")
+    u = indices.shape[0]
+    if u > b:
+        raise ValueError(f"scatter_nd_update_asc: u (indices rows) must be <= b = {b}, found {u}")
+    if update.dtype != var.dtype or tuple(update.shape) != (u, s):
+        raise ValueError(f"scatter_nd_update_asc: update must be {var.dtype} [{u}, {s}], found {update.dtype} "
+                         f"{list(update.shape)}")
+    for i, r in enumerate(indices[:, 0].tolist()):
+        if r < 0:
+            continue  # documented: negative indices are skipped
+        if r >= b:
+            raise IndexError(f"scatter_nd_update_asc: indices[{i}] = {r} out of range for var rows {b} "
+                             "(undefined on the device)")
+        var[r] = update[i]
+
+
+def npu_scatter_nd_update_(input: Tensor, indices: Tensor, updates: Tensor) -> Tensor:  # noqa: A002
+    """torch_npu built-in `npu_scatter_nd_update_` (TNPU), in place; returns `input`.
+
+    indices int32 / int64 [..., a] (a <= input.dim()) address the first a dims of input; updates has shape
+    indices.shape[:-1] + input.shape[a:] and input's dtype (float32, float16, bfloat16, bool, int64, int8 on
+    A2/A3). Out-of-range indices are documented as unsupported and nothing says negative ones are skipped, so the
+    emulator raises on both (callers must not pass them). Duplicates are undocumented: applied in order, the last
+    one wins (verify).
+    """
+    allowed = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.int64, torch.int8)
+    if input.dtype not in allowed:
+        raise TypeError(f"npu_scatter_nd_update_: input dtype {input.dtype} is not one of {allowed}")
+    if updates.dtype != input.dtype:
+        raise TypeError(f"npu_scatter_nd_update_: updates dtype {updates.dtype} must equal input's {input.dtype}")
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() < 2:
+        raise ValueError(f"npu_scatter_nd_update_: indices must be int32/int64 with >= 2 dims, found "
+                         f"{indices.dtype} {list(indices.shape)}")
+    a = indices.shape[-1]
+    if a > input.dim():
+        raise ValueError(f"npu_scatter_nd_update_: indices' last dim {a} exceeds input dims {input.dim()}")
+    want = tuple(indices.shape[:-1]) + tuple(input.shape[a:])
+    if tuple(updates.shape) != want:
+        raise ValueError(f"npu_scatter_nd_update_: updates must have shape {list(want)}, found "
+                         f"{list(updates.shape)}")
+    rows = updates.reshape(-1, *input.shape[a:])
+    ix = indices.reshape(-1, a).long()
+    if _checking_values():  # eager only: a value check would be a host read inside a captured graph
+        bad = (ix < 0) | (ix >= torch.tensor(input.shape[:a], dtype=torch.int64))
+        if bad.any():
+            first = ix[bad.any(-1)][0].tolist()
+            raise IndexError(f"npu_scatter_nd_update_: index {first} out of range for input {list(input.shape)} "
+                             "(negative / out-of-range indices are not supported by the op)")
+    # index_put_ writes in index order on CPU: the last duplicate wins (verify on the device)
+    input.index_put_(tuple(ix.unbind(-1)), rows)
+    return input
+
+
+def npu_top_k_top_p_sample(logits: Tensor, top_k: Tensor, top_p: Tensor, q=None, eps=1e-8, is_need_logits=False,
+                           top_k_guess=32, min_ps=None, ks_max=1024, input_is_logits=True, post_sample="qSample",
+                           generator=None) -> tuple[Tensor, Tensor]:
+    """torch_npu built-in `npu_top_k_top_p_sample` (TNPU 2.14 docs + op-plugin golden test; spec 3.16).
+
+    Per row b of logits [B, V] (fp16 / bf16 / fp32; computed in fp32):
+    - top-k if 1 <= top_k[b] <= min(V, ks_max') (ks_max' = ks_max rounded up to 8, at most 1024): keep the
+      first top_k[b] of a stable descending sort (ties to the lower index); otherwise the stage is skipped.
+    - top-p on the softmax of the kept logits (renormalised after top-k), in sorted order: 0 < top_p[b] < 1
+      drops a candidate when (cumsum - own prob) > top_p[b]; top_p[b] <= 0 keeps the top candidate only;
+      top_p[b] >= 1 skips the stage.
+    - qSample (q float32 [B, V], post_sample="qSample"): probs = softmax over the kept candidates, pick
+      argmax(probs / (|q| + eps)). q is read by *sorted position* (q[b, j] goes with the j-th kept candidate)
+      when a top-k or top-p stage ran, and by token id when both were skipped (golden test). Without q (or
+      post_sample "None"): argmax of probs.
+    Returns (logits_select_idx int64 [B], logits_top_kp_select): with is_need_logits the input logits (fp32) at
+    kept tokens and -inf elsewhere (docs' defLogit for input_is_logits=True; the golden test fills 0: verify),
+    else an empty fp32 tensor. top_k_guess only changes how the device finds the top-p cut, not the result.
+    Not emulated: min_ps, input_is_logits=False, post_sample="multiNomial" (NotImplementedError).
+    """
+    if logits.dim() != 2 or logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"npu_top_k_top_p_sample: logits must be 2-D float16/bfloat16/float32, found "
+                         f"{logits.dtype} {list(logits.shape)}")
+    bsz, vocab = logits.shape
+    if top_k.dtype != torch.int32 or tuple(top_k.shape) != (bsz,):
+        raise ValueError(f"npu_top_k_top_p_sample: top_k must be int32 [{bsz}], found {top_k.dtype} "
+                         f"{list(top_k.shape)}")
+    if top_p.dtype != logits.dtype or tuple(top_p.shape) != (bsz,):
+        raise ValueError(f"npu_top_k_top_p_sample: top_p must be {logits.dtype} [{bsz}] (logits' dtype), found "
+                         f"{top_p.dtype} {list(top_p.shape)}")
+    if min_ps is not None or not input_is_logits or post_sample not in ("qSample", "None", None):
+        raise NotImplementedError("npu_top_k_top_p_sample: min_ps, input_is_logits=False and "
+                                  "post_sample='multiNomial' are not emulated")
+    if ks_max < 1:
+        raise ValueError(f"npu_top_k_top_p_sample: ks_max must be >= 1, found {ks_max}")
+    use_q = q is not None and post_sample == "qSample"
+    if use_q and (q.dtype != torch.float32 or tuple(q.shape) != (bsz, vocab)):
+        raise ValueError(f"npu_top_k_top_p_sample: q must be float32 [{bsz}, {vocab}] for qSample, found "
+                         f"{q.dtype} {list(q.shape)}")
+    ks = min(1024, -(-ks_max // 8) * 8)
+    x = logits.float()
+    k, p = top_k.long(), top_p.float()
+    k_on = (k >= 1) & (k <= min(vocab, ks))
+    p_on, p_one = (p > 0) & (p < 1), p <= 0
+    sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=x.device)
+    keep = ~k_on.unsqueeze(1) | (rank < k.unsqueeze(1))
+    probs = torch.softmax(sorted_x.masked_fill(~keep, float("-inf")), dim=-1)
+    above = probs.cumsum(-1) - probs
+    keep &= ~(p_on.unsqueeze(1) & (above > p.unsqueeze(1)))
+    keep &= ~(p_one.unsqueeze(1) & (rank > 0))
+    sel = torch.softmax(sorted_x.masked_fill(~keep, float("-inf")), dim=-1)
+    plain = torch.softmax(x, dim=-1)  # rows where no stage ran: token order
+    if use_q:
+        qa = q.abs() + eps
+        sel, plain = sel / qa, plain / qa
+    sorted_pick = order.gather(1, sel.argmax(-1, keepdim=True)).squeeze(1)
+    idx = torch.where(k_on | p_on | p_one, sorted_pick, plain.argmax(-1))
+    if not is_need_logits:
+        return idx, torch.empty(0, dtype=torch.float32, device=x.device)
+    kept = torch.zeros_like(keep).scatter(1, order, keep)
+    return idx, x.masked_fill(~kept, float("-inf"))
+
+
 def npu_dequant_swiglu_clamp_quant(x: Tensor, *, weight_scale=None, activation_scale=None, bias=None,
                                    quant_scale=None, quant_offset=None, group_index=None, activate_left=False,
                                    quant_mode=0, dst_type=None, round_mode=None, activate_dim=None, swiglu_mode=0,
@@ -598,23 +829,19 @@ def npu_dequant_swiglu_clamp_quant(x: Tensor, *, weight_scale=None, activation_s
     m, two_i = x.shape
     half = two_i // 2
     deq = x.float()
-    valid = m
-    if weight_scale is None and group_index is not None:
-        valid = int(group_index.long().sum())
-        deq = deq[:valid]
+    # Row groups from the counts by tensor ops (no host read, so the op traces); rows past sum(group_index) are
+    # masked to zero at the end.
+    gid = None if group_index is None else _group_bounds(group_index, 1, group_index.shape[0], m)
     if weight_scale is not None:
         ws = weight_scale.float()
         if ws.dim() == 1:
             deq = deq * ws
         else:
-            if group_index is None:
+            if gid is None:
                 raise ValueError("a per-expert weight_scale needs group_index")
-            counts = group_index.long()
-            valid = int(counts.sum())
-            row_group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
-            deq = deq[:valid] * ws[row_group]
+            deq = deq * _rows_of(ws, gid, ws.shape[0])
     if activation_scale is not None:
-        deq = deq * activation_scale.float()[:valid].unsqueeze(-1)
+        deq = deq * activation_scale.float().unsqueeze(-1)
     a, b = (deq[:, :half], deq[:, half:]) if activate_left else (deq[:, half:], deq[:, :half])
     if swiglu_mode == 1:
         a = a.clamp(max=clamp_limit)
@@ -627,9 +854,10 @@ def npu_dequant_swiglu_clamp_quant(x: Tensor, *, weight_scale=None, activation_s
     if quant_scale is not None:
         out = out * quant_scale.float()
     q, s = _per_row_int8(out)
-    if valid < m:
-        q = torch.cat([q, torch.zeros(m - valid, half, dtype=torch.int8, device=x.device)])
-        s = torch.cat([s, torch.zeros(m - valid, device=x.device)])
+    if gid is not None and (weight_scale is None or weight_scale.dim() > 1):
+        valid = gid < group_index.shape[0]
+        q = torch.where(valid.unsqueeze(-1), q, torch.zeros((), dtype=q.dtype, device=x.device))
+        s = torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=x.device))
     return q, s
 
 
@@ -677,58 +905,201 @@ def npu_hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tens
     return out.to(x.dtype)
 
 
+# ---- KV compressor (custom, ops-transformer kernel) --------------------------------------------------------------
+def compressor(x: Tensor, wkv: Tensor, wgate: Tensor, state_cache: Tensor, ape: Tensor, norm_weight: Tensor,
+               rope_sin: Tensor, rope_cos: Tensor, rope_head_dim: int, cmp_ratio: int, *, state_block_table=None,
+               cu_seqlens=None, seqused=None, start_pos=None, coff=1, norm_eps=1e-6, rotary_mode=1,
+               cache_mode=1) -> Tensor:
+    """Custom `compressor` (spec 3.7; ops-transformer experimental Compressor doc). Mutates state_cache.
+
+    x [B,S,H] (BSND, cu_seqlens None) or [T,H] (TND, cu_seqlens [B+1] prefix sums); batch b's tokens sit at
+    positions start_pos[b] (default 0) + i, and only its first seqused[b] (default all) take part. Per token:
+    kv = x wkv^T, score = x wgate^T + ape[p % cmp_ratio] (fp32 accumulate), stored in state_cache fp32
+    [blocks, block_size, 2*coff*D] as [kv | score] at block state_block_table[b, p // block_size], row
+    p % block_size; a 0 block means "do not touch" (not written). Tokens are written in position order; rows of
+    positions before start_pos are read from the state as it was before the call. Window w of a batch closes
+    when its last position w*r + r - 1 is among the new tokens; its entry softmax-pools per channel over the r
+    slots of window w (coff 1) or (coff 2) over 2r slots: window w-1's kv/score channels [0, D) and window w's
+    [D, 2D) (w = 0: the previous slots are absent, kv 0 / score -inf). Entry -> x.dtype (DeepSeek's reference
+    rounds here before the norm (verify)) -> RMSNorm * norm_weight in fp32 (eps norm_eps) -> x.dtype (verify)
+    -> interleaved RoPE on the last rope_head_dim dims, out = e*cos + rot(e)*sin with rot pairs (a, b) ->
+    (-b, a), cos/sin taken as given (pair-repeated tables) from the entry's output row -> x.dtype.
+    Output: BSND [B, ceil(S/r), D], batch b's closed entries from row 0; TND [min(T, T//r + B), D], every
+    batch's closed entries packed in batch order. rope_sin/rope_cos have the output's shape with last dim
+    rope_head_dim. Rows no entry fills are garbage on the device; here NaN, so a read of one shows.
+    Device limits (not enforced here): x/wkv/wgate bf16 or fp16 (the emulator also takes fp32, for the tiny
+    fp32 models); only C4A (D 512, coff 2, r 4), C4 indexer (D 128, coff 2, r 4) and C128A (D 512, coff 1,
+    r 128); H 1K-10K, a multiple of 512; rope_head_dim 64; rotary_mode 2 (interleave) only; cache_mode 1 only on
+    A3 (2 = ring buffer, 950 only). The emulator takes any D, H, ratio and rope_head_dim <= D. BSND runs as
+    tensor code without host reads (graph capture; value checks only in eager calls); TND reads cu_seqlens.
+    """
+    if cache_mode != 1:
+        raise NotImplementedError(f"compressor: cache_mode {cache_mode} not emulated (1 = paged state cache)")
+    if rotary_mode != 2:
+        raise NotImplementedError(f"compressor: rotary_mode {rotary_mode} not emulated (2 = interleave; the "
+                                  "device supports 2 only)")
+    if coff not in (1, 2):
+        raise ValueError(f"compressor: coff must be 1 or 2, found {coff}")
+    if state_block_table is None:
+        raise NotImplementedError("compressor: state_block_table is required (paged state cache)")
+    d, h, m = norm_weight.shape[0], x.shape[-1], cmp_ratio
+    c = coff * d
+    for name, w in (("wkv", wkv), ("wgate", wgate)):
+        if tuple(w.shape) != (c, h):
+            raise ValueError(f"compressor: {name} must be [coff*D, H] = {[c, h]}, found {list(w.shape)}")
+    if tuple(ape.shape) != (m, c) or ape.dtype != torch.float32:
+        raise ValueError(f"compressor: ape must be fp32 [cmp_ratio, coff*D] = {[m, c]}, found {ape.dtype} "
+                         f"{list(ape.shape)}")
+    if state_cache.dim() != 3 or state_cache.shape[-1] != 2 * c or state_cache.dtype != torch.float32:
+        raise ValueError(f"compressor: state_cache must be fp32 [blocks, block_size, 2*coff*D = {2 * c}], found "
+                         f"{state_cache.dtype} {list(state_cache.shape)}")
+    if rope_head_dim % 2 or not 0 < rope_head_dim <= d:
+        raise ValueError(f"compressor: rope_head_dim must be even and in (0, D = {d}], found {rope_head_dim}")
+    if x.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("compressor: x [B,S,H] (BSND) needs cu_seqlens=None")
+        bsz, s = x.shape[0], x.shape[1]
+        xb, lens = x, torch.full((bsz,), s, dtype=torch.int64, device=x.device)
+        out_lead = (bsz, -(-s // m))
+    elif x.dim() == 2:  # TND (prefill, eager): padded to [B, Smax, H] here, packed again at the end
+        if cu_seqlens is None:
+            raise ValueError("compressor: x [T,H] (TND) needs cu_seqlens [B+1]")
+        cu = [int(v) for v in cu_seqlens.tolist()]
+        bsz, t = len(cu) - 1, x.shape[0]
+        s = max([e - a for a, e in zip(cu[:-1], cu[1:])] + [1])
+        xb = torch.stack([F.pad(x[a:e], (0, 0, 0, s - (e - a))) for a, e in zip(cu[:-1], cu[1:])])
+        lens = torch.tensor([e - a for a, e in zip(cu[:-1], cu[1:])], dtype=torch.int64, device=x.device)
+        out_lead = (min(t, t // m + bsz),)
+    else:
+        raise ValueError(f"compressor: x must be [B,S,H] or [T,H], found {list(x.shape)}")
+    if tuple(rope_sin.shape) != out_lead + (rope_head_dim,) or rope_cos.shape != rope_sin.shape:
+        raise ValueError(f"compressor: rope_sin/rope_cos must be {list(out_lead) + [rope_head_dim]}, found "
+                         f"{list(rope_sin.shape)} and {list(rope_cos.shape)}")
+    dev, bs = x.device, state_cache.shape[1]
+    start = torch.zeros(bsz, dtype=torch.int64, device=dev) if start_pos is None else start_pos.long()
+    used = lens if seqused is None else seqused.long()
+    table = state_block_table.long()
+    if _checking_values():
+        if bool(((used < 0) | (used > lens)).any()):
+            raise ValueError(f"compressor: seqused {used.tolist()} must be in [0, tokens per batch {lens.tolist()}]")
+        need = int(((start + used - 1).clamp(min=0) // bs).max()) + 1 if bsz else 0
+        if need > table.shape[1]:
+            raise ValueError(f"compressor: state_block_table has {table.shape[1]} columns, positions up to "
+                             f"{int((start + used).max()) - 1} need {need} (block_size {bs})")
+    ar_s = torch.arange(s, device=dev)
+    pos = start.unsqueeze(1) + ar_s  # [B,S]
+    xf = xb.float()
+    new = torch.cat([xf @ wkv.float().t(), xf @ wgate.float().t() + ape[pos % m]], -1)  # [B,S,2c] fp32
+
+    def addr(p: Tensor) -> tuple[Tensor, Tensor]:  # (block, row) of positions p [B,N] (p >= 0)
+        return table.gather(1, (p // bs).clamp(max=table.shape[1] - 1)), p % bs
+
+    # Entries: output row j of batch b is window w = start//r + j; it is closed when (w+1)*r <= start + used.
+    n_out = -(-s // m)
+    vpos = ((start // m - (coff - 1)) * m).unsqueeze(1) + torch.arange((n_out + coff - 1) * m, device=dev)  # [B,L]
+    blk, row = addr(vpos.clamp(min=0))
+    old = state_cache[blk, row]  # rows of earlier positions, read before this call writes anything
+    rows = torch.where((vpos < start.unsqueeze(1)).unsqueeze(-1), old,
+                       new.gather(1, (vpos - start.unsqueeze(1)).clamp(0, s - 1).unsqueeze(-1).expand(-1, -1, 2 * c)))
+    absent = (vpos < 0).unsqueeze(-1)
+    kv = rows[..., :c].masked_fill(absent, 0.0).unflatten(1, (-1, m))  # [B, windows (+1), r, c]
+    sc = rows[..., c:].masked_fill(absent, float("-inf")).unflatten(1, (-1, m))
+    if coff == 2:  # window w: window w-1's channels [0, D), then its own [D, 2D)
+        kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], 2)
+        sc = torch.cat([sc[:, :-1, :, :d], sc[:, 1:, :, d:]], 2)
+    e = (torch.softmax(sc, 2) * kv).sum(2).to(x.dtype).float()  # [B, n_out, D]
+    e = (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + norm_eps) * norm_weight.float()).to(x.dtype).float()
+    closed = torch.arange(n_out, device=dev) < ((start % m + used) // m).unsqueeze(1)  # [B, n_out]
+    if x.dim() == 2:  # TND: batch b's closed entries packed after those of batches < b
+        first = torch.cumsum(closed.sum(1), 0) - closed.sum(1)
+        dest = torch.where(closed, first.unsqueeze(1) + torch.arange(n_out, device=dev), out_lead[0])
+        cos = F.pad(rope_cos.float(), (0, 0, 0, 1))[dest]
+        sin = F.pad(rope_sin.float(), (0, 0, 0, 1))[dest]
+    else:
+        cos, sin = rope_cos.float(), rope_sin.float()
+    tail = e[..., d - rope_head_dim:]
+    rot = torch.stack([-tail[..., 1::2], tail[..., 0::2]], -1).flatten(-2)
+    e = torch.cat([e[..., :d - rope_head_dim], tail * cos + rot * sin], -1).to(x.dtype)
+    e = e.masked_fill(~closed.unsqueeze(-1), float("nan"))  # rows no entry fills: NaN (garbage on the device)
+    if x.dim() == 2:
+        out = torch.full((out_lead[0] + 1, d), float("nan"), dtype=x.dtype, device=dev)
+        out[dest] = e  # unclosed rows all go to the dump row out_lead[0]
+        out = out[:-1]
+    else:
+        out = e
+    # State: every taking-part token's row at its (block, row) unless the block is 0, in position order (a later
+    # position with the same address wins: every writer of an address writes that final value, so the scatter is
+    # deterministic whatever order it runs in).
+    wblk, wrow = addr(pos)
+    writes = (ar_s < used.unsqueeze(1)) & (wblk != 0)  # [B,S]
+    key = wblk * bs + wrow
+    same = (key.unsqueeze(2) == key.unsqueeze(1)) & writes.unsqueeze(1)  # [B, i, j]: j writes i's address
+    last = torch.where(same, ar_s.view(1, 1, -1), -1).amax(-1)  # [B,S] last writer of each address, -1 = none
+    final = torch.where((last >= 0).unsqueeze(-1), new.gather(1, last.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2 * c)),
+                        state_cache[wblk, wrow])
+    state_cache[wblk, wrow] = final
+    return out
+
+
 # ---- lightning indexer -------------------------------------------------------------------------------------------
-def _li_batches(layout_query: str, q_shape, actual_seq_lengths_query) -> list[tuple[int, list[int]]]:
-    """Per batch b, the list of flat query rows it owns (in order). BSND rows are b*S1 + s."""
+def _li_rows(layout_query: str, q_shape, actual_seq_lengths_query, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per flat query row (BSND rows are b*S1 + s): its batch b, whether it belongs to one, its index i among the
+    batch's queries and the batch's query count sq; int64 / bool [T]. TND: actual_seq_lengths_query = prefix sums
+    (B entries); BSND: per-batch query counts (default S1). Tensor ops only, no host read."""
     if layout_query == "TND":
         if actual_seq_lengths_query is None:
             raise ValueError("layout TND needs actual_seq_lengths_query (prefix sums, B entries)")
-        ends = [int(v) for v in actual_seq_lengths_query.tolist()]
-        starts = [0] + ends[:-1]
-        return [(b, list(range(a, e))) for b, (a, e) in enumerate(zip(starts, ends))]
+        ends = torch.as_tensor(actual_seq_lengths_query, device=device).long()
+        t = torch.arange(q_shape[0], device=device)
+        b = torch.searchsorted(ends, t, right=True)  # the batch whose [start, end) holds row t; B past the end
+        valid = b < ends.shape[0]
+        bc = b.clamp(max=ends.shape[0] - 1)
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        return bc, valid, t - starts[bc], ends[bc] - starts[bc]
     if layout_query == "BSND":
         bsz, s1 = q_shape[0], q_shape[1]
-        lens = [s1] * bsz if actual_seq_lengths_query is None else [int(v) for v in actual_seq_lengths_query]
-        return [(b, [b * s1 + s for s in range(lens[b])]) for b in range(bsz)]
+        t = torch.arange(bsz * s1, device=device)
+        b, i = t // s1, t % s1
+        lens = (torch.full((bsz,), s1, dtype=torch.int64, device=device) if actual_seq_lengths_query is None
+                else torch.as_tensor(actual_seq_lengths_query, device=device).long())
+        return b, i < lens[b], i, lens[b]
     raise NotImplementedError(f"layout_query {layout_query!r} not emulated (BSND, TND)")
 
 
-def _paged_rows(cache: Tensor, block_table: Tensor, b: int, n: int) -> Tensor:
-    """Rows 0..n-1 of batch b from a paged cache [blocks, block_size, ...] through block_table [B, max_blocks]."""
+def _paged_all(cache: Tensor, block_table: Tensor, b_rows: Tensor) -> Tensor:
+    """Every row a block table can address, for each query row's batch: cache [blocks, block_size, ...] read
+    through block_table[b_rows] -> [T, max_blocks * block_size, ...]."""
     bs = cache.shape[1]
-    pos = torch.arange(n, device=cache.device)
-    blk = block_table[b].long()[pos // bs]
+    pos = torch.arange(block_table.shape[1] * bs, device=cache.device)
+    blk = block_table.long()[b_rows][:, pos // bs]  # [T, nmax]
     return cache[blk, pos % bs]
 
 
-def _li_select(layout_query, q_shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn, sparse_count,
-               sparse_mode, cmp_ratio, device) -> Tensor:
-    """Shared LI top-k: per query, scores over its batch's visible compressed keys, top sparse_count, -1 padded."""
-    flat_rows = q_shape[0] * q_shape[1] if layout_query == "BSND" else q_shape[0]
-    out = torch.full((flat_rows, sparse_count), -1, dtype=torch.int32, device=device)
-    for b, rows in _li_batches(layout_query, q_shape, actual_seq_lengths_query):
-        if not rows:
-            continue
-        kv_len = int(actual_seq_lengths_key[b])
-        n_keys = kv_len // cmp_ratio
-        if n_keys <= 0:
-            continue
-        scores = score_fn(b, rows, n_keys)  # fp32 [len(rows), n_keys]
-        sq = len(rows)
-        if sparse_mode == 3:  # right-down causal in compressed units; last query sits at kv_len - 1
-            pos = kv_len - sq + torch.arange(sq, device=device)
-            visible = torch.arange(n_keys, device=device) < ((pos + 1) // cmp_ratio).unsqueeze(-1)
-        elif sparse_mode == 0:
-            visible = torch.ones_like(scores, dtype=torch.bool)
-        else:
-            raise ValueError(f"sparse_mode must be 0 or 3, found {sparse_mode}")
-        scores = scores.masked_fill(~visible, float("-inf"))
-        kk = min(sparse_count, n_keys)
-        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        vals, order = vals[:, :kk], order[:, :kk]
-        picks = torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
-        out[torch.tensor(rows, device=device), :kk] = picks.to(torch.int32)
-    return out
+def _li_select(layout_query, q_shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn, n_max,
+               sparse_count, sparse_mode, cmp_ratio, device) -> Tensor:
+    """Shared LI top-k: per query, scores over its batch's visible compressed keys, top sparse_count, -1 padded.
+
+    score_fn(b_rows [T]) gives fp32 [T, n_max] over every addressable key; keys past the batch's n_keys =
+    kv_len // cmp_ratio (and, sparse_mode 3, not yet visible to the query) are masked before a stable descending
+    sort (score desc, index asc). Static shapes, no host read, so it traces (graph mode)."""
+    if sparse_mode not in (0, 3):
+        raise ValueError(f"sparse_mode must be 0 or 3, found {sparse_mode}")
+    b, in_batch, i, sq = _li_rows(layout_query, q_shape, actual_seq_lengths_query, device)
+    kv_len = torch.as_tensor(actual_seq_lengths_key, device=device).long()[b]
+    n_keys = kv_len // cmp_ratio
+    if _checking_values() and bool((in_batch & (n_keys > n_max)).any()):
+        raise ValueError(f"lightning indexer: actual_seq_lengths_key / cmp_ratio exceeds the {n_max} keys the "
+                         "block_table addresses")
+    j = torch.arange(n_max, device=device)
+    visible = (j < n_keys.unsqueeze(-1)) & in_batch.unsqueeze(-1)
+    if sparse_mode == 3:  # right-down causal in compressed units; the last query sits at kv_len - 1
+        pos = kv_len - sq + i
+        visible = visible & (j < ((pos + 1) // cmp_ratio).unsqueeze(-1))
+    scores = score_fn(b).masked_fill(~visible, float("-inf"))
+    vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    kk = min(sparse_count, n_max)
+    picks = torch.where(vals[:, :kk] == float("-inf"), torch.full_like(order[:, :kk], -1), order[:, :kk])
+    return F.pad(picks.to(torch.int32), (0, sparse_count - kk), value=-1)
 
 
 def _li_shape(layout_query: str, q_shape, sparse_count: int) -> tuple[int, ...]:
@@ -754,14 +1125,13 @@ def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual
     qf = query.float().reshape(-1, query.shape[-2], query.shape[-1])
     wf = weights.float().reshape(qf.shape[0], -1)
 
-    def score_fn(b, rows, n_keys):
-        keys = _paged_rows(key, block_table, b, n_keys)[:, 0].float()  # [n, D]
-        r = torch.tensor(rows, device=query.device)
-        dots = torch.einsum("thd,nd->thn", qf[r], keys).relu()
-        return (dots * wf[r].unsqueeze(-1)).sum(1)
+    def score_fn(b_rows):
+        keys = _paged_all(key, block_table, b_rows)[:, :, 0].float()  # [T, n_max, D]
+        dots = torch.einsum("thd,tnd->thn", qf, keys).relu()
+        return (dots * wf.unsqueeze(-1)).sum(1)
 
     out = _li_select(layout_query, query.shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn,
-                     sparse_count, sparse_mode, 1, query.device)
+                     block_table.shape[1] * key.shape[1], sparse_count, sparse_mode, 1, query.device)
     return out.view(_li_shape(layout_query, query.shape, sparse_count))
 
 
@@ -792,15 +1162,14 @@ def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, que
     qi = query.reshape(-1, query.shape[-2], query.shape[-1]).double()
     wq = (weights.float() * query_dequant_scale.float()).to(torch.float16).float().reshape(qi.shape[0], -1)
 
-    def score_fn(b, rows, n_keys):
-        keys = _paged_rows(key, block_table, b, n_keys)[:, 0].double()  # [n, D]
-        ks = _paged_rows(key_dequant_scale, block_table, b, n_keys)[:, 0].float()  # [n]
-        r = torch.tensor(rows, device=query.device)
-        dots = torch.einsum("thd,nd->thn", qi[r], keys).float().relu()  # exact int32 values
-        return (dots * wq[r].unsqueeze(-1)).sum(1) * ks
+    def score_fn(b_rows):
+        keys = _paged_all(key, block_table, b_rows)[:, :, 0].double()  # [T, n_max, D]
+        ks = _paged_all(key_dequant_scale, block_table, b_rows)[:, :, 0].float()  # [T, n_max]
+        dots = torch.einsum("thd,tnd->thn", qi, keys).float().relu()  # exact int32 values
+        return (dots * wq.unsqueeze(-1)).sum(1) * ks
 
     out = _li_select(layout_query, query.shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn,
-                     sparse_count, sparse_mode, cmp_ratio, query.device)
+                     block_table.shape[1] * key.shape[1], sparse_count, sparse_mode, cmp_ratio, query.device)
     return out.view(_li_shape(layout_query, query.shape, sparse_count)), torch.empty(0, device=query.device)
 
 
@@ -814,6 +1183,37 @@ def npu_quant_lightning_indexer_metadata(num_heads_q, num_heads_k, head_dim, que
 
 
 # ---- shared-KV sparse attention ----------------------------------------------------------------------------------
+def _sas_query_rows(q: Tensor, layout_q: str, cu_seqlens_q) -> tuple[Tensor, Tensor, Tensor]:
+    """Per flat query row r: (batch b [R], rows of b from r to its end >= 1 [R], row belongs to a batch [R]).
+
+    TND: batch b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1; BSND: b owns b*S1 .. (b+1)*S1-1. Tensor ops
+    only (no host reads), so the op stays capturable."""
+    dev = q.device
+    if layout_q == "BSND":
+        bsz, s1 = q.shape[:2]
+        r = torch.arange(bsz * s1, device=dev)
+        b = r // s1
+        return b, (b + 1) * s1 - r, torch.ones_like(r, dtype=torch.bool)
+    if layout_q != "TND":
+        raise NotImplementedError(f"npu_sparse_attn_sharedkv: layout_q {layout_q!r} not emulated (BSND, TND)")
+    if cu_seqlens_q is None or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
+        raise ValueError("npu_sparse_attn_sharedkv: layout_q 'TND' needs cu_seqlens_q int32 [B+1] (prefix sums)")
+    cu = cu_seqlens_q.to(dev).long()
+    r = torch.arange(q.shape[0], device=dev)
+    b = torch.searchsorted(cu[1:], r, right=True)  # first batch whose end is past r
+    inside = (r >= cu[0]) & (b < cu.numel() - 1)
+    b = b.clamp(max=cu.numel() - 2)
+    return b, cu[1:][b] - r, inside
+
+
+def _sas_paged(cache: Tensor, table: Tensor, b: Tensor, pos: Tensor) -> Tensor:
+    """Rows at logical positions pos [R, K] (clamped in range) of batches b [R] from a paged [blocks, bs, 1, D]."""
+    bs = cache.shape[1]
+    col = (pos // bs).clamp(max=table.shape[1] - 1)
+    blk = table.long()[b].gather(1, col)
+    return cache[blk, pos % bs, 0]
+
+
 def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=None,
                              cmp_sparse_indices=None, ori_block_table=None, cmp_block_table=None, cu_seqlens_q=None,
                              cu_seqlens_ori_kv=None, cu_seqlens_cmp_kv=None, seqused_q=None, seqused_kv=None,
@@ -823,78 +1223,70 @@ def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_
     """CR custom `npu_sparse_attn_sharedkv` (custom-npu_sparse_attn_sharedkv.md; spec 3.10).
 
     q [B, S1, N1, D] (BSND) or [T, N1, D] (TND with cu_seqlens_q, B+1 prefix sums). ori_kv / cmp_kv paged
-    [blocks, block_size, 1, D] (PA_ND) through ori_block_table / cmp_block_table; seqused_kv int32 [B] =
+    [blocks, block_size, 1, D] (PA_ND), same dtype as q, through ori_block_table / cmp_block_table [B, cols]:
+    logical row p of batch b is cache[table[b, p // block_size], p % block_size]. seqused_kv int32 [B] =
     per-batch *uncompressed* kv length; the query s of a batch with S queries sits at P = seqused_kv - S + s.
     Keys of that query, one softmax, K = V (shared):
       ori (band, mode 4): positions p with P - ori_win_left <= p <= P + ori_win_right and 0 <= p < seqused_kv;
       cmp (mode 3, right-down causal in compressed units): entries j < (P + 1) // cmp_ratio, all of them
       (scenario 2) or only those listed in cmp_sparse_indices [T|B*S1, 1, K2] (scenario 3; -1 and entries
-      violating the causal rule are skipped).
+      violating the causal rule are skipped; a repeated index counts once per listing (verify: the lightning
+      indexer never emits repeats, so V4 never depends on it)).
     logits = softmax_scale * q.k (0 -> 1/sqrt(D)); out = sum exp(l - m) v / (sum exp(l - m) + exp(sink_h - m)):
-    the sink adds mass but no value. fp32 softmax and accumulation, output q.dtype, shape of q. The lse output is
-    documented as invalid: an empty tensor is returned. ori_sparse_indices is ignored (documented).
+    the sink adds mass but no value. fp32 softmax and accumulation, output q.dtype, shape of q; rows outside
+    every batch (TND tail) are 0. The lse output is documented as invalid: an empty tensor is returned.
+    ori_sparse_indices is ignored (documented). Tensor ops only: no host reads (capturable like the kernel).
+    The device takes D = 512, N1 = 64, K2 = 512, block sizes 16k <= 1024; the emulator accepts any.
     """
     if layout_kv != "PA_ND":
         raise NotImplementedError("npu_sparse_attn_sharedkv: only PA_ND kv is emulated")
-    if ori_kv is None:
-        raise ValueError("npu_sparse_attn_sharedkv: ori_kv is required in every documented scenario")
+    if ori_kv is None or ori_block_table is None:
+        raise ValueError("npu_sparse_attn_sharedkv: ori_kv and ori_block_table are required in every documented "
+                         "scenario")
     if ori_mask_mode != 4 or (cmp_kv is not None and cmp_mask_mode != 3):
         raise NotImplementedError("npu_sparse_attn_sharedkv: only ori_mask_mode 4 / cmp_mask_mode 3 emulated")
+    if cmp_kv is not None and (cmp_block_table is None or cmp_ratio <= 0):
+        raise ValueError(f"npu_sparse_attn_sharedkv: cmp_kv needs cmp_block_table and cmp_ratio > 0, found "
+                         f"table {'None' if cmp_block_table is None else 'given'}, cmp_ratio={cmp_ratio}")
+    for name, kv in (("ori_kv", ori_kv), ("cmp_kv", cmp_kv)):
+        if kv is not None and (kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != q.shape[-1]
+                               or kv.dtype != q.dtype):
+            raise ValueError(f"npu_sparse_attn_sharedkv: {name} must be [blocks, block_size, 1, {q.shape[-1]}] "
+                             f"{q.dtype} (q's dtype), found {list(kv.shape)} {kv.dtype}")
+    if cmp_sparse_indices is not None and cmp_sparse_indices.dtype != torch.int32:
+        raise TypeError(f"npu_sparse_attn_sharedkv: cmp_sparse_indices must be int32, found "
+                        f"{cmp_sparse_indices.dtype}")
     d = q.shape[-1]
+    dev = q.device
     scale = softmax_scale if softmax_scale else 1.0 / math.sqrt(d)
-    if layout_q == "BSND":
-        bsz, s1 = q.shape[:2]
-        batches = [(b, list(range(b * s1, (b + 1) * s1))) for b in range(bsz)]
-    elif layout_q == "TND":
-        cu = [int(v) for v in cu_seqlens_q.tolist()]
-        batches = [(b, list(range(cu[b], cu[b + 1]))) for b in range(len(cu) - 1)]
+    b, left, inside = _sas_query_rows(q, layout_q, cu_seqlens_q)
+    if seqused_kv is not None:
+        kv_len = seqused_kv.to(dev).long()[b]
     else:
-        raise NotImplementedError(f"layout_q {layout_q!r} not emulated")
-    qf = q.float().reshape(-1, q.shape[-2], d)  # [rows, H, D]
-    out = torch.zeros_like(qf)
-    sink = None if sinks is None else sinks.float()
-    cmp_idx = None if cmp_sparse_indices is None else cmp_sparse_indices.reshape(qf.shape[0], -1).long()
-    for b, rows in batches:
-        if not rows:
-            continue
-        sq = len(rows)
-        kv_len = int(seqused_kv[b]) if seqused_kv is not None else ori_block_table.shape[1] * ori_kv.shape[1]
-        r = torch.tensor(rows, device=q.device)
-        pos = kv_len - sq + torch.arange(sq, device=q.device)  # [sq]
-        # ori band
-        win = ori_win_left + 1 + ori_win_right
-        p = pos.unsqueeze(1) - ori_win_left + torch.arange(win, device=q.device)  # [sq, win]
-        ok = (p >= 0) & (p < kv_len)
-        pc = p.clamp(0, max(kv_len - 1, 0))
-        bs = ori_kv.shape[1]
-        keys = ori_kv[ori_block_table[b].long()[pc // bs], pc % bs, 0].float()  # [sq, win, D]
-        masks = [ok]
-        pools = [keys]
-        if cmp_kv is not None:
-            n_vis = (pos + 1) // cmp_ratio  # [sq]
-            cbs = cmp_kv.shape[1]
-            if cmp_idx is None:
-                n_max = max(int(n_vis.max()), 1)
-                j = torch.arange(n_max, device=q.device).expand(sq, n_max)
-            else:
-                j = cmp_idx[r]
-            cok = (j >= 0) & (j < n_vis.unsqueeze(1))
-            jc = j.clamp(min=0)
-            ckeys = cmp_kv[cmp_block_table[b].long()[jc // cbs], jc % cbs, 0].float()
-            masks.append(cok)
-            pools.append(ckeys)
-        kk = torch.cat(pools, 1)  # [sq, K, D]
-        mask = torch.cat(masks, 1)  # [sq, K]
-        logits = torch.einsum("shd,skd->shk", qf[r], kk) * scale
-        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        if sink is not None:
-            logits = torch.cat([logits, sink.view(1, -1, 1).expand(sq, -1, 1)], -1)
-        m = logits.amax(-1, keepdim=True).clamp(min=-1e30)  # all-masked rows without sink stay finite
-        e = torch.exp(logits - m)
-        denom = e.sum(-1, keepdim=True)
-        e = e[..., :kk.shape[1]]
-        out[r] = torch.einsum("shk,skd->shd", e, kk) / denom.clamp(min=1e-30)
-    return out.view(q.shape).to(q.dtype), torch.empty(0, device=q.device)
+        kv_len = torch.full_like(b, ori_block_table.shape[1] * ori_kv.shape[1])
+    pos = kv_len - left  # absolute position of each query row [R]
+    qf = q.float().reshape(-1, q.shape[-2], d)  # [R, H, D]
+    p = pos.unsqueeze(1) - ori_win_left + torch.arange(ori_win_left + 1 + ori_win_right, device=dev)
+    masks = [(p >= 0) & (p < kv_len.unsqueeze(1))]
+    pools = [_sas_paged(ori_kv, ori_block_table, b, p.clamp(min=0))]
+    if cmp_kv is not None:
+        if cmp_sparse_indices is None:  # every entry the block table can hold; the causal rule masks the rest
+            j = torch.arange(cmp_block_table.shape[1] * cmp_kv.shape[1], device=dev).expand(qf.shape[0], -1)
+        else:
+            j = cmp_sparse_indices.reshape(qf.shape[0], -1).long()
+        masks.append((j >= 0) & (j < ((pos + 1) // cmp_ratio).unsqueeze(1)))
+        pools.append(_sas_paged(cmp_kv, cmp_block_table, b, j.clamp(min=0)))
+    kk = torch.cat(pools, 1).float()  # [R, K, D]
+    mask = torch.cat(masks, 1) & inside.unsqueeze(1)  # [R, K]
+    logits = torch.einsum("rhd,rkd->rhk", qf, kk) * scale
+    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.float().view(1, -1, 1).expand(qf.shape[0], -1, 1)], -1)
+    m = logits.amax(-1, keepdim=True).clamp(min=-1e30)  # all-masked rows without sink stay finite
+    e = torch.exp(logits - m)
+    denom = e.sum(-1, keepdim=True)
+    out = torch.einsum("rhk,rkd->rhd", e[..., :kk.shape[1]], kk) / denom.clamp(min=1e-30)
+    return out.view(q.shape).to(q.dtype), torch.empty(0, device=dev)
 
 
 def npu_sparse_attn_sharedkv_metadata(num_heads_q, num_heads_kv, head_dim, *, cu_seqlens_q=None,
@@ -1091,6 +1483,26 @@ def _quant_matmul_950(x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale, bia
     return y.to(output_dtype).view(*lead, m, x2.shape[1])
 
 
+def _blocked_fp8_bmm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, gn: int, gk: int) -> Tensor:
+    """Batched `_blocked_fp8_matmul`: a [B, M, K], a_scale [B, M, ceil(K/gk)], b [B, K, N], b_scale
+    [B, ceil(K/gk), ceil(N/gn)] -> fp32 [B, M, N], in the same summation order (FP8_BLOCK_ACCUMULATION)."""
+    bsz, m, k = a.shape
+    n = b.shape[-1]
+    kb = -(-k // gk)
+    if tuple(a_scale.shape) != (bsz, m, kb) or tuple(b_scale.shape) != (bsz, kb, -(-n // gn)):
+        raise ValueError(f"FP8 block matmul: expected activation scales {(bsz, m, kb)} and weight scales "
+                         f"{(bsz, kb, -(-n // gn))} for x {(bsz, m, k)} / w {tuple(b.shape)} with blocks "
+                         f"[1, {gn}, {gk}], found {tuple(a_scale.shape)} / {tuple(b_scale.shape)}")
+    bs = b_scale.float().repeat_interleave(gn, dim=-1)[..., :n]  # [B, kb, N]
+    if FP8_BLOCK_ACCUMULATION == "dequant":
+        ad = a.float() * a_scale.float().repeat_interleave(gk, -1)[..., :k]
+        return torch.bmm(ad, b.float() * bs.repeat_interleave(gk, -2)[:, :k])
+    ap = F.pad(a.float(), (0, kb * gk - k)).view(bsz, m, kb, gk).transpose(1, 2)  # [B, kb, M, gk]
+    bp = F.pad(b.float(), (0, 0, 0, kb * gk - k)).view(bsz, kb, gk, n)
+    part = ap @ bp  # [B, kb, M, N] per-block partial sums, fp32
+    return (part * a_scale.float().transpose(1, 2).unsqueeze(-1) * bs.unsqueeze(2)).sum(1)
+
+
 def _grouped_matmul_950(xm: Tensor, w: Tensor, group_list, group_list_type: int, bias, scale, antiquant_scale,
                         per_token_scale, output_dtype, weight_dtype, scale_dtype, per_token_scale_dtype) -> Tensor:
     """npu_grouped_matmul's 950 paths with FP8 x [M, K]: MXFP4 weights (antiquant_scale pairs), MXFP8 or FP8-block
@@ -1110,9 +1522,7 @@ def _grouped_matmul_950(xm: Tensor, w: Tensor, group_list, group_list_type: int,
     if w.shape[1] != (k // 2 if fp4 else k):
         want = "K/2 (FP4 x2)" if fp4 else "K"
         raise ValueError(f"npu_grouped_matmul: x has K={k}, weight is {tuple(w.shape)}: expected {want} in dim 1")
-    bounds = _group_bounds(group_list, group_list_type, e)
-    if bounds and bounds[-1][1] > m:
-        raise ValueError(f"group_list covers {bounds[-1][1]} rows but x has {m}")
+    gid = _group_bounds(group_list, group_list_type, e, m)
     pts = per_token_scale[0]
     mx = _is_e8m0(pts, per_token_scale_dtype)
     if fp4:
@@ -1128,18 +1538,16 @@ def _grouped_matmul_950(xm: Tensor, w: Tensor, group_list, group_list_type: int,
         if mx != _is_e8m0(wscale, scale_dtype):
             raise ValueError("npu_grouped_matmul: MXFP8 needs e8m0 scale and per_token_scale (scale_dtype and "
                              "per_token_scale_dtype float8_e8m0fnu); FP8 block needs fp32 for both")
-    out = torch.full((m, n), float("nan"), dtype=output_dtype, device=xm.device)
-    for g, (a, b) in enumerate(bounds):
-        if b <= a:
-            continue
-        if fp4:  # packed along K (dim 0 of the [K/2, N] view): byte j holds k = 2j (low) and 2j + 1 (high)
-            wg = _quant.unpack_fp4(w[g].t()).t()
-            y = _mx_matmul(xm[a:b], pts[a:b], wg, wscale[g])
-        elif mx:
-            y = _mx_matmul(xm[a:b], pts[a:b], w[g], wscale[g])
-        else:
-            y = _blocked_fp8_matmul(xm[a:b], pts[a:b], w[g], wscale[g], 128, 128)
-        if bias is not None:
-            y = y + bias[0][g].float()
-        out[a:b] = y.to(output_dtype)
-    return out
+    # Per row against its group's weight and scales (gathered, batched over rows): no host read.
+    w_rows, ws_rows = _rows_of(w, gid, e), _rows_of(wscale, gid, e)
+    if fp4:  # packed along K (dim 1 of the [E, K/2, N] view): byte j holds k = 2j (low) and 2j + 1 (high)
+        w_rows = _quant.unpack_fp4(w_rows.transpose(1, 2)).transpose(1, 2)  # [M, K, N] fp32
+    if fp4 or mx:
+        y = _mx_matmul(xm.unsqueeze(1), pts.unsqueeze(1), w_rows, ws_rows)
+    else:
+        y = _blocked_fp8_bmm(xm.unsqueeze(1), pts.unsqueeze(1), w_rows, ws_rows, 128, 128)
+    y = y.squeeze(1)
+    if bias is not None:
+        y = y + _rows_of(bias[0].float(), gid, e)
+    nan = torch.full((), float("nan"), dtype=output_dtype, device=xm.device)
+    return torch.where((gid < e).unsqueeze(-1), y.to(output_dtype), nan)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4_ascend import quant
-from dsv4_ascend.backend import RunOptions
+from dsv4_ascend.backend import Backend, RunOptions
 from dsv4_ascend.config import preset
 from dsv4_ascend.model import Transformer, WeightFormats
 from dsv4_ascend.ops import AscendBackend, emulator as E
@@ -377,12 +377,32 @@ class _Ref950Rules(ReferenceBackend):
     def _act_quant_dequant(self, x):
         return _mx_sim(x) if (self.mx_everywhere or self._in_experts) else _block_sim(x)
 
+    def grouped_linear(self, x, weight, scale=None):
+        # wo_a on the 950, "mxfp8" only (CR's MXFP8 recipe; "fp8" keeps wo_a bf16 as CR's FP8 recipe does):
+        # OCP-floor MXFP8 activations per 1x32 along K (the row zero-padded to a multiple of 64, as the backend
+        # feeds npu_transpose_quant_batchmatmul), exact weight, fp32 GEMM.
+        if (not self.mx_everywhere or scale is None or weight.dtype != E4M3
+                or x.dtype not in (torch.bfloat16, torch.float16)):
+            return super().grouped_linear(x, weight, scale)
+        g, k = x.shape[-2], x.shape[-1]
+        xd = _mx_sim(F.pad(x.float(), (0, -(-k // 64) * 64 - k)))[..., :k]
+        w = quant.dequantize(weight, scale, torch.float32).view(g, -1, k)
+        return torch.einsum("...gk,gnk->...gn", xd, w).to(x.dtype)
+
     def experts(self, *args, **kw):
         self._in_experts = True
         try:
             return super().experts(*args, **kw)
         finally:
             self._in_experts = False
+
+
+class _QuantOnly950(AscendBackend):
+    """The 950 backend with the reference's attention composite: npu_sparse_attn_sharedkv sums its fp32 softmax
+    in another order (1-ulp bf16 differences, covered by tests/test_ascend_attention.py), which e4m3 act-quants
+    turn into whole-step flips; the bit-identity runs below isolate the quantised GEMM paths."""
+
+    attend = Backend.attend
 
 
 @pytest.fixture(scope="module")
@@ -413,18 +433,18 @@ def _all_runs(tensors) -> dict:
     out["fp8_ds"], _ = _run(model, toks)
     E.FP8_BLOCK_ACCUMULATION = "dequant"  # the reference's fp32 summation order (see the emulator)
     try:
-        out["fp8_ds_dequant_order"], _ = _run(_build(AscendBackend(E, quant="fp8", options=ds), tensors), toks)
+        out["fp8_ds_dequant_order"], _ = _run(_build(_QuantOnly950(E, quant="fp8", options=ds), tensors), toks)
     finally:
         E.FP8_BLOCK_ACCUMULATION = "blockwise"
     out["fp8_exact"], _ = _run(_build(AscendBackend(E, quant="fp8"), tensors), toks)  # lazy layouts, no prepare()
-    out["mx_ds"], _ = _run(_build(AscendBackend(E, quant="mxfp8", options=ds), tensors), toks)
+    out["mx_ds"], _ = _run(_build(_QuantOnly950(E, quant="mxfp8", options=ds), tensors), toks)
     return out
 
 
 def test_prepare_builds_every_950_layout(runs):
     # per layer (4 + 1 MTP): wq_a, wq_b, wkv, wo_b, shared w1/w2/w3, the expert stack; + indexer wq_b in the 2
-    # CSA layers (ratio 4; the MTP block is a SWA layer) + the MTP block's e_proj / h_proj. wo_a (grouped_linear)
-    # stays bf16.
+    # CSA layers (ratio 4; the MTP block is a SWA layer) + the MTP block's e_proj / h_proj. wo_a gets an MXFP8
+    # plan only in "mxfp8" (grouped_linear); this backend is "fp8".
     assert runs["n_plans"] == 5 * 8 + 2 + 2
 
 
@@ -494,3 +514,107 @@ def test_cli_picks_fp8_for_fp8_checkpoints(tmp_path):
     assert model.backend.quant == "mxfp8"
     with pytest.raises(SystemExit, match="needs --backend ascend"):
         load_model(str(official), backend="reference", quant="fp8")
+
+
+# ---- npu_transpose_quant_batchmatmul (wo_a on the 950) --------------------------------------------------------------
+def _tqbmm_reference(x1: torch.Tensor, x2_bkn: torch.Tensor, s1: list, s2: list) -> torch.Tensor:
+    """float64 y[m, b, n] = sum_k x1[m,b,k] 2^(s1[m][b][k//32]-127) x2[b,k,n] 2^(s2[b][k//32][n]-127), by loops
+    over the 32-blocks; FP8 codes decoded through the e4m3 table (sign bit by hand)."""
+    def dec(t):
+        c = t.view(torch.uint8).long()
+        return torch.where(c >= 128, -1.0, 1.0).double() * E4M3_TABLE.double()[c & 0x7F]
+
+    a, w = dec(x1), dec(x2_bkn)  # [M, B, K], [B, K, N]
+    m, b, k = a.shape
+    out = torch.zeros(m, b, w.shape[2], dtype=torch.float64)
+    for i in range(m):
+        for g in range(b):
+            for kb in range(k // 32):
+                sl = slice(32 * kb, 32 * kb + 32)
+                col = torch.tensor([2.0 ** (s2[g][kb][n] - 127) for n in range(w.shape[2])], dtype=torch.float64)
+                out[i, g] += (a[i, g, sl] @ w[g, sl]) * 2.0 ** (s1[i][g][kb] - 127) * col
+    return out
+
+
+def test_transpose_quant_batchmatmul_mx_and_kc():
+    m, b, k, n = 3, 2, 128, 24
+    x1 = _random_e4m3((m, b, k), 40)
+    x2 = _random_e4m3((b, k, n), 41)
+    s1 = torch.randint(118, 134, (m, b, k // 32), generator=_g(42)).tolist()
+    s2 = torch.randint(118, 134, (b, k // 32, n), generator=_g(43)).tolist()
+    ref = _tqbmm_reference(x1, x2, s1, s2)
+    p1 = _pairs([blk for row in s1 for blk in row]).view(m, b, k // 64, 2).view(E8M0)
+    # x2_scale (B, K/64, N, 2): pairs along K for every column n, by hand
+    p2 = torch.tensor([[[[s2[g][2 * j][c], s2[g][2 * j + 1][c]] for c in range(n)] for j in range(k // 64)]
+                       for g in range(b)], dtype=torch.uint8).view(E8M0)
+    kw = dict(x1_scale=p1, group_sizes=[0, 0, 32], perm_x1=(1, 0, 2), perm_y=(1, 0, 2))
+    y = E.npu_transpose_quant_batchmatmul(x1, x2, torch.bfloat16, x2_scale=p2, perm_x2=(0, 1, 2), **kw)
+    # the same operands with x2 given (B, N, K) and perm_x2 (0, 2, 1): scales (B, N, K/64, 2)
+    y_t = E.npu_transpose_quant_batchmatmul(x1, x2.transpose(1, 2).contiguous(), torch.bfloat16,
+                                            x2_scale=p2.permute(0, 2, 1, 3).contiguous(), perm_x2=(0, 2, 1), **kw)
+    assert y.shape == (m, b, n) and y.dtype == torch.bfloat16
+    # fp32 accumulation of 128 exact products (e4m3 x e4m3 x 2^s): error <= (K - 1) 2^-24 sum|terms| < 2^-17 sum|terms|,
+    # then one bf16 rounding: half an ulp, 2^-8 relative (8 significant bits)
+    mag = _tqbmm_reference(x1.view(torch.uint8).bitwise_and(0x7F).view(E4M3), x2.view(torch.uint8).bitwise_and(
+        0x7F).view(E4M3), s1, s2)  # sum of |terms|
+    for got in (y, y_t):
+        assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 2 ** -17 * mag).all()
+    # K-C: fp32 per-token (M,) x per-channel (N,) scales; documented for K = 512, N = 128
+    k2, n2 = 512, 128
+    a = _random_e4m3((2, b, k2), 44)
+    w = _random_e4m3((b, k2, n2), 45)
+    xs = (torch.rand(2, generator=_g(46)) + 0.5) / 256  # keeps |y| well inside fp16's range (65504)
+    ws = torch.rand(n2, generator=_g(47)) + 0.5
+    y_kc = E.npu_transpose_quant_batchmatmul(a, w, torch.float16, x1_scale=xs, x2_scale=ws)  # default perms
+    ones = [[[127] * (k2 // 32)] * b] * 2
+    base = _tqbmm_reference(a, w, ones, [[[127] * n2] * (k2 // 32)] * b)
+    ref_kc = base * ws.double() * xs.double().view(2, 1, 1)
+    mag_kc = _tqbmm_reference(a.view(torch.uint8).bitwise_and(0x7F).view(E4M3), w.view(torch.uint8).bitwise_and(
+        0x7F).view(E4M3), ones, [[[127] * n2] * (k2 // 32)] * b) * ws.double() * xs.double().view(2, 1, 1)
+    # K = 512: fp32 summation < 2^-15 sum|terms|; fp16 output: half an ulp, 2^-11 relative
+    assert ((y_kc.double() - ref_kc).abs() <= 2 ** -11 * ref_kc.abs() + 2 ** -15 * mag_kc).all()
+    with pytest.raises(ValueError, match="K % 64"):
+        E.npu_transpose_quant_batchmatmul(x1[..., :96], x2[:, :96], torch.bfloat16, x2_scale=p2, **kw)
+    with pytest.raises(ValueError, match=r"group_sizes \[0\|1, 0\|1, 32\]"):
+        E.npu_transpose_quant_batchmatmul(x1, x2, torch.bfloat16, x1_scale=p1, x2_scale=p2, group_sizes=[1, 128, 128])
+    with pytest.raises(ValueError, match="K = 512, N = 128"):
+        E.npu_transpose_quant_batchmatmul(a[..., :256], w[:, :256], torch.float16, x1_scale=xs, x2_scale=ws)
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
+        E.npu_transpose_quant_batchmatmul(a, w, torch.float32, x1_scale=xs, x2_scale=ws)
+
+
+def test_grouped_linear_950_runs_mxfp8_transpose_quant_batchmatmul(monkeypatch):
+    # wo_a: FP8 weight [G*N, K] with power-of-two 128x128 scales; K = 144 (the tiny preset's, not a multiple of 64).
+    g, n, k, t = 2, 16, 144, 5
+    w_dense = torch.randn(g * n, k, generator=_g(48)) / 4
+    w8, ws = quant.quantize_fp8_block(w_dense)
+    ws = quant.float_to_e8m0(ws.float())  # ue8m0 scales as in the official checkpoint
+    dense = quant.dequantize(w8, ws, torch.float32)
+    x = torch.randn(t, g, k, generator=_g(49)).to(torch.bfloat16)
+    calls = []
+    real = E.npu_transpose_quant_batchmatmul
+    monkeypatch.setattr(E, "npu_transpose_quant_batchmatmul", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for q in ("mxfp8",):
+        be = AscendBackend(E, quant=q)
+        y = be.grouped_linear(x, w8, ws)
+        # the MXFP8 weight re-quantisation is lossless, padding included
+        _, wq, pairs, kp = be._grouped_plan(w8, ws)
+        assert kp == 192
+        back = quant.dequantize_mxfp8(wq, quant.e8m0_unpairs(pairs, kp // 32, -1))
+        assert torch.equal(back[:, :k], dense) and not back[:, k:].any()
+        # independent: the 950's OCP-floor MXFP8 act quant of x (plain torch, on the zero-padded row) times the
+        # exact weight, float64; the op adds fp32 accumulation over K = 192 (< 2^-16 sum|terms|) and one bf16
+        # rounding (half an ulp, 2^-8 relative)
+        xd = _mx_sim(F.pad(x.float(), (0, kp - k)))[..., :k].double()
+        ref = torch.einsum("tgk,gnk->tgn", xd, dense.double().view(g, n, k))
+        mag = torch.einsum("tgk,gnk->tgn", xd.abs(), dense.double().abs().view(g, n, k))
+        assert y.shape == (t, g, n) and y.dtype == torch.bfloat16
+        assert ((y.double() - ref).abs() <= 2 ** -8 * ref.abs() + 2 ** -16 * mag).all(), q
+    assert len(calls) == 1 and all(c["group_sizes"] == [0, 0, 32] and c["perm_x2"] == (0, 2, 1) for c in calls)
+    # "fp8" keeps wo_a on the bf16 transpose_batchmatmul path (CR's FP8 recipe), the weight dequantised exactly
+    y8 = AscendBackend(E, quant="fp8").grouped_linear(x, w8, ws)
+    assert len(calls) == 1 and torch.equal(y8, AscendBackend(E).grouped_linear(x, w8, ws))
+    # fp32 activations have no fp16/bf16 output on this op: the bf16 transpose_batchmatmul path, unchanged
+    y32 = AscendBackend(E, quant="mxfp8").grouped_linear(x.float(), w8, ws)
+    assert len(calls) == 1 and torch.allclose(y32.double(), torch.einsum("tgk,gnk->tgn", x.double(),
+                                                                         dense.double().view(g, n, k)), atol=1e-4)

@@ -37,6 +37,13 @@ def _check_compiled(model, compiler: str | None, tuning: str = "default") -> Non
     want = [r.output for r in eager.generate(prompts, params)]
     got = [r.output for r in compiled.generate(prompts, params)]  # batches of 1..3 rows, padded to 2 or 3
     assert got == want
+    # Sampled rows mixed with a greedy one take the graph's sampling branch (all-greedy batches the greedy one);
+    # counter-based noise makes both engines draw the same tokens.
+    mixed = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1, max_tokens=12),
+             SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=1.0, seed=2, max_tokens=12)]
+    want = [r.output for r in eager.generate(prompts, mixed)]
+    assert [r.output for r in compiled.generate(prompts, mixed)] == want
+    assert want[0] != got[0] or want[2] != got[2]  # the sampled rows really sampled
     assert compiled.graph.compiles == after_warmup  # every later step reused its bucket's graph
     # Logits step by step against eager on an identical copy of the cache.
     dec = compiled.graph

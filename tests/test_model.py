@@ -121,7 +121,10 @@ def test_fp8_cache_is_lossless_under_deepseek_numerics():
     inc8, cache = _decode_all(model, ids, 9, kv_fp8=True)
     inc, plain = _decode_all(model, ids, 9)
     assert (inc8 - inc).abs().max().item() <= 1e-6
-    assert cache.nbytes() < 0.75 * plain.nbytes()
+    # The fp32 compressor state rings are the same in both (and dominate this 1-slot, 40-token cache).
+    state = sum(t.numel() * t.element_size() for lc in cache.layers for st in (lc.comp, lc.index_comp)
+                if st is not None for t in st.tensors())
+    assert cache.nbytes() - state < 0.75 * (plain.nbytes() - state)
 
 
 def test_fp8_cache_exact_numerics_close():

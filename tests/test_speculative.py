@@ -68,16 +68,18 @@ def _valid_state(model, cache, slot: int, length: int) -> list[torch.Tensor]:
         if lc.ratio:
             m = lc.ratio
             out.append(lc.read_entries(lc.entries, s, length // m, m))
-            out.append(lc.comp.kv_pend[slot, : length % m])
-            out.append(lc.comp.score_pend[slot, : length % m])
-            if lc.comp.kv_prev is not None and length >= m:
-                out += [lc.comp.kv_prev[slot], lc.comp.score_prev[slot]]
+            out += _live_rows(lc.comp, slot, length, m == 4)
         if lc.index_keys is not None:
             out.append(lc.read_entries(lc.index_keys, s, length // 4, 4))
-            out.append(lc.index_comp.kv_pend[slot, : length % 4])
-            if length >= 4:
-                out.append(lc.index_comp.kv_prev[slot])
+            out += _live_rows(lc.index_comp, slot, length, True)
     return out
+
+
+def _live_rows(st, slot: int, length: int, overlap: bool) -> list[torch.Tensor]:
+    """(kv, score) ring rows the next step reads: the unfinished window, plus the previous window (overlap)."""
+    m = st.ratio
+    first = max(0, (length // m - int(overlap)) * m)
+    return list(st.rows(slot, torch.arange(first, length)))
 
 
 @pytest.mark.parametrize("length,accept", [(13, 0), (14, 1), (15, 2), (29, 2), (31, 0)])
