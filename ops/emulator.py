@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4_ascend import quant as _quant
+from dsv4_ascend.backend import redirect_skipped_rows
 
 __all__ = [
     "npu_rms_norm",
@@ -692,13 +693,25 @@ def scatter_nd_update_asc(var: Tensor, indices: Tensor, update: Tensor) -> None:
     if update.dtype != var.dtype or tuple(update.shape) != (u, s):
         raise ValueError(f"scatter_nd_update_asc: update must be {var.dtype} [{u}, {s}], found {update.dtype} "
                          f"{list(update.shape)}")
-    for i, r in enumerate(indices[:, 0].tolist()):
-        if r < 0:
-            continue  # documented: negative indices are skipped
-        if r >= b:
-            raise IndexError(f"scatter_nd_update_asc: indices[{i}] = {r} out of range for var rows {b} "
-                             "(undefined on the device)")
-        var[r] = update[i]
+    rows = indices[:, 0].long()
+    if _checking_values() and bool((rows >= b).any()):  # eager only: no host read inside a captured graph
+        i = int((rows >= b).nonzero()[0, 0])
+        raise IndexError(f"scatter_nd_update_asc: indices[{i}] = {int(rows[i])} out of range for var rows {b} "
+                         "(undefined on the device)")
+    # documented: negative indices are skipped (sync-free: they rewrite the last valid row with its own value)
+    rows, update = redirect_skipped_rows(var, rows, _last_write_values(rows.unsqueeze(1), update))
+    var.index_put_((rows,), update)
+
+
+def _last_write_values(ix: Tensor, updates: Tensor) -> Tensor:
+    """updates [u, ...] with every write replaced by the last write to the same index (ix [u, a]): duplicates are
+    undocumented in both scatter ops, the emulator lets the last one win (verify). Every duplicate then carries one
+    value, so index_put_'s (unordered on CPU for large rows) application order cannot matter; no host sync."""
+    if ix.shape[0] == 0:
+        return updates
+    same = (ix.unsqueeze(1) == ix.unsqueeze(0)).all(-1)  # [u, u]
+    pos = torch.arange(ix.shape[0], device=ix.device)
+    return updates.index_select(0, torch.where(same, pos, -1).amax(1))
 
 
 def npu_scatter_nd_update_(input: Tensor, indices: Tensor, updates: Tensor) -> Tensor:  # noqa: A002
@@ -733,8 +746,7 @@ def npu_scatter_nd_update_(input: Tensor, indices: Tensor, updates: Tensor) -> T
             first = ix[bad.any(-1)][0].tolist()
             raise IndexError(f"npu_scatter_nd_update_: index {first} out of range for input {list(input.shape)} "
                              "(negative / out-of-range indices are not supported by the op)")
-    # index_put_ writes in index order on CPU: the last duplicate wins (verify on the device)
-    input.index_put_(tuple(ix.unbind(-1)), rows)
+    input.index_put_(tuple(ix.unbind(-1)), _last_write_values(ix, rows))  # last duplicate wins (verify)
     return input
 
 
