@@ -16,7 +16,20 @@ from . import sampling as _sampling
 if TYPE_CHECKING:
     from .attention_view import KVView
 
-__all__ = ["Backend", "RunOptions"]
+__all__ = ["Backend", "RunOptions", "fp32_linear"]
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T in fp32 (fp32 products and sums) for weights of any float dtype: logits and router scores.
+
+    Eager upcasts both operands. Compiled on CPU with one row (the batch-1 decode step), the same dot products
+    are written as a multiply + sum, which inductor fuses into one reduction that reads the weight in its stored
+    dtype: upcasting first would write (and re-read) an fp32 copy of the whole weight on every step.
+    """
+    if (weight.dtype != torch.float32 and torch.compiler.is_compiling() and weight.device.type == "cpu"
+            and x.numel() == x.shape[-1]):
+        return (x.float().unsqueeze(-2) * weight).sum(-1)
+    return torch.nn.functional.linear(x.float(), weight.float())
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,7 @@ class Backend:
 
     def lm_head(self, x: Tensor, weight: Tensor) -> Tensor:
         """Vocabulary logits in fp32."""
-        return torch.nn.functional.linear(x.float(), weight.float())
+        return fp32_linear(x, weight)
 
     def scatter_rows(self, dst: Tensor, rows: Tensor, src: Tensor) -> None:
         """In place: dst[rows[i]] = src[i] for dst [R, s], rows [u] int64, src [u, s]; negative rows are skipped.

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import quant
 from .attention_view import KVView
-from .backend import Backend
+from .backend import Backend, fp32_linear
 from .cache import CompressorState, KVCache, LayerCache
 from .config import ModelConfig
 from .rope import RopeTable, apply_rope_tail
@@ -330,7 +330,7 @@ class Gate(nn.Module):
             self.bias = _param(cfg.n_routed_experts, dtype=torch.float32, device=device)
 
     def forward(self, x: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        logits = torch.nn.functional.linear(x.float(), self.weight.float())
+        logits = fp32_linear(x, self.weight)
         hash_ids = self.tid2eid[input_ids] if self.hashed else None
         return self.backend.route(logits, self.bias, hash_ids, self.k, self.scale)
 

@@ -30,12 +30,13 @@ def _check_compiled(model, compiler: str | None, tuning: str = "default") -> Non
     prompts = [torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 14, 5)]
     params = SamplingParams(temperature=0, max_tokens=12)
     eager = Engine(model, max_slots=3, max_seq_len=32, eos_token_id=-1)
-    compiled = Engine(model, max_slots=3, max_seq_len=32, eos_token_id=-1, graph=True, graph_buckets=[2, 3],
+    # Bucket 1 takes the one-row path (GEMVs compiled as reductions on CPU); 2-row batches pad to bucket 3.
+    compiled = Engine(model, max_slots=3, max_seq_len=32, eos_token_id=-1, graph=True, graph_buckets=[1, 3],
                       graph_compiler=compiler, graph_tuning=tuning)
     after_warmup = compiled.graph.compiles
     assert after_warmup == 2  # one graph per bucket
     want = [r.output for r in eager.generate(prompts, params)]
-    got = [r.output for r in compiled.generate(prompts, params)]  # batches of 1..3 rows, padded to 2 or 3
+    got = [r.output for r in compiled.generate(prompts, params)]  # batches of 1..3 rows, padded to 1 or 3
     assert got == want
     # Sampled rows mixed with a greedy one take the graph's sampling branch (all-greedy batches the greedy one);
     # counter-based noise makes both engines draw the same tokens.
@@ -77,3 +78,21 @@ def test_inductor_compiled_equals_eager(tiny_model):
 @pytest.mark.slow
 def test_inductor_max_tuning_equals_eager(tiny_model):
     _check_compiled(tiny_model, None, "max")  # frozen weights, MKL-packed / autotuned GEMMs
+
+
+def test_one_row_matmuls_compile_as_reductions():
+    """The CPU graph config compiles a one-row matmul as inductor's multiply + sum reduction (decode GEMVs use
+    every thread), also above inductor's own 2048-wide limit, with the same result up to summation order."""
+    from torch._dynamo.utils import counters
+
+    from dsv4_ascend.graph_mode.decoder import _compiler_backend
+
+    backend, _ = _compiler_backend(torch.device("cpu"), cpp_wrapper=False)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 64, generator=g), torch.randn(3000, 64, generator=g)
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(torch.nn.functional.linear, backend=backend, fullgraph=True)(x, w)
+    assert counters["inductor"]["decompose_mm"] == 1
+    # fp32, 64-term dot products in another order: differences of a few ulp of the largest partial sum.
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -854,3 +854,20 @@ def test_grouped_linear_fp8():
     y = BE.grouped_linear(x, w8, s)
     expected = torch.stack([F.linear(x[:, gi].double(), wd[gi * n:(gi + 1) * n]) for gi in range(g)], 1)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)  # fp32 128-term dots, exact weights
+
+
+def test_fp32_linear_compiled_one_row_form_equals_upcast():
+    """fp32_linear's compiled one-row form (multiply + sum over the bf16 weight, no fp32 weight copy) computes
+    the same fp32 dot products as the eager upcast; other shapes keep the upcast."""
+    from dsv4_ascend.backend import fp32_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g).bfloat16()
+    compiled = torch.compile(fp32_linear, backend="aot_eager", fullgraph=True)
+    for rows in ((1, 1), (3, 1)):
+        x = torch.randn(*rows, 96, generator=g).bfloat16()
+        want = F.linear(x.float(), w.float())
+        got = compiled(x, w)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # bf16 x bf16 products are exact in fp32; only the summation order of 96 fp32 terms may differ.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
