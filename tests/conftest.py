@@ -35,3 +35,26 @@ def bf16_norms(model):
             if name.endswith("norm.weight"):
                 p.copy_(p.to(torch.bfloat16).float())
     return model
+
+
+def graph_vs_eager_logits(model, dec, prompts: list[list[int]], params, max_len: int, steps: int):
+    """Logits of a GraphDecoder's steps and of eager `model.decode`, step by step on identical cache copies:
+    two rows prefilled with the first 5 tokens of `prompts[0]` / `prompts[1]`, then `steps` greedy decode steps
+    (eager's argmax fed to both). Yields (eager, graph) logits per step."""
+    from dsv4_ascend.sampling import SamplingBatch
+
+    ids = torch.tensor([p[:5] for p in prompts[:2]])
+    slots = torch.arange(2)
+    eager_cache = model.new_cache(dec.cache.max_slots, max_len)
+    model(ids, eager_cache, slots, 0)
+    for slot in (0, 1):
+        dec.cache.allocate(slot, max_len)  # an engine freed its pages when its requests finished
+    model(ids, dec.cache, slots, 0)
+    tok = ids[:, -1:]
+    sb = SamplingBatch.of([params, params])
+    for t in range(5, 5 + steps):
+        pos = torch.full((2,), t)
+        e = model.decode(tok, pos, eager_cache, slots)[:, -1]
+        _, _, g = dec.step(tok, pos, slots, sb)
+        yield e, g
+        tok = e.argmax(-1, keepdim=True)

@@ -14,9 +14,9 @@ from dsv4_ascend.config import preset
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.ops import AscendBackend
 from dsv4_ascend.ops import emulator as E
-from dsv4_ascend.sampling import SamplingBatch, SamplingParams
+from dsv4_ascend.sampling import SamplingParams
 
-from conftest import build_tiny
+from conftest import build_tiny, graph_vs_eager_logits
 
 CFG = preset("tiny")  # SWA, CSA (lightning indexer), HCA, CSA, + the MTP block
 # aot_eager runs the traced aten ops, but AOTAutograd may decompose some (e.g. softmax, silu) into other aten ops
@@ -51,22 +51,9 @@ def test_ascend_graph_decode_equals_eager(quant):
     assert got == want
     assert compiled.graph.compiles == 1
     # Logits step by step against eager on an identical copy of the cache.
-    dec = compiled.graph
-    ids = torch.tensor([p[:5] for p in prompts])
-    slots = torch.arange(2)
-    eager_cache = model.new_cache(3, 24)
-    model(ids, eager_cache, slots, 0)
-    for slot in (0, 1):
-        dec.cache.allocate(slot, 24)  # the engine freed its pages when its requests finished
-    model(ids, dec.cache, slots, 0)
-    tok = ids[:, -1:]
-    sb = SamplingBatch.of([params, params])
-    for t in range(5, 10):
-        pos = torch.full((2,), t)
-        e = model.decode(tok, pos, eager_cache, slots)[:, -1].float()
-        _, _, g = dec.step(tok, pos, slots, sb)
-        assert (e - g.float()).abs().max().item() <= TOL * max(1.0, e.abs().max().item())
-        tok = e.argmax(-1, keepdim=True)
+    for e, g in graph_vs_eager_logits(model, compiled.graph, prompts, params, max_len=24, steps=5):
+        e, g = e.float(), g.float()
+        assert (e - g).abs().max().item() <= TOL * max(1.0, e.abs().max().item())
     assert compiled.graph.compiles == 1
 
 
@@ -126,7 +113,7 @@ def test_lightning_indexer_traces_without_host_reads():
     g = torch.Generator().manual_seed(5)
     q, keys, w = torch.randn(t, h, d, generator=g), torch.randn(2 * 16, 16, 1, d, generator=g), torch.randn(t, h, 1)
     table = torch.arange(2 * 2, dtype=torch.int32).view(2, 2).repeat_interleave(2, 0)  # [T, 2 blocks]
-    asl_q, asl_k = torch.arange(1, t + 1, dtype=torch.int32), torch.tensor([0, 5, 21, 2], dtype=torch.int32)
+    asl_q, asl_k = torch.arange(1, t + 1, dtype=torch.int32), torch.tensor([0, 5, n, 2], dtype=torch.int32)
 
     def li(q, asl_k):
         return E.npu_lightning_indexer(q, keys, w, actual_seq_lengths_query=asl_q, actual_seq_lengths_key=asl_k,

@@ -10,7 +10,9 @@ import torch
 
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.graph_mode import GraphDecoder
-from dsv4_ascend.sampling import SamplingBatch, SamplingParams
+from dsv4_ascend.sampling import SamplingParams
+
+from conftest import graph_vs_eager_logits
 
 # Compiled code may reorder fp32 reductions (different summation order): logits then differ at ~1e-6 relative.
 TOL = 1e-4
@@ -47,22 +49,8 @@ def _check_compiled(model, compiler: str | None, tuning: str = "default") -> Non
     assert want[0] != got[0] or want[2] != got[2]  # the sampled rows really sampled
     assert compiled.graph.compiles == after_warmup  # every later step reused its bucket's graph
     # Logits step by step against eager on an identical copy of the cache.
-    dec = compiled.graph
-    ids = torch.tensor([p[:5] for p in prompts[:2]])
-    slots = torch.arange(2)
-    eager_cache = model.new_cache(4, 32)
-    model(ids, eager_cache, slots, 0)
-    for slot in (0, 1):
-        dec.cache.allocate(slot, 32)  # the engine freed its pages when its requests finished
-    model(ids, dec.cache, slots, 0)
-    tok = ids[:, -1:]
-    sb = SamplingBatch.of([params, params])
-    for t in range(5, 15):
-        pos = torch.full((2,), t)
-        e = model.decode(tok, pos, eager_cache, slots)[:, -1]
-        _, _, g = dec.step(tok, pos, slots, sb)
+    for e, g in graph_vs_eager_logits(model, compiled.graph, prompts, params, max_len=32, steps=10):
         assert (e - g).abs().max().item() <= TOL
-        tok = e.argmax(-1, keepdim=True)
     assert compiled.graph.compiles == after_warmup
 
 
