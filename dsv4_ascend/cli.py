@@ -1,81 +1,36 @@
-"""`dsv4` command line: generate, chat, serve, make-tiny (and the Ascend tools when present)."""
+"""`dsv4` command line: generate, chat, serve, parity, convert, make-tiny.
+
+Errors: every failure is one line on stderr (`dsv4 CMD: error: ...`) and a non-zero exit: 2 for a bad flag or
+input, 1 for a failure while loading or running, 130 for Ctrl-C. `--debug` (or DSV4_DEBUG=1) shows the traceback
+instead. Flags, config.json, tokenizer.json and the prompt are checked before any weight is read.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-import torch
+from .loading import check_device, load_model, load_model_tokenizer, read_model_config, resolve_model_dir
 
-__all__ = ["main", "load_model", "default_model_dir"]
+__all__ = ["main", "UsageError"]
 
-
-def default_model_dir() -> Path:
-    """The embedded default: a tiny random model in the official format, created on first use."""
-    root = Path(os.environ.get("DSV4_HOME", Path.home() / ".cache" / "dsv4-ascend"))
-    d = root / "tiny-seed0"
-    if not (d / "config.json").exists() or not (d / "model.safetensors.index.json").exists():
-        from .tiny import write_tiny_checkpoint
-
-        print(f"[dsv4] creating the tiny random default model in {d}", file=sys.stderr)
-        write_tiny_checkpoint(d, seed=0)
-    return d
+_INT64_MAX = 2**63 - 1
 
 
-def make_backend(name: str, numerics: str, quant: str = "bf16"):
-    """The Backend named on the command line (`quant`: the Ascend weight format, w8a8 / w4a8 for converted A3
-    dirs)."""
-    from .backend import RunOptions
-
-    opts = RunOptions(numerics)
-    if name == "reference":
-        from .reference import ReferenceBackend
-
-        return ReferenceBackend(opts)
-    if name == "ascend":
-        from .ops import AscendBackend
-
-        return AscendBackend(options=opts, quant=quant)
-    raise SystemExit(f"unknown --backend {name!r}; allowed: reference, ascend")
+class UsageError(ValueError):
+    """A bad flag or input, found before any work: exit status 2."""
 
 
-def auto_quant(qc: dict, backend: str, weights: str, implied: str = "bf16") -> str:
-    """The Ascend quant mode a checkpoint implies for `--quant auto`: what `implied` says for converted A2/A3
-    dirs, "fp8" (the 950's native FP8 + MXFP4 path) for an FP8 checkpoint kept native on --backend ascend (the
-    official one or a `dsv4 convert --target 950` copy), else "bf16"."""
-    if implied == "bf16" and backend == "ascend" and weights == "native" and qc.get("quant_method") == "fp8":
-        return "fp8"
-    return implied
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is in --help)."""
 
-
-def load_model(model_dir: str | None, device: str = "cpu", backend: str = "reference", dtype: str = "bfloat16",
-               weights: str = "native", numerics: str = "exact", quant: str = "auto"):
-    """Model from an official-format directory (or the tiny default) on `device` with the chosen backend.
-
-    `quant` (Ascend only): "auto" picks it from the checkpoint (`auto_quant`), or one of AscendBackend's modes.
-    """
-    from .checkpoint import load_checkpoint
-
-    import json
-
-    path = Path(model_dir) if model_dir else default_model_dir()
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {} \
-        if (path / "config.json").exists() else {}
-    implied = "bf16"
-    if qc.get("quant_method") == "w8a8_int8":  # written by `dsv4 convert --target a3`: int8, experts int8 or int4
-        implied = "w4a8" if qc.get("experts") == "w4a8" else "w8a8"
-    if quant == "auto":
-        quant = auto_quant(qc, backend, weights, implied)
-    elif backend != "ascend" and quant != "bf16":
-        raise SystemExit(f"--quant {quant} needs --backend ascend (the reference backend runs the checkpoint as "
-                         "stored, dequantising per call)")
-    model = load_checkpoint(path, backend=make_backend(backend, numerics, quant), dtype=getattr(torch, dtype),
-                            weights=weights, device=device)
-    if quant in ("fp8", "mxfp8"):
-        model.backend.prepare(model)  # the 950 scale layouts once, before the first request or a graph capture
-    return model, path
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -116,6 +71,71 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _check_flags(args, sampling: bool = True) -> None:
+    """Flag values that can never work, as UsageError naming the flag (nothing is read yet)."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UsageError(msg)
+
+    need(args.max_seq_len >= 1, f"--max-seq-len must be >= 1, found {args.max_seq_len}")
+    need(args.speculative_tokens >= 0, f"--speculative-tokens must be >= 0, found {args.speculative_tokens}")
+    if not sampling:
+        return
+    need(args.max_tokens >= 1, f"--max-tokens must be >= 1, found {args.max_tokens}")
+    need(math.isfinite(args.temperature) and args.temperature >= 0,
+         f"--temperature must be a finite number >= 0 (0 = greedy), found {args.temperature}")
+    need(args.top_k >= 0, f"--top-k must be >= 0 (0 = off), found {args.top_k}")
+    need(0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1 = off), found {args.top_p}")
+    need(0 <= args.seed <= _INT64_MAX, f"--seed must be in [0, 2**63 - 1], found {args.seed}")
+    need(all(args.stop), "--stop '' (an empty stop string) would stop before the first token; give a non-empty "
+                         "string")
+    for s in args.stop:
+        _utf8(s, "--stop")
+    need(args.max_tokens < args.max_seq_len, f"--max-tokens {args.max_tokens} leaves no room for a prompt in "
+                                             f"--max-seq-len {args.max_seq_len}")
+
+
+def _utf8(text: str, where: str) -> str:
+    """`text` if it is valid Unicode text; UsageError naming `where` for lone surrogates (the form invalid UTF-8
+    bytes of a command-line argument take in Python)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = (f"invalid UTF-8 byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF
+                else f"lone surrogate U+{c:04X}")
+        raise UsageError(f"{where}: not valid UTF-8 text ({what} at character {e.start})") from None
+    return text
+
+
+def _read_prompt(args) -> str:
+    """The prompt: --prompt, or --prompt-file PATH ('-' = stdin), decoded as strict UTF-8."""
+    if args.prompt_file is None:
+        return _utf8(args.prompt, "--prompt")
+    where = "stdin" if args.prompt_file == "-" else args.prompt_file
+    try:
+        data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--prompt-file {where}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt-file {where}: not valid UTF-8 (byte 0x{data[e.start]:02X} at offset "
+                         f"{e.start})") from None
+
+
+def _prepare(args, sampling: bool = True):
+    """Every check that needs no weights: flags, device, model directory, config.json, tokenizer.json.
+    Returns (path, config, tokenizer)."""
+    _check_flags(args, sampling)
+    check_device(args.device)
+    path = resolve_model_dir(args.model)
+    cfg = read_model_config(path)
+    if sampling and args.top_k > cfg.vocab_size:
+        raise UsageError(f"--top-k must be <= the vocabulary size {cfg.vocab_size}, found {args.top_k}")
+    return path, cfg, load_model_tokenizer(path)
+
+
 def _params(args):
     from .sampling import SamplingParams
 
@@ -123,30 +143,59 @@ def _params(args):
                           max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
-def _stream(engine, tok, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, int, float]:
-    """Run one request, printing text as it decodes; returns (text, tokens, seconds)."""
+class _CtrlC:
+    """While a reply streams: the first Ctrl-C asks the reply to stop at the next token (the engine stays
+    consistent); a second one interrupts at once. Only in the main thread (where Python delivers signals)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._prev = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._on)
+        return self
+
+    def _on(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+def _stream(engine, tok, prompt_ids: list[int], params, out=sys.stdout) -> tuple[str, int, float, bool]:
+    """Run one request, printing text as it decodes; returns (text, tokens, seconds, interrupted by Ctrl-C)."""
     req = engine.add_request(prompt_ids, params)
     dec = tok.stream_decoder(skip_special_tokens=True)
     text, t0 = "", time.perf_counter()
-    for r, t in engine.run():
-        if r is not req:
-            continue
-        piece = dec.push(t)
-        text += piece
-        hit = [s for s in params.stop if s in text]
-        if hit:
-            cut = min(text.index(s) for s in hit)
-            piece = piece[: max(0, len(piece) - (len(text) - cut))]
-            text = text[:cut]
+    with _CtrlC() as ctrl_c:
+        for r, t in engine.run():
+            if ctrl_c.hit and not req.finished:
+                engine.abort(req)
+            if r is not req or req.finish_reason == "abort":
+                continue
+            piece = dec.push(t)
+            text += piece
+            hit = [s for s in params.stop if s in text]
+            if hit:
+                cut = min(text.index(s) for s in hit)
+                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+                text = text[:cut]
+                engine.abort(req)
+            out.write(piece)
+            out.flush()
+        if ctrl_c.hit and not req.finished:
             engine.abort(req)
-        out.write(piece)
-        out.flush()
     if not params.stop or not any(s in text for s in params.stop):
         rest = dec.flush()
         text += rest
         out.write(rest)
     out.write("\n")
-    return text, len(req.output), time.perf_counter() - t0
+    out.flush()
+    return text, len(req.output), time.perf_counter() - t0, ctrl_c.hit
 
 
 def _engine(model, args, **kw):
@@ -156,15 +205,24 @@ def _engine(model, args, **kw):
                   graph=args.graph, graph_tuning=args.graph_tuning, **kw)
 
 
-def cmd_generate(args) -> int:
-    from .tokenizer import load_tokenizer
+def _load(args):
+    model, _ = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                          args.quant)
+    return model
 
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
-                             args.quant)
-    tok = load_tokenizer(path)
-    engine = _engine(model, args, max_slots=1)
-    ids = [tok.bos_id] + tok.encode(args.prompt)
-    _, n, secs = _stream(engine, tok, ids, _params(args))
+
+def cmd_generate(args) -> int:
+    path, _, tok = _prepare(args)
+    ids = [tok.bos_id] + tok.encode(_read_prompt(args))
+    if len(ids) + args.max_tokens > args.max_seq_len:
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-tokens {args.max_tokens} exceeds --max-seq-len "
+                         f"{args.max_seq_len}")
+    params = _params(args)
+    engine = _engine(_load(args), args, max_slots=1)
+    _, n, secs, stopped = _stream(engine, tok, ids, params)
+    if stopped:
+        print(f"[dsv4] stopped by Ctrl-C after {n} tokens", file=sys.stderr)
+        return 130
     print(f"[dsv4] {n} tokens in {secs:.2f} s = {n / secs:.1f} tok/s (prompt {len(ids)} tokens, "
           f"model {path})", file=sys.stderr)
     if engine.spec is not None:
@@ -174,32 +232,80 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    from .chat import encode_messages
-    from .tokenizer import load_tokenizer
+def _assistant_turn(text: str, thinking: bool) -> dict:
+    """The reply as DeepSeek's encoder wants it: in thinking mode the reasoning (before </think>) goes to
+    reasoning_content and only the answer to content (a reply cut before </think> is all reasoning)."""
+    from .chat import THINK_END
 
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
-                             args.quant)
-    tok = load_tokenizer(path)
-    engine = _engine(model, args, max_slots=1)
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("[dsv4] chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    if not thinking:
+        return {"role": "assistant", "content": text}
+    reasoning, sep, content = text.partition(THINK_END)
+    return {"role": "assistant", "reasoning_content": reasoning, "content": content if sep else ""}
+
+
+def _fit_history(messages: list[dict], tok, args) -> list[int] | None:
+    """Prompt ids of the chat so far; drops the oldest turns (never the system prompt) while prompt +
+    --max-tokens exceeds --max-seq-len, saying so. None when the newest message alone does not fit (then it is
+    removed)."""
+    from .chat import encode_messages
+
+    dropped = 0
+    while True:
+        ids = tok.encode(encode_messages(messages, thinking=args.thinking))
+        if len(ids) + args.max_tokens <= args.max_seq_len:
+            break
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) <= 1:
+            print(f"[dsv4] this message needs {len(ids)} prompt tokens; with --max-tokens {args.max_tokens} that "
+                  f"exceeds --max-seq-len {args.max_seq_len}: not sent (shorten it or raise --max-seq-len)",
+                  file=sys.stderr)
+            messages.pop()
+            return None
+        del messages[users[0]:users[1]]
+        dropped += 1
+    if dropped:
+        print(f"[dsv4] the history outgrew --max-seq-len {args.max_seq_len}: dropped the oldest {dropped} "
+              f"turn{'s' if dropped > 1 else ''} (the prompt is now {len(ids)} tokens)", file=sys.stderr)
+    return ids
+
+
+def cmd_chat(args) -> int:
+    _, _, tok = _prepare(args)
+    system = _utf8(args.system, "--system")
+    params = _params(args)
+    engine = _engine(_load(args), args, max_slots=1)
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad line is reported, not fatal
+    print("[dsv4] chat: empty line or Ctrl-D to quit; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             break
         if not line.strip():
             break
+        try:
+            _utf8(line, "input")
+        except UsageError as e:
+            print(f"[dsv4] {e}; line ignored", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        ids = tok.encode(encode_messages(messages, thinking=args.thinking))
-        text, n, secs = _stream(engine, tok, ids, _params(args))
-        messages.append({"role": "assistant", "content": text})
-        print(f"[dsv4] {n} tokens, {n / secs:.1f} tok/s", file=sys.stderr)
+        ids = _fit_history(messages, tok, args)
+        if ids is None:
+            continue
+        text, n, secs, stopped = _stream(engine, tok, ids, params)
+        messages.append(_assistant_turn(text, args.thinking))
+        if stopped:
+            print(f"[dsv4] reply stopped by Ctrl-C after {n} tokens (kept in the history)", file=sys.stderr)
+        else:
+            print(f"[dsv4] {n} tokens, {n / secs:.1f} tok/s", file=sys.stderr)
     return 0
 
 
 def cmd_serve(args) -> int:
+    _prepare(args, sampling=False)  # flags, device, config.json, tokenizer.json: before the server loads weights
     from .server import serve_main  # lazy: fastapi/uvicorn are the optional `serve` extra
 
     return serve_main(args)
@@ -217,24 +323,36 @@ def cmd_convert(args) -> int:
     return convert_main(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference (Ascend NPU and any torch device)")
+def _build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="dsv4", description="DeepSeek-V4 inference (Ascend NPU and any torch device)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also DSV4_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="complete a prompt, streaming the text; tokens/s at the end")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, **kw)
+        if kw.get("add_help", True):
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the traceback of an error (also DSV4_DEBUG=1)")
+        return p
+
+    g = command("generate", help="complete a prompt, streaming the text; tokens/s at the end")
     _add_model_flags(g)
     _add_sampling_flags(g)
-    g.add_argument("--prompt", default="The capital of France is", help="text to complete (BOS is prepended)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="The capital of France is", help="text to complete (BOS is prepended)")
+    src.add_argument("--prompt-file", default=None, metavar="PATH",
+                     help="read the prompt from a UTF-8 file ('-' = stdin); for prompts beyond the command line's "
+                          "128 KiB per argument")
     g.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive chat with history (DeepSeek-V4 chat encoding)")
+    c = command("chat", help="interactive chat with history (DeepSeek-V4 chat encoding)")
     _add_model_flags(c)
     _add_sampling_flags(c)
     c.add_argument("--system", default="", help="system prompt")
     c.add_argument("--thinking", action="store_true", help="thinking mode (the reply opens with <think>)")
     c.set_defaults(fn=cmd_chat)
 
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching; needs the serve extra)")
+    v = command("serve", help="OpenAI-compatible HTTP server (continuous batching; needs the serve extra)")
     _add_model_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     v.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -255,20 +373,31 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import add_convert_args
     from .parity import add_parity_args
 
-    r = sub.add_parser("parity", help="Ascend backend (torch_npu or its CPU emulator) vs the reference backend: "
-                       "per-layer max-abs-diff / cosine, logit top-1 agreement; exit 1 past tolerance")
+    r = command("parity", help="Ascend backend (torch_npu or its CPU emulator) vs the reference backend: "
+                "per-layer max-abs-diff / cosine, logit top-1 agreement; exit 1 past tolerance")
     add_parity_args(r)
     r.set_defaults(fn=cmd_parity)
 
-    k = sub.add_parser("convert", help="convert an official checkpoint for Atlas A2/A3 (W8A8 int8) or Ascend 950 "
-                       "(FP8/MXFP4), streaming with progress")
+    k = command("convert", help="convert an official checkpoint for Atlas A2/A3 (W8A8 int8) or Ascend 950 "
+                "(FP8/MXFP4), streaming with progress")
     add_convert_args(k)
     k.set_defaults(fn=cmd_convert)
 
-    t = sub.add_parser("make-tiny", help="write a tiny random model in the official on-disk format",
-                       add_help=False)
+    t = command("make-tiny", help="write a tiny random model in the official on-disk format", add_help=False)
     t.set_defaults(fn=None)
+    return ap
 
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) if str(e) else ""
+    known = isinstance(e, (ValueError, OSError, KeyError)) or type(e).__module__.startswith("dsv4_ascend")
+    return msg if msg and known else f"{type(e).__name__}: {msg}".rstrip(": ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dsv4`; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = _build_parser()
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "make-tiny":
         from .tiny import make_tiny_main
@@ -276,7 +405,20 @@ def main(argv: list[str] | None = None) -> int:
         return make_tiny_main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.fn(args)
+    debug = getattr(args, "debug", False) or os.environ.get("DSV4_DEBUG", "") not in ("", "0")
+    prog = f"dsv4 {args.cmd}"
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every error becomes one line
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

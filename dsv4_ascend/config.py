@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "load_config"]
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "load_config", "read_config_json"]
 
 
 class ConfigError(ValueError):
     """A config value is missing or out of range; the message names the key and what is allowed."""
 
+
+# Keys whose values must be integers / positive finite numbers (validate() checks the types before the ranges).
+_INT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "qk_rope_head_dim",
+             "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim",
+             "index_topk", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "num_hash_layers", "hc_mult", "hc_sinkhorn_iters", "rope_original_max_position",
+             "max_position_embeddings", "num_nextn_predict_layers", "bos_token_id", "eos_token_id")
+_FLOAT_KEYS = ("routed_scaling_factor", "swiglu_limit", "hc_eps", "rms_norm_eps", "rope_theta", "compress_rope_theta",
+               "rope_factor", "rope_beta_fast", "rope_beta_slow")
 
 # transformers' layer_types <-> native compress ratios.
 _LAYER_TYPE_TO_RATIO = {
@@ -96,9 +106,13 @@ class ModelConfig:
         return self.qk_rope_head_dim
 
     def __post_init__(self) -> None:
-        if not self.compress_ratios:
+        if not isinstance(self.compress_ratios, list) or not all(
+                isinstance(r, int) and not isinstance(r, bool) for r in self.compress_ratios):
+            raise ConfigError(f"config key 'compress_ratios': must be a list of integers, found "
+                              f"{self.compress_ratios!r}"[:300])
+        if not self.compress_ratios and isinstance(self.num_hidden_layers, int) and \
+                isinstance(self.num_nextn_predict_layers, int):
             self.compress_ratios = [0] * (self.num_hidden_layers + self.num_nextn_predict_layers)
-        self.compress_ratios = [int(r) for r in self.compress_ratios]
         self.validate()
 
     def validate(self) -> None:
@@ -108,6 +122,17 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config key '{key}': {msg}")
 
+        # Types first, so the range checks below never compare a string with a number.
+        for key in _INT_KEYS:
+            v = getattr(self, key)
+            need(isinstance(v, int) and not isinstance(v, bool), key, f"must be an integer, found {v!r}")
+        for key in _FLOAT_KEYS:
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
+                 f"must be a finite number, found {v!r}")
+            need(v > 0, key, f"must be > 0 (a non-positive value makes the model meaningless), found {v!r}")
+        for key in ("norm_topk_prob", "tie_word_embeddings"):
+            need(isinstance(getattr(self, key), bool), key, f"must be true or false, found {getattr(self, key)!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                     "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
                     "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
@@ -154,6 +179,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """Build from a config.json dict in native or transformers names; unknown keys are ignored."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a JSON object, found {type(raw).__name__}")
+        try:
+            return cls._from_dict(raw)
+        except (TypeError, ValueError, AttributeError) as e:  # a folded key of the wrong type (ConfigError passes)
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"invalid config: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         d = dict(raw)
         names = {f.name for f in dataclasses.fields(cls)}
         out: dict[str, Any] = {}
@@ -241,18 +277,38 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read `config.json` (or a directory holding one)."""
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a config.json file; ConfigError naming the file when it is missing, a directory, not
+    UTF-8 / JSON, or not a JSON object."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.exists():
-        raise ConfigError(f"no config.json at {p}")
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: missing (a model directory holds config.json next to its safetensors shards)") \
+            from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a config.json file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
-    return ModelConfig.from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: must hold a JSON object, found a JSON {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read `config.json` (or a directory holding one); ConfigError names the file and, for a bad value, the key."""
+    p = Path(path)
+    if p.is_dir() and not p.name == "config.json":
+        p = p / "config.json"
+    raw = read_config_json(p)
+    try:
+        return ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
 
 
 def _flash() -> ModelConfig:

@@ -15,7 +15,6 @@ top-1 agreement is below its bound; the default bounds depend on --quant (see DE
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -177,23 +176,20 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
     when usable, else the emulator).
     """
     from .backend import RunOptions
-    from .checkpoint import load_checkpoint
-    from .cli import default_model_dir
-    from .convert import converted_target
+    from .converted import converted_quant
+    from .loading import load_checkpoint, resolve_model_dir
     from .ops import AscendBackend
     from .reference import ReferenceBackend
 
     if quant not in DEFAULT_TOLERANCE:
         raise ValueError(f"quant must be one of {sorted(DEFAULT_TOLERANCE)}, found {quant!r}")
-    path = Path(model_dir) if model_dir else default_model_dir()
-    asc_path = Path(ascend_model) if ascend_model else path
-    if converted_target(path) == "a3":
+    path = resolve_model_dir(model_dir)
+    asc_path = resolve_model_dir(ascend_model) if ascend_model else path
+    if converted_quant(path) is not None:
         raise ValueError(f"{path} is a checkpoint converted for Atlas A2/A3 (int8); the reference backend needs "
                          "the official checkpoint: pass that as --model and this one as --ascend-model")
-    if converted_target(asc_path) == "a3":
-        # The int8/int4 weights are the checkpoint's; only the matching integer path can run them.
-        qc = json.loads((asc_path / "config.json").read_text()).get("quantization_config") or {}
-        quant = "w4a8" if qc.get("experts") == "w4a8" else "w8a8"
+    # The int8/int4 weights of a converted directory are the checkpoint's; only the matching integer path runs them.
+    quant = converted_quant(asc_path) or quant
     d_min_cos, d_min_top1 = DEFAULT_TOLERANCE[quant]
     min_cosine = d_min_cos if min_cosine is None else min_cosine
     min_top1 = d_min_top1 if min_top1 is None else min_top1

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import quant
 
-__all__ = ["WeightError", "assign_tensors", "put_tensor", "compatible"]
+__all__ = ["WeightError", "assign_tensors", "put_tensor", "compatible", "check_values"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _BYTES = (torch.int8, torch.uint8)
@@ -40,6 +40,38 @@ def compatible(dst: torch.dtype, src: torch.dtype) -> bool:
     if dst in _FLOATS and src == torch.float8_e8m0fnu:  # an fp32 scale stack that also receives e8m0 scales
         return True
     return dst == torch.int64 and src == torch.int32
+
+
+def _bad_values(t: Tensor) -> Tensor | None:
+    """Mask of the entries of `t` that are NaN / inf, by dtype; None when the dtype has no such values.
+
+    e4m3fn (OCP FP8): no inf, NaN is S.1111.111 (bytes 0x7F / 0xFF). e8m0 (OCP MX scales): 0xFF is NaN.
+    Packed FP4 (e2m1) and integers encode only finite values.
+    """
+    if t.dtype == torch.float8_e4m3fn:
+        return (t.view(torch.uint8) & 0x7F) == 0x7F
+    if t.dtype == torch.float8_e8m0fnu:
+        return t.view(torch.uint8) == 0xFF
+    if t.dtype in _FLOATS or t.dtype == torch.float64:
+        return ~torch.isfinite(t)
+    return None
+
+
+def check_values(name: str, t: Tensor, source: str = "state dict", error: type[WeightError] = WeightError,
+                 raw_e8m0: bool = False) -> None:
+    """Raise `error` naming the tensor when `t` holds a NaN or inf (`raw_e8m0`: uint8 bytes are e8m0 scales).
+
+    The loaders call it on every quantisation scale (small) and, unless switched off, on FP8 weights."""
+    t = t.view(torch.float8_e8m0fnu) if raw_e8m0 and t.dtype == torch.uint8 else t
+    if t.dtype == torch.float8_e4m3fn and t.numel() and int((t.view(torch.uint8) & 0x7F).amax()) != 0x7F:
+        return  # the fast test (one pass, ~2x the speed of building the mask); the mask only for the message
+    mask = _bad_values(t)
+    if mask is None or not bool(mask.any()):
+        return
+    n = int(mask.sum())
+    first = [int(i) for i in torch.nonzero(mask)[0]] if t.dim() else []
+    raise error(f"{source}: tensor '{name}' ({str(t.dtype).replace('torch.', '')} {list(t.shape)}) holds {n} "
+                f"NaN/inf value{'s' if n > 1 else ''} (first at index {first}); the checkpoint is damaged")
 
 
 def _owner(model: nn.Module, target: Tensor) -> tuple[nn.Module, str]:

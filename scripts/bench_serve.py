@@ -96,7 +96,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dsv4_ascend.cli import load_model
+    from dsv4_ascend.loading import load_model
     from dsv4_ascend.engine import Engine
     from dsv4_ascend.server import BackgroundServer, create_app
     from dsv4_ascend.tokenizer import load_tokenizer

@@ -5,7 +5,7 @@
     python scripts/convert.py /data/DeepSeek-V4-Pro /data/V4-Pro-a3 --target a3 --experts w4a8 --nz
     python scripts/convert.py /data/DeepSeek-V4-Flash /data/V4-Flash-950 --target 950      # Ascend 950
 
-The a3 output loads with `dsv4_ascend.checkpoint.load_checkpoint(DIR, backend=AscendBackend(quant="w8a8"))`
+The a3 output loads with `dsv4_ascend.loading.load_checkpoint(DIR, backend=AscendBackend(quant="w8a8"))`
 (quant="w4a8" for `--experts w4a8`; int8 / int4 weights go to the backend as stored); see docs/ascend.md
 "Converted checkpoints".
 """

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dsv4_ascend.cli import default_model_dir, make_backend
+    from dsv4_ascend.loading import default_model_dir, make_backend
     from dsv4_ascend.parallel import (generate_lockstep, init_parallel, load_parallel_model,
                                       resident_weight_bytes)
     from dsv4_ascend.tokenizer import load_tokenizer

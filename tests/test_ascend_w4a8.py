@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from conftest import bf16_norms as _bf16_norms, build_tiny
 from dsv4_ascend import quant
-from dsv4_ascend.checkpoint import load_checkpoint
-from dsv4_ascend.cli import load_model
-from dsv4_ascend.convert import ConvertError, convert_checkpoint, load_converted, unpack_int4
+from dsv4_ascend.convert import convert_checkpoint, unpack_int4
+from dsv4_ascend.converted import ConvertError, load_converted
+from dsv4_ascend.loading import load_checkpoint, load_model
 from dsv4_ascend.model import RoutedExperts
 from dsv4_ascend.ops import AscendBackend, emulator as E
 from dsv4_ascend.reference import ReferenceBackend

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv4_ascend import quant
-from dsv4_ascend.checkpoint import (INDEX_NAME, CheckpointError, hf_name, load_checkpoint, native_name,
-                                    read_safetensors_header)
+from dsv4_ascend.checkpoint import load_checkpoint
+from dsv4_ascend.checkpoint_names import hf_name, native_name
+from dsv4_ascend.safetensors_io import INDEX_NAME, CheckpointError, read_safetensors_header
 from dsv4_ascend.config import ModelConfig, preset
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend

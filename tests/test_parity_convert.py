@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from dsv4_ascend import quant
-from dsv4_ascend.checkpoint import load_checkpoint
 from dsv4_ascend.cli import main
-from dsv4_ascend.convert import (ConvertError, convert_checkpoint, converted_target, load_converted, pack_int4,
-                                 unpack_int4)
+from dsv4_ascend.convert import convert_checkpoint, pack_int4, unpack_int4
+from dsv4_ascend.converted import ConvertError, converted_target, load_converted
+from dsv4_ascend.loading import load_checkpoint
 from dsv4_ascend.ops import AscendBackend, emulator
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.tiny import write_tiny_checkpoint

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from dsv4_ascend.chat import encode_messages  # noqa: E402
-from dsv4_ascend.cli import load_model  # noqa: E402
+from dsv4_ascend.loading import load_model  # noqa: E402
 from dsv4_ascend.engine import Engine  # noqa: E402
 from dsv4_ascend.sampling import SamplingParams  # noqa: E402
 from dsv4_ascend.server import BackgroundServer, _Output, _ThinkSplit, create_app  # noqa: E402
