@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -110,7 +107,7 @@ def main() -> None:
     if args.skip_hf:
         return
     # 3. vs transformers
-    from hf_oracle import build_hf_model, stable_indexer_topk
+    from dsv4_ascend.hf_oracle import build_hf_model, stable_indexer_topk
 
     from dsv4_ascend.engine import Engine
     from dsv4_ascend.sampling import SamplingParams

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def main() -> None:
@@ -29,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hf_oracle import build_hf_model, hf_logits
+    from dsv4_ascend.hf_oracle import build_hf_model, hf_logits
     from dsv4_ascend.config import ModelConfig, preset
     from dsv4_ascend.model import Transformer
     from dsv4_ascend.reference import ReferenceBackend

@@ -1,15 +1,12 @@
-"""Sanity of the transformers oracle (tests/hf_oracle.py): seeds, name map, tie-break patch, cached paths."""
+"""Sanity of the transformers oracle (dsv4_ascend/hf_oracle.py): seeds, name map, tie-break patch, cached paths."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_oracle import (  # noqa: E402
+from dsv4_ascend.hf_oracle import (
     TINY_NATIVE_CFG,
     build_hf_model,
     hf_cached_logits,
@@ -133,10 +130,8 @@ def test_native_state_dict_loads_through_transformers_conversion(tiny, tmp_path,
 
 
 def test_tiny_cfg_matches_our_tiny_preset():
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    config = pytest.importorskip("dsv4_ascend.config")
+    from dsv4_ascend import config
+
     ours = config.preset("tiny")
     mine = config.ModelConfig.from_dict(TINY_NATIVE_CFG)
     skip = {"quant_method", "expert_dtype", "torch_dtype"}  # the oracle is unquantised fp32 by design

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_oracle import TINY_NATIVE_CFG, build_hf_model, hf_generate_greedy, hf_logits
 from dsv4_ascend.config import ModelConfig
+from dsv4_ascend.hf_oracle import TINY_NATIVE_CFG, build_hf_model, hf_generate_greedy, hf_logits
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend

@@ -1,9 +1,10 @@
-"""transformers' DeepSeek-V4 as an independent oracle for parity tests (test helper, not a test file).
+"""transformers' DeepSeek-V4 as an independent oracle for parity tests and benchmarks (needs the `test` extra;
+transformers is imported on first use, so importing this module costs nothing).
 
 What this module gives:
 
-- ``TINY_NATIVE_CFG``: a tiny model config in the OFFICIAL native config.json names (same model as our
-  preset ``tiny``: SWA, CSA, HCA with ratio 8, CSA; two hash-routed MoE layers; one MTP entry).
+- ``TINY_NATIVE_CFG``: our preset ``tiny`` (SWA, CSA and HCA layers, hash-routed and score-routed MoE, one MTP
+  entry), unquantised fp32, in the OFFICIAL native config.json names.
 - ``hf_config_from_native(cfg)``: the equivalent ``DeepseekV4Config``. transformers 5.23 cannot read a native
   ``compress_ratios`` entry other than 0/4/128 (``configuration_deepseek_v4.py`` looks each ratio up in
   ``_COMPRESS_RATIO_TO_LAYER_TYPE`` -> KeyError), so we pass ``layer_types`` plus
@@ -14,23 +15,26 @@ What this module gives:
 - ``hf_logits`` (full forward, no cache), ``hf_cached_logits`` (prefill / decode in chunks through HF's own
   caches) and ``hf_generate_greedy`` (greedy decode with cache); all run under ``stable_indexer_topk()``, which
   replaces the top-k inside HF's lightning indexer by a stable one (higher score first, then LOWER entry index),
-  so the selection no longer depends on how many entries exist (see architecture-detail.md §14.2).
+  so the selection no longer depends on how many entries exist (docs/numerics.md, row 7).
 
 HF has no MTP block: the MTP entry of ``compress_ratios`` is dropped and no ``mtp.*`` tensors are produced.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _hf_mod
+from .config import preset
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 __all__ = [
     "TINY_NATIVE_CFG",
@@ -43,51 +47,18 @@ __all__ = [
     "hf_generate_greedy",
 ]
 
-# Same model as dsv4_ascend.config.preset("tiny"), unquantised, in the official config.json names.
-TINY_NATIVE_CFG: dict[str, Any] = {
-    "architectures": ["DeepseekV4ForCausalLM"],
-    "model_type": "deepseek_v4",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 72,
-    "qk_rope_head_dim": 8,
-    "q_lora_rank": 32,
-    "o_groups": 2,
-    "o_lora_rank": 16,
-    "sliding_window": 8,
-    "compress_ratios": [0, 4, 8, 4, 0],  # layers 0..3 + the MTP block (last entry)
-    "index_n_heads": 2,
-    "index_head_dim": 32,
-    "index_topk": 4,
-    "n_routed_experts": 8,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "num_hash_layers": 2,
-    "scoring_func": "sqrtsoftplus",
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5,
-    "swiglu_limit": 10.0,
-    "hc_mult": 4,
-    "hc_sinkhorn_iters": 20,
-    "hc_eps": 1e-6,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "compress_rope_theta": 160000.0,
-    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 64,
-                     "beta_fast": 32, "beta_slow": 1},
-    "max_position_embeddings": 4096,
-    "num_nextn_predict_layers": 1,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "torch_dtype": "float32",
-}
+# Our preset "tiny", unquantised fp32, in the official config.json names.
+TINY_NATIVE_CFG: dict[str, Any] = dataclasses.replace(preset("tiny"), quant_method=None, expert_dtype=None,
+                                                      torch_dtype="float32").to_dict()
+
+
+def _transformers():
+    """transformers and its DeepSeek-V4 modeling module, imported on first use."""
+    import transformers
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4
+
+    return transformers, modeling_deepseek_v4
+
 
 _CSA = "compressed_sparse_attention"
 _HCA = "heavily_compressed_attention"
@@ -120,7 +91,7 @@ def hf_config_from_native(native_cfg: dict[str, Any]) -> DeepseekV4Config:
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)
     try:
-        hf_cfg = DeepseekV4Config(**kwargs)
+        hf_cfg = _transformers()[0].DeepseekV4Config(**kwargs)
     finally:
         tf_logger.setLevel(level)
     assert hf_cfg.layer_types == layer_types and hf_cfg.compress_rates == compress_rates
@@ -274,7 +245,7 @@ def build_hf_model(native_cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DeepseekV4ForCausalLM(cfg)
+        model = _transformers()[0].DeepseekV4ForCausalLM(cfg)
     hf_sd = model.state_dict()
     n_exp = cfg.n_routed_experts
 
@@ -325,8 +296,7 @@ def build_hf_model(native_cfg: dict[str, Any], seed: int = 0, dtype: torch.dtype
 
 # ---- deterministic indexer top-k ------------------------------------------------------------------------------
 
-_INDEXER_CODE = _hf_mod.DeepseekV4Indexer.forward.__code__
-_PATCH = {"depth": 0, "calls": 0, "orig": None}
+_PATCH = {"depth": 0, "calls": 0, "orig": None, "code": None}  # code: DeepseekV4Indexer.forward's
 
 
 def _stable_topk(t: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
@@ -335,7 +305,7 @@ def _stable_topk(t: torch.Tensor, k: int, dim: int = -1, largest: bool = True, s
 
 
 def _patched_topk(self, k, dim=-1, largest=True, sorted=True, *args, **kwargs):
-    if sys._getframe(1).f_code is _INDEXER_CODE and not args and not kwargs:
+    if sys._getframe(1).f_code is _PATCH["code"] and not args and not kwargs:
         _PATCH["calls"] += 1
         return _stable_topk(self, k, dim=dim, largest=largest, sorted=sorted)
     return _PATCH["orig"](self, k, dim, largest, sorted, *args, **kwargs)
@@ -360,6 +330,7 @@ def stable_indexer_topk() -> Iterator[_Hits]:
     (non-causal) entries sort last, so HF's -1 replacement of non-admissible picks is unchanged. Yields a counter:
     ``hits["calls"]`` = indexer top-k calls intercepted since entering."""
     if _PATCH["depth"] == 0:
+        _PATCH["code"] = _transformers()[1].DeepseekV4Indexer.forward.__code__
         _PATCH["orig"] = torch.Tensor.topk
         torch.Tensor.topk = _patched_topk
     _PATCH["depth"] += 1
