@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,30 +328,31 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     targets = dict(model.checkpoint_tensors())
     report = LoadReport(scan.model_dir, scan.layout, scan.spelling, scan.renamed, weights, 0, skipped, 0)
     stream = stream_tensors([(j.info, j.scale) for j in jobs], f"loading {scan.model_dir.name}", progress)
-    for k, src, scale in stream:
-        job = jobs[k]
-        info = job.info
-        nbytes = info.nbytes
-        name_is_scale = job.name.endswith(".scale")
-        scale_info = job.scale if job.scale is not None else (info if name_is_scale else None)
-        if scale_info is not None:  # the stored scale dtype, for the report
-            report.scale_dtypes[scale_info.dtype] = report.scale_dtypes.get(scale_info.dtype, 0) + 1
-        where = str(info.file)
-        if scale is not None:
-            check_values(job.scale.key, scale, str(job.scale.file), CheckpointError)
-        if name_is_scale or (check_weights and info.dtype == "F8_E4M3"):
-            check_values(info.key, src, where, CheckpointError, raw_e8m0=name_is_scale)
-        if scale is not None:
-            dt = targets[job.name].dtype
-            src = (quant.dequantize_fp8_block(src, scale, dt) if info.dtype == "F8_E4M3"
-                   else quant.dequantize_fp4(src, scale, 32, dt))
-            nbytes += job.scale.nbytes
-        elif name_is_scale and src.dtype == torch.uint8:
-            src = src.view(torch.float8_e8m0fnu)
-        if put_tensor(model, targets, job.name, src, source=where, error=CheckpointError):
-            targets = dict(model.checkpoint_tensors())
-        report.loaded += 1
-        report.bytes_read += nbytes
+    with closing(stream):  # on an error, the bar ends (and shards close) before the error propagates
+        for k, src, scale in stream:
+            job = jobs[k]
+            info = job.info
+            nbytes = info.nbytes
+            name_is_scale = job.name.endswith(".scale")
+            scale_info = job.scale if job.scale is not None else (info if name_is_scale else None)
+            if scale_info is not None:  # the stored scale dtype, for the report
+                report.scale_dtypes[scale_info.dtype] = report.scale_dtypes.get(scale_info.dtype, 0) + 1
+            where = str(info.file)
+            if scale is not None:
+                check_values(job.scale.key, scale, str(job.scale.file), CheckpointError)
+            if name_is_scale or (check_weights and info.dtype == "F8_E4M3"):
+                check_values(info.key, src, where, CheckpointError, raw_e8m0=name_is_scale)
+            if scale is not None:
+                dt = targets[job.name].dtype
+                src = (quant.dequantize_fp8_block(src, scale, dt) if info.dtype == "F8_E4M3"
+                       else quant.dequantize_fp4(src, scale, 32, dt))
+                nbytes += job.scale.nbytes
+            elif name_is_scale and src.dtype == torch.uint8:
+                src = src.view(torch.float8_e8m0fnu)
+            if put_tensor(model, targets, job.name, src, source=where, error=CheckpointError):
+                targets = dict(model.checkpoint_tensors())
+            report.loaded += 1
+            report.bytes_read += nbytes
     model.eval()
     model.load_report = report
     if progress:

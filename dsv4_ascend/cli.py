@@ -207,7 +207,7 @@ def _engine(model, args, **kw):
 
 def _load(args):
     model, _ = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
-                          args.quant)
+                          args.quant, progress=sys.stderr.isatty())  # a bar only where a person watches
     return model
 
 

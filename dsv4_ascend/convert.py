@@ -1,8 +1,8 @@
 """`dsv4 convert`: an official DeepSeek-V4 checkpoint in the layout an Ascend chip wants.
 
 Streaming: tensors are read one at a time from the memory-mapped source shards (`safetensors_io.stream_tensors`),
-converted, and buffered into output shards of at most `shard_bytes` that are written as soon as they fill, so memory holds
-one source tensor plus one output shard, never the model. Input is validated from the headers first
+converted, and buffered into output shards of at most `shard_bytes` that are written as soon as they fill, so
+memory holds one source tensor plus one output shard, never the model. Input is validated from the headers first
 (`checkpoint.plan_load`, the loader's own checks), so a bad snapshot fails before anything is written.
 
 Targets (docs/ascend.md, "Converted checkpoints"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -201,23 +202,26 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
                         skipped, 0)
     pending: dict[str, dict] = {}
     desc = f"loading {scan.model_dir.name} (a3 int8{', int4 experts' if int4 else ''})"
-    for k, t, _ in stream_tensors([(info, None) for _, info in jobs], desc, progress):
-        name, info = jobs[k]
-        if name.endswith((".scale", ".bias")):
-            check_values(info.key, t, str(info.file), CheckpointError, raw_e8m0=True)
-        if name in expected_int8:
-            key, e, w, leaf = holder_of(name)
-            if int4 and holders[key][0] == "routed":
-                mod = holders[key][1]
-                _absorb_routed_int4(pending, key, mod, e - mod.first, w, leaf, t.to(device), backend, nz, device)
+    stream = stream_tensors([(info, None) for _, info in jobs], desc, progress)
+    with closing(stream):  # on an error, the bar ends (and shards close) before the error propagates
+        for k, t, _ in stream:
+            name, info = jobs[k]
+            if name.endswith((".scale", ".bias")):
+                check_values(info.key, t, str(info.file), CheckpointError, raw_e8m0=True)
+            if name in expected_int8:
+                key, e, w, leaf = holder_of(name)
+                if int4 and holders[key][0] == "routed":
+                    mod = holders[key][1]
+                    _absorb_routed_int4(pending, key, mod, e - mod.first, w, leaf, t.to(device), backend, nz,
+                                        device)
+                else:
+                    first_expert = holders[key][1].first if holders[key][0] == "routed" else 0
+                    _absorb(pending, holders, key, e - first_expert, w, leaf, t.to(device), backend, nz, device)
             else:
-                _absorb(pending, holders, key, e - (holders[key][1].first if holders[key][0] == "routed" else 0),
-                        w, leaf, t.to(device), backend, nz, device)
-        else:
-            if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
-                targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
-        report.loaded += 1
-        report.bytes_read += info.nbytes
+                if put_tensor(model, targets, name, t, source=str(info.file), error=CheckpointError):
+                    targets = {n: x for n, x in model.checkpoint_tensors() if not x.is_meta}
+            report.loaded += 1
+            report.bytes_read += info.nbytes
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{d}: incomplete int8 tensors for {left[:3]}")

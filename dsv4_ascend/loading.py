@@ -147,17 +147,17 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
 
 
 def load_model(model_dir: str | None, device: str = "cpu", backend: str = "reference", dtype: str = "bfloat16",
-               weights: str = "native", numerics: str = "exact", quant: str = "auto"):
+               weights: str = "native", numerics: str = "exact", quant: str = "auto", progress: bool = True):
     """Model from a checkpoint directory (or the tiny default) on `device` with the chosen backend.
 
     `quant` (Ascend only): "auto" picks it from the checkpoint (`auto_quant`), or one of AscendBackend's modes.
-    Returns (model, path).
+    `progress`: the loading bar and summary on stderr. Returns (model, path).
     """
     path = resolve_model_dir(model_dir)
     check_device(device)
     quant = resolve_quant(path, backend, weights, quant)
     model = load_checkpoint(path, backend=make_backend(backend, numerics, quant), dtype=getattr(torch, dtype),
-                            weights=weights, device=device)
+                            weights=weights, device=device, progress=progress)
     if quant in ("fp8", "mxfp8"):
         model.backend.prepare(model)  # the 950 scale layouts once, before the first request or a graph capture
     return model, path

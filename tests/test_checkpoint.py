@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from dsv4_ascend import quant
 from dsv4_ascend.checkpoint import load_checkpoint
 from dsv4_ascend.checkpoint_names import hf_name, native_name
-from dsv4_ascend.safetensors_io import INDEX_NAME, CheckpointError, read_safetensors_header
+from dsv4_ascend.safetensors_io import INDEX_NAME, CheckpointError, read_safetensors_header, stream_tensors
 from dsv4_ascend.config import ModelConfig, preset
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
@@ -380,10 +380,64 @@ def _break_merged_hf_experts(d):
     return f0, "model.layers.0.mlp.experts.gate_up_proj", "merged"
 
 
+def _poke(d: Path, name: str, edit) -> str:
+    """Rewrite the one tensor `name` through `edit(tensor) -> tensor`; returns its shard."""
+    f0 = _shard_of(d, name)
+    _rewrite(d, lambda t, f: {**t, name: edit(t[name].clone())} if f == f0 else t)
+    return f0
+
+
+def _set_byte(t: torch.Tensor, i: int, byte: int) -> torch.Tensor:
+    t.view(torch.uint8).view(-1)[i] = byte
+    return t
+
+
+def _break_nan_e8m0_scale(d):
+    name = "layers.1.attn.wq_b.scale"
+    return _poke(d, name, lambda t: _set_byte(t, 0, 0xFF)), name, r"1 NaN/inf value \(first at index \[0, 0\]\)"
+
+
+def _break_inf_float_scale(d):
+    name = "layers.2.ffn.experts.3.w2.scale"
+    def edit(t: torch.Tensor) -> torch.Tensor:  # stored as F32 (allowed), one value inf
+        f = quant.e8m0_to_float(t)
+        f.view(-1)[2] = float("inf")
+        return f
+    return _poke(d, name, edit), name, r"\(float32 \[\d+, 1\]\) holds 1 NaN/inf value \(first at index \[2, 0\]\)"
+
+
+def _break_nan_fp8_weight(d):
+    name = "layers.1.attn.wq_a.weight"  # 0x7F and 0xFF are e4m3fn's two NaN encodings
+    return _poke(d, name, lambda t: _set_byte(_set_byte(t, 5, 0x7F), 9, 0xFF)), name, "holds 2 NaN/inf values"
+
+
+def _break_wrong_shard(d):
+    index = json.loads((d / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    actual = index["weight_map"]["embed.weight"]
+    other = next(f for f in files if f != actual)
+    index["weight_map"]["embed.weight"] = other
+    (d / INDEX_NAME).write_text(json.dumps(index))
+    return INDEX_NAME, "embed.weight", rf"is in {other}, but .* \(it is in {actual}\)"
+
+
+def _config_value(key: str, value):
+    def brk(d):
+        raw = json.loads((d / "config.json").read_text())
+        raw[key] = value
+        (d / "config.json").write_text(json.dumps(raw))
+        return "config.json", f"config key '{key}'", "must be"
+    brk.__name__ = f"_break_{key}_{value}"
+    return brk
+
+
 BREAKS = [_break_missing, _break_unexpected, _break_shape, _break_dtype, _break_scale_dtype, _break_truncated,
           _break_garbage_header, _break_huge_header_length, _break_missing_shard, _break_index_lists_absent_tensor,
           _break_corrupt_index, _break_missing_config, _break_no_index, _break_more_experts_on_disk,
-          _break_hidden_size, _break_quant_config, _break_merged_hf_experts]
+          _break_hidden_size, _break_quant_config, _break_merged_hf_experts, _break_nan_e8m0_scale,
+          _break_inf_float_scale, _break_nan_fp8_weight, _break_wrong_shard, _config_value("rms_norm_eps", 0),
+          _config_value("rope_theta", -1.0), _config_value("rope_theta", "abc"), _config_value("hc_eps", "1e-6"),
+          _config_value("compress_rope_theta", 0), _config_value("hidden_size", "64")]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda f: f.__name__[len("_break_"):])
@@ -420,3 +474,34 @@ def test_assign_tensors_float_scales_into_expert_stacks():
     assert s.dtype == torch.float32
     assert torch.equal(s[1], t["layers.0.ffn.experts.1.w1.scale"])
     assert torch.equal(s[0], t["layers.0.ffn.experts.0.w1.scale"])  # earlier e8m0 values kept exactly
+
+
+def test_fp8_byte_check_is_what_catches_nan_weights(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path / "nan8")
+    _break_nan_fp8_weight(d)
+    with pytest.raises(CheckpointError, match="layers.1.attn.wq_a.weight"):
+        _load(d)
+    model = _load(d, check_weights=False)  # switched off: the NaN bytes load as they are
+    w = model.layers[1].attn.wq_a.weight
+    assert w.dtype == torch.float8_e4m3fn and torch.isnan(w.float()).sum() == 2
+
+
+def test_each_shard_is_unmapped_when_its_tensors_are_done(ckpt):
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux /proc to see the mappings")
+    shards = sorted(ckpt.glob("*.safetensors"))
+    infos = sorted((i for p in shards for i in read_safetensors_header(p).values()),
+                   key=lambda i: (str(i.file), i.start))
+
+    def mapped() -> set[str]:
+        text = maps.read_text()
+        return {p.name for p in shards if str(p) in text}
+
+    seen = []
+    for k, t, _ in stream_tensors([(i, None) for i in infos], "test", progress=False):
+        seen.append((infos[k].file.name, mapped()))
+        del t
+    assert mapped() == set()
+    # while a later shard streams, the earlier ones are no longer mapped (only the current one is)
+    assert len(shards) >= 2 and all(now <= {cur} for cur, now in seen), seen
