@@ -312,12 +312,12 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def _flash() -> ModelConfig:
-    # Confirmed against shared/configs/deepseek-v4-flash.config.json (the official hub config.json).
+    # Matches config.json of the official Hugging Face repo deepseek-ai/DeepSeek-V4-Flash.
     return ModelConfig(compress_ratios=[0, 0] + [4, 128] * 20 + [4] + [0])
 
 
 def _pro() -> ModelConfig:
-    # Confirmed against shared/configs/deepseek-v4-pro.config.json (mirror of the official V4-Pro repo).
+    # Matches config.json of the official Hugging Face repo deepseek-ai/DeepSeek-V4-Pro.
     return ModelConfig(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
                        o_groups=16, n_routed_experts=384, moe_intermediate_size=3072, index_topk=1024,
                        routed_scaling_factor=2.5, compress_ratios=[128, 128] + [4, 128] * 29 + [4] + [0])
