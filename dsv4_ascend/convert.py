@@ -50,6 +50,7 @@ from .checkpoint import plan_load, scan_checkpoint
 from .config import ConfigError, read_config_json
 from .converted import A3_METHOD, MARKER, ROUTED_RE, ConvertError
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointError, stream_tensors
+from .weights import check_values
 
 __all__ = ["TARGETS", "ConvertReport", "convert_checkpoint", "quantize_int8_per_channel",
            "quantize_int4_per_channel", "pack_int4", "unpack_int4", "add_convert_args", "convert_main"]
@@ -236,6 +237,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, target: str, *, experts
             job = jobs[k]
             info = job.info
             nbytes = info.nbytes + (job.scale.nbytes if job.scale else 0)
+            if scale is not None:  # the loader's checks: no NaN/inf scale or FP8 byte reaches the output
+                check_values(job.scale.key, scale, str(job.scale.file), CheckpointError)
+            if job.name.endswith(".scale") or info.dtype == "F8_E4M3":
+                check_values(info.key, t, str(info.file), CheckpointError, raw_e8m0=True)
             if target == "950":
                 if info.dtype == "F4" and hasattr(torch, "float4_e2m1fn_x2"):
                     t = t.view(torch.float4_e2m1fn_x2)

@@ -21,7 +21,7 @@ from .config import ConfigError, ModelConfig, read_config_json
 from .safetensors_io import CheckpointError, stream_tensors
 from .weights import check_values, put_tensor
 
-__all__ = ["MARKER", "A3_METHOD", "ConvertError", "converted_target", "converted_quant",
+__all__ = ["MARKER", "A3_METHOD", "ConvertError", "converted_target", "converted_quant", "converted_config",
            "load_converted", "ROUTED_RE"]
 
 MARKER = "ascend_target"
@@ -61,7 +61,7 @@ def converted_quant(model_dir: str | Path) -> str | None:
     return experts
 
 
-def _plain_config(raw: dict, where: Path) -> ModelConfig:
+def converted_config(raw: dict, where: Path) -> ModelConfig:
     """The model config of a converted a3 checkpoint: unquantised formats (int8 goes to the backend)."""
     d = {k: v for k, v in raw.items() if k not in ("quantization_config", "expert_dtype")}
     try:
@@ -107,7 +107,7 @@ def load_converted(model_dir: str | Path, backend=None, *, dtype: torch.dtype = 
         raise ConvertError(f"{d}: converted for Atlas A2/A3 ({what}); only AscendBackend(quant={experts!r}) "
                            f"runs it, got {got} (the reference backend needs the official checkpoint)")
     nz = qc.get("weight_format", "ND") == "NZ"
-    cfg = _plain_config(raw, d)
+    cfg = converted_config(raw, d)
     scan = scan_checkpoint(d, config=cfg)
     n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
     first, end = expert_range or (0, cfg.n_routed_experts)

@@ -16,8 +16,8 @@ import torch
 
 from .backend import Backend, RunOptions
 from .checkpoint import load_checkpoint as load_official
-from .config import ConfigError, ModelConfig, read_config_json
-from .converted import converted_quant, load_converted
+from .config import ModelConfig, load_config, read_config_json
+from .converted import converted_config, converted_quant, load_converted
 
 __all__ = ["LoadError", "default_model_dir", "resolve_model_dir", "read_model_config", "check_device",
            "make_backend", "auto_quant", "resolve_quant", "load_checkpoint", "load_model", "load_model_tokenizer"]
@@ -54,14 +54,9 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
 
 def read_model_config(model_dir: Path) -> ModelConfig:
     """The model config of any checkpoint directory (config.json only, no weights); errors name the file."""
-    path = model_dir / "config.json"
-    raw = read_config_json(path)
     if converted_quant(model_dir) is not None:  # a3: int8 weights go to the backend; the model is plain
-        raw = {k: v for k, v in raw.items() if k not in ("quantization_config", "expert_dtype")}
-    try:
-        return ModelConfig.from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        return converted_config(read_config_json(model_dir / "config.json"), model_dir)
+    return load_config(model_dir / "config.json")
 
 
 def check_device(device: str) -> torch.device:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dsv4_ascend import quant
 from dsv4_ascend.cli import main
@@ -16,6 +18,7 @@ from dsv4_ascend.converted import ConvertError, converted_target, load_converted
 from dsv4_ascend.loading import load_checkpoint
 from dsv4_ascend.ops import AscendBackend, emulator
 from dsv4_ascend.reference import ReferenceBackend
+from dsv4_ascend.safetensors_io import CheckpointError
 from dsv4_ascend.tiny import write_tiny_checkpoint
 
 INT8_NAMES = ("attn.wq_b", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared_experts.w", "ffn.experts.")
@@ -229,3 +232,18 @@ def test_parity_converted_w4a8_implies_its_path_and_bounds(tiny, tmp_path, capsy
     assert rc == 0, text
     # int4 experts: the w4a8 bounds (format error, dsv4_ascend/parity.py), not w8a8's tighter ones.
     assert "quant=w4a8" in text and "PASS (cosine >= 0.95, top-1 >= 55.00%)" in text
+
+
+def test_convert_refuses_nan_scales_and_fp8_bytes(tiny, tmp_path):
+    # The loader's value checks run in the converter too: nothing damaged reaches a converted checkpoint.
+    for name, byte in (("layers.1.attn.wq_b.scale", 0xFF), ("layers.1.attn.wq_a.weight", 0x7F)):
+        src = tmp_path / f"bad-{byte}"
+        shutil.copytree(tiny, src)
+        shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+        with safe_open(str(shard), "pt") as f:
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+        tensors[name].view(torch.uint8).view(-1)[0] = byte
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        for target in ("a3", "950"):
+            with pytest.raises(CheckpointError, match=f"tensor '{name}' .* NaN/inf"):
+                convert_checkpoint(src, tmp_path / f"out-{byte}-{target}", target, progress=False)
