@@ -63,8 +63,13 @@ def check_values(name: str, t: Tensor, source: str = "state dict", error: type[W
 
     The loaders call it on every quantisation scale (small) and, unless switched off, on FP8 weights."""
     t = t.view(torch.float8_e8m0fnu) if raw_e8m0 and t.dtype == torch.uint8 else t
-    if t.dtype == torch.float8_e4m3fn and t.numel() and int((t.view(torch.uint8) & 0x7F).amax()) != 0x7F:
-        return  # the fast test (one pass, ~2x the speed of building the mask); the mask only for the message
+    # Fast tests first (reductions, no temporaries; ~3x the speed of building the mask), the mask only for the
+    # message. e4m3fn's NaN bytes are the extremes of two views: 0xFF the uint8 maximum, 0x7F the int8 maximum.
+    if t.dtype == torch.float8_e4m3fn and t.numel() and int(t.view(torch.uint8).amax()) != 0xFF \
+            and int(t.view(torch.int8).amax()) != 0x7F:
+        return
+    if t.dtype == torch.float8_e8m0fnu and t.numel() and int(t.view(torch.uint8).amax()) != 0xFF:
+        return
     mask = _bad_values(t)
     if mask is None or not bool(mask.any()):
         return
