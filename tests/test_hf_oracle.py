@@ -130,6 +130,7 @@ def test_native_state_dict_loads_through_transformers_conversion(tiny, tmp_path,
 
 
 def test_tiny_cfg_matches_our_tiny_preset():
+    # TINY_NATIVE_CFG is written from the preset (to_dict); this checks that it reads back (from_dict) unchanged.
     from dsv4_ascend import config
 
     ours = config.preset("tiny")
