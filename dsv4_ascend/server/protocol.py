@@ -127,8 +127,10 @@ def _check_tree(body: dict) -> None:
                 raise APIError(f"'{field}' is not valid Unicode (it holds a lone surrogate)", field)
         elif isinstance(v, (dict, list)):
             if depth > MAX_JSON_DEPTH:
+                while node[0] is not None:  # name the top-level field
+                    node = node[0]
                 field = _path(node)
-                raise APIError(f"'{field}' nests deeper than {MAX_JSON_DEPTH} levels", field.split(".")[0])
+                raise APIError(f"'{field}' nests deeper than {MAX_JSON_DEPTH} levels", field)
             if isinstance(v, dict):
                 for k, x in v.items():
                     if _SURROGATE.search(k):

@@ -9,6 +9,7 @@ already counts it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -140,18 +141,34 @@ class EngineWorker:
             if eng.has_work:
                 try:
                     events = eng.step()
-                except Exception as exc:  # noqa: BLE001 - keep serving; fail only the requests in flight
-                    log.exception("engine step failed; failing %d request(s)", len(self._jobs))
-                    self.error = exc
-                    for job in list(self._jobs.values()):
-                        self._abort(job, None, exc)
-                    events = []
+                except Exception as exc:  # noqa: BLE001 - keep serving; fail only the culprits
+                    events = self._isolate(exc)
                 seen: dict[int, Request] = {}
                 for req, _ in events:
                     seen.setdefault(req.id, req)
                 for req in seen.values():
                     self._deliver(req)
             self._update_gauges()
+
+    def _isolate(self, exc: Exception) -> list[tuple[Request, None]]:
+        """After a failed step: fail the requests whose parameters no longer pass validation (they alone caused it;
+        the others re-run the step, whose cache writes are idempotent), or every request in flight when none is
+        to blame. Returns an event for each survivor so that tokens recorded before the failure are delivered."""
+        self.error = exc
+        vocab = self.engine.model.cfg.vocab_size
+        blamed: list[tuple[Job, Exception]] = []
+        for job in self._jobs.values():
+            try:
+                dataclasses.replace(job.req.params).check_vocab(vocab)  # re-runs every field check
+            except ValueError as why:
+                blamed.append((job, ValueError(f"the request's sampling parameters cannot run: {why}")))
+        if not blamed:
+            blamed = [(job, exc) for job in self._jobs.values()]
+        log.error("engine step failed (%s: %s); failing %d of %d request(s)", type(exc).__name__, exc, len(blamed),
+                  len(self._jobs), exc_info=exc if len(blamed) == len(self._jobs) else None)
+        for job, why in blamed:
+            self._abort(job, None, why)
+        return [(job.req, None) for job in self._jobs.values()]
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
