@@ -77,13 +77,14 @@ GREEDY = {"model": NAME, "prompt": "The capital of France is", "max_tokens": 8, 
 
 HUGE = "9" * 400                      # an integer literal far beyond float range
 LITERALS = [HUGE, "-" + HUGE, "1e400", "-1e400", "NaN", "Infinity", "-Infinity", "9223372036854775808",
-            "-9223372036854775809", "1e308", "-1", "-1e-300", "true", "false", '"hot"', "[]", "{}", '[1, "a"]',
+            "-9223372036854775809", "1e308", "-1e-300", "true", "false", '"hot"', "[]", "{}", '[1, "a"]',
             '"\\ud800"', '"\\udfff x"', "1" * 5000]
 # (field, raw JSON literals that make the request invalid whatever else it holds)
 NUMERIC = {
-    "temperature": LITERALS, "top_p": LITERALS + ["0", "1.0000001"], "top_k": LITERALS + ["1e308", "1.5", "513"],
-    "seed": LITERALS[:11] + ["1.5", '"7"', "[]", "{}"], "max_tokens": LITERALS + ["0", "1.5", "129"],
-    "logprobs": LITERALS + ["21", "-1"], "n": LITERALS + ["2", "0"], "presence_penalty": LITERALS + ["0.5"],
+    "top_p": LITERALS + ["0", "-1", "1.0000001"],
+    "top_k": LITERALS + ["-2", "1.5", "513"], "temperature": LITERALS + ["-1", "2.01"],
+    "seed": LITERALS[:10] + ["1.5", '"7"', "[]", "{}", "true"], "max_tokens": LITERALS + ["0", "-1", "1.5", "129"],
+    "n": LITERALS + ["2", "0", "-1"], "presence_penalty": LITERALS + ["0.5"],
     "frequency_penalty": LITERALS + ["-2"], "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5",
                                                                "[9223372036854775808]", "[512]"],
 }
@@ -93,11 +94,13 @@ UNSUPPORTED = {"min_p": ["0.1", "1e400"], "min_tokens": ["3", HUGE], "guided_jso
                "best_of": ["2"], "suffix": ['"x"']}
 CHAT_ONLY = {"tool_choice": ['"required"', '{"type": "function", "function": {"name": "f"}}', "1", "true", '"x"'],
              "response_format": ['{"type": "json_object"}', '{"type": "json_schema", "json_schema": {}}', "5"],
-             "top_logprobs": ["21", HUGE, "1e400"], "reasoning_effort": ['"low"', "1"],
+             "top_logprobs": ["21", HUGE, "1e400"], "logprobs": [x for x in LITERALS if x not in ("true", "false")],
+             "reasoning_effort": ['"low"', "1"],
              "messages": ['[{"role": "user", "content": "\\ud800"}]', "[]", '[{"role": "x", "content": "a"}]',
                           '[{"role": "user", "content": "\\udc00"}]', '"hi"'],
              "tools": ['[{"type": "function", "function": {"name": "\\ud83d"}}]', '[{"type": "function"}]', "7"]}
-COMPLETION_ONLY = {"prompt": ['"\\ud800"', '"a\\udfffb"', '""', "[]", "[-1]", "[" + HUGE + "]", "[1e400]", "null",
+COMPLETION_ONLY = {"logprobs": LITERALS + ["21", "-1"],
+                   "prompt": ['"\\ud800"', '"a\\udfffb"', '""', "[]", "[-1]", "[" + HUGE + "]", "[1e400]", "null",
                               "[512]", "[[1], [2]]"]}
 MODELS = ['"\\ud800"', '"gpt-\\udfff"', '"nope"', "3", "null"]
 

@@ -229,6 +229,10 @@ def _check_unsupported(body: dict) -> None:
         v = body.get(name)
         if v is not None and _finite(v) != (1 if name == "repetition_penalty" else 0):
             raise APIError(f"'{name}' is not supported (leave it unset)", name)
+    if _opt_bool(body, "echo"):
+        raise APIError("'echo' is not supported", "echo")
+    if body.get("suffix") not in (None, ""):
+        raise APIError("'suffix' is not supported", "suffix")
     if body.get("logit_bias"):
         raise APIError("'logit_bias' is not supported (leave it unset or empty)", "logit_bias")
     for name in _UNSUPPORTED:
@@ -321,10 +325,6 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
     """/v1/completions: a string prompt is plain text after BOS; a token-id prompt is used as is."""
     _model_name(body, s)
     _check_unsupported(body)
-    if _opt_bool(body, "echo"):
-        raise APIError("'echo' is not supported", "echo")
-    if body.get("suffix") not in (None, ""):
-        raise APIError("'suffix' is not supported", "suffix")
     logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
     stream, include = _stream_flags(body)
     fields, name, max_tokens = _sampling(body, s, logprobs)
