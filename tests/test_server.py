@@ -138,7 +138,7 @@ def test_models_health_and_metrics_format(server):
                        ("dsv4_cache_slots_used", "gauge"), ("dsv4_generation_tokens_total", "counter"),
                        ("dsv4_prompt_tokens_total", "counter"), ("dsv4_http_requests_total", "counter")]:
         assert f"# TYPE {name} {kind}" in text
-    assert re.search(r'^dsv4_time_to_first_token_seconds_bucket\{le="\+Inf"\} \d+$', text, re.M)
+    assert re.search(r'^dsv4_time_to_first_token_seconds_bucket\{le="\+Inf"\} \d+(\.0)?$', text, re.M)
     assert f"dsv4_cache_slots_total {SLOTS}" in text
 
 

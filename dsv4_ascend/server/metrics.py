@@ -1,8 +1,10 @@
-"""Prometheus metrics of the server: counters, gauges and histograms in the text exposition format 0.0.4."""
+"""Prometheus metrics of the server (`prometheus_client`, one registry per app; text exposition format 0.0.4)."""
 from __future__ import annotations
 
-import math
-import threading
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+except ImportError as _err:  # pragma: no cover - the optional extra is missing
+    raise ImportError(f"`dsv4 serve` needs prometheus_client: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
 __all__ = ["Metrics"]
 
@@ -10,39 +12,12 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 2
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
-
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        i = next((k for k, b in enumerate(self.buckets) if v <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += v
-        self.count += 1
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels) + "}"
-
-
-def _num(v: float) -> str:
-    if isinstance(v, int):
-        return str(v)
-    return repr(float(v)) if math.isfinite(v) else ("+Inf" if v > 0 else "-Inf" if v < 0 else "NaN")
+# Label names of the labelled counters (the others have none).
+LABELS = {"dsv4_http_requests_total": ("code", "path"), "dsv4_requests_finished_total": ("endpoint", "finish_reason")}
 
 
 class Metrics:
-    """Prometheus counters, gauges and histograms (text exposition format 0.0.4); thread-safe."""
+    """The server's counters, gauges and histograms in their own registry; thread-safe (prometheus_client)."""
 
     COUNTERS = {
         "dsv4_http_requests_total": "HTTP requests answered, by path and status code.",
@@ -68,41 +43,23 @@ class Metrics:
     }
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple, float]] = {k: {} for k in self.COUNTERS}
-        self._hists = {k: _Histogram(b) for k, (_, b) in self.HISTOGRAMS.items()}
-        self._gauges: dict[str, float] = {k: 0 for k in self.GAUGES}
+        self.registry = CollectorRegistry()
+        self._counters = {name: Counter(name, help_, LABELS.get(name, ()), registry=self.registry)
+                          for name, help_ in self.COUNTERS.items()}
+        self._hists = {name: Histogram(name, help_, buckets=b, registry=self.registry)
+                       for name, (help_, b) in self.HISTOGRAMS.items()}
+        self._gauges = {name: Gauge(name, help_, registry=self.registry) for name, help_ in self.GAUGES.items()}
 
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            c = self._counters[name]
-            c[key] = c.get(key, 0) + value
+        counter = self._counters[name]
+        (counter.labels(**labels) if labels else counter).inc(value)
 
     def observe(self, name: str, value: float) -> None:
-        with self._lock:
-            self._hists[name].observe(value)
+        self._hists[name].observe(value)
 
     def set_gauges(self, **values: float) -> None:
-        with self._lock:
-            self._gauges.update(values)
+        for name, v in values.items():
+            self._gauges[name].set(v)
 
     def render(self) -> str:
-        out: list[str] = []
-        with self._lock:
-            for name, help_ in self.COUNTERS.items():
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
-                series = self._counters[name] or ({(): 0} if name in ("dsv4_prompt_tokens_total",
-                                                                      "dsv4_generation_tokens_total") else {})
-                out += [f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(series.items())]
-            for name, help_ in self.GAUGES.items():
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {_num(self._gauges[name])}"]
-            for name, (help_, _) in self.HISTOGRAMS.items():
-                h = self._hists[name]
-                out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-                acc = 0
-                for b, c in zip((*h.buckets, math.inf), h.counts):
-                    acc += c
-                    out.append(f'{name}_bucket{{le="{_num(float(b))}"}} {acc}')
-                out += [f"{name}_sum {_num(h.sum)}", f"{name}_count {h.count}"]
-        return "\n".join(out) + "\n"
+        return generate_latest(self.registry).decode("utf-8")
