@@ -404,3 +404,15 @@ def test_a_server_that_can_serve_nothing_refuses_to_start(tiny, tmp_path):
         build_server(args)
     with pytest.raises(SystemExit, match="--max-seq-len must be >= 2"):
         build_server(argparse.Namespace(**{**vars(args), "max_slots": 1, "max_seq_len": 1}))
+
+
+def test_dsv4_serve_with_max_slots_0_exits_with_one_line(tmp_path):
+    """The real entry point: a clear one-line refusal, non-zero exit, no traceback, before any weight is read."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tmp_path / "absent"),
+                           "--max-slots", "0", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["dsv4 serve: --max-slots must be >= 1 (got 0): no request could ever "
+                                                "be served"]
