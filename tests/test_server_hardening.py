@@ -212,7 +212,7 @@ def test_poisoned_request_fails_alone_next_to_4_healthy_streams(server, tiny):
 
     refs = asyncio.run(main(False))  # greedy outputs do not depend on batch-mates (test_server checks it)
     item, *outs = asyncio.run(main(True))
-    assert item[0] == "error" and "top_k" in str(item[1]), item
+    assert item[0] == "error" and "cannot run: top_k" in str(item[1]), item  # failed by the worker, mid-run
     assert outs == refs
     assert not engine.running and len(engine.free_slots) == SLOTS
 
