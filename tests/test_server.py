@@ -19,7 +19,8 @@ from dsv4_ascend.chat import encode_messages  # noqa: E402
 from dsv4_ascend.loading import load_model  # noqa: E402
 from dsv4_ascend.engine import Engine  # noqa: E402
 from dsv4_ascend.sampling import SamplingParams  # noqa: E402
-from dsv4_ascend.server import BackgroundServer, _Output, _ThinkSplit, create_app  # noqa: E402
+from dsv4_ascend.server import BackgroundServer, create_app  # noqa: E402
+from dsv4_ascend.server.text import Output, ThinkSplit  # noqa: E402
 from dsv4_ascend.tiny import write_tiny_checkpoint  # noqa: E402
 from dsv4_ascend.tokenizer import load_tokenizer  # noqa: E402
 
@@ -110,7 +111,7 @@ def test_stop_strings_and_think_split_stream_equal_one_shot():
             return D()
 
     text = "abc<think-ish>reason</think>the answer. STOP here"
-    out, pieces = _Output(Chars(), ("STOP", "zzz")), []
+    out, pieces = Output(Chars(), ("STOP", "zzz")), []
     for ch in text:
         out.push(ord(ch), 0.0, None)
         pieces.append(out.take())
@@ -118,7 +119,7 @@ def test_stop_strings_and_think_split_stream_equal_one_shot():
     pieces.append(out.take())
     assert "".join(pieces) == "abc<think-ish>reason</think>the answer. " and out.finish == "stop" and out.stop_hit
     assert all("S" not in p for p in pieces)  # the held-back stop prefix never leaked
-    split = _ThinkSplit(True)
+    split = ThinkSplit(True)
     parts = [split.feed(p) for p in pieces] + [split.feed("", final=True)]
     assert "".join(r for r, _ in parts) == "abc<think-ish>reason"
     assert "".join(c for _, c in parts) == "the answer. "
@@ -137,7 +138,7 @@ def test_models_health_and_metrics_format(server):
                        ("dsv4_cache_slots_used", "gauge"), ("dsv4_generation_tokens_total", "counter"),
                        ("dsv4_prompt_tokens_total", "counter"), ("dsv4_http_requests_total", "counter")]:
         assert f"# TYPE {name} {kind}" in text
-    assert re.search(r'^dsv4_time_to_first_token_seconds_bucket\{le="\+Inf"\} \d+$', text, re.M)
+    assert re.search(r'^dsv4_time_to_first_token_seconds_bucket\{le="\+Inf"\} \d+(\.0)?$', text, re.M)
     assert f"dsv4_cache_slots_total {SLOTS}" in text
 
 

@@ -1,0 +1,445 @@
+"""The FastAPI app: /v1/completions, /v1/chat/completions (JSON or server-sent events), /v1/models, /health,
+/metrics (Prometheus text).
+
+Bodies are read with a size cap and a time limit, parsed, validated and tokenised off the event loop
+(`protocol`), then submitted to the engine thread (`worker`). Stop strings, detokenisation and the thinking split
+(`text`) happen in the handler; a stop-string hit or a client disconnect aborts the request in the engine, freeing
+its slot at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as _err:  # pragma: no cover - the optional extra is missing
+    raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
+
+from ..chat import EOS, parse_completion
+from ..engine import CapacityError, Engine
+from .metrics import Metrics
+from .protocol import (MAX_BODY_BYTES, APIError, Parsed, Settings, parse_body, parse_chat_request,
+                       parse_completion_request)
+from .text import Output, ThinkSplit, TokenText
+from .worker import EngineWorker, Job
+
+__all__ = ["AppState", "create_app"]
+
+log = logging.getLogger("dsv4.server")
+
+PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+
+
+@dataclass
+class AppState:
+    """What the gate, the routes and the draining server share."""
+
+    settings: Settings
+    metrics: Metrics
+    worker: EngineWorker
+    body_timeout: float          # seconds a request body may take to arrive
+    draining: bool = False
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    # 408/413 answer before the body was read to its end: the connection cannot carry another request.
+    headers = {"Connection": "close"} if err.status in (408, 413) else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+class _Gate:
+    """Pure ASGI middleware: API key on /v1/*, 503 while draining, per-path status counters (counted when the
+    response starts, so /metrics read after a response already counts it)."""
+
+    def __init__(self, app, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope.get("path", "")
+        known = path if path in PATHS else "other"
+        counted = False
+
+        async def send_counted(message) -> None:
+            nonlocal counted
+            if message["type"] == "http.response.start" and not counted:
+                counted = True
+                self.state.metrics.inc("dsv4_http_requests_total", path=known, code=str(message["status"]))
+            await send(message)
+
+        err = None
+        key = self.state.settings.api_key
+        if path.startswith("/v1/"):
+            if key is not None:
+                headers = dict(scope.get("headers") or [])
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode()):
+                    err = APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", None, 401,
+                                   code="invalid_api_key")
+            if err is None and self.state.draining:
+                err = APIError("the server is shutting down", None, 503, type="server_error")
+        try:
+            if err is not None:
+                await _error_response(err)(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            if not counted:  # no response was started (the client went away, or the app failed)
+                self.state.metrics.inc("dsv4_http_requests_total", path=known, code="500")
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_key: str | None = None,
+               max_queue: int = 512, metrics: Metrics | None = None, body_timeout: float = 30.0):
+    """The ASGI app serving `engine` (started/stopped with the app's lifespan). Raises ValueError when no request
+    could ever fit (no slot, or a context without room for one prompt token and one generated token)."""
+    metrics = metrics or Metrics()
+    cache = engine.cache
+    # The longest request (prompt + max_tokens) the engine can ever hold: the per-sequence length limit, or the
+    # whole page budget when that is smaller.
+    context = min(cache.max_seq_len, (cache.num_blocks - 1) * cache.block_size)
+    if not engine.free_slots or context < 2:
+        raise ValueError(f"no request can ever be served: {len(engine.free_slots)} sequence slot(s) and room for "
+                         f"{context} token(s) per request (one needs a slot and 2 tokens: a prompt token and a "
+                         "generated one)")
+    worker = EngineWorker(engine, metrics)
+    settings = Settings(served_model_name, context, engine.model.cfg.vocab_size, tokenizer.max_token_chars,
+                        api_key or None, max_queue)
+    state = AppState(settings, metrics, worker, body_timeout)
+    tok_text = TokenText(tokenizer)
+    eos = engine.eos
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="dsv4-ascend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # never answer a POST with a redirect
+    app.state.dsv4 = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return _error_response(APIError(str(exc.detail), None, exc.status_code,
+                                        "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        return _error_response(APIError(str(exc), None))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_, exc: Exception):
+        log.exception("unhandled error")
+        return _error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    async def read_body(request: HTTPRequest) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(f"request body over {MAX_BODY_BYTES} bytes", None, 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(request: HTTPRequest, parser: Callable[..., Parsed]) -> Parsed:
+        try:
+            raw = await asyncio.wait_for(read_body(request), state.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body did not arrive within {state.body_timeout:g} s", None, 408) from None
+        # JSON parsing, validation and tokenisation are CPU-bound: off the event loop, so streams keep flowing.
+        body = await asyncio.to_thread(parse_body, raw)
+        return await asyncio.to_thread(parser, body, settings, tokenizer)
+
+    async def start(parsed: Parsed, prompt_param: str) -> Job:
+        if worker.pending >= settings.max_queue + worker.max_slots:
+            raise APIError("the server is overloaded; retry later", None, 503, "server_error")
+        if not worker.alive:
+            raise APIError("the engine is not running", None, 503, "server_error")
+        job = worker.submit(parsed.prompt, parsed.params, asyncio.get_running_loop())
+        try:
+            first = await job.queue.get()
+        except BaseException:
+            worker.abort(job)
+            raise
+        if first[0] == "error":
+            exc = first[1]
+            if isinstance(exc, CapacityError):
+                raise APIError(str(exc), "max_tokens" if len(parsed.prompt) < settings.max_seq_len
+                               else prompt_param)
+            if isinstance(exc, ValueError):
+                raise APIError(str(exc), prompt_param)
+            raise APIError(f"engine error: {exc}", None, 500, "server_error")
+        if first[0] == "finish":
+            raise APIError("the server is shutting down", None, 503, "server_error")
+        return job
+
+    async def events(job: Job, out: Output) -> AsyncIterator[list]:
+        """Token batches as they arrive (already pushed into `out`); ends when `out.finish` is set."""
+        while out.finish is None:
+            item = await job.queue.get()
+            if item[0] == "tokens":
+                batch = []
+                for t in item[1]:
+                    if out.finish is not None:
+                        break
+                    out.push(*t)
+                    batch.append(t)
+                if out.stop_hit:
+                    worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
+                yield batch
+            elif item[0] == "finish":
+                out.end(item[1])
+                yield []
+            elif item[0] == "error":
+                out.end("error")
+                raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+
+    def finish_reason(out: Output) -> str:
+        return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
+
+    def usage(parsed: Parsed, out: Output) -> dict:
+        n = len(out.tokens)
+        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n}
+
+    def completion_logprobs(batch: list, offset: int, top_n: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        for t, lp, top in batch:
+            s = tok_text(t)[0]
+            tokens.append(s)
+            lps.append(lp)
+            entry: dict[str, float] = {}
+            for i, v in (top or {}).items() if top_n else ():
+                entry.setdefault(tok_text(i)[0], v)  # ids sharing a text keep the best logprob
+            tops.append(entry)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(batch: list) -> list[dict]:
+        out = []
+        for t, lp, top in batch:
+            s, b = tok_text(t)
+            tops = [{"token": tok_text(i)[0], "logprob": v, "bytes": tok_text(i)[1]} for i, v in (top or {}).items()]
+            out.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": tops})
+        return out
+
+    async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                worker.abort(job)
+                return
+
+    async def collect(request: HTTPRequest, job: Job, out: Output) -> list:
+        batches = []
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            async for batch in events(job, out):
+                batches += batch
+        finally:
+            watcher.cancel()
+            if out.finish is None:  # the client went away (or the handler failed): free the slot now
+                worker.abort(job)
+        return batches
+
+    def done_metric(endpoint: str, reason: str) -> None:
+        metrics.inc("dsv4_requests_finished_total", endpoint=endpoint, finish_reason=reason)
+
+    class SSEResponse(StreamingResponse):
+        """Server-sent events; whatever ends the response (done, disconnect, cancel) releases the request."""
+
+        def __init__(self, gen: AsyncIterator[str], job: Job, out: Output) -> None:
+            super().__init__(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.gen = gen
+            self.job = job
+            self.out = out
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if self.out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
+                    worker.abort(self.job)
+                await self.gen.aclose()
+
+    def stream(endpoint: str, job: Job, out: Output, first: list[dict], on_batch: Callable[[list], list[dict]],
+               on_end: Callable[[str], list[dict]]) -> SSEResponse:
+        """The one streaming skeleton: `first` chunks, then `on_batch(batch)` per token batch, then `on_end(reason)`;
+        an engine error becomes an error event; always ends with [DONE] and counts the finish reason."""
+        async def gen() -> AsyncIterator[str]:
+            reason = "abort"
+            try:
+                for chunk in first:
+                    yield _sse(chunk)
+                async for batch in events(job, out):
+                    for chunk in on_batch(batch):
+                        yield _sse(chunk)
+                reason = finish_reason(out)
+                for chunk in on_end(reason):
+                    yield _sse(chunk)
+            except APIError as err:
+                reason = "error"
+                yield _sse(err.body())
+            finally:
+                done_metric(endpoint, reason)
+            yield "data: [DONE]\n\n"
+
+        return SSEResponse(gen(), job, out)
+
+    # -- endpoints --------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not worker.alive:
+            return JSONResponse({"status": "engine not running"}, 503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv4-ascend",
+                "max_model_len": settings.max_seq_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != settings.model_name:
+            shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise APIError(f"the model '{shown}' does not exist", "model", 404, code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        parsed = await parse(request, parse_completion_request)
+        job = await start(parsed, "prompt")
+        out = Output(tokenizer, parsed.params.stop)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        top_n = parsed.logprobs or 0
+
+        def chunk(text: str, lp: dict | None, reason: str | None) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
+
+        if not parsed.stream:
+            batch = await collect(request, job, out)
+            reason = finish_reason(out)
+            done_metric("completions", reason)
+            lp = completion_logprobs(batch, 0, top_n) if parsed.logprobs is not None else None
+            return {**chunk(out.text, lp, reason), "usage": usage(parsed, out)}
+
+        offset = 0
+
+        def on_batch(batch: list) -> list[dict]:
+            nonlocal offset
+            piece = out.take()
+            lp = completion_logprobs(batch, offset, top_n) if parsed.logprobs is not None and batch else None
+            offset += sum(len(tok_text(t)[0]) for t, _, _ in batch)
+            return [chunk(piece, lp, None)] if piece or lp else []
+
+        def on_end(reason: str) -> list[dict]:
+            tail = [{"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
+                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
+            return [chunk(out.take(), None, reason), *tail]
+
+        return stream("completions", job, out, [], on_batch, on_end)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        parsed = await parse(request, parse_chat_request)
+        job = await start(parsed, "messages")
+        out = Output(tokenizer, parsed.params.stop)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not parsed.stream:
+            batch = await collect(request, job, out)
+            reason = finish_reason(out)
+            message = None
+            if (parsed.thinking or parsed.tools) and not out.stop_hit:
+                ended_by_eos = out.tokens and out.tokens[-1][0] == eos
+                try:
+                    message = parse_completion(out.text + (EOS if ended_by_eos else ""), parsed.thinking)
+                except ValueError:
+                    message = None
+            if message is None:
+                split = ThinkSplit(parsed.thinking)
+                r, c = split.feed(out.text, final=True)
+                message = {"role": "assistant", "content": c}
+                if parsed.thinking:
+                    message["reasoning_content"] = r
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **tc} for tc in message["tool_calls"]]
+                reason = "tool_calls"
+            done_metric("chat", reason)
+            lp = {"content": chat_logprobs(batch)} if parsed.logprobs is not None else None
+            return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
+                    "usage": usage(parsed, out)}
+
+        def chunk(delta: dict, lp: list | None, reason: str | None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                    "choices": [{"index": 0, "delta": delta,
+                                 "logprobs": None if lp is None else {"content": lp}, "finish_reason": reason}]}
+
+        split = ThinkSplit(parsed.thinking)
+
+        def delta(piece: str, final: bool) -> dict:
+            r, c = split.feed(piece, final)
+            d = {}
+            if r:
+                d["reasoning_content"] = r
+            if c:
+                d["content"] = c
+            return d
+
+        def on_batch(batch: list) -> list[dict]:
+            d = delta(out.take(), False)
+            lp = chat_logprobs(batch) if parsed.logprobs is not None and batch else None
+            return [chunk(d, lp, None)] if d or lp else []
+
+        def on_end(reason: str) -> list[dict]:
+            d = delta(out.take(), True)
+            tail = [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
+            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason), *tail]
+
+        return stream("chat", job, out, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch, on_end)
+
+    return _Gate(app, state)

@@ -1,0 +1,449 @@
+"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams`, and the
+OpenAI-style error every bad request gets ({"error": {"message", "type", "param", "code"}}, naming the field).
+
+Every numeric field is bounded on both sides, strings must be valid Unicode (no lone surrogates), JSON may nest
+at most `MAX_JSON_DEPTH` levels, and parameters this server does not implement are refused, never ignored.
+User text is tokenised as plain text: only the chat template inserts control tokens. A completions prompt given
+as token ids is used as is (the way to send special tokens on purpose). Prompts are refused by length before
+tokenising when their characters alone prove they cannot fit (`Tokenizer.max_token_chars`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..chat import encode_message_segments
+from ..sampling import SamplingParams
+
+__all__ = ["APIError", "Settings", "Parsed", "parse_body", "parse_completion_request", "parse_chat_request",
+           "MAX_BODY_BYTES"]
+
+MAX_BODY_BYTES = 16 << 20
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+MAX_JSON_DEPTH = 64
+INT64 = (-(2**63), 2**63 - 1)
+
+# Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
+_UNSUPPORTED = ("min_p", "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                "guided_decoding_backend", "structured_outputs", "functions", "function_call", "prompt_logprobs",
+                "use_beam_search", "logits_processors", "bad_words", "allowed_token_ids")
+_NEUTRAL = {"min_p": 0, "min_tokens": 0, "use_beam_search": False}
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Settings:
+    """What request validation needs to know about the served model."""
+
+    model_name: str
+    max_seq_len: int            # the longest request (prompt + completion) the engine can ever hold
+    vocab: int
+    max_token_chars: int        # no token covers more characters (bounds tokens from below before tokenising)
+    api_key: str | None = None
+    max_queue: int = 512
+
+
+@dataclass
+class Parsed:
+    """A validated request: prompt ids, sampling, and how to answer."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None        # top-N (completions) or top_logprobs (chat); None = no logprobs
+    thinking: bool = False
+    tools: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ the body
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _path(node: tuple | None) -> str:
+    """'messages[2].content' from a (parent, key) chain."""
+    keys = []
+    while node is not None:
+        node, key = node
+        keys.append(key)
+    out = ""
+    for key in reversed(keys):
+        out += f"[{key}]" if isinstance(key, int) else (f".{_printable(key)}" if out else _printable(key))
+    return out
+
+
+def _deep_field(text: str) -> str | None:
+    """The top-level key under which `text` nests deeper than MAX_JSON_DEPTH (None if not found)."""
+    depth, key = 0, None
+    for m in _JSON_TOKENS.finditer(text):
+        t = m.group()
+        if t in ("[", "{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return key
+        elif t in ("]", "}"):
+            depth -= 1
+        elif depth == 1 and t.endswith(":"):
+            try:
+                key = _printable(json.loads(t[:-1].rstrip()))
+            except ValueError:
+                key = None
+    return key
+
+
+def _check_tree(body: dict) -> None:
+    """Refuse strings that are not valid Unicode and nesting deeper than MAX_JSON_DEPTH, naming the field."""
+    stack: list[tuple[Any, int, tuple | None]] = [(body, 1, None)]
+    while stack:
+        v, depth, node = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                field = _path(node) or "body"
+                raise APIError(f"'{field}' is not valid Unicode (it holds a lone surrogate)", field)
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                while node[0] is not None:  # name the top-level field
+                    node = node[0]
+                field = _path(node)
+                raise APIError(f"'{field}' nests deeper than {MAX_JSON_DEPTH} levels", field)
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    if _SURROGATE.search(k):
+                        field = _path((node, k))
+                        raise APIError(f"the key '{field}' is not valid Unicode (it holds a lone surrogate)",
+                                       _path(node) or None)
+                    if isinstance(x, (str, dict, list)):
+                        stack.append((x, depth + 1, (node, k)))
+            else:
+                stack += [(x, depth + 1, (node, i)) for i, x in enumerate(v) if isinstance(x, (str, dict, list))]
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 naming what is wrong (CPU-bound: run it off the event loop)."""
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except RecursionError:
+        field = _deep_field(text)
+        where = f"'{field}'" if field else "the request body"
+        raise APIError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels", field) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, integers over 4300 digits
+        raise APIError(f"the request body is not valid JSON: {exc}", None) from None
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}", None)
+    _check_tree(body)
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ fields
+
+def _type_name(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "integer", float: "number"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> float | None:
+    """v as a finite float, None if it is not a number or not representable as one (1e400, an integer over
+    float range, NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _opt_int(body: dict, name: str, lo: int, hi: int, label: str | None = None) -> int | None:
+    label = label or name
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise APIError(f"'{label}' must be an integer, got {_type_name(v)}", label)
+    if not lo <= v <= hi:
+        shown = v if abs(v) < 10**30 else f"{'-' if v < 0 else ''}an integer of {len(str(abs(v)))} digits"
+        raise APIError(f"'{label}' must be in [{lo}, {hi}], got {shown}", label)
+    return v
+
+
+def _opt_num(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    f = _finite(v)
+    if f is None:
+        what = _type_name(v) if isinstance(v, bool) or not isinstance(v, (int, float)) else "out of range"
+        raise APIError(f"'{name}' must be a finite number, got {what}", name)
+    if f > hi or f < lo or (lo_open and f == lo):
+        raise APIError(f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {f:g}", name)
+    return f
+
+
+def _opt_bool(body: dict, name: str, default: bool = False, label: str | None = None) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(f"'{label or name}' must be a boolean, got {_type_name(v)}", label or name)
+    return v
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, neutral in (("n", 1), ("best_of", 1)):
+        v = body.get(name)
+        if v is not None and not (_is_int(v) and v == neutral):
+            raise APIError(f"'{name}' must be 1 (one choice per request is supported)", name)
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = body.get(name)
+        if v is not None and _finite(v) != (1 if name == "repetition_penalty" else 0):
+            raise APIError(f"'{name}' is not supported (leave it unset)", name)
+    if _opt_bool(body, "echo"):
+        raise APIError("'echo' is not supported", "echo")
+    if body.get("suffix") not in (None, ""):
+        raise APIError("'suffix' is not supported", "suffix")
+    if body.get("logit_bias"):
+        raise APIError("'logit_bias' is not supported (leave it unset or empty)", "logit_bias")
+    for name in _UNSUPPORTED:
+        v = body.get(name)
+        if v is not None and not (name in _NEUTRAL and v == _NEUTRAL[name] and type(v) is type(_NEUTRAL[name])):
+            raise APIError(f"'{name}' is not supported by this server (leave it unset)", name)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise APIError(f"'stop' must be a string or an array of strings, got {_type_name(v)}", "stop")
+    if len(v) > MAX_STOP_STRINGS:
+        raise APIError(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(v)}", "stop")
+    if any(s == "" for s in v):
+        raise APIError("'stop' strings must not be empty", "stop")
+    return tuple(v)
+
+
+def _model_name(body: dict, s: Settings) -> None:
+    v = body.get("model")
+    if v is None:
+        raise APIError("'model' is required", "model")
+    if not isinstance(v, str):
+        raise APIError(f"'model' must be a string, got {_type_name(v)}", "model")
+    if v != s.model_name:
+        raise APIError(f"the model '{v}' does not exist; this server serves '{s.model_name}'", "model", 404,
+                       code="model_not_found")
+
+
+def _sampling(body: dict, s: Settings, logprobs: int | None) -> tuple[dict, str, int | None]:
+    """The sampling fields (validated, before tokenising), the name of the max-tokens field and its value."""
+    temperature = _opt_num(body, "temperature", 0.0, 2.0)
+    top_p = _opt_num(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = _opt_int(body, "top_k", -1, s.vocab)
+    seed = _opt_int(body, "seed", *INT64)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _opt_int(body, name, 1, s.max_seq_len)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < s.vocab for t in stop_ids):
+        raise APIError(f"'stop_token_ids' must be an array of token ids in [0, {s.vocab})", "stop_token_ids")
+    fields = dict(temperature=1.0 if temperature is None else temperature, top_k=0 if top_k in (None, -1) else top_k,
+                  top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=tuple(stop_ids),
+                  stop=_stops(body), ignore_eos=_opt_bool(body, "ignore_eos"), logprobs=logprobs)
+    return fields, name, max_tokens
+
+
+def _fit(s: Settings, n_prompt: int, prompt_param: str, name: str, max_tokens: int | None,
+         default_max: int | None) -> int:
+    """max_tokens for a prompt of n_prompt tokens, or a 400 when the two do not fit the context."""
+    room = s.max_seq_len - n_prompt
+    if room < 1:
+        raise APIError(f"the prompt is {n_prompt} tokens; this model's context holds {s.max_seq_len} tokens "
+                       f"(prompt + completion), so at most {s.max_seq_len - 1} prompt tokens fit", prompt_param)
+    if max_tokens is None:
+        return room if default_max is None else min(default_max, room)
+    if max_tokens > room:
+        raise APIError(f"'{name}' is {max_tokens} but the prompt is {n_prompt} tokens and the context holds "
+                       f"{s.max_seq_len}: at most {room} tokens can be generated", name)
+    return max_tokens
+
+
+def _check_chars(s: Settings, n_chars: int, n_control: int, prompt_param: str) -> None:
+    """Refuse a prompt whose characters alone need more tokens than the context holds (before tokenising)."""
+    least = -(-n_chars // s.max_token_chars) + n_control
+    if least > s.max_seq_len - 1:
+        raise APIError(f"the prompt is {n_chars} characters, at least {least} tokens; this model's context holds "
+                       f"{s.max_seq_len} tokens (prompt + completion), so at most {s.max_seq_len - 1} prompt "
+                       "tokens fit", prompt_param)
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _opt_bool(body, "stream")
+    opts = body.get("stream_options")
+    include = False
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise APIError(f"'stream_options' must be an object, got {_type_name(opts)}", "stream_options")
+        include = _opt_bool(opts, "include_usage", label="stream_options.include_usage")
+    return stream, include
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+
+def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
+    """/v1/completions: a string prompt is plain text after BOS; a token-id prompt is used as is."""
+    _model_name(body, s)
+    _check_unsupported(body)
+    logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
+    stream, include = _stream_flags(body)
+    fields, name, max_tokens = _sampling(body, s, logprobs)
+    p = body.get("prompt")
+    if p is None:
+        raise APIError("'prompt' is required", "prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        if not p:
+            raise APIError("'prompt' must not be empty", "prompt")
+        _check_chars(s, len(p), 1, "prompt")
+        prompt = [tok.bos_id] + tok.encode_text(p)
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        bad = [t for t in p if not 0 <= t < s.vocab]
+        if bad:
+            shown = [t if abs(t) < 10**30 else "<huge>" for t in bad[:5]]
+            raise APIError(f"'prompt' token ids must be in [0, {s.vocab}), found {shown}", "prompt")
+        prompt = list(p)
+    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+        raise APIError("batched prompts are not supported; send one prompt per request", "prompt")
+    else:
+        raise APIError("'prompt' must be a non-empty string or a non-empty array of token ids", "prompt")
+    max_tokens = _fit(s, len(prompt), "prompt", name, max_tokens, 16)
+    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs)
+
+
+def _thinking(body: dict) -> bool:
+    kw = body.get("chat_template_kwargs")
+    if kw is not None and not isinstance(kw, dict):
+        raise APIError(f"'chat_template_kwargs' must be an object, got {_type_name(kw)}", "chat_template_kwargs")
+    v = body.get("thinking")
+    name = "thinking"
+    if v is None and kw:
+        for key in ("thinking", "enable_thinking"):
+            if kw.get(key) is not None:
+                v, name = kw[key], f"chat_template_kwargs.{key}"
+                break
+    if v is None:
+        return False
+    if isinstance(v, dict) and v.get("type") in ("enabled", "disabled"):  # {"type": "enabled"} style
+        return v["type"] == "enabled"
+    if not isinstance(v, bool):
+        raise APIError(f"'{name}' must be a boolean, got {_type_name(v)}", name)
+    return v
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise APIError("'messages' is required", "messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError("'messages' must be a non-empty array of message objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise APIError(f"'messages[{i}]' must be an object, got {_type_name(m)}", "messages")
+        m = {k: v for k, v in m.items() if k != "name"}
+        c = m.get("content")
+        if isinstance(c, list) and m.get("role") != "tool":  # content parts: text only
+            texts = []
+            for j, part in enumerate(c):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"'messages[{i}].content[{j}]': only text content parts are supported",
+                                   "messages")
+                texts.append(part["text"])
+            m["content"] = "\n".join(texts)
+        elif c is None and m.get("role") == "assistant":
+            m["content"] = ""
+        out.append(m)
+    return out
+
+
+def _tools(body: dict) -> list | None:
+    """The request's tools, honouring tool_choice "none" / "auto"; other choices are not implemented."""
+    tools = body.get("tools") or None
+    if tools is not None and not isinstance(tools, list):
+        raise APIError(f"'tools' must be an array, got {_type_name(tools)}", "tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        shown = repr(choice) if isinstance(choice, str) and len(choice) < 40 else _type_name(choice)
+        raise APIError(f"'tool_choice' {shown} is not supported; use \"auto\" or \"none\"", "tool_choice")
+    return None if choice == "none" else tools
+
+
+def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
+    """/v1/chat/completions: messages through the DeepSeek-V4 template; message text never becomes a control
+    token."""
+    _model_name(body, s)
+    _check_unsupported(body)
+    messages = _messages(body)
+    thinking = _thinking(body)
+    effort = body.get("reasoning_effort")
+    if effort not in (None, "high", "max"):
+        shown = repr(effort) if isinstance(effort, str) and len(effort) < 40 else _type_name(effort)
+        raise APIError(f"'reasoning_effort' must be null, 'high' or 'max', got {shown}", "reasoning_effort")
+    tools = _tools(body)
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise APIError("'response_format' must be an object with a 'type'", "response_format")
+        if fmt["type"] != "text":
+            raise APIError("'response_format' other than {\"type\": \"text\"} is not supported (the output is not "
+                           "constrained)", "response_format")
+    lp = _opt_bool(body, "logprobs")
+    top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top and not lp:
+        raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    logprobs = (top or 0) if lp else None
+    stream, include = _stream_flags(body)
+    fields, name, max_tokens = _sampling(body, s, logprobs)
+    try:
+        segments = encode_message_segments(messages, thinking=thinking, reasoning_effort=effort, tools=tools)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        msg = str(exc)
+        param = "tools" if msg.startswith("tools") else "messages"
+        raise APIError(f"invalid {param}: {msg}", param) from None
+    _check_chars(s, sum(len(t) for t, c in segments if not c), sum(c for _, c in segments), "messages")
+    prompt = tok.encode_segments(segments)
+    max_tokens = _fit(s, len(prompt), "messages", name, max_tokens, None)
+    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs, thinking,
+                  bool(tools))

@@ -1,0 +1,137 @@
+"""Running the app: `DrainingServer` (uvicorn with a graceful drain), `BackgroundServer` (tests, benchmarks) and
+`dsv4 serve` (`build_server`, `serve_main`).
+
+On shutdown the listening socket closes, /health and new requests get 503, in-flight requests run to completion
+for up to `drain_timeout` seconds; the rest are then aborted (their streams end with finish_reason "abort") and
+the worker stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+try:
+    import uvicorn
+except ImportError as _err:  # pragma: no cover - the optional extra is missing
+    raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
+
+from ..engine import Engine
+from .app import AppState, create_app
+
+__all__ = ["DrainingServer", "BackgroundServer", "build_server", "serve_main"]
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with a graceful drain: on shutdown the app is flagged as draining (503 for new requests,
+    /health 503), in-flight requests run on for up to `drain_timeout` seconds, then the ones left are aborted so
+    their streams still end cleanly (finish_reason "abort", then [DONE]); uvicorn's own
+    `timeout_graceful_shutdown` (set a few seconds later) is the backstop."""
+
+    def __init__(self, config, drain_timeout: float | None = None) -> None:
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        state = getattr(self.config.app, "state", None)
+        timer = None
+        if isinstance(state, AppState):
+            state.draining = True
+            if self.drain_timeout is not None:
+                timer = asyncio.get_running_loop().call_later(self.drain_timeout, state.worker.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: float, access_log: bool = True):
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                          timeout_graceful_shutdown=drain_timeout + 5.0, lifespan="on")
+
+
+class BackgroundServer:
+    """Runs an app under uvicorn on a thread (tests, benchmarks): `with BackgroundServer(app) as srv: srv.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, drain_timeout: float = 30.0,
+                 log_level: str = "warning") -> None:
+        self.config = _uvicorn_config(app, host, port, log_level, drain_timeout, access_log=False)
+        self.server = DrainingServer(self.config, drain_timeout)
+        self.thread = threading.Thread(target=self.server.run, name="dsv4-uvicorn", daemon=True)
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 60.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (returns at once)."""
+        self.server.should_exit = True
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.shutdown()
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_server(args) -> DrainingServer:
+    """The uvicorn server `dsv4 serve` runs, from its parsed command-line flags (model loaded, not started)."""
+    import os
+    import sys
+
+    from ..loading import load_model  # the one place the server imports the model loader (lazily)
+    from ..tokenizer import load_tokenizer
+
+    for flag, value, least in (("--max-slots", args.max_slots, 1), ("--max-seq-len", args.max_seq_len, 2),
+                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0)):
+        if value < least:  # checked before any weight is read
+            raise SystemExit(f"dsv4 serve: {flag} must be >= {least} (got {value}): no request could ever be served"
+                             if flag in ("--max-slots", "--max-seq-len") else
+                             f"dsv4 serve: {flag} must be >= {least} (got {value})")
+    if args.drain_timeout < 0:
+        raise SystemExit(f"dsv4 serve: --drain-timeout must be >= 0 (got {args.drain_timeout})")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="[dsv4] %(levelname)s %(message)s")
+    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                             getattr(args, "quant", "auto"))
+    tok = load_tokenizer(path)
+    budget = getattr(args, "kv_cache_gib", None)
+    engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                    cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
+                    speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
+                    graph_tuning=getattr(args, "graph_tuning", "default"))
+    name = args.served_model_name or path.name
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
+    try:
+        app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue)
+    except ValueError as exc:  # e.g. a KV-cache budget with room for no request
+        raise SystemExit(f"dsv4 serve: {exc}") from None
+    cache = engine.cache
+    print(f"[dsv4] serving '{name}' ({path}) on http://{args.host}:{args.port}: {args.max_slots} slots, "
+          f"{cache.num_blocks - 1} pages of {cache.block_size} tokens, max_seq_len {cache.max_seq_len}"
+          f"{'; API key required' if api_key else ''}", file=sys.stderr)
+    config = _uvicorn_config(app, args.host, args.port, args.log_level, args.drain_timeout)
+    return DrainingServer(config, args.drain_timeout)
+
+
+def serve_main(args) -> int:
+    """`dsv4 serve`: serve until SIGINT/SIGTERM, then drain in-flight requests (bounded by --drain-timeout)."""
+    build_server(args).run()
+    return 0

@@ -1,0 +1,117 @@
+"""Generated text as the handlers build it: incremental detokenisation, stop strings, the thinking split, and
+per-token text and bytes for logprobs."""
+from __future__ import annotations
+
+from ..chat import THINK_END
+
+__all__ = ["TokenText", "Output", "ThinkSplit"]
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2): byte -> printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenText:
+    """Per-token strings and raw bytes (for logprobs), cached."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self.tok.decode([token_id])
+            raw = self.tok.id_to_token(token_id) or ""
+            if raw and all(c in _BYTE_OF_CHAR for c in raw):
+                data = [_BYTE_OF_CHAR[c] for c in raw]
+            else:  # added/special tokens are stored as plain text
+                data = list(text.encode("utf-8"))
+            hit = self._cache[token_id] = (text, data)
+        return hit
+
+
+def _holdback(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+class Output:
+    """A request's generated text as the handler builds it: incremental detokenization with stop strings."""
+
+    def __init__(self, tok, stops: tuple[str, ...]) -> None:
+        self.dec = tok.stream_decoder(skip_special_tokens=True)
+        self.stops = stops
+        self.maxstop = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.tokens: list[tuple[int, float, dict | None]] = []
+        self.finish: str | None = None
+        self.stop_hit = False
+
+    def push(self, token: int, logprob: float, top: dict | None) -> None:
+        if self.finish is None:
+            self.tokens.append((token, logprob, top))
+            self._add(self.dec.push(token))
+
+    def _add(self, piece: str) -> None:
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.maxstop + 1)
+        self.text += piece
+        hits = [k for k in (self.text.find(s, start) for s in self.stops) if k >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish, self.stop_hit = "stop", True
+
+    def end(self, reason: str) -> None:
+        if self.finish is None:
+            self._add(self.dec.flush())
+        if self.finish is None:
+            self.finish = reason
+
+    def take(self) -> str:
+        """New text safe to send (text that might start a stop string is held back until resolved)."""
+        safe = len(self.text) if self.finish else len(self.text) - _holdback(self.text, self.stops)
+        piece = self.text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return piece
+
+
+class ThinkSplit:
+    """Routes text to reasoning until `</think>` (thinking mode), then to content; holds back partial markers."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.reasoning = thinking
+        self.buf = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        if not self.reasoning:
+            return "", piece
+        self.buf += piece
+        k = self.buf.find(THINK_END)
+        if k >= 0:
+            self.reasoning = False
+            r, c, self.buf = self.buf[:k], self.buf[k + len(THINK_END):], ""
+            return r, c
+        keep = 0 if final else _holdback(self.buf, (THINK_END,))
+        r, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return r, ""
+
