@@ -79,6 +79,9 @@ def _check_flags(args, sampling: bool = True) -> None:
 
     need(args.max_seq_len >= 1, f"--max-seq-len must be >= 1, found {args.max_seq_len}")
     need(args.speculative_tokens >= 0, f"--speculative-tokens must be >= 0, found {args.speculative_tokens}")
+    if hasattr(args, "max_slots"):  # dsv4 serve
+        need(args.max_slots >= 1, f"--max-slots must be >= 1 (got {args.max_slots}): no request could ever be "
+                                  "served")
     if not sampling:
         return
     need(args.max_tokens >= 1, f"--max-tokens must be >= 1, found {args.max_tokens}")

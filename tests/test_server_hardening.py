@@ -414,5 +414,5 @@ def test_dsv4_serve_with_max_slots_0_exits_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tmp_path / "absent"),
                            "--max-slots", "0", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["dsv4 serve: --max-slots must be >= 1 (got 0): no request could ever "
+    assert proc.stderr.strip().splitlines() == ["dsv4 serve: error: --max-slots must be >= 1 (got 0): no request could ever "
                                                 "be served"]
