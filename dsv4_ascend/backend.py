@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "RunOptions", "fp32_linear"]
 
+# Elements of one query block's attention temporaries in `Backend.attend` (per batch row): 64 MiB in fp32.
+_ATTN_ELEMENTS = 1 << 24
+
 
 def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T in fp32 (fp32 products and sums) for weights of any float dtype: logits and router scores.
@@ -151,10 +154,16 @@ class Backend:
     def attend(self, q: Tensor, view: "KVView", sink: Tensor, scale: float) -> Tensor:
         """V4 attention of q [B,S,H,d] over the stored keys `view` describes (window ring + compressed entries).
 
-        Default: gather the keys (`view.gathered()`) and run `sparse_attention`; a backend with a fused kernel
-        that reads the stores and positions directly overrides this.
+        Default: gather the keys (`view.pool()`) and run `sparse_attention` per block of queries, with indices
+        built per block (`view.indices`) so that [block, K] temporaries stay under _ATTN_ELEMENTS elements
+        whatever K (HCA: K grows as context/128); a backend with a fused kernel that reads the stores and
+        positions directly overrides this.
         """
-        return self.sparse_attention(q, *view.gathered(), sink, scale)
+        s, k = q.shape[1], view.keys_per_query()
+        blk = max(1, _ATTN_ELEMENTS // (k * (q.shape[-1] + 2 * q.shape[-2])))  # gathered keys + logits/probs
+        pool = view.pool()
+        return torch.cat([self.sparse_attention(q[:, i:i + blk], pool, view.indices(i, min(i + blk, s)), sink,
+                                                scale) for i in range(0, s, blk)], dim=1)
 
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
               route_scale: float) -> tuple[Tensor, Tensor]:

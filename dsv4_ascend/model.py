@@ -166,6 +166,10 @@ def _span(w0: int, e: Tensor) -> Tensor:
     return (w0 + torch.arange(e.shape[1], device=e.device)).expand(e.shape[0], e.shape[1])
 
 
+# Indexer scores per query block (fp32 elements, [blk, heads, N]): 16 MiB, a bound independent of the context.
+_INDEXER_SCORES = 1 << 22
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top `index_topk`."""
 
@@ -183,7 +187,11 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = finish_keys(self.backend, apply_rope_tail(self.backend, q, cos.unsqueeze(2), sin.unsqueeze(2)), None)
         w = self.weights_proj(x).float() * self.weight_scale
-        return self.backend.indexer_topk(q, w, keys, n_visible, self.topk)
+        # Queries in blocks: the [blk, heads, N] score temporaries stay under _INDEXER_SCORES elements whatever
+        # the context (N = 262,144 CSA entries at 1M tokens). Decode (s = 1) is one block.
+        blk = max(1, _INDEXER_SCORES // (self.n_heads * max(keys.shape[1], 1)))
+        return torch.cat([self.backend.indexer_topk(q[:, i:i + blk], w[:, i:i + blk], keys, n_visible[:, i:i + blk],
+                                                    self.topk) for i in range(0, s, blk)], 1)
 
 
 class Attention(nn.Module):
