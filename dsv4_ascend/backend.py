@@ -155,15 +155,15 @@ class Backend:
         """V4 attention of q [B,S,H,d] over the stored keys `view` describes (window ring + compressed entries).
 
         Default: gather the keys (`view.pool()`) and run `sparse_attention` per block of queries, with indices
-        built per block (`view.indices`) so that [block, K] temporaries stay under _ATTN_ELEMENTS elements
+        (and CSA's picked entries) gathered per block (`view.block`) so that [block, K] temporaries stay under _ATTN_ELEMENTS elements
         whatever K (HCA: K grows as context/128); a backend with a fused kernel that reads the stores and
         positions directly overrides this.
         """
         s, k = q.shape[1], view.keys_per_query()
         blk = max(1, _ATTN_ELEMENTS // (k * (q.shape[-1] + 2 * q.shape[-2])))  # gathered keys + logits/probs
         pool = view.pool()
-        return torch.cat([self.sparse_attention(q[:, i:i + blk], pool, view.indices(i, min(i + blk, s)), sink,
-                                                scale) for i in range(0, s, blk)], dim=1)
+        return torch.cat([self.sparse_attention(q[:, i:i + blk], *view.block(pool, i, min(i + blk, s)), sink, scale)
+                          for i in range(0, s, blk)], dim=1)
 
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
               route_scale: float) -> tuple[Tensor, Tensor]:

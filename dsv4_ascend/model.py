@@ -244,9 +244,9 @@ class Attention(nn.Module):
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _absorb(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
-                used: int | None = None) -> Tensor:
+                used: int | None = None, pool: bool = True) -> Tensor | None:
         """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
-        [B, (start+used)//m, c]."""
+        [B, (start+used)//m, c] (pool=False with write: None, the attention view reads the pages)."""
         m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used
         w0, n_win = step.start // m, (step.start % m + s) // m  # first window the chunk touches, windows it closes
         start = torch.full((x.shape[0],), step.start, dtype=torch.int64, device=x.device)
@@ -255,6 +255,8 @@ class Attention(nn.Module):
         n_total = (step.start + s) // m
         if n_win and write:
             lc.write_entries(store, slots, _span(w0, e), e, m)
+        if write and not pool:
+            return None
         if not n_win or write:
             return lc.read_entries(store, slots, n_total, m)
         return torch.cat([lc.read_entries(store, slots, w0, m), e.to(store.dtype)], 1)
@@ -278,7 +280,8 @@ class Attention(nn.Module):
                 keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
         else:
             write = step.defer is None
-            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write)
+            # CSA reads only its picks from the pages (KVView.block): no copy of all entries.
+            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write, pool=idx_comp is None)
             if idx_comp is not None:
                 keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, x, step, write)
             if not write:
