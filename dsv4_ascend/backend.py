@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "RunOptions", "fp32_linear"]
 
-# Elements of one query block's attention temporaries in `Backend.attend` (per batch row): 64 MiB in fp32.
+# Elements of one query block's attention temporaries in `Backend.attend` (all batch rows): 64 MiB in fp32.
 _ATTN_ELEMENTS = 1 << 24
 
 
@@ -160,7 +160,7 @@ class Backend:
         positions directly overrides this.
         """
         s, k = q.shape[1], view.keys_per_query()
-        blk = max(1, _ATTN_ELEMENTS // (k * (q.shape[-1] + 2 * q.shape[-2])))  # gathered keys + logits/probs
+        blk = max(1, _ATTN_ELEMENTS // (q.shape[0] * k * (q.shape[-1] + 2 * q.shape[-2])))  # keys + logits/probs
         pool = view.pool()
         return torch.cat([self.sparse_attention(q[:, i:i + blk], *view.block(pool, i, min(i + blk, s)), sink, scale)
                           for i in range(0, s, blk)], dim=1)

@@ -189,7 +189,7 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * self.weight_scale
         # Queries in blocks: the [blk, heads, N] score temporaries stay under _INDEXER_SCORES elements whatever
         # the context (N = 262,144 CSA entries at 1M tokens). Decode (s = 1) is one block.
-        blk = max(1, _INDEXER_SCORES // (self.n_heads * max(keys.shape[1], 1)))
+        blk = max(1, _INDEXER_SCORES // (b * self.n_heads * max(keys.shape[1], 1)))
         return torch.cat([self.backend.indexer_topk(q[:, i:i + blk], w[:, i:i + blk], keys, n_visible[:, i:i + blk],
                                                     self.topk) for i in range(0, s, blk)], 1)
 
