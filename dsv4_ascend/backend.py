@@ -155,9 +155,9 @@ class Backend:
         """V4 attention of q [B,S,H,d] over the stored keys `view` describes (window ring + compressed entries).
 
         Default: gather the keys (`view.pool()`) and run `sparse_attention` per block of queries, with indices
-        (and CSA's picked entries) gathered per block (`view.block`) so that [block, K] temporaries stay under _ATTN_ELEMENTS elements
-        whatever K (HCA: K grows as context/128); a backend with a fused kernel that reads the stores and
-        positions directly overrides this.
+        (and CSA's picked entries) gathered per block (`view.block`), so that the [block, K] temporaries stay
+        under _ATTN_ELEMENTS elements whatever K (HCA: K grows as context/128); a backend with a fused kernel
+        that reads the stores and positions directly overrides this.
         """
         s, k = q.shape[1], view.keys_per_query()
         blk = max(1, _ATTN_ELEMENTS // (q.shape[0] * k * (q.shape[-1] + 2 * q.shape[-2])))  # keys + logits/probs

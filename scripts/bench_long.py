@@ -157,8 +157,8 @@ def main() -> None:
     print(f"  predicted from the first {n1} tokens: {pred1:.0f} MiB (RSS before the engine {rss0:.0f} + planned cache "
           f"{need / 2**20:.1f} + working set measured then {ws1:.0f} + growth of the indexer-key read {grow:.1f}); "
           f"peak / predicted = {peak / pred1:.3f} (goal within 10%)")
-    print(f"  analytic bound: {predicted:.0f} MiB (RSS before the engine + cache + working-set bound {ws / 2**20:.0f}); "
-          f"peak / bound = {peak / predicted:.3f}", flush=True)
+    print(f"  analytic bound: {predicted:.0f} MiB (RSS before the engine + cache + working-set bound "
+          f"{ws / 2**20:.0f}); peak / bound = {peak / predicted:.3f}", flush=True)
 
     if probes:
         del eng

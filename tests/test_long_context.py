@@ -101,10 +101,11 @@ def _random_history(cache, seed: int) -> None:
 
 
 def test_positions_near_two_to_the_twenty(long_model):
-    # The last 130 prompt positions before 2^20 - 17 (crossing the HCA boundary at 2^20 - 128), over a random 2^20-position history (CSA entries near
-    # 262,144, HCA entries near 8,192, page tables of 4,096 pages): two chunkings give the same last logits, and
-    # 16 greedy decode steps (up to position 2^20 - 2) equal recomputing those positions by one prefill chunk.
-    # Any position, page or entry index that wrapped, or a top-k that broke ties differently, would differ.
+    # The last 130 prompt positions before 2^20 - 17 (crossing the HCA boundary at 2^20 - 128), over a random
+    # 2^20-position history (CSA entries near 262,144, HCA entries near 8,192, page tables of 4,096 pages): two
+    # chunkings give the same last logits, and 16 greedy decode steps (up to position 2^20 - 2) equal recomputing
+    # those positions by one prefill chunk. Any position, page or entry index that wrapped, or a top-k that broke
+    # ties differently, would differ.
     m, n_new = long_model, 16
     end = MAX_POS - n_new - 1
     start = end - 130
