@@ -68,10 +68,21 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=8192, help="prefill tokens timed per probe (8192)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value (2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (0)")
+    ap.add_argument("--mmap-threshold", type=int, default=128 * 1024,
+                    help="glibc mallopt(M_MMAP_THRESHOLD) in bytes, set at start (default 131072, glibc's initial "
+                         "value; setting it turns off glibc's dynamic threshold, under which freed 1-32 MiB "
+                         "temporaries stay in the heap and RSS creeps up with varying sizes); 0 = leave glibc as is")
     args = ap.parse_args()
     for name in ("length", "segment", "chunk", "decode_steps", "threads", "probe_tokens"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, found {getattr(args, name)}")
+    if args.mmap_threshold < 0:
+        ap.error(f"--mmap-threshold must be >= 0, found {args.mmap_threshold}")
+    if args.mmap_threshold:
+        import ctypes
+
+        if not ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold):  # M_MMAP_THRESHOLD = -3 (malloc.h)
+            ap.error(f"mallopt(M_MMAP_THRESHOLD, {args.mmap_threshold}) failed (not glibc?); pass --mmap-threshold 0")
     contexts = [int(c) for c in args.decode_contexts.split(",") if c.strip()]
     probes = [int(c) for c in args.probe.split(",") if c.strip()]
     torch.set_num_threads(args.threads)
