@@ -52,26 +52,70 @@ class KVView:
 
     def gathered(self) -> tuple[Tensor, Tensor]:
         """(pool [B,N,d], idx [B,S,K]): ring (+ chunk) rows then entries, with per-query indices (-1 = masked)."""
-        win, slots, dev = self.win, self.slots, self.positions.device
+        return self.block(self.pool(), 0, self.positions.shape[1])
+
+    @property
+    def picks_from_store(self) -> bool:
+        """CSA with every entry in the pages: only the picked entries are gathered, per query block (`block`), so
+        no copy of all N entries is made (N = 262,144 at 1M tokens)."""
+        return self.ratio > 0 and self.picks is not None and self.entry_rows is None
+
+    def pool(self) -> Tensor:
+        """Keys shared by every query block [B,N,d]: ring rows (+ the prefill chunk's rows), then entries 0..
+        (HCA, or CSA entries not in the pages)."""
+        pool = self.window.read(self.slots)
+        if self.chunk is not None:
+            pool = torch.cat([pool, self.chunk], dim=1)  # ring (positions < start) then chunk
+        if not self.ratio or self.picks_from_store:
+            return pool
+        return torch.cat([pool, self.entry_pool().to(pool.dtype)], dim=1)
+
+    def block(self, pool: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """(keys, idx [B, hi-lo, K]) for queries lo..hi-1: `pool()` plus, for picks read from the pages, the
+        block's picked entries (gathered through the block table) appended to it."""
+        idx = self.indices(lo, hi)
+        if not self.picks_from_store:
+            return pool, idx
+        picks = self.picks[:, lo:hi]  # [B,q,K]
+        w = picks.clamp(min=0)
+        page = self.block_table.gather(1, (w // self.per_page).flatten(1)).view_as(w)
+        rows = self.entries.read(page, w % self.per_page)  # [B,q,K,d]
+        b, q, k = picks.shape
+        j = pool.shape[1] + torch.arange(q * k, device=picks.device).view(1, q, k)
+        keys = torch.cat([pool, rows.flatten(1, 2).to(pool.dtype)], dim=1)
+        return keys, torch.cat([idx, torch.where(picks >= 0, j, -1)], dim=-1)
+
+    def keys_per_query(self) -> int:
+        """K of `indices`: window slots plus picked (CSA) or all (HCA) entries; host-known from shapes."""
+        if not self.ratio:
+            return self.win
+        if self.picks is not None:
+            return self.win + self.picks.shape[-1]
+        n = self.entry_rows.shape[1] if self.entry_rows is not None else self.block_table.shape[1] * self.per_page
+        return self.win + n
+
+    def indices(self, lo: int, hi: int) -> Tensor:
+        """idx [B, hi-lo, K] into `pool()` for queries lo..hi-1 (-1 = masked): O(block), not O(S), memory
+        (without the picks when they are read from the pages: `block` adds those)."""
+        win, dev = self.win, self.positions.device
+        pos = self.positions[:, lo:hi]
+        b = pos.shape[0]
         if self.chunk is None:  # decode: ring rows only, this step's row already written
-            pos = self.positions[:, 0]
-            p = pos.unsqueeze(1) - (win - 1) + torch.arange(win, device=dev)  # [B, win]
+            p = pos[:, :1] - (win - 1) + torch.arange(win, device=dev)  # [B, win]
             idx = torch.where(p < 0, -1, p % win).unsqueeze(1)
-            pool = self.window.read(slots)
+            n_pool = win
         else:
-            b, s, _ = self.chunk.shape
             s0 = self.start
-            pool = torch.cat([self.window.read(slots), self.chunk], dim=1)  # ring (positions < s0) then chunk
-            t = s0 + torch.arange(s, device=dev)
+            t = s0 + torch.arange(lo, hi, device=dev)
             p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=dev)  # the window's positions [S, win]
             idx = torch.where(p >= s0, win + p - s0, p % win)
-            idx = torch.where(p < 0, -1, idx).expand(b, s, win)
-        if not self.ratio:
-            return pool, idx
-        entries = self.entry_pool()
-        picks = self.picks
+            idx = torch.where(p < 0, -1, idx).expand(b, hi - lo, win)
+            n_pool = win + self.chunk.shape[1]
+        if not self.ratio or self.picks_from_store:
+            return idx
+        picks = None if self.picks is None else self.picks[:, lo:hi]
         if picks is None:  # HCA: entry w is visible to query t iff w < (t+1)//m
-            w = torch.arange(entries.shape[1], device=dev)
-            picks = torch.where(w < ((self.positions + 1) // self.ratio).unsqueeze(-1), w, -1)
-        picks = torch.where(picks >= 0, picks + pool.shape[1], -1)
-        return torch.cat([pool, entries.to(pool.dtype)], dim=1), torch.cat([idx, picks], dim=-1)
+            w = torch.arange(self.keys_per_query() - win, device=dev)
+            picks = torch.where(w < ((pos + 1) // self.ratio).unsqueeze(-1), w, -1)
+        picks = torch.where(picks >= 0, picks + n_pool, -1)
+        return torch.cat([idx, picks], dim=-1)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "RunOptions", "fp32_linear"]
 
+# Elements of one query block's attention temporaries in `Backend.attend` (all batch rows): 64 MiB in fp32.
+_ATTN_ELEMENTS = 1 << 24
+
 
 def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T in fp32 (fp32 products and sums) for weights of any float dtype: logits and router scores.
@@ -151,10 +154,16 @@ class Backend:
     def attend(self, q: Tensor, view: "KVView", sink: Tensor, scale: float) -> Tensor:
         """V4 attention of q [B,S,H,d] over the stored keys `view` describes (window ring + compressed entries).
 
-        Default: gather the keys (`view.gathered()`) and run `sparse_attention`; a backend with a fused kernel
+        Default: gather the keys (`view.pool()`) and run `sparse_attention` per block of queries, with indices
+        (and CSA's picked entries) gathered per block (`view.block`), so that the [block, K] temporaries stay
+        under _ATTN_ELEMENTS elements whatever K (HCA: K grows as context/128); a backend with a fused kernel
         that reads the stores and positions directly overrides this.
         """
-        return self.sparse_attention(q, *view.gathered(), sink, scale)
+        s, k = q.shape[1], view.keys_per_query()
+        blk = max(1, _ATTN_ELEMENTS // (q.shape[0] * k * (q.shape[-1] + 2 * q.shape[-2])))  # keys + logits/probs
+        pool = view.pool()
+        return torch.cat([self.sparse_attention(q[:, i:i + blk], *view.block(pool, i, min(i + blk, s)), sink, scale)
+                          for i in range(0, s, blk)], dim=1)
 
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
               route_scale: float) -> tuple[Tensor, Tensor]:

@@ -343,7 +343,18 @@ def _small() -> ModelConfig:
                        rope_original_max_position=1024, max_position_embeddings=65536)
 
 
-PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "small": _small}
+def _long() -> ModelConfig:
+    """V4's real context settings (window 128, CSA ratio 4 with V4-Flash's index_topk 512, HCA ratio 128, YaRN over
+    65,536 x 16 = 1,048,576 positions) with widths narrow enough to prefill 1M tokens on a CPU."""
+    # head_dim - rope = 64 and index_head_dim 32: whole blocks for the FP8 (64) / FP4 (32) simulations.
+    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, head_dim=80,
+                       qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=128,
+                       compress_ratios=[0, 4, 128, 0], index_n_heads=2, index_head_dim=32, index_topk=512,
+                       n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=1,
+                       rope_factor=16.0, rope_original_max_position=65536, max_position_embeddings=1048576)
+
+
+PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "small": _small, "long": _long}
 
 
 def preset(name: str) -> ModelConfig:

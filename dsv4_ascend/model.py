@@ -166,6 +166,10 @@ def _span(w0: int, e: Tensor) -> Tensor:
     return (w0 + torch.arange(e.shape[1], device=e.device)).expand(e.shape[0], e.shape[1])
 
 
+# Indexer scores per query block (fp32 elements, [blk, heads, N]): 16 MiB, a bound independent of the context.
+_INDEXER_SCORES = 1 << 22
+
+
 class Indexer(nn.Module):
     """Lightning indexer: scores compressed entries per query and keeps the top `index_topk`."""
 
@@ -183,7 +187,11 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = finish_keys(self.backend, apply_rope_tail(self.backend, q, cos.unsqueeze(2), sin.unsqueeze(2)), None)
         w = self.weights_proj(x).float() * self.weight_scale
-        return self.backend.indexer_topk(q, w, keys, n_visible, self.topk)
+        # Queries in blocks: the [blk, heads, N] score temporaries stay under _INDEXER_SCORES elements whatever
+        # the context (N = 262,144 CSA entries at 1M tokens). Decode (s = 1) is one block.
+        blk = max(1, _INDEXER_SCORES // (b * self.n_heads * max(keys.shape[1], 1)))
+        return torch.cat([self.backend.indexer_topk(q[:, i:i + blk], w[:, i:i + blk], keys, n_visible[:, i:i + blk],
+                                                    self.topk) for i in range(0, s, blk)], 1)
 
 
 class Attention(nn.Module):
@@ -236,9 +244,9 @@ class Attention(nn.Module):
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _absorb(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
-                used: int | None = None) -> Tensor:
+                used: int | None = None, pool: bool = True) -> Tensor | None:
         """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
-        [B, (start+used)//m, c]."""
+        [B, (start+used)//m, c] (pool=False with write: None, the attention view reads the pages)."""
         m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used
         w0, n_win = step.start // m, (step.start % m + s) // m  # first window the chunk touches, windows it closes
         start = torch.full((x.shape[0],), step.start, dtype=torch.int64, device=x.device)
@@ -247,6 +255,8 @@ class Attention(nn.Module):
         n_total = (step.start + s) // m
         if n_win and write:
             lc.write_entries(store, slots, _span(w0, e), e, m)
+        if write and not pool:
+            return None
         if not n_win or write:
             return lc.read_entries(store, slots, n_total, m)
         return torch.cat([lc.read_entries(store, slots, w0, m), e.to(store.dtype)], 1)
@@ -270,7 +280,8 @@ class Attention(nn.Module):
                 keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
         else:
             write = step.defer is None
-            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write)
+            # CSA reads only its picks from the pages (KVView.block): no copy of all entries.
+            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write, pool=idx_comp is None)
             if idx_comp is not None:
                 keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, x, step, write)
             if not write:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from dsv4_ascend import quant
 from dsv4_ascend.backend import Backend, RunOptions
+from dsv4_ascend.topk import stable_topk
 
 __all__ = ["ReferenceBackend", "dequantize_weight"]
 
@@ -119,9 +120,8 @@ class ReferenceBackend(Backend):
         visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(k, n)
-        # Stable descending sort = higher score first, then lower index: one tie-break everywhere.
-        vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-        vals, order = vals[..., :k], order[..., :k]
+        # Higher score first, then lower index: one tie-break everywhere (= a stable descending sort's first k).
+        vals, order = stable_topk(scores, k)
         return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
 
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:

@@ -1,0 +1,146 @@
+"""The 1M-token context: the `long` preset, exact top-k, bounded per-block temporaries, positions up to 2^20.
+
+fp32 throughout: two chunkings (or decode vs prefill) run the same ops on different shapes, so they differ only by
+fp32 rounding (~1e-6 relative); 1e-4 absolute on logits of magnitude ~1-10 leaves room for that, not for bugs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4_ascend.backend as backend_mod
+import dsv4_ascend.model as model_mod
+from dsv4_ascend.config import preset
+from dsv4_ascend.engine import Engine
+from dsv4_ascend.model import Transformer
+from dsv4_ascend.reference import ReferenceBackend
+from dsv4_ascend.sampling import SamplingParams
+from dsv4_ascend.tiny import random_weights
+from dsv4_ascend.topk import stable_topk
+from dsv4_ascend.weights import assign_tensors
+
+TOL = 1e-4
+MAX_POS = 1 << 20
+
+
+def _long_model(seed: int = 0) -> Transformer:
+    cfg = preset("long")
+    m = Transformer(cfg, ReferenceBackend(), torch.float32, n_mtp=0)
+    assign_tensors(m, [(k, v) for k, v in random_weights(cfg, seed).items() if not k.startswith("mtp.")])
+    return m
+
+
+@pytest.fixture(scope="module")
+def long_model() -> Transformer:
+    return _long_model()
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(2, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill(model, cache, ids: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
+    """Prefill ids at positions start.. in chunks of `chunk`; the last position's fp32 logits [V]."""
+    slot = torch.zeros(1, dtype=torch.int64)
+    for s in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, s:s + chunk], cache, slot, start + s, last_only=True)
+    return logits[0, -1]
+
+
+def _recompute(model, cache, last_logits: torch.Tensor, out: list[int], start: int) -> list[int]:
+    """Greedy tokens by prefill: argmax of the prompt's last logits, then of one chunk over out[:-1] at `start`."""
+    chunk = model(torch.tensor([out[:-1]]), cache, torch.zeros(1, dtype=torch.int64), start)
+    return [int(last_logits.argmax())] + chunk[0].argmax(-1).tolist()
+
+
+def test_long_preset_has_v4_context_settings():
+    c, flash = preset("long"), preset("v4-flash")
+    for key in ("sliding_window", "index_topk", "rope_factor", "rope_original_max_position", "rope_beta_fast",
+                "rope_beta_slow", "rope_theta", "compress_rope_theta", "max_position_embeddings"):
+        assert getattr(c, key) == getattr(flash, key), key
+    assert c.max_position_embeddings == MAX_POS == c.rope_factor * c.rope_original_max_position
+    assert set(c.layer_ratios) == {0, 4, 128}
+
+
+def test_stable_topk_equals_stable_sort():
+    # Integer scores: many ties (also +-0 and -inf); the first k of a stable descending sort is the contract.
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 600, (1,), generator=g))
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        s = torch.randint(-3, 4, (3, n), generator=g).float()
+        if trial % 4 == 0:
+            s = s * 0.0 * torch.randn(3, n, generator=g).sign()  # +0 and -0 compare equal
+        s = torch.where(torch.rand(3, n, generator=g) < 0.3, float("-inf"), s)
+        if trial % 3 == 0:
+            s = torch.randn(3, n, generator=g)
+        vals, idx = stable_topk(s, k)
+        ref_vals, ref_idx = torch.sort(s, dim=-1, descending=True, stable=True)
+        assert torch.equal(idx, ref_idx[..., :k]), (trial, n, k)
+        assert torch.equal(vals, ref_vals[..., :k])
+    with pytest.raises(ValueError, match="k=5, N=4"):
+        stable_topk(torch.zeros(4), 5)
+
+
+def test_query_blocks_equal_one_block(tiny_model, monkeypatch):
+    # The indexer and attention run queries in blocks sized by a temporaries budget; tiny budgets (blocks of one
+    # or a few queries, every boundary case) must give the same logits as one block.
+    ids = _ids(40, seed=5) % 512
+    ref = tiny_model(ids)
+    monkeypatch.setattr(model_mod, "_INDEXER_SCORES", 7)
+    monkeypatch.setattr(backend_mod, "_ATTN_ELEMENTS", 3000)
+    assert (tiny_model(ids) - ref).abs().max().item() <= TOL
+
+
+def _random_history(cache, seed: int) -> None:
+    """Fill every cache buffer with fixed random values: a history of 2^20 positions without prefilling it."""
+    g = torch.Generator().manual_seed(seed)
+    for lc in cache.layers:
+        for t in lc.tensors():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+
+
+def test_positions_near_two_to_the_twenty(long_model):
+    # The last 130 prompt positions before 2^20 - 17 (crossing the HCA boundary at 2^20 - 128), over a random
+    # 2^20-position history (CSA entries near 262,144, HCA entries near 8,192, page tables of 4,096 pages): two
+    # chunkings give the same last logits, and 16 greedy decode steps (up to position 2^20 - 2) equal recomputing
+    # those positions by one prefill chunk. Any position, page or entry index that wrapped, or a top-k that broke
+    # ties differently, would differ.
+    m, n_new = long_model, 16
+    end = MAX_POS - n_new - 1
+    start = end - 130
+    ids = _ids(130, seed=2)
+    caches = [m.new_cache(1, MAX_POS) for _ in range(2)]
+    for c in caches:
+        _random_history(c, seed=7)
+    a = _prefill(m, caches[0], ids, start, 48)
+    b = _prefill(m, caches[1], ids, start, 130)
+    assert (a - b).abs().max().item() <= TOL
+    out, slot = [int(a.argmax())], torch.zeros(1, dtype=torch.int64)
+    for k in range(n_new - 1):
+        logits = m.decode(torch.tensor([[out[-1]]]), torch.tensor([end + k]), caches[0], slot, max_len=end + k + 1)
+        out.append(int(logits[0, -1].argmax()))
+    assert out == _recompute(m, caches[1], b, out, end)
+
+
+def _chunked_then_greedy(model, n: int, chunks: tuple[int, int], n_new: int = 16) -> None:
+    ids = _ids(n, seed=3)
+    caches = [model.new_cache(1, n + n_new) for _ in chunks]
+    a, b = (_prefill(model, c, ids, 0, ch) for c, ch in zip(caches, chunks))
+    assert (a - b).abs().max().item() <= TOL
+    eng = Engine(model, max_slots=1, max_seq_len=n + n_new, prefill_chunk=chunks[0], eos_token_id=-1)
+    (req,) = eng.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=n_new))
+    assert req.output == _recompute(model, caches[1], b, req.output, n)
+
+
+def test_chunked_prefill_then_greedy_decode_exact(long_model):
+    # 4,096 real positions: 1,024 CSA entries (2x index_topk, so top-k selects), 32 HCA entries, chunk sizes that
+    # share no boundary with the windows.
+    _chunked_then_greedy(long_model, 4096, (1000, 2048 + 77))
+
+
+@pytest.mark.slow
+def test_one_million_tokens_exact(long_model):
+    # The whole context: 1,048,560 prompt tokens prefilled with two chunk sizes, then 16 greedy tokens to 2^20.
+    # Hours on a 2-core CPU (scripts/bench_long.py measures the same path and prints progress).
+    _chunked_then_greedy(long_model, MAX_POS - 16, (4096, 8192 + 77))
