@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cache import RowStore
+from .cache import RowStore, WindowRing
 
 __all__ = ["KVView"]
 
@@ -25,8 +25,7 @@ class KVView:
     w < (t+1)//ratio: all of them (HCA, picks None) or those listed in picks[b, s] (CSA, -1 = none).
     """
 
-    window: RowStore            # ring [slots, win, d]: token t of a slot in row t % win
-    win: int                    # sliding window (ring length)
+    window: WindowRing          # ring [slots, win, d]; it knows where a position lives
     slots: Tensor               # [B] cache slots of the sequences
     positions: Tensor           # [B,S] absolute positions of the queries
     chunk: Tensor | None        # prefill: this chunk's kv [B,S,d], not in the ring yet; decode: None (written)
@@ -40,9 +39,9 @@ class KVView:
     entries_in_store: bool = True        # False: entry_rows holds entries not written yet (deferred prefill)
 
     @property
-    def per_page(self) -> int:
-        """Entries per page (block_size / ratio)."""
-        return self.entries.tensors()[0].shape[1]
+    def win(self) -> int:
+        """Sliding window (the ring's length)."""
+        return self.window.size
 
     def entry_pool(self) -> Tensor:
         """Entries 0..N-1 [B,N,d] of every sequence (N = all pages of the block table rows, or entry_rows)."""
@@ -52,20 +51,14 @@ class KVView:
 
     def gathered(self) -> tuple[Tensor, Tensor]:
         """(pool [B,N,d], idx [B,S,K]): ring (+ chunk) rows then entries, with per-query indices (-1 = masked)."""
-        win, slots, dev = self.win, self.slots, self.positions.device
+        ring, slots, dev = self.window, self.slots, self.positions.device
         if self.chunk is None:  # decode: ring rows only, this step's row already written
-            pos = self.positions[:, 0]
-            p = pos.unsqueeze(1) - (win - 1) + torch.arange(win, device=dev)  # [B, win]
-            idx = torch.where(p < 0, -1, p % win).unsqueeze(1)
-            pool = self.window.read(slots)
+            idx = ring.window_rows(self.positions[:, 0]).unsqueeze(1)  # [B, 1, win]
+            pool = ring.read(slots)
         else:
             b, s, _ = self.chunk.shape
-            s0 = self.start
-            pool = torch.cat([self.window.read(slots), self.chunk], dim=1)  # ring (positions < s0) then chunk
-            t = s0 + torch.arange(s, device=dev)
-            p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=dev)  # the window's positions [S, win]
-            idx = torch.where(p >= s0, win + p - s0, p % win)
-            idx = torch.where(p < 0, -1, idx).expand(b, s, win)
+            pool = torch.cat([ring.read(slots), self.chunk], dim=1)  # ring (positions < start) then chunk
+            idx = ring.chunk_window_rows(self.start, s, dev).expand(b, s, ring.size)
         if not self.ratio:
             return pool, idx
         entries = self.entry_pool()

@@ -1,6 +1,6 @@
 """The decoding engine: continuous batching over static cache slots, chunked prefill, batched decode.
 
-Seams: `Scheduler` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
+Seams: `Engine.step` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
 then one decode step for every running request); `KVCache` holds the state; the model runs prefill chunks
 (host-known start) and sync-free decode steps; `sampling.sample` picks tokens on the device.
 """
