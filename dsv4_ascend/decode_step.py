@@ -17,7 +17,7 @@ from .sampling import SamplingBatch, SamplingParams, greedy
 
 __all__ = ["StepResult", "Decoder", "EagerDecoder", "next_tokens", "all_greedy"]
 
-SampleFn = Callable[[Tensor, SamplingBatch, Tensor], "tuple[Tensor, Tensor]"]  # Backend.sample's signature
+SampleFn = Callable[[Tensor, SamplingBatch, Tensor], tuple[Tensor, Tensor]]  # Backend.sample's signature
 
 
 @dataclass
