@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cache import RowStore
+from .cache import RowStore, WindowRing
 
 __all__ = ["KVView"]
 
@@ -25,8 +25,7 @@ class KVView:
     w < (t+1)//ratio: all of them (HCA, picks None) or those listed in picks[b, s] (CSA, -1 = none).
     """
 
-    window: RowStore            # ring [slots, win, d]: token t of a slot in row t % win
-    win: int                    # sliding window (ring length)
+    window: WindowRing          # ring [slots, win, d]; it knows where a position lives
     slots: Tensor               # [B] cache slots of the sequences
     positions: Tensor           # [B,S] absolute positions of the queries
     chunk: Tensor | None        # prefill: this chunk's kv [B,S,d], not in the ring yet; decode: None (written)
@@ -40,9 +39,9 @@ class KVView:
     entries_in_store: bool = True        # False: entry_rows holds entries not written yet (deferred prefill)
 
     @property
-    def per_page(self) -> int:
-        """Entries per page (block_size / ratio)."""
-        return self.entries.tensors()[0].shape[1]
+    def win(self) -> int:
+        """Sliding window (the ring's length)."""
+        return self.window.size
 
     def entry_pool(self) -> Tensor:
         """Entries 0..N-1 [B,N,d] of every sequence (N = all pages of the block table rows, or entry_rows)."""
@@ -97,19 +96,14 @@ class KVView:
     def indices(self, lo: int, hi: int) -> Tensor:
         """idx [B, hi-lo, K] into `pool()` for queries lo..hi-1 (-1 = masked): O(block), not O(S), memory
         (without the picks when they are read from the pages: `block` adds those)."""
-        win, dev = self.win, self.positions.device
+        ring, win, dev = self.window, self.win, self.positions.device
         pos = self.positions[:, lo:hi]
         b = pos.shape[0]
         if self.chunk is None:  # decode: ring rows only, this step's row already written
-            p = pos[:, :1] - (win - 1) + torch.arange(win, device=dev)  # [B, win]
-            idx = torch.where(p < 0, -1, p % win).unsqueeze(1)
+            idx = ring.window_rows(pos[:, 0]).unsqueeze(1)  # [B, 1, win]
             n_pool = win
         else:
-            s0 = self.start
-            t = s0 + torch.arange(lo, hi, device=dev)
-            p = t.unsqueeze(1) - (win - 1) + torch.arange(win, device=dev)  # the window's positions [S, win]
-            idx = torch.where(p >= s0, win + p - s0, p % win)
-            idx = torch.where(p < 0, -1, idx).expand(b, hi - lo, win)
+            idx = ring.chunk_window_rows(self.start, hi - lo, dev, first=lo).expand(b, hi - lo, win)
             n_pool = win + self.chunk.shape[1]
         if not self.ratio or self.picks_from_store:
             return idx

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import quant
 from .config import ModelConfig
 
-__all__ = ["CompressorState", "RowStore", "LayerCache", "KVCache", "CacheFullError"]
+__all__ = ["CompressorState", "RowStore", "WindowRing", "LayerCache", "KVCache", "CacheFullError"]
 
 _C8_BLOCK = 64
 ScatterRows = Callable[[Tensor, Tensor, Tensor], None]  # Backend.scatter_rows(dst [R, s], rows [u], src [u, s])
@@ -75,7 +75,9 @@ class RowStore:
 
     def __init__(self, lead: tuple[int, ...], width: int, rope_dim: int, dtype: torch.dtype, device,
                  fp8: bool = False, scatter: ScatterRows | None = None) -> None:
-        self.fp8, self.dtype, self.rope_dim = fp8, dtype, rope_dim
+        self.fp8 = fp8
+        self.dtype = dtype
+        self.rope_dim = rope_dim
         self.lead = tuple(lead)
         # Writes go through `scatter(dst [R, s], rows [u], src [u, s])` (a backend's scatter_rows override); None:
         # a plain aten index_put (what Backend.scatter_rows would do, minus its redirect ops: 25-45% of a tiny
@@ -170,16 +172,67 @@ class RowStore:
         self.rope[index] = values[..., -self.rope_dim:].to(self.dtype)
 
 
+class WindowRing(RowStore):
+    """The sliding-window ring of one layer: raw kv rows [slots, size, d]; token t of a slot lives in row t % size.
+
+    The one place that knows where a window position lives (model, attention view and speculative rollback ask
+    it). A row is overwritten `size` positions later, so row t % size holds token t only while t is in the window.
+    """
+
+    def __init__(self, slots: int, size: int, width: int, rope_dim: int, dtype: torch.dtype, device,
+                 fp8: bool = False, scatter: ScatterRows | None = None) -> None:
+        super().__init__((slots, size), width, rope_dim, dtype, device, fp8, scatter)
+        self.size = size
+
+    def row(self, positions: Tensor) -> Tensor:
+        """Ring row of each position (any shape)."""
+        return positions % self.size
+
+    def append(self, slots: Tensor, positions: Tensor, kv: Tensor) -> None:
+        """Decode: store kv [B, d] of token positions[b] of slot slots[b]."""
+        self.write((slots, self.row(positions)), kv)
+
+    def write_chunk(self, slots: Tensor, start: int, kv: Tensor) -> None:
+        """Prefill: store a chunk kv [B, S, d] at positions start..start+S-1 (only its last `size` rows survive)."""
+        keep = min(kv.shape[1], self.size)
+        t = start + torch.arange(kv.shape[1] - keep, kv.shape[1], device=kv.device)
+        self.write((slots.unsqueeze(1), self.row(t).unsqueeze(0)), kv[:, -keep:])
+
+    def window_rows(self, positions: Tensor) -> Tensor:
+        """Decode: ring rows [B, size] of positions t-size+1 .. t for each t in `positions` [B] (-1: before 0)."""
+        p = positions.unsqueeze(1) - (self.size - 1) + torch.arange(self.size, device=positions.device)
+        return torch.where(p < 0, -1, self.row(p))
+
+    def chunk_source(self, positions: Tensor, start: int) -> Tensor:
+        """Where positions (>= 0) live in [ring rows, then the rows of a chunk starting at `start`]: ring row
+        p % size before the chunk, size + (p - start) inside it (the ring holds nothing of the chunk yet)."""
+        return torch.where(positions >= start, self.size + positions - start, self.row(positions))
+
+    def chunk_window_rows(self, start: int, length: int, device, first: int = 0) -> Tensor:
+        """Prefill of a chunk starting at `start`: for its queries first..first+length-1, rows [length, size] of
+        their window positions in [ring, chunk] (-1: < 0)."""
+        t = start + first + torch.arange(length, device=device)
+        p = t.unsqueeze(1) - (self.size - 1) + torch.arange(self.size, device=device)
+        return torch.where(p < 0, -1, self.chunk_source(p, start))
+
+
 class LayerCache:
     """All decode state of one attention layer."""
 
     def __init__(self, cfg: ModelConfig, ratio: int, max_slots: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device, fp8: bool, block_table: Tensor,
                  scatter: ScatterRows | None = None) -> None:
-        d, di, r = cfg.head_dim, cfg.index_head_dim, cfg.qk_rope_head_dim
-        self.ratio, self.block_size, self.block_table = ratio, block_size, block_table
-        self.window = RowStore((max_slots, cfg.sliding_window), d, r, dtype, device, fp8, scatter)
-        self.entries = self.comp = self.index_keys = self.index_comp = None
+        d = cfg.head_dim
+        di = cfg.index_head_dim
+        r = cfg.qk_rope_head_dim
+        self.ratio = ratio
+        self.block_size = block_size
+        self.block_table = block_table
+        self.window = WindowRing(max_slots, cfg.sliding_window, d, r, dtype, device, fp8, scatter)
+        self.entries = None
+        self.comp = None
+        self.index_keys = None
+        self.index_comp = None
         if ratio:
             self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8, scatter)
             self.comp = CompressorState.allocate(max_slots, ratio, d, ratio == 4, device)
@@ -235,7 +288,9 @@ class KVCache:
         self.block_size = block_size or lcm * min(-(-256 // lcm), -(-max_seq_len // lcm))
         if self.block_size % lcm:
             raise ValueError(f"block_size {self.block_size} must be a multiple of every compress ratio (lcm {lcm})")
-        self.max_slots, self.dtype, self.kv_fp8 = max_slots, dtype, kv_fp8
+        self.max_slots = max_slots
+        self.dtype = dtype
+        self.kv_fp8 = kv_fp8
         self.pages_per_seq = -(-max_seq_len // self.block_size)
         self.max_seq_len = self.pages_per_seq * self.block_size
         self.num_blocks = num_blocks or max_slots * self.pages_per_seq + 1
@@ -276,18 +331,3 @@ class KVCache:
     # -- size -------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
-
-    @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, kv_fp8: bool = False,
-                        n_mtp: int = 0) -> float:
-        """Paged bytes per token of context, summed over layers (window rings and compressor state excluded)."""
-        el = torch.finfo(dtype).bits // 8
-        d, di, r = cfg.head_dim, cfg.index_head_dim, cfg.qk_rope_head_dim
-        row = (d - r) + 4 * (d - r) // _C8_BLOCK + r * el if kv_fp8 else d * el
-        total = 0.0
-        for m in cfg.layer_ratios + cfg.mtp_ratios[:n_mtp]:
-            if m:
-                total += row / m
-            if m == 4:
-                total += di * el / 4
-        return total

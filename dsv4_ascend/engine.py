@@ -1,6 +1,6 @@
 """The decoding engine: continuous batching over static cache slots, chunked prefill, batched decode.
 
-Seams: `Scheduler` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
+Seams: `Engine.step` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
 then one decode step for every running request); `KVCache` holds the state; the model runs prefill chunks
 (host-known start) and sync-free decode steps; `sampling.sample` picks tokens on the device.
 """
@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
 from .model import Transformer
-from .sampling import SamplingBatch, SamplingParams, greedy
+from .sampling import SamplingBatch, SamplingParams
 
 __all__ = ["Request", "Engine", "CapacityError", "plan_capacity"]
 
@@ -92,13 +93,14 @@ class Engine:
         n_slots = max_slots + 1 if graph else max_slots
         pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8) if cache_bytes else None
         self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False)
-        self.graph = None
+        # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
+        self.decoder: Decoder = EagerDecoder(model, self.cache)
         if graph:
             from dsv4_ascend.graph_mode import GraphDecoder, default_buckets
 
-            self.graph = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
-                                      graph_compiler, tuning=graph_tuning)
-            self.graph.warmup()
+            self.decoder = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
+                                        graph_compiler, tuning=graph_tuning)
+            self.decoder.warmup()
         self.spec = None
         if speculative_tokens:
             from .speculative import Speculator
@@ -222,7 +224,7 @@ class Engine:
         lps = torch.log_softmax(logits.float(), -1)
         events = []
         for i, tok in enumerate(tokens):
-            events += self._record([req], torch.tensor([tok]), lps[i, tok].view(1), logits[i:i + 1])
+            events += self._record([req], StepResult(torch.tensor([tok]), lps[i, tok].view(1), logits[i:i + 1]))
             self.stats["decode_tokens"] += 1
             if req.finished:
                 return events
@@ -236,30 +238,25 @@ class Engine:
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)
-        if self.graph is not None:
-            self.stats["decode_steps"] += 1
-            self.stats["decode_tokens"] += len(reqs)
-            sb = SamplingBatch.of([r.params for r in reqs], dev)
-            return self._record(reqs, *self.graph.step(ids, pos, slots, sb))
-        # Page-granular length hint: a few distinct shapes, so a captured graph per bucket is reused.
-        logits = self.model.decode(ids, pos, self.cache, slots, max_len=max(r.length for r in reqs))
+        params = [r.params for r in reqs]
+        result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs))
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
-        return self._emit(reqs, logits[:, -1])
+        return self._record(reqs, result)
 
     def _emit(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
-        sb = SamplingBatch.of([r.params for r in reqs], logits.device)
+        """Choose and record the next token of each request from its last prefill logits [B,V]."""
+        params = [r.params for r in reqs]
+        sb = SamplingBatch.of(params, logits.device)
         step = torch.tensor([r.length for r in reqs], device=logits.device)
-        if all(r.params.temperature == 0 for r in reqs):  # host-known: skip sampling's sort and noise
-            tokens, lps = greedy(logits)
-        else:
-            tokens, lps = self.model.backend.sample(logits, sb, step)
-        return self._record(reqs, tokens, lps, logits)
+        tokens, lps = next_tokens(logits, sb, step, self.model.backend.sample, all_greedy(params))
+        return self._record(reqs, StepResult(tokens, lps, logits))
 
-    def _record(self, reqs: list[Request], tokens: Tensor, lps: Tensor, logits: Tensor) -> list[tuple[Request, int]]:
+    def _record(self, reqs: list[Request], result: StepResult) -> list[tuple[Request, int]]:
         want_top = max((r.params.logprobs or 0) for r in reqs)
-        top = torch.log_softmax(logits.float(), -1).topk(want_top, -1) if want_top else None
-        tokens_l, lps_l = tokens.tolist(), lps.tolist()  # the one host read per step: tokens must be streamed
+        top = torch.log_softmax(result.logits.float(), -1).topk(want_top, -1) if want_top else None
+        tokens_l = result.tokens.tolist()  # the one host read per step: tokens must be streamed
+        lps_l = result.logprobs.tolist()
         now = time.perf_counter()
         events = []
         for i, (r, tok) in enumerate(zip(reqs, tokens_l)):

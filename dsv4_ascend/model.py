@@ -202,7 +202,6 @@ class Attention(nn.Module):
         super().__init__()
         self.backend, self.layer_id, self.ratio = backend, layer_id, ratio
         self.n_heads, self.head_dim, self.groups = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
-        self.window = cfg.sliding_window
         self.eps = cfg.rms_norm_eps
         self.table = tables["compress" if ratio else "main"]
         d, h = cfg.head_dim, cfg.num_attention_heads
@@ -226,21 +225,14 @@ class Attention(nn.Module):
         deferred chunk only registers the write of its accepted prefix."""
         s0 = step.start
         if step.defer is not None:
-            step.defer.append(lambda k: k and self._ring_write(lc, step.slots, s0, kv[:, :k]))
-        return KVView(lc.window, self.window, step.slots, step.positions, kv, s0, s0 + kv.shape[1])
-
-    def _ring_write(self, lc: LayerCache, slots: Tensor, start: int, kv: Tensor) -> None:
-        """Keep the last `window` rows of a chunk starting at `start` in the ring."""
-        keep = min(kv.shape[1], self.window)
-        t = start + torch.arange(kv.shape[1] - keep, kv.shape[1], device=kv.device)
-        lc.window.write((slots.unsqueeze(1), (t % self.window).unsqueeze(0)), kv[:, -keep:])
+            step.defer.append(lambda k: k and lc.window.write_chunk(step.slots, s0, kv[:, :k]))
+        return KVView(lc.window, step.slots, step.positions, kv, s0, s0 + kv.shape[1])
 
     def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> KVView:
         """Write this step's row into the ring; return the window part of the step's view."""
-        pos = step.positions[:, 0]
-        lc.window.write((step.slots, pos % self.window), kv[:, 0])
+        lc.window.append(step.slots, step.positions[:, 0], kv[:, 0])
         max_len = (step.span_pages or lc.block_table.shape[1]) * lc.block_size  # host bound on every position
-        return KVView(lc.window, self.window, step.slots, step.positions, None, None, max_len)
+        return KVView(lc.window, step.slots, step.positions, None, None, max_len)
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _absorb(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
@@ -320,7 +312,7 @@ class Attention(nn.Module):
             view.block_table = table[:, :step.span_pages or table.shape[1]] if step.decode else table
         o = be.attend(q, view, self.attn_sink, self.head_dim ** -0.5)
         if not step.decode and step.defer is None:  # after attention: the view read the ring before this chunk
-            self._ring_write(lc, step.slots, step.start, kv)
+            lc.window.write_chunk(step.slots, step.start, kv)
         o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))

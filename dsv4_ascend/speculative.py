@@ -63,7 +63,9 @@ class Speculator:
                              "mtp.* weights loaded)")
         if n_tokens < 1:
             raise ValueError(f"speculative tokens must be >= 1, found {n_tokens}")
-        self.model, self.cache, self.n = model, cache, n_tokens
+        self.model = model
+        self.cache = cache
+        self.n = n_tokens
         self.mtp_layer = cache.layers[model.cfg.num_hidden_layers]
         self.stats = {"rounds": 0, "proposed": 0, "accepted": 0}
 
@@ -82,8 +84,7 @@ class Speculator:
         greedy = params.temperature == 0
         s = self._slot(slot)
         ring = self.mtp_layer.window
-        rows = torch.tensor([(pos + 1 + i) % ring_len(ring) for i in range(self.n - 1)], dtype=torch.long,
-                            device=s.device)
+        rows = ring.row(torch.arange(pos + 1, pos + self.n, device=s.device))
         saved = ring.snapshot((s.view(1, 1), rows.view(1, -1)))
         state.drafts, state.q = [], []
         for i in range(self.n):
@@ -118,7 +119,3 @@ class Speculator:
         self.stats["proposed"] += len(state.drafts)
         self.stats["accepted"] += a
         return state.drafts[:a] + [bonus], logits[0, : a + 1], x[:, : a + 1]
-
-
-def ring_len(store) -> int:
-    return store.tensors()[0].shape[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from .backend import Backend
 from .config import ModelConfig, preset
 
 __all__ = ["random_weights", "official_dtypes", "official_tensors", "dequantized_weights", "write_tiny_checkpoint",
-           "make_tiny_main"]
+           "make_tiny_main", "wide_config"]
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -211,3 +212,16 @@ def make_tiny_main(argv: list[str] | None = None) -> int:
     n = len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
     print(f"wrote {args.preset} model (seed {args.seed}, {n} tensors) to {path}")
     return 0
+
+
+def wide_config(layers: int = 2) -> ModelConfig:
+    """V4-Flash's real widths (hidden 4096, 64 heads x 512, rope 64, indexer 64 x 128, window 128, 512 picks,
+    FP8 dense + MXFP4 experts) with few layers, 8 experts, a 8192-token vocabulary and no MTP block: the widths
+    at which numerics and compiled code meet real sizes, small enough for a CPU (~0.4 GB of weights per layer)."""
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, found {layers}")
+    # CSA and HCA from 2 layers on, a sliding-window-only layer first from 3 on (V4-Flash: 0, 0, 4, 128, 4, ...).
+    ratios = ([0] + [4, 128] * layers)[:layers] if layers > 2 else [4, 128][:layers]
+    return dataclasses.replace(preset("v4-flash"), num_hidden_layers=layers, compress_ratios=ratios,
+                               num_nextn_predict_layers=0, n_routed_experts=8, vocab_size=8192,
+                               num_hash_layers=min(1, layers - 1))

@@ -1,6 +1,6 @@
 """Static-graph decode: the decode step (model + sampling) captured once per batch-size bucket.
 
-On NPU the step compiles with torchair's NPU backend in "reduce-overhead" mode (aclgraph, as Huawei's V4
+The step is the engine's `decode_step.Decoder`: same call and result as the eager one. On NPU the step compiles with torchair's NPU backend in "reduce-overhead" mode (aclgraph, as Huawei's V4
 recipe runs it); elsewhere with `torch.compile(fullgraph=True)` (inductor; on CUDA "reduce-overhead" adds CUDA
 graphs). Batches are padded to the next bucket with rows that point at a reserved pad slot, whose writes land in
 the cache's null page, so every step of a bucket has identical shapes and addresses and never recompiles.
@@ -12,11 +12,12 @@ import sys
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dsv4_ascend.cache import KVCache
+from dsv4_ascend.decode_step import StepResult, next_tokens
 from dsv4_ascend.model import Transformer
-from dsv4_ascend.sampling import SamplingBatch, greedy, sample
+from dsv4_ascend.sampling import SamplingBatch, SamplingParams, sample
 
 __all__ = ["GRAPH_TUNING", "GraphDecoder", "default_buckets"]
 
@@ -82,8 +83,31 @@ def _compiler_backend(device: torch.device, cpp_wrapper: bool, tuning: str = "de
     return "inductor", None
 
 
+def scale_bytes(model: nn.Module) -> dict[str, Tensor]:
+    """The model's e8m0 scale parameters as uint8 views of the same bytes (no copy), by parameter name.
+
+    Inductor's C++ code generation has no type for torch.float8_e8m0fnu (KeyError while declaring a kernel
+    argument of that dtype), so a compiled step takes these views as inputs and views them back inside the graph,
+    where the view pair folds away and the scale decode (`quant.e8m0_to_float`: byte << 23 as fp32 bits) reads
+    the uint8 bytes.
+    """
+    return {name: p.view(torch.uint8) for name, p in model.named_parameters() if p.dtype == torch.float8_e8m0fnu}
+
+
+class _Decode(nn.Module):
+    """`model.decode` as a module's forward, so `torch.func.functional_call` can swap parameters for one call."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, ids: Tensor, pos: Tensor, slots: Tensor) -> Tensor:
+        return self.model.decode(ids, pos, self.cache, slots)[:, -1]
+
+
 class GraphDecoder:
-    """Runs `model.decode` + `sample` as one compiled graph per bucket; counts compilations."""
+    """Runs `model.decode` + token choice as one compiled graph per bucket; counts compilations."""
 
     def __init__(self, model: Transformer, cache: KVCache, pad_slot: int, buckets: list[int],
                  compiler: str | Callable | None = None, cpp_wrapper: bool = True,
@@ -92,23 +116,30 @@ class GraphDecoder:
             raise ValueError(f"graph tuning must be one of {GRAPH_TUNING}, found {tuning!r}")
         if not 0 <= pad_slot < cache.max_slots:
             raise ValueError(f"pad_slot {pad_slot} is not a slot of the cache (max_slots {cache.max_slots})")
-        self.model, self.cache, self.pad_slot = model, cache, pad_slot
+        self.model = model
+        self.cache = cache
+        self.pad_slot = pad_slot
         self.buckets = sorted(set(buckets))
         self.device = model.embed.weight.device
+        self._decode = _Decode(model, cache)
         backend, mode = _compiler_backend(self.device, cpp_wrapper, tuning)
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         if compiler is None and getattr(model.backend, "emulated", False) and self.device.type == "cpu":
             # The torch_npu emulator is a correctness model, not a fast path: capture it whole (dynamo +
             # AOTAutograd) without C++ code generation, which also has no CPU code for its e8m0 scale dtypes.
             compiler = "aot_eager"
+        # Inductor (CPU C++ code generation) gets the e8m0 weight scales as uint8 views (see scale_bytes).
+        self._scale_bytes = scale_bytes(model) if compiler is None and self.device.type != "npu" else {}
         if compiler is not None:
             inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
             mode = None
         self.compiles = 0
         self.skip_guards = skip_guards
-        # torch.cond for all-greedy batches where a data-dependent branch is free (CPU); CUDA graphs and
-        # torchair capture both paths of sampling unconditionally instead.
-        self.greedy_branch = self.device.type == "cpu"
+        # Token choice: torch.cond for all-greedy batches where a data-dependent branch is free (CPU); CUDA
+        # graphs and torchair capture sampling unconditionally instead. torch_npu documents
+        # npu_top_k_top_p_sample as eager-only, so a captured NPU step samples in plain torch.
+        self._greedy_rows = None if self.device.type == "cpu" else False
+        self._sample = sample if self.device.type == "npu" else model.backend.sample
         self._ready: set[int] = set()  # buckets whose graph exists
 
         def counting(gm, example_inputs):
@@ -123,27 +154,12 @@ class GraphDecoder:
         self._compiled = torch.compile(self._step, **opts)
 
     def _step(self, ids: Tensor, pos: Tensor, slots: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.model.decode(ids, pos, self.cache, slots)[:, -1]
-        operands = (logits, temperature, top_k, top_p, seed, pos + 1)
-        if self.greedy_branch:
-            # Greedy batches skip the full-vocabulary sort and noise of sampling: the branch is taken inside the
-            # compiled code from the temperatures (on CPU a branch costs nothing; no host sync in the engine).
-            tokens, logprobs = torch.cond((temperature > 0).any(), self._sampled, self._greedy, operands)
-        else:
-            tokens, logprobs = self._sampled(*operands)
-        return tokens, logprobs, logits
-
-    def _sampled(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
-                 step: Tensor) -> tuple[Tensor, Tensor]:
+              seed: Tensor, scales: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        e8m0 = {f"model.{name}": b.view(torch.float8_e8m0fnu) for name, b in scales.items()}
+        logits = torch.func.functional_call(self._decode, e8m0, (ids, pos, slots))
         sb = SamplingBatch(temperature, top_k, top_p, seed)
-        if self.device.type == "npu":  # pragma: no cover - torch_npu documents npu_top_k_top_p_sample as eager-only
-            return sample(logits, sb, step)
-        return self.model.backend.sample(logits, sb, step)
-
-    @staticmethod
-    def _greedy(logits: Tensor, *_: Tensor) -> tuple[Tensor, Tensor]:
-        return greedy(logits)
+        tokens, logprobs = next_tokens(logits, sb, pos + 1, self._sample, self._greedy_rows)
+        return tokens, logprobs, logits
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -151,8 +167,11 @@ class GraphDecoder:
                 return b
         raise ValueError(f"batch of {n} exceeds the largest graph bucket {self.buckets[-1]}")
 
-    def step(self, ids: Tensor, pos: Tensor, slots: Tensor, sb: SamplingBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Decode one token for n rows (padded to the bucket): (tokens [n], logprobs [n], logits [n,V])."""
+    def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
+             max_len: int | None = None) -> StepResult:
+        """Decode one token for n rows (padded to the bucket). `max_len` is not needed: a bucket's graph reads
+        every page of the block table rows (static shapes), which bounds any length."""
+        sb = SamplingBatch.of(params, ids.device)
         n = ids.shape[0]
         pad = self.bucket_for(n) - n
 
@@ -162,8 +181,8 @@ class GraphDecoder:
             return torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
 
         bucket = n + pad
-        args = (padded(ids, 0), padded(pos, 0), padded(slots, self.pad_slot), padded(sb.temperature, 0.0),
-                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0))
+        args = (padded(ids, 0), padded(positions, 0), padded(slots, self.pad_slot), padded(sb.temperature, 0.0),
+                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0), self._scale_bytes)
         with torch.no_grad():
             if self.skip_guards and bucket in self._ready:
                 # Every input is fixed per bucket (shapes, dtypes, the model's weights and cache buffers), so
@@ -174,10 +193,10 @@ class GraphDecoder:
             else:
                 out = self._compiled(*args)
                 self._ready.add(bucket)
-        return tuple(o[:n] for o in out)
+        return StepResult(*(o[:n] for o in out))
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket now (rows on the pad slot), so serving never stalls on a compile."""
+        """Compile every bucket now (rows on the pad slot, greedy), so serving never stalls on a compile."""
         for i, b in enumerate(self.buckets):
             if progress:
                 print(f"[dsv4] compiling decode graph for batch {b} ({i + 1}/{len(self.buckets)})", file=sys.stderr,
@@ -187,5 +206,5 @@ class GraphDecoder:
             def z() -> Tensor:  # distinct tensors: aliased inputs would specialise the graph
                 return torch.zeros(b, dtype=torch.int64, device=dev)
 
-            sb = SamplingBatch(torch.zeros(b, device=dev), z(), torch.ones(b, device=dev), z())
-            self.step(z().view(b, 1), z(), torch.full((b,), self.pad_slot, device=dev), sb)
+            params = [SamplingParams(temperature=0, seed=0) for _ in range(b)]
+            self.step(z().view(b, 1), z(), torch.full((b,), self.pad_slot, device=dev), params)

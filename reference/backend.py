@@ -204,7 +204,7 @@ class ReferenceBackend(Backend):
         flat = ids.reshape(-1)
 
         def pick(w: Tensor, s: Tensor | None) -> Tensor:  # [T*k, out, in] in dt
-            return dequantize_weight(w.index_select(0, flat), None if s is None else s.index_select(0, flat), dt)
+            return dequantize_weight(w.index_select(0, flat), None if s is None else _select_rows(s, flat), dt)
 
         xin = x
         if self.options.deepseek and s1 is not None:
@@ -217,3 +217,12 @@ class ReferenceBackend(Backend):
             h = self._act_quant_dequant(h).to(dt)
         y = torch.bmm(h, pick(w2, s2).transpose(1, 2)).float().view(t, k, -1).sum(1)
         return y.to(dt)
+
+
+def _select_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t.index_select(0, rows); e8m0 scales are selected as their uint8 bytes and decoded to fp32 (exact powers
+    of two, so the dequantised weight is the same): inductor's C++ code generation has no e8m0 type, so a
+    compiled decode step must not compute an e8m0 tensor."""
+    if t.dtype == torch.float8_e8m0fnu:
+        return quant.e8m0_to_float(t.view(torch.uint8).index_select(0, rows))
+    return t.index_select(0, rows)

@@ -26,7 +26,8 @@ def main() -> None:
     from dsv4_ascend.graph_mode import GraphDecoder
     from dsv4_ascend.model import Transformer
     from dsv4_ascend.reference import ReferenceBackend
-    from dsv4_ascend.sampling import SamplingBatch, SamplingParams, sample
+    from dsv4_ascend.decode_step import EagerDecoder
+    from dsv4_ascend.sampling import SamplingParams
     from dsv4_ascend.tiny import random_weights
     from dsv4_ascend.weights import assign_tensors
 
@@ -42,7 +43,8 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (b, ctx), generator=torch.Generator().manual_seed(0))
     for c in caches:
         model(prompt, c, slots, 0)
-    sb = SamplingBatch.of([SamplingParams(temperature=0, seed=i) for i in range(b)])
+    params = [SamplingParams(temperature=0, seed=i) for i in range(b)]
+    eager_dec = EagerDecoder(model, caches[0])
     dec = GraphDecoder(model, caches[1], pad_slot=b, buckets=[b], compiler=args.compiler)
     t0 = time.perf_counter()
     dec.warmup(progress=False)
@@ -50,12 +52,10 @@ def main() -> None:
     ids = prompt[:, -1:].contiguous()
 
     def eager(k: int) -> None:
-        pos = torch.full((b,), ctx + k)
-        logits = model.decode(ids, pos, caches[0], slots)[:, -1]
-        sample(logits, sb, pos + 1)
+        eager_dec.step(ids, torch.full((b,), ctx + k), slots, params)
 
     def compiled(k: int) -> None:
-        dec.step(ids, torch.full((b,), ctx + k), slots, sb)
+        dec.step(ids, torch.full((b,), ctx + k), slots, params)
 
     def timed(fn) -> float:
         fn(0)

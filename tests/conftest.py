@@ -41,8 +41,6 @@ def graph_vs_eager_logits(model, dec, prompts: list[list[int]], params, max_len:
     """Logits of a GraphDecoder's steps and of eager `model.decode`, step by step on identical cache copies:
     two rows prefilled with the first 5 tokens of `prompts[0]` / `prompts[1]`, then `steps` greedy decode steps
     (eager's argmax fed to both). Yields (eager, graph) logits per step."""
-    from dsv4_ascend.sampling import SamplingBatch
-
     ids = torch.tensor([p[:5] for p in prompts[:2]])
     slots = torch.arange(2)
     eager_cache = model.new_cache(dec.cache.max_slots, max_len)
@@ -51,10 +49,9 @@ def graph_vs_eager_logits(model, dec, prompts: list[list[int]], params, max_len:
         dec.cache.allocate(slot, max_len)  # an engine freed its pages when its requests finished
     model(ids, dec.cache, slots, 0)
     tok = ids[:, -1:]
-    sb = SamplingBatch.of([params, params])
     for t in range(5, 5 + steps):
         pos = torch.full((2,), t)
         e = model.decode(tok, pos, eager_cache, slots)[:, -1]
-        _, _, g = dec.step(tok, pos, slots, sb)
+        g = dec.step(tok, pos, slots, [params, params]).logits
         yield e, g
         tok = e.argmax(-1, keepdim=True)

@@ -249,7 +249,7 @@ def test_attend_decode_compiles_fullgraph():
     table = lc.block_table[slots]
 
     def step(q, positions, picks):
-        view = KVView(lc.window, model.cfg.sliding_window, slots, positions, None, None, 48, 4, lc.entries,
+        view = KVView(lc.window, slots, positions, None, None, 48, 4, lc.entries,
                       table, picks)
         return asc.attend(q, view, model.layers[1].attn.attn_sink, d ** -0.5)
 
@@ -259,6 +259,6 @@ def test_attend_decode_compiles_fullgraph():
     eager = step(q, positions, picks)
     compiled = torch.compile(step, fullgraph=True, backend="eager")(q, positions, picks)
     assert torch.equal(eager, compiled)
-    view = KVView(lc.window, model.cfg.sliding_window, slots, positions, None, None, 48, 4, lc.entries, table, picks)
+    view = KVView(lc.window, slots, positions, None, None, 48, 4, lc.entries, table, picks)
     ref = ReferenceBackend().attend(q, view, model.layers[1].attn.attn_sink, d ** -0.5)
     assert torch.allclose(eager, ref, rtol=1e-5, atol=1e-5)

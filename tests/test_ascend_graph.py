@@ -45,16 +45,16 @@ def test_ascend_graph_decode_equals_eager(quant):
     eager = Engine(model, max_slots=2, max_seq_len=24, eos_token_id=-1)
     compiled = Engine(model, max_slots=2, max_seq_len=24, eos_token_id=-1, graph=True, graph_buckets=[2],
                       graph_compiler="aot_eager")
-    assert compiled.graph.compiles == 1  # fullgraph: one graph for the bucket, nothing left to eager
+    assert compiled.decoder.compiles == 1  # fullgraph: one graph for the bucket, nothing left to eager
     want = [r.output for r in eager.generate(prompts, params)]
     got = [r.output for r in compiled.generate(prompts, params)]  # batches of 2 and 1 rows (padded to 2)
     assert got == want
-    assert compiled.graph.compiles == 1
+    assert compiled.decoder.compiles == 1
     # Logits step by step against eager on an identical copy of the cache.
-    for e, g in graph_vs_eager_logits(model, compiled.graph, prompts, params, max_len=24, steps=5):
+    for e, g in graph_vs_eager_logits(model, compiled.decoder, prompts, params, max_len=24, steps=5):
         e, g = e.float(), g.float()
         assert (e - g).abs().max().item() <= TOL * max(1.0, e.abs().max().item())
-    assert compiled.graph.compiles == 1
+    assert compiled.decoder.compiles == 1
 
 
 def _compiled(fn):

@@ -62,8 +62,8 @@ def _valid_state(model, cache, slot: int, length: int) -> list[torch.Tensor]:
     out = []
     s = torch.tensor([slot])
     for lc in cache.layers[: model.cfg.num_hidden_layers]:
-        win = lc.window.tensors()[0].shape[1]
-        rows = torch.tensor([p % win for p in range(max(0, length - win), length)])
+        win = lc.window.size
+        rows = lc.window.row(torch.arange(max(0, length - win), length))
         out.append(lc.window.read(s.view(1, 1), rows.view(1, -1)))
         if lc.ratio:
             m = lc.ratio
