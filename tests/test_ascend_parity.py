@@ -172,7 +172,7 @@ def test_model_w8a8_greedy_parity(bf16_reference_run):
     be = AscendBackend(emulator, quant="w8a8")
     model = _bf16_norms(build_tiny(dtype=torch.bfloat16, backend=be))
     be.prepare(model)
-    assert len(be._w8) == 12 and len(be._experts8) == 5 and len(be._shared8) == 5  # 4 layers + 1 MTP block
+    assert len(be.scheme.linears) == 12 and len(be.scheme.routed) == 5 and len(be.scheme.shared) == 5  # 4 layers + 1 MTP block
     got, _ = _greedy(model, toks)
     f = _figures(ref_logits, got)
     assert f["rel_rms"] <= 0.2, f
