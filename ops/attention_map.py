@@ -15,6 +15,7 @@ from dsv4_ascend.attention_view import KVView
 __all__ = ["AttentionMapping", "LI_BLOCK", "SAS_TOPK"]
 
 LI_BLOCK = 16  # paged-key block size handed to the lightning indexer (device: multiple of 16, <= 1024)
+SAS_BLOCK = 16  # block size of the temporary paged caches below (npu_sparse_attn_sharedkv: multiple of 16, <= 1024)
 SAS_TOPK = 512  # npu_sparse_attn_sharedkv's only supported cmp_sparse_indices width (K2)
 
 
@@ -62,8 +63,8 @@ class AttentionMapping:
     def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                    state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
                    used: int | None = None) -> Tensor:
-        # CR's fused op (spec 3.7), BSND for decode and prefill alike (every row of a chunk shares S). The state
-        # ring [N, R, 2c] is the op's paged state cache with block_size R: a block table that repeats each row's
+        # CR's fused op (custom `compressor`), BSND for decode and prefill alike (every row of a chunk shares S).
+        # The state ring [N, R, 2c] is the op's paged state cache with block_size R: a table repeating each row's
         # block sends position p to row p % R. start_pos goes in shifted down by a multiple of R (to start % R + R
         # once start >= R): the op uses it only for the window phase, the ape row, the w = 0 rule and the state
         # address, all unchanged by the shift (R is a multiple of the ratio, and >= 2*ratio with overlap, so no
@@ -94,15 +95,20 @@ class AttentionMapping:
         cmp_kv = the entry pages [pages, block_size/m, 1, d] through the sequence's block table row (entry j in
         page j // (block_size/m)); CSA picks as cmp_sparse_indices (-1 padded to K2 = 512); seqused_kv = last
         position + 1. Prefill chunks are not in the ring yet: a temporary paged window (`_sas_prefill_window`)
-        stands in for it. No host reads: decode stays capturable.
+        stands in for it. The kernel's paged caches take block sizes that are multiples of 16 and at most 1024
+        (CR custom-npu_sparse_attn_sharedkv doc): a ring (win) or a page (block_size/m entries, e.g. 256/128 = 2
+        for HCA) that is not one is handed over as a temporary copy with blocks of 16 (`_sas_window_blocks`,
+        `_sas_entry_blocks`). No host reads: decode stays capturable.
         """
         if self._sas_unsupported(q, view):
             return super().attend(q, view, sink, scale)
         b, s, h, d = q.shape
         win, dev, i32 = view.win, q.device, torch.int32
-        if view.chunk is None:  # decode: this step's row is already in the ring
+        if view.chunk is None and _kernel_block(win):  # decode: this step's row is already in the ring
             ori_kv = view.window.data.unsqueeze(2)
             ori_table = view.slots.to(i32).view(b, 1).expand(b, -(-view.max_len // win)).contiguous()
+        elif view.chunk is None:
+            ori_kv, ori_table = self._sas_window_blocks(view)
         else:
             ori_kv, ori_table = self._sas_prefill_window(view)
         cu = torch.arange(0, (b + 1) * s, s, device=dev, dtype=i32)  # one TND batch per sequence
@@ -111,7 +117,10 @@ class AttentionMapping:
                   ori_win_left=win - 1, ori_win_right=0, layout_q="TND", layout_kv="PA_ND")
         cmp, cmp_topk = {}, 0
         if view.ratio:
-            cmp = dict(cmp_kv=view.entries.data.unsqueeze(2), cmp_block_table=view.block_table.to(i32))
+            if _kernel_block(view.entries.data.shape[1]):
+                cmp = dict(cmp_kv=view.entries.data.unsqueeze(2), cmp_block_table=view.block_table.to(i32))
+            else:
+                cmp = dict(zip(("cmp_kv", "cmp_block_table"), self._sas_entry_blocks(view)))
             if view.picks is not None:
                 picks = F.pad(view.picks, (0, SAS_TOPK - view.picks.shape[-1]), value=-1)
                 cmp["cmp_sparse_indices"] = picks.reshape(b * s, 1, SAS_TOPK).to(i32)
@@ -141,16 +150,54 @@ class AttentionMapping:
 
     def _sas_prefill_window(self, view: KVView) -> tuple[Tensor, Tensor]:
         """A temporary paged window for a prefill chunk: ring rows of positions [start-win, start) then the chunk,
-        in position order, front-aligned to the block size (= win). Returns (cache [B*nblk, win, 1, d], table)."""
+        in position order, front-aligned to the block size (win, or 16 when win is not a kernel block size).
+        Returns (cache [B*nblk, bs, 1, d], table)."""
         b, s, d = view.chunk.shape
         win, s0, dev = view.win, view.start, view.chunk.device
-        first = max(s0 - win, 0) // win  # first block held; earlier columns are never read unmasked
-        nblk = -(-(s0 + s) // win) - first
-        p = first * win + torch.arange(nblk * win, device=dev)  # positions held
+        bs = win if _kernel_block(win) else SAS_BLOCK
+        first = max(s0 - win, 0) // bs  # first block held; earlier columns are never read unmasked
+        nblk = -(-(s0 + s) // bs) - first
+        p = first * bs + torch.arange(nblk * bs, device=dev)  # positions held
         src = torch.where(p < s0, p % win, torch.where(p < s0 + s, win + p - s0, win + s))  # ring | chunk | zero
         rows = torch.cat([view.window.read(view.slots), view.chunk.to(view.window.dtype),
                           view.chunk.new_zeros(b, 1, d, dtype=view.window.dtype)], 1)
-        cache = rows.index_select(1, src).view(b * nblk, win, 1, d)
+        cache = rows.index_select(1, src).view(b * nblk, bs, 1, d)
         col = (torch.arange(first + nblk, device=dev) - first).clamp(min=0)
         table = (torch.arange(b, device=dev).unsqueeze(1) * nblk + col).to(torch.int32)
         return cache, table
+
+    def _sas_window_blocks(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """Decode with a ring whose length is not a kernel block size: each sequence's ring rows of positions
+        [base, base + nb*16) (base = the block of 16 holding position P - win + 1) copied in position order.
+        Rows past P or before P - win + 1 hold other positions; the band mask (seqused_kv, ori_win_left) never
+        reads them. Returns (cache [B*nb, 16, 1, d], table [B, ceil(max_len/16)])."""
+        win, dev, bs = view.win, view.slots.device, SAS_BLOCK
+        last = view.positions[:, -1].long()
+        b = last.shape[0]
+        nb = -(-win // bs) + 1  # blocks of 16 that cover any win consecutive positions
+        base = (last - win + 1).clamp(min=0) // bs * bs
+        p = base.unsqueeze(1) + torch.arange(nb * bs, device=dev)  # [B, nb*16] positions held
+        rows = view.window.read(view.slots)  # [B, win, d]
+        cache = rows.gather(1, (p % win).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+        col = (torch.arange(-(-view.max_len // bs), device=dev) - (base // bs).unsqueeze(1)).clamp(0, nb - 1)
+        table = (torch.arange(b, device=dev).unsqueeze(1) * nb + col).to(torch.int32)
+        return cache.reshape(b * nb, bs, 1, -1), table
+
+    def _sas_entry_blocks(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """Entry pages whose size (block_size/m) is not a kernel block size: every entry each sequence's block table
+        addresses, copied in entry order into blocks of 16 (entry j of sequence b in block b*nb + j // 16).
+        Returns (cache [B*nb, 16, 1, d], table [B, nb])."""
+        data, table, bs = view.entries.data, view.block_table.long(), SAS_BLOCK
+        b, cols = table.shape
+        per_page = data.shape[1]
+        n = cols * per_page
+        nb = -(-n // bs)
+        j = torch.arange(nb * bs, device=data.device).clamp(max=n - 1)  # padding repeats the last entry (masked)
+        cache = data[table[:, j // per_page], j % per_page]  # [B, nb*16, d]
+        blocks = torch.arange(b * nb, device=data.device, dtype=torch.int32).view(b, nb)
+        return cache.reshape(b * nb, bs, 1, -1), blocks
+
+
+def _kernel_block(rows: int) -> bool:
+    """A paged-cache block size npu_sparse_attn_sharedkv takes: a multiple of 16, at most 1024 (CR's op doc)."""
+    return rows % 16 == 0 and 0 < rows <= 1024

@@ -428,3 +428,21 @@ def test_sparse_attn_sharedkv(scenario):
 def test_metadata_ops_are_placeholders():
     assert E.npu_sparse_attn_sharedkv_metadata(64, 1, 512).shape == (1024,)
     assert E.npu_quant_lightning_indexer_metadata(64, 1, 128, 0, 0).dtype == torch.int32
+
+
+def test_grouped_matmul_one_gemm_per_expert_without_row_copies():
+    """Issue #26.3: rows grouped by expert, one GEMM per expert; no [M, K, N] per-row weight (int8 -> fp64 would be
+    M*K*N*8 bytes = 8 GiB here), and the same exact int32 sums as a per-row loop."""
+    import resource
+
+    m, k, n, e = 1024, 1024, 1024, 2
+    x = torch.randint(-127, 128, (m, k), generator=_g(120), dtype=torch.int8)
+    w = torch.randint(-127, 128, (e, k, n), generator=_g(121), dtype=torch.int8)
+    counts = torch.tensor([600, 424])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    y = E.npu_grouped_matmul([x], [w], group_list=counts, group_list_type=1, split_item=3, group_type=0,
+                             output_dtype=torch.int32)[0]
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 1 << 20, f"peak RSS grew by {grown} KiB (> 1 GiB): per-row weight copies?"
+    for rows, j in ((slice(0, 600), 0), (slice(600, 1024), 1)):
+        assert torch.equal(y[rows], (x[rows].long() @ w[j].long()).to(torch.int32))  # exact (int64 sums)

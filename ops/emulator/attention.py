@@ -212,7 +212,7 @@ def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_
                              sinks=None, metadata=None, softmax_scale=0, cmp_ratio=0, ori_mask_mode=4,
                              cmp_mask_mode=3, ori_win_left=127, ori_win_right=0, layout_q="BSND",
                              layout_kv="PA_ND", return_softmax_lse=False) -> tuple[Tensor, Tensor]:
-    """CR custom `npu_sparse_attn_sharedkv` (custom-npu_sparse_attn_sharedkv.md; spec 3.10).
+    """CR custom `npu_sparse_attn_sharedkv` (CR ops/ascendc/docs/custom-npu_sparse_attn_sharedkv.md).
 
     q [B, S1, N1, D] (BSND) or [T, N1, D] (TND with cu_seqlens_q, B+1 prefix sums). ori_kv / cmp_kv paged
     [blocks, block_size, 1, D] (PA_ND), same dtype as q, through ori_block_table / cmp_block_table [B, cols]:
@@ -228,7 +228,9 @@ def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_
     the sink adds mass but no value. fp32 softmax and accumulation, output q.dtype, shape of q; rows outside
     every batch (TND tail) are 0. The lse output is documented as invalid: an empty tensor is returned.
     ori_sparse_indices is ignored (documented). Tensor ops only: no host reads (capturable like the kernel).
-    The device takes D = 512, N1 = 64, K2 = 512, block sizes 16k <= 1024; the emulator accepts any.
+    Documented constraints: block sizes of ori_kv / cmp_kv a multiple of 16 and at most 1024 (enforced: a layout
+    the kernel rejects fails here too); D = 512, N1 = 64, K2 = 512 (not enforced: they are model widths, and the
+    test models are smaller).
     """
     if layout_kv != "PA_ND":
         raise NotImplementedError("npu_sparse_attn_sharedkv: only PA_ND kv is emulated")
@@ -241,6 +243,9 @@ def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_
         raise ValueError(f"npu_sparse_attn_sharedkv: cmp_kv needs cmp_block_table and cmp_ratio > 0, found "
                          f"table {'None' if cmp_block_table is None else 'given'}, cmp_ratio={cmp_ratio}")
     for name, kv in (("ori_kv", ori_kv), ("cmp_kv", cmp_kv)):
+        if kv is not None and kv.dim() == 4 and (kv.shape[1] % 16 or not 0 < kv.shape[1] <= 1024):
+            raise ValueError(f"npu_sparse_attn_sharedkv: {name} block size {kv.shape[1]} must be a multiple of 16 "
+                             "and at most 1024 (documented constraint)")
         if kv is not None and (kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != q.shape[-1]
                                or kv.dtype != q.dtype):
             raise ValueError(f"npu_sparse_attn_sharedkv: {name} must be [blocks, block_size, 1, {q.shape[-1]}] "

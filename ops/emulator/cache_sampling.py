@@ -10,7 +10,7 @@ from .numerics import _checking_values
 
 
 def scatter_nd_update_asc(var: Tensor, indices: Tensor, update: Tensor) -> None:
-    """CR custom `scatter_nd_update_asc` (ScatterNdUpdateAsc; spec 3.8), in place: var[indices[i, 0]] = update[i].
+    """CR custom `scatter_nd_update_asc` (ScatterNdUpdateAsc; CR op doc), in place: var[indices[i, 0]] = update[i].
 
     var [b, s] bf16 / fp16 / int8, contiguous, s in {1, 128, 512}; indices int32 / int64 [u, 1], u <= b; update
     [u, s] of var's dtype. Negative indices are skipped (documented). The device does no bounds check; the
@@ -96,7 +96,7 @@ def npu_scatter_nd_update_(self: Tensor, indices: Tensor, updates: Tensor) -> Te
 def npu_top_k_top_p_sample(logits: Tensor, top_k: Tensor, top_p: Tensor, q=None, eps=1e-8, is_need_logits=False,
                            top_k_guess=32, min_ps=None, ks_max=1024, input_is_logits=True, post_sample="qSample",
                            generator=None) -> tuple[Tensor, Tensor]:
-    """torch_npu built-in `npu_top_k_top_p_sample` (TNPU 2.14 docs + op-plugin golden test; spec 3.16).
+    """torch_npu built-in `npu_top_k_top_p_sample` (TNPU 2.14 docs + op-plugin golden test).
 
     Per row b of logits [B, V] (fp16 / bf16 / fp32; computed in fp32):
     - top-k if 1 <= top_k[b] <= min(V, ks_max') (ks_max' = ks_max rounded up to 8, at most 1024): keep the

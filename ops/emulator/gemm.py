@@ -37,7 +37,7 @@ def npu_transpose_batchmatmul(input: Tensor, weight: Tensor, *, bias=None, scale
 def npu_transpose_quant_batchmatmul(x1: Tensor, x2: Tensor, dtype, *, bias=None, x1_scale=None, x2_scale=None,
                                     group_sizes=None, perm_x1=None, perm_x2=None, perm_y=None, batch_split_factor=1,
                                     x1_dtype=None, x2_dtype=None) -> Tensor:
-    """TNPU `npu_transpose_quant_batchmatmul` (950 only; spec 3.6, aclnnTransposeQuantBatchMatMul): quantised
+    """TNPU `npu_transpose_quant_batchmatmul` (950 only; aclnnTransposeQuantBatchMatMul): quantised
     batched matmul, x1 (M, B, K) with perm_x1 (1, 0, 2) -> [B, M, K]; x2 (B, K, N) with perm_x2 (0, 1, 2) or
     (B, N, K) with (0, 2, 1); y = ((x1 @ x2) * x2_scale * x1_scale) in fp32, cast once to `dtype` (fp16 / bf16),
     returned (M, B, N) (perm_y (1, 0, 2)). Defaults of the perms are those values. Modes:
@@ -113,7 +113,7 @@ def npu_transpose_quant_batchmatmul(x1: Tensor, x2: Tensor, dtype, *, bias=None,
 
 def npu_dynamic_quant(input: Tensor, *, smooth_scales=None, group_index=None, dst_type=None, quant_mode="pertoken",
                       dst_type_max=0.0) -> tuple[Tensor, Tensor]:
-    """TNPU `npu_dynamic_quant` (spec 3.6): per-token symmetric int8 over the last dim.
+    """TNPU `npu_dynamic_quant`: per-token symmetric int8 over the last dim.
 
     x' = x * smooth_scales (if given, [H]); scale = rowmax|x'| / 127 (fp32, shape x.shape[:-1]);
     y = rint(x' / scale) saturated to [-128, 127], int8. Round-half-even and division (vs multiply by 127/amax)
@@ -130,7 +130,7 @@ def npu_dynamic_quant(input: Tensor, *, smooth_scales=None, group_index=None, ds
 def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, *, offset=None, pertoken_scale=None, bias=None,
                      output_dtype=None, x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None,
                      group_sizes=None, y_scale=None) -> Tensor:
-    """TNPU `npu_quant_matmul`, W8A8 int8 (spec 3.6): x1 int8 [..., M, K] @ x2 int8 [K, N] with exact int32
+    """TNPU `npu_quant_matmul`, W8A8 int8: x1 int8 [..., M, K] @ x2 int8 [K, N] with exact int32
     accumulation. output_dtype=int32: the raw accumulators (scale ignored). output_dtype bf16/fp16/fp32:
     y = acc * scale[N] * pertoken_scale[M] (+ bias) in fp32, cast once. The int8-output requant path
     (output_dtype None, uint64 scale) is not emulated.
@@ -166,9 +166,9 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
                        weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None) -> list[Tensor]:
-    """TNPU `npu_grouped_matmul` in the MoE form (spec 3.14): one x [M, K], one weight [E, K, N], group_type 0
-    (split M), split_item 2/3 (one output [M, N]); group_list int64 [E] = counts (group_list_type=1) or cumsum
-    (0). Rows past the last group are not computed: the emulator fills them with NaN (float) / INT32_MIN so a
+    """TNPU `npu_grouped_matmul` in the MoE form (aclnnGroupedMatmulV5): one x [M, K], one weight [E, K, N],
+    group_type 0 (split M), split_item 2/3 (one output [M, N]); group_list int64 [E] = counts (group_list_type=1)
+    or cumsum (0). Rows past the last group are not computed: the emulator fills them with NaN (float) / INT32_MIN so a
     caller that reads them fails loudly (the device leaves garbage).
 
     float path: fp32 accumulation, output x.dtype (bias [E, N] added per group).
@@ -182,7 +182,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     [E, N, K/2], packed along K, low nibble = even k), antiquant_scale=[e8m0 (E, K/64, N, 2)], per_token_scale=
     [e8m0 (M, K/64, 2)], per_token_scale_dtype=float8_e8m0fnu; MXFP8 weights fp8 [E, K, N] with scale=[e8m0
     (E, K/64, N, 2)], scale_dtype=float8_e8m0fnu; FP8 block weights fp8 [E, K, N] with scale=[fp32
-    (E, K/128, N/128)], per_token_scale=[fp32 (M, K/128)]. Math: spec 3.14, fp32 accumulation, one cast.
+    (E, K/128, N/128)], per_token_scale=[fp32 (M, K/128)]. fp32 accumulation, one cast.
     """
     if x and x[0].dtype in _FP8_DTYPES:
         if len(x) != 1 or len(weight) != 1 or split_item not in (2, 3) or group_type not in (None, 0):
@@ -236,7 +236,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     return [out]
 
 
-# ---- Atlas A2/A3 W4A8: int4 weights for the A8W4 grouped matmul (spec 3.14 W4A8 bullet) ---------------------------
+# ---- Atlas A2/A3 W4A8: int4 weights for the A8W4 grouped matmul (aclnnGroupedMatmulV5 A8W4) --------------------------
 def npu_convert_weight_to_int4pack(weight: Tensor, inner_k_tiles: int = 0) -> Tensor:
     """TNPU `npu_convert_weight_to_int4pack(weight, inner_k_tiles=0) -> Tensor` (op-plugin doc,
     aclnnConvertWeightToINT4Pack): eight int4 values per int32, ND output.
@@ -296,7 +296,7 @@ def _grouped_matmul_a8w4(xm: Tensor, w: Tensor, group_list, group_list_type: int
     The emulator computes x @ W exactly in int32 per K-group of the scale, applies the fp32 scales, adds only the
     deviation bias - b* (b* formed as the correctly rounded fp32 value, which is what quant.int4_assistance_bias
     gives), then multiplies by pts in fp32 and casts once. So the documented bias contributes exactly nothing --
-    the result is the mathematical pts[m] * sum_k x[m,k] W[k,n] scale[n] (spec 3.14) -- while any other bias
+    the result is the mathematical pts[m] * sum_k x[m,k] W[k,n] scale[n] -- while any other bias
     moves y as the documented formula says, and a caller that passes a wrong bias is caught instead of silently
     repaired. Not settled without a device (docs/ascend.md): the kernel's fp32 association order, whether it
     reads the scale as full fp32 or as fp19, and per-channel [E, 1, N] (CR) vs the documented [E, K/256, N].

@@ -20,7 +20,7 @@ FP8_BLOCK_ACCUMULATION = "blockwise"
 
 def npu_dynamic_block_quant(x: Tensor, *, min_scale=0.0, round_mode="rint", dst_type=1, row_block_size=1,
                             col_block_size=128, dst_type_max=0.0) -> tuple[Tensor, Tensor]:
-    """TNPU `npu_dynamic_block_quant` (spec 3.6; ops-nn DynamicBlockQuant), FP8 destinations only.
+    """TNPU `npu_dynamic_block_quant` (ops-nn DynamicBlockQuant), FP8 destinations only.
 
     x [M, N] or [B, M, N] in blocks of row_block_size x col_block_size (edge blocks partial). Per block:
     inf/NaN -> 0 before amax (the CR goldens do this (verify for this op)); scale = max(amax / FP8_MAX,
@@ -57,7 +57,7 @@ def npu_dynamic_block_quant(x: Tensor, *, min_scale=0.0, round_mode="rint", dst_
 
 def npu_dynamic_mx_quant(input: Tensor, *, axis=-1, round_mode="rint", dst_type=296, block_size=32,  # noqa: A002
                          scale_alg=0, dst_type_max=0.0, max_low_bound=0.0) -> tuple[Tensor, Tensor]:
-    """TNPU `npu_dynamic_mx_quant` (spec 3.6; ops-nn aclnnDynamicMxQuant), scale_alg 0 (OCP MX v1.0).
+    """TNPU `npu_dynamic_mx_quant` (ops-nn aclnnDynamicMxQuant), scale_alg 0 (OCP MX v1.0).
 
     Per block of block_size along `axis` (the last block zero-padded): e8m0 byte = floor(log2 amax) - emax + 127
     clamped to [0, 254] (emax 8 e4m3, 15 e5m2, 2 e2m1; amax 0 -> byte 0; inf/NaN amax -> 255); y = cast(x / 2^(byte

@@ -13,7 +13,7 @@ def npu_moe_init_routing_v2(x: Tensor, expert_idx: Tensor, *, scale=None, offset
                             expert_capacity=-1, expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
                             expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=[],  # noqa: B006
                             row_idx_type=0, x_dtype=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TNPU `npu_moe_init_routing_v2` (spec 3.13; OT moe_init_routing_v2 README and gather-out kernel).
+    """TNPU `npu_moe_init_routing_v2` (TNPU doc; OT moe_init_routing_v2 README and gather-out kernel).
 
     Dropless mode (drop_pad_mode 0) only. The (token i, slot k) copies are flattened token-major (src = i*K + k)
     and key-value sorted by expert, stable in src (verify: tie order). Outputs:
@@ -89,7 +89,7 @@ def npu_moe_init_routing_v2(x: Tensor, expert_idx: Tensor, *, scale=None, offset
 
 def npu_moe_finalize_routing(expanded_permuted_rows: Tensor, skip1, skip2, bias, scales, expanded_src_to_dst_row,
                              export_for_source_row, drop_pad_mode=0, k=1) -> Tensor:
-    """TNPU `npu_moe_finalize_routing` (OT MoeFinalizeRouting README, spec 3.13).
+    """TNPU `npu_moe_finalize_routing` (OT MoeFinalizeRouting README, TNPU meta function).
 
     out[i] = skip1[i] + skip2[i] + sum_k scales[i,k] * (rows[idx(i,k)] + bias[expert(i,k)]), fp32 accumulation,
     output in the rows' dtype. idx(i,k) = expanded_src_to_dst_row[i + k*N] for drop_pad_mode 0/1 (documented,
@@ -127,7 +127,7 @@ def npu_moe_finalize_routing(expanded_permuted_rows: Tensor, skip1, skip2, bias,
 def npu_moe_gating_top_k(x: Tensor, k: int, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
                          routed_scaling_factor=1.0, eps=1e-20, group_select_mode=0, renorm=0, norm_type=0,
                          out_flag=False) -> tuple[Tensor, Tensor, Tensor]:
-    """CR custom `npu_moe_gating_top_k` (MoeGatingTopKHash; spec 3.11). The built-in of the same name shares the
+    """CR custom `npu_moe_gating_top_k` (MoeGatingTopKHash; CR op doc). The built-in of the same name shares the
     shape contract but documents norm_type 0/1 only (verify 2 on the device).
 
     s = softmax(x) (norm_type 0), sigmoid(x) (1) or sqrt(softplus(x)) (2), in fp32. Experts: tid2eid[input_ids]
@@ -169,7 +169,7 @@ def npu_dequant_swiglu_clamp_quant(x: Tensor, *, weight_scale=None, activation_s
                                    quant_scale=None, quant_offset=None, group_index=None, activate_left=False,
                                    quant_mode=0, dst_type=None, round_mode=None, activate_dim=None, swiglu_mode=0,
                                    clamp_limit=7.0, glu_alpha=1.702, glu_bias=1.0) -> tuple[Tensor, Tensor]:
-    """CR custom `npu_dequant_swiglu_clamp_quant` (spec 3.15), the dynamic-quant (quant_mode=1) form.
+    """CR custom `npu_dequant_swiglu_clamp_quant` (CR op doc), the dynamic-quant (quant_mode=1) form.
 
     x int32 [M, 2I] (GMM1 accumulators). deq = x * weight_scale[e(m)] * activation_scale[m] in fp32, with
     e(m) the group of row m from group_index (counts) or a single weight_scale [2I] row. x bf16/fp16 (GMM1 output

@@ -49,7 +49,7 @@ def npu_rotary_mul(self: Tensor, r1: Tensor, r2: Tensor, rotary_mode: str = "hal
 
 def inplace_partial_rotary_mul(x: Tensor, r1: Tensor, r2: Tensor, *, rotary_mode: str,
                                partial_slice) -> None:
-    """CR custom `inplace_partial_rotary_mul(x, r1, r2, *, rotary_mode, partial_slice) -> ()` (spec 3.5;
+    """CR custom `inplace_partial_rotary_mul(x, r1, r2, *, rotary_mode, partial_slice) -> ()` (CR op doc;
     CR examples/test_npu_inplace_partial_rotary_mul.py golden). Mutates x [b, s, n, d] in place.
 
     On x[..., a:b] (partial_slice = [a, b]) applies the interleave rule of npu_rotary_mul:
@@ -70,7 +70,7 @@ def npu_format_cast(self: Tensor, acl_format: int, *, customize_dtype=None, inpu
     """TNPU `npu_format_cast(self, acl_format, *, customize_dtype=None, input_dtype=None)`.
 
     FRACTAL_NZ (29) / ND (2) change only the device memory tiling; torch keeps the logical shape, so on CPU this
-    is the identity (spec 3.6).
+    is the identity.
     """
     input = self  # noqa: A001
     if acl_format not in (2, 29):

@@ -16,7 +16,7 @@ INT8_MAX = 127.0
 def hf32(t: Tensor) -> Tensor:
     """fp32 -> HF32 as the Ascend Cube reads it: keep 10 mantissa bits, truncate (round toward zero) the low 13.
 
-    (spec 3.2: HcPre's matmul runs in HF32; CR/VA goldens clear the low 13 bits.)
+    (CR's HcPre goldens model an HF32 Cube matmul by clearing the low 13 mantissa bits.)
     """
     bits = t.float().contiguous().view(torch.int32)
     return (bits & ~0x1FFF).view(torch.float32)
@@ -94,7 +94,8 @@ _DTYPE_CODES = {1: torch.int8, 23: torch.float8_e5m2, 291: torch.float8_e5m2, 24
 
 
 def _dtype_arg(value, what: str) -> torch.dtype | None:
-    """A dtype argument given as a torch dtype or a torch_npu dtype code (spec section 0) -> torch dtype."""
+    """A dtype argument given as a torch dtype or a torch_npu dtype code (e.g. 291/292 FP8, 293 e8m0, 296 FP4x2)
+    -> torch dtype."""
     if value is None or isinstance(value, torch.dtype):
         return value
     if isinstance(value, int) and value in _DTYPE_CODES:

@@ -18,7 +18,7 @@ HC_PRE_MATMUL = "fp32"
 # ---- mHC (A2/A3 custom ops) --------------------------------------------------------------------------------------
 def npu_hc_pre(x: Tensor, hc_fn: Tensor, hc_scale: Tensor, hc_base: Tensor, *, hc_mult=4, hc_sinkhorn_iters=20,
                norm_eps=1e-6, hc_eps=1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """CR custom `npu_hc_pre` (spec 3.2; CR examples/test_npu_hc_pre.py golden).
+    """CR custom `npu_hc_pre` (CR op doc; examples/test_npu_hc_pre.py golden).
 
     x [T, n, d] or [B, S, n, d]; hc_fn fp32 [(2+n)n, n*d]; hc_scale fp32 [3]; hc_base fp32 [(2+n)n].
     xf = x flattened to [.., n*d] in fp32; r = rsqrt(mean(xf^2) + norm_eps); mixes = (xf @ hc_fn^T) * r in fp32
@@ -52,7 +52,7 @@ def npu_hc_pre(x: Tensor, hc_fn: Tensor, hc_scale: Tensor, hc_base: Tensor, *, h
 
 
 def npu_hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    """CR custom `npu_hc_post` (spec 3.4): y[.., j, :] = post[j] * x + sum_m comb[m, j] * residual[.., m, :]
+    """CR custom `npu_hc_post` (CR op doc): y[.., j, :] = post[j] * x + sum_m comb[m, j] * residual[.., m, :]
     (first comb index = input stream), fp32 math, output in x.dtype. x [T, d] or [B, S, d]; residual [.., n, d]."""
     out = post.float().unsqueeze(-1) * x.float().unsqueeze(-2)
     out = out + torch.einsum("...mj,...md->...jd", comb.float(), residual.float())
@@ -64,7 +64,7 @@ def compressor(x: Tensor, wkv: Tensor, wgate: Tensor, state_cache: Tensor, ape: 
                rope_sin: Tensor, rope_cos: Tensor, rope_head_dim: int, cmp_ratio: int, *, state_block_table=None,
                cu_seqlens=None, seqused=None, start_pos=None, coff=1, norm_eps=1e-6, rotary_mode=1,
                cache_mode=1) -> Tensor:
-    """Custom `compressor` (spec 3.7; ops-transformer experimental Compressor doc). Mutates state_cache.
+    """Custom `compressor` (ops-transformer experimental Compressor doc). Mutates state_cache.
 
     x [B,S,H] (BSND, cu_seqlens None) or [T,H] (TND, cu_seqlens [B+1] prefix sums); batch b's tokens sit at
     positions start_pos[b] (default 0) + i, and only its first seqused[b] (default all) take part. Per token:
