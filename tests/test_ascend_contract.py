@@ -297,9 +297,11 @@ def _cases() -> dict[str, list[tuple[tuple, dict]]]:
 REDERIVED = {
     # "int32 [k, n] -> int32 (k, n/8)" (npu_convert_weight_to_int4pack doc)
     "npu_convert_weight_to_int4pack": lambda w, *a, **k: [((w.shape[0], w.shape[1] // 8), torch.int32)],
-    # logits_select_idx int64 [B]; logits_top_kp_select float32 with logits' size (npu_top_k_top_p_sample doc)
-    "npu_top_k_top_p_sample": lambda logits, *a, **k: [((logits.shape[0],), torch.int64),
-                                                       (tuple(logits.shape), torch.float32)],
+    # logits_select_idx int64 [B]; logits_top_kp_select float32 of logits' size when is_need_logits, else "the
+    # empty tensor" (read as [0]; verify) (npu_top_k_top_p_sample doc)
+    "npu_top_k_top_p_sample": lambda logits, *a, **k: [
+        ((logits.shape[0],), torch.int64),
+        (tuple(logits.shape) if k.get("is_need_logits") else (0,), torch.float32)],
     # FRACTAL_NZ / ND change the device tiling only: the logical tensor is unchanged (npu_format_cast doc)
     "npu_format_cast": lambda x, *a, **k: [(tuple(x.shape), x.dtype)],
 }

@@ -151,7 +151,7 @@ def npu_top_k_top_p_sample(logits: Tensor, top_k: Tensor, top_p: Tensor, q=None,
         sel, plain = sel / qa, plain / qa
     sorted_pick = order.gather(1, sel.argmax(-1, keepdim=True)).squeeze(1)
     idx = torch.where(k_on | p_on | p_one, sorted_pick, plain.argmax(-1))
-    if not is_need_logits:  # the doc: "an empty tensor of the corresponding size" (logits' shape); NaN here
-        return idx, torch.full(x.shape, float("nan"), dtype=torch.float32, device=x.device)
+    if not is_need_logits:  # the doc: "directly output the empty tensor of the corresponding size" (verify)
+        return idx, torch.empty(0, dtype=torch.float32, device=x.device)
     kept = torch.zeros_like(keep).scatter(1, order, keep)
     return idx, x.masked_fill(~kept, float("-inf"))
