@@ -49,6 +49,11 @@ class KVView:
             return self.entry_rows
         return self.entries.read_pages(self.block_table)
 
+    @property
+    def per_page(self) -> int:
+        """Entries per page (block_size / ratio)."""
+        return self.entries.tensors()[0].shape[1]
+
     def gathered(self) -> tuple[Tensor, Tensor]:
         """(pool [B,N,d], idx [B,S,K]): ring (+ chunk) rows then entries, with per-query indices (-1 = masked)."""
         return self.block(self.pool(), 0, self.positions.shape[1])

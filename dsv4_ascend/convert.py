@@ -12,7 +12,7 @@ Targets (docs/ascend.md, "Converted checkpoints"):
   included) are dequantised to fp32 and stored as int8 `.weight` [out, in] + fp32 `.scale` [out, 1]:
   s = max|w_row| / 127, q = clamp(round_half_even(w / s), -127, 127) (symmetric; -128 is never produced,
   as in CR's converter; npu_quant_matmul / npu_grouped_matmul accept any int8 and compute y = acc * s[n] *
-  s_token[m]). It is the very function prepare() uses (`ops.backend._quantize_per_channel`), so a converted
+  s_token[m]). It is the very function prepare() uses (`quant.quantize_int8_per_channel`), so a converted
   checkpoint holds bit-for-bit the int8 weights prepare() would compute. Every other FP8 weight is
   dequantised to bf16 (exact: e4m3 x 2^k fits bf16); bf16 / fp32 / int64 tensors are copied.
   `experts="w4a8"`: routed experts become int4 (symmetric [-7, 7], per channel, CR's clip search) packed as
@@ -61,11 +61,7 @@ _INT8_RE = re.compile(r"^(layers|mtp)\.\d+\.(attn\.wq_b|attn\.wo_b|attn\.indexer
                       r"ffn\.experts\.\d+\.w[123])\.weight$")
 
 
-def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 [..., N, K] and fp32 scale [..., N]: prepare()'s rule (s = amax/127, RNE, clamp +-127)."""
-    from .ops.backend import _quantize_per_channel
-
-    return _quantize_per_channel(w)
+quantize_int8_per_channel = quant.quantize_int8_per_channel  # prepare()'s rule, one home: dsv4_ascend/quant.py
 
 
 # The int4 format (W4A8 routed experts) lives in dsv4_ascend/quant.py, shared with AscendBackend.prepare();

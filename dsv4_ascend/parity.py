@@ -201,7 +201,7 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
     ref = load_checkpoint(path, backend=ReferenceBackend(opts), dtype=tdtype, device=device, progress=progress)
     be = AscendBackend(npu=npu, options=opts, quant=quant)
     asc = load_checkpoint(asc_path, backend=be, dtype=tdtype, device=device, progress=progress)
-    if quant in ("w8a8", "w4a8") and not (be._w8 or be._experts8 or be._experts4 or be._shared8):
+    if quant in ("w8a8", "w4a8") and not be.scheme.n_prepared:
         be.prepare(asc)  # official checkpoint: quantise at load (a converted one arrives registered)
     secs["load"] = time.perf_counter() - t0
 

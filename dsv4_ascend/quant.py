@@ -43,6 +43,8 @@ __all__ = [
     "e8m0_unpairs",
     "quantize_mxfp8",
     "dequantize_mxfp8",
+    "quantize_int8_per_channel",
+    "act_quant_dequant",
 ]
 
 E4M3_MAX = 448.0
@@ -460,3 +462,26 @@ def dequantize_mxfp8(q: torch.Tensor, scale: torch.Tensor, block: int = MX_BLOCK
                          f"found {tuple(scale.shape)}")
     s = _scale_float(scale, "dequantize_mxfp8")
     return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+# ---- shared by the backends and the converter ----------------------------------------------------------------------
+def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel of w [..., N, K]: (int8 [..., N, K], fp32 scale [..., N]).
+
+    s = max|w_row| / 127, q = clamp(round_half_even(w / s), -127, 127) (cann-recipes-infer's W8A8 converter rule);
+    an all-zero row keeps s = 0 and q = 0. Used by AscendBackend.prepare() and `dsv4 convert --target a3`.
+    """
+    wf = w.float()
+    s = wf.abs().amax(-1) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf / safe.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def act_quant_dequant(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """DeepSeek's FP8 activation simulation: `act_quant` per 1 x block, dequantised to fp32 (x unchanged in fp32
+    when the last dim is not a multiple of block, as DeepSeek's GEMM then runs unquantised)."""
+    if x.shape[-1] % block:
+        return x.float()
+    q, s = act_quant(x, block)
+    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2)

@@ -2,14 +2,16 @@
 
 Nothing here imports torch_npu at module import time: on a machine without CANN, `import torch_npu` raises
 (ImportError on libhccl.so) and an installed torch_npu even breaks a plain `import torch` through its autoload
-entry point (docs: /work/shared/spec/toolchain.md section 5). Every probe returns a reason instead of raising.
+entry point (torch's device-backend autoload imports it). Every probe returns a reason instead of raising.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 
-__all__ = ["npu_available", "load_torch_npu", "load_custom_ops"]
+from . import emulator
+
+__all__ = ["npu_available", "load_torch_npu", "load_custom_ops", "custom_or_emulated"]
 
 
 def npu_available() -> tuple[bool, str]:
@@ -57,3 +59,11 @@ def load_custom_ops():
     except (AttributeError, RuntimeError):
         return None
     return ns
+
+
+def custom_or_emulated(custom, name: str):
+    """The custom op `name` from the provider `custom`, or the emulator's plain-torch one when the provider lacks it
+    (those are aten ops, so they also run on an NPU)."""
+    if custom is not None and hasattr(custom, name):
+        return getattr(custom, name)
+    return getattr(emulator, name)

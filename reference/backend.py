@@ -61,10 +61,7 @@ class ReferenceBackend(Backend):
         return torch.einsum("...gk,gnk->...gn", x, w)
 
     def _act_quant_dequant(self, x: Tensor) -> Tensor:
-        if x.shape[-1] % 128:
-            return x.float()
-        q, s = quant.act_quant(x, 128)
-        return (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+        return quant.act_quant_dequant(x, 128)
 
     # ---- mHC -------------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:

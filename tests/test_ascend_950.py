@@ -20,6 +20,7 @@ from dsv4_ascend.backend import Backend, RunOptions
 from dsv4_ascend.config import preset
 from dsv4_ascend.model import Transformer, WeightFormats
 from dsv4_ascend.ops import AscendBackend, emulator as E
+from dsv4_ascend.ops.emulator import lowp_950
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.tiny import official_tensors
 from dsv4_ascend.weights import assign_tensors
@@ -429,13 +430,13 @@ def _all_runs(tensors) -> dict:
     be = AscendBackend(E, quant="fp8", options=ds)
     model = _build(be, tensors)
     be.prepare(model)
-    out["n_plans"] = len(be._lp)
+    out["n_plans"] = len(be.scheme.plans)
     out["fp8_ds"], _ = _run(model, toks)
-    E.FP8_BLOCK_ACCUMULATION = "dequant"  # the reference's fp32 summation order (see the emulator)
+    lowp_950.FP8_BLOCK_ACCUMULATION = "dequant"  # the reference's fp32 summation order (see the emulator)
     try:
         out["fp8_ds_dequant_order"], _ = _run(_build(_QuantOnly950(E, quant="fp8", options=ds), tensors), toks)
     finally:
-        E.FP8_BLOCK_ACCUMULATION = "blockwise"
+        lowp_950.FP8_BLOCK_ACCUMULATION = "blockwise"
     out["fp8_exact"], _ = _run(_build(AscendBackend(E, quant="fp8"), tensors), toks)  # lazy layouts, no prepare()
     out["mx_ds"], _ = _run(_build(_QuantOnly950(E, quant="mxfp8", options=ds), tensors), toks)
     return out
@@ -598,7 +599,7 @@ def test_grouped_linear_950_runs_mxfp8_transpose_quant_batchmatmul(monkeypatch):
         be = AscendBackend(E, quant=q)
         y = be.grouped_linear(x, w8, ws)
         # the MXFP8 weight re-quantisation is lossless, padding included
-        _, wq, pairs, kp = be._grouped_plan(w8, ws)
+        _, wq, pairs, kp = be.scheme.grouped_plan(w8, ws)
         assert kp == 192
         back = quant.dequantize_mxfp8(wq, quant.e8m0_unpairs(pairs, kp // 32, -1))
         assert torch.equal(back[:, :k], dense) and not back[:, k:].any()

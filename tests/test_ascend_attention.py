@@ -63,7 +63,7 @@ def _dense_attention(q, ori, cmp, kv_len, q_counts, left, right, ratio, picks, s
 @pytest.mark.parametrize("scenario", ["swa", "hca", "csa"])
 @pytest.mark.parametrize("mode", ["decode", "multi_query", "bf16_band_right"])
 def test_sparse_attn_sharedkv_vs_dense(scenario, mode):
-    h, d, ratio, block = 3, 16, 4, 8
+    h, d, ratio, block = 3, 16, 4, 16  # the kernel's block sizes: multiples of 16, <= 1024
     dtype = torch.bfloat16 if mode == "bf16_band_right" else torch.float32
     left, right = (5, 2) if mode == "bf16_band_right" else (6, 0)
     kv_len = [1, 13, 30] if mode == "decode" else [9, 30, 17]
@@ -101,7 +101,7 @@ def test_sparse_attn_sharedkv_vs_dense(scenario, mode):
 def test_sparse_attn_sharedkv_bsnd_matches_tnd():
     h, d = 2, 8
     ori = [torch.randn(10, d, generator=_g(90 + i)) for i in range(2)]
-    cache, table = _paged(ori, 4, 3, 91)
+    cache, table = _paged(ori, 16, 3, 91)
     q = torch.randn(2, 3, h, d, generator=_g(92))
     kw = dict(ori_kv=cache, ori_block_table=table, seqused_kv=torch.tensor([7, 10], dtype=torch.int32),
               sinks=torch.randn(h, generator=_g(93)), ori_win_left=3)
@@ -115,9 +115,15 @@ def test_sparse_attn_sharedkv_bsnd_matches_tnd():
 
 def test_sparse_attn_sharedkv_rejects_bad_arguments():
     q = torch.randn(2, 2, 8)
-    cache, table = _paged([torch.randn(4, 8)], 4, 1, 94)
+    cache, table = _paged([torch.randn(4, 8)], 16, 1, 94)
     base = dict(ori_kv=cache, ori_block_table=table, cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32),
                 layout_q="TND")
+    for rows in (8, 2, 1040):  # documented: block sizes are multiples of 16, at most 1024 (HCA pages of 256/128)
+        small, small_table = _paged([torch.randn(min(rows, 4), 8)], rows, 1, 94)
+        with pytest.raises(ValueError, match="block size"):
+            E.npu_sparse_attn_sharedkv(q, **{**base, "ori_kv": small, "ori_block_table": small_table})
+        with pytest.raises(ValueError, match="block size"):
+            E.npu_sparse_attn_sharedkv(q, cmp_kv=small, cmp_block_table=small_table, cmp_ratio=4, **base)
     with pytest.raises(ValueError, match="ori_kv must be"):
         E.npu_sparse_attn_sharedkv(q, **{**base, "ori_kv": cache.bfloat16()})
     with pytest.raises(ValueError, match="cmp_ratio"):

@@ -117,7 +117,8 @@ def test_lightning_indexer_traces_without_host_reads():
 
     def li(q, asl_k):
         return E.npu_lightning_indexer(q, keys, w, actual_seq_lengths_query=asl_q, actual_seq_lengths_key=asl_k,
-                                       block_table=table, layout_query="TND", sparse_count=k, sparse_mode=3)
+                                       block_table=table, layout_query="TND", layout_key="PA_BSND",
+                                       sparse_count=k, sparse_mode=3)[0]
 
     want = li(q, asl_k)
     assert torch.equal(_compiled(li)(q, asl_k), want)
@@ -127,8 +128,8 @@ def test_lightning_indexer_traces_without_host_reads():
     qs, ks = torch.rand(t, h).half() + 0.5, torch.rand(2 * 16, 16, 1).half() + 0.5
 
     def qli(qi, asl_k):
-        return E.npu_quant_lightning_indexer(qi, ki, w[..., 0].half(), qs, ks, actual_seq_lengths_query=asl_q,
+        return E.npu_quant_lightning_indexer(qi, ki, w[..., 0].half(), qs, ks, 0, 0, actual_seq_lengths_query=asl_q,
                                              actual_seq_lengths_key=asl_k, block_table=table, layout_query="TND",
-                                             layout_key="PA_BSND", sparse_count=k, sparse_mode=3)[0]
+                                             layout_key="PA_BSND", sparse_count=k, sparse_mode=3)
 
     assert torch.equal(_compiled(qli)(qi, asl_k), qli(qi, asl_k))

@@ -178,7 +178,8 @@ def test_init_routing_v2_and_finalize_roundtrip():
     dst_expert = torch.empty(t * k, dtype=torch.long)
     dst_expert[row_idx.long()] = ids.reshape(-1).long()
     assert (dst_expert[1:] >= dst_expert[:-1]).all()
-    _, _, cums, _ = E.npu_moe_init_routing_v2(x, ids, expert_num=e, expert_tokens_num_type=0)
+    _, _, cums, _ = E.npu_moe_init_routing_v2(x, ids, expert_num=e, expert_tokens_num_type=0,
+                                              expert_tokens_num_flag=True)
     assert cums.tolist() == counts.cumsum(0).tolist()
     # finalize undoes it: a per-expert transform then a weighted sum per token
     scale_e = torch.arange(1, e + 1, dtype=torch.float32)
@@ -201,7 +202,7 @@ def test_init_routing_dynamic_int8():
     x = torch.randn(4, 16, generator=_g(25)).to(torch.bfloat16)
     ids = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=torch.int32)
     ex, row_idx, _, sc = E.npu_moe_init_routing_v2(x, ids, expert_num=2, expert_tokens_num_type=1,
-                                                   quant_mode=1)
+                                                   expert_tokens_num_flag=True, quant_mode=1)
     assert ex.dtype == torch.int8 and sc.shape == (8,)
     for i in range(4):
         for j in range(2):
@@ -322,8 +323,8 @@ def test_lightning_indexer_bsnd_and_tnd():
     w = torch.randn(b, s, h, 1, generator=_g(39))
     cache, table = _paged(keys, 16, 40)
     kv_len = torch.tensor([5, 21], dtype=torch.int32)
-    out = E.npu_lightning_indexer(q, cache, w, actual_seq_lengths_key=kv_len, block_table=table,
-                                  sparse_count=k, sparse_mode=3)
+    out, _ = E.npu_lightning_indexer(q, cache, w, actual_seq_lengths_key=kv_len, block_table=table,
+                                     layout_key="PA_BSND", sparse_count=k, sparse_mode=3)
     assert out.shape == (b, s, 1, k) and out.dtype == torch.int32
     for bi in range(b):
         for si in range(s):
@@ -338,9 +339,9 @@ def test_lightning_indexer_bsnd_and_tnd():
     qt = q.reshape(b * s, h, d)
     lens = torch.tensor([0, 1, 2, 7, 21, 3], dtype=torch.int32)
     tab = table.repeat_interleave(s, 0)
-    out = E.npu_lightning_indexer(qt, cache, w.reshape(b * s, h, 1), actual_seq_lengths_query=torch.arange(1, 7),
-                                  actual_seq_lengths_key=lens, block_table=tab, layout_query="TND",
-                                  sparse_count=k)
+    out, _ = E.npu_lightning_indexer(qt, cache, w.reshape(b * s, h), actual_seq_lengths_query=torch.arange(1, 7),
+                                     actual_seq_lengths_key=lens, block_table=tab, layout_query="TND",
+                                     layout_key="PA_BSND", sparse_count=k)
     assert out.shape == (b * s, 1, k)
     for t in range(b * s):
         bi = t // s
@@ -350,8 +351,9 @@ def test_lightning_indexer_bsnd_and_tnd():
         assert set(valid) == _topk_set(scores, int(lens[t]), k)
 
 
-def test_quant_lightning_indexer_cmp_ratio():
-    b, s, h, d, n, k, ratio = 1, 4, 2, 8, 12, 3, 4
+def test_quant_lightning_indexer_causal():
+    # the built-in contract (no cmp_ratio: every key is one position; CR's custom op adds cmp_ratio)
+    b, s, h, d, n, k, ratio = 1, 4, 2, 8, 12, 3, 1
     q = torch.randint(-127, 128, (b, s, h, d), generator=_g(41), dtype=torch.int8)
     keys = torch.randint(-127, 128, (b, n, d), generator=_g(42), dtype=torch.int8)
     qs = (torch.rand(b, s, h, generator=_g(43)) + 0.5).half()
@@ -359,12 +361,12 @@ def test_quant_lightning_indexer_cmp_ratio():
     w = torch.randn(b, s, h, generator=_g(45)).half()
     kcache, table = _paged(keys, 16, 46)
     scache, _ = _paged(ks, 16, 46)
-    kv_len = torch.tensor([43], dtype=torch.int32)  # uncompressed; queries at positions 39..42
-    idx, _ = E.npu_quant_lightning_indexer(q, kcache, w, qs, scache.squeeze(-1).unsqueeze(-1).view(-1, 16, 1),
-                                           actual_seq_lengths_key=kv_len, block_table=table,
-                                           layout_key="PA_BSND", sparse_count=k, sparse_mode=3, cmp_ratio=ratio)
+    kv_len = torch.tensor([10], dtype=torch.int32)  # queries at positions 6..9: 7..10 visible keys
+    idx = E.npu_quant_lightning_indexer(q, kcache, w, qs, scache.squeeze(-1).unsqueeze(-1).view(-1, 16, 1), 0, 0,
+                                        actual_seq_lengths_key=kv_len, block_table=table,
+                                        layout_key="PA_BSND", sparse_count=k, sparse_mode=3)
     for si in range(s):
-        pos = 43 - s + si
+        pos = 10 - s + si
         vis = (pos + 1) // ratio
         scores = []
         for j in range(n):
@@ -426,3 +428,21 @@ def test_sparse_attn_sharedkv(scenario):
 def test_metadata_ops_are_placeholders():
     assert E.npu_sparse_attn_sharedkv_metadata(64, 1, 512).shape == (1024,)
     assert E.npu_quant_lightning_indexer_metadata(64, 1, 128, 0, 0).dtype == torch.int32
+
+
+def test_grouped_matmul_one_gemm_per_expert_without_row_copies():
+    """Issue #26.3: rows grouped by expert, one GEMM per expert; no [M, K, N] per-row weight (int8 -> fp64 would be
+    M*K*N*8 bytes = 8 GiB here), and the same exact int32 sums as a per-row loop."""
+    import resource
+
+    m, k, n, e = 1024, 1024, 1024, 2
+    x = torch.randint(-127, 128, (m, k), generator=_g(120), dtype=torch.int8)
+    w = torch.randint(-127, 128, (e, k, n), generator=_g(121), dtype=torch.int8)
+    counts = torch.tensor([600, 424])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    y = E.npu_grouped_matmul([x], [w], group_list=counts, group_list_type=1, split_item=3, group_type=0,
+                             output_dtype=torch.int32)[0]
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 1 << 20, f"peak RSS grew by {grown} KiB (> 1 GiB): per-row weight copies?"
+    for rows, j in ((slice(0, 600), 0), (slice(600, 1024), 1)):
+        assert torch.equal(y[rows], (x[rows].long() @ w[j].long()).to(torch.int32))  # exact (int64 sums)

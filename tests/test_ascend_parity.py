@@ -151,11 +151,14 @@ def test_model_bf16_greedy_parity(bf16_reference_run):
     # fp32 accumulation-order differences (grouped expert GEMM vs the reference's gathered einsum) that flip a
     # near-tie of a discrete top-k choice. For scale: bf16 vs fp32 *reference* on this model is cosine 0.9997
     # with single positions down to 0.82, so the cosine bar sits at this model's bf16 noise floor and has almost
-    # no margin; top-1 agreement is the robust half of the check.
+    # no margin; top-1 agreement is the robust half of the check. Since HCA pages of 16/8 = 2 entries (and the
+    # 8-row window) reach npu_sparse_attn_sharedkv as blocks of 16 (its documented block sizes), the emulated
+    # kernel's masked key axis is longer and its fp32 softmax sums run in another order: measured 0.999889, the
+    # same kind of 1e-5 summation-order drift, so the bar is 0.9998 (still above the bf16 floor of 0.9997).
     ref_logits, toks = bf16_reference_run
     got, _ = _greedy(_bf16_norms(build_tiny(dtype=torch.bfloat16, backend=AscendBackend(emulator))), toks)
     f = _figures(ref_logits, got)
-    assert f["cosine"] >= 0.9999, f
+    assert f["cosine"] >= 0.9998, f
     assert f["top1"] >= 0.999, f
 
 
@@ -172,7 +175,7 @@ def test_model_w8a8_greedy_parity(bf16_reference_run):
     be = AscendBackend(emulator, quant="w8a8")
     model = _bf16_norms(build_tiny(dtype=torch.bfloat16, backend=be))
     be.prepare(model)
-    assert len(be._w8) == 12 and len(be._experts8) == 5 and len(be._shared8) == 5  # 4 layers + 1 MTP block
+    assert len(be.scheme.linears) == 12 and len(be.scheme.routed) == 5 and len(be.scheme.shared) == 5  # 4 layers + 1 MTP block
     got, _ = _greedy(model, toks)
     f = _figures(ref_logits, got)
     assert f["rel_rms"] <= 0.2, f

@@ -188,7 +188,7 @@ def test_experts_w4a8_error_is_the_int4_format():
     wts, ids = ref.route(torch.randn(t, e, generator=_g(14)), None, None, k, 1.5)
     be = AscendBackend(E, quant="w4a8")
     # what prepare() reads from a RoutedExperts module
-    be._prepare_routed_int4(SimpleNamespace(w1=w1, w2=w2, w3=w3, w1_scale=None, w2_scale=None, w3_scale=None))
+    be.scheme.prepare_routed_int4(SimpleNamespace(w1=w1, w2=w2, w3=w3, w1_scale=None, w2_scale=None, w3_scale=None))
     got = be.experts(x, wts, ids, w1, w2, w3, None, None, None, 10.0)
     same_w = ref.experts(x, wts, ids, *(_int4_dequantised(w) for w in (w1, w2, w3)), None, None, None, 10.0)
     exact = ref.experts(x, wts, ids, w1, w2, w3, None, None, None, 10.0)
@@ -240,7 +240,7 @@ def model_runs() -> dict:
         be = AscendBackend(E, quant=q)
         model = _bf16_norms(build_tiny(dtype=torch.bfloat16, backend=be))
         be.prepare(model)
-        assert (len(be._experts4), len(be._experts8)) == ((5, 0) if q == "w4a8" else (0, 5))
+        assert (len(be.scheme.routed_int4), len(be.scheme.routed)) == ((5, 0) if q == "w4a8" else (0, 5))
         runs[q] = _greedy(model, prompt, toks)[0]
     return runs
 
@@ -295,13 +295,13 @@ def test_converted_w4a8_loads_like_prepare(converted):
     want = model(ids)
     be2 = AscendBackend(E, quant="w4a8")
     conv = load_checkpoint(dst, backend=be2, progress=False)  # dispatches to load_converted
-    assert (len(be2._w8), len(be2._shared8), len(be2._experts4), len(be2._experts8)) == (12, 5, 5, 0)
-    for a, b in zip(be._experts4.values(), be2._experts4.values()):
+    assert (len(be2.scheme.linears), len(be2.scheme.shared), len(be2.scheme.routed_int4), len(be2.scheme.routed)) == (12, 5, 5, 0)
+    for a, b in zip(be.scheme.routed_int4.values(), be2.scheme.routed_int4.values()):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(conv(ids), want)
     # the model keeps zero-byte placeholders for the int4 experts (the backend holds the packed weights)
     w1 = conv.layers[0].ffn.routed.w1
-    assert w1.dtype == torch.int8 and w1.stride() == (0, 0, 0) and id(w1) in be2._experts4
+    assert w1.dtype == torch.int8 and w1.stride() == (0, 0, 0) and id(w1) in be2.scheme.routed_int4
     # the CLI picks quant="w4a8" from the converted config
     m_cli, _ = load_model(str(dst), backend="ascend")
     assert m_cli.backend.quant == "w4a8" and torch.equal(m_cli(ids), want)

@@ -130,12 +130,12 @@ def test_convert_a3_loads_like_prepare(tiny, a3, tmp_path):
     want = model(ids)
     be2 = AscendBackend(emulator, quant="w8a8")
     conv = load_checkpoint(a3, backend=be2, progress=False)  # dispatches to load_converted
-    assert (len(be2._w8), len(be2._experts8), len(be2._shared8)) == (len(be._w8), len(be._experts8),
-                                                                     len(be._shared8)) == (12, 5, 5)
+    assert (len(be2.scheme.linears), len(be2.scheme.routed), len(be2.scheme.shared)) == (
+        len(be.scheme.linears), len(be.scheme.routed), len(be.scheme.shared)) == (12, 5, 5)
     assert torch.equal(conv(ids), want)
     # the model's int8 parameters are views of the backend's [K, N] tensors (no second copy)
     wq = conv.layers[0].attn.wq_b.weight
-    assert wq.dtype == torch.int8 and wq.data_ptr() == be2._w8[id(wq)][0].data_ptr()
+    assert wq.dtype == torch.int8 and wq.data_ptr() == be2.scheme.linears[id(wq)][0].data_ptr()
     # --nz: recorded; the emulator's npu_format_cast is the identity (nothing is cast on CPU)
     nz = tmp_path / "a3nz"
     assert main(["convert", str(tiny), str(nz), "--target", "a3", "--nz", "--quiet"]) == 0

@@ -1,0 +1,203 @@
+"""How AscendBackend hands V4 attention to the device: the lightning indexer, the KV compressor and
+npu_sparse_attn_sharedkv, each fed from the model's layouts (KVView, paged entry stores, the state ring).
+
+A mixin of AscendBackend (ops/backend.py): it reads `self.npu`, `self.custom` and `self.scheme`, and falls back to
+the plain composites (ReferenceBackend / Backend) through `super()` where the kernels cannot take the input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsv4_ascend.attention_view import KVView
+
+__all__ = ["AttentionMapping", "LI_BLOCK", "SAS_TOPK"]
+
+LI_BLOCK = 16  # paged-key block size handed to the lightning indexer (device: multiple of 16, <= 1024)
+SAS_BLOCK = 16  # block size of the temporary paged caches below (npu_sparse_attn_sharedkv: multiple of 16, <= 1024)
+SAS_TOPK = 512  # npu_sparse_attn_sharedkv's only supported cmp_sparse_indices width (K2)
+
+
+class AttentionMapping:
+    """indexer_topk, compressor and attend through the torch_npu / CR kernels (mixin; see module docstring)."""
+
+    def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
+        # Every query becomes its own batch of one token (TND, actual_seq_lengths_query = 1..T) whose key length
+        # is its n_visible compressed entries: with cmp_ratio 1 and sparse_mode 3 the op's right-down causal
+        # mask is then exactly "entry w < n_visible[t]", for any n_visible (prefill or decode), without host syncs.
+        b, s, h, di = q.shape
+        n = keys.shape[1]
+        kk = min(k, n)
+        if n == 0:
+            return torch.full((b, s, 0), -1, dtype=torch.long, device=q.device)
+        nblk = -(-n // LI_BLOCK)
+        t = b * s
+        dev = q.device
+        table = (torch.arange(b, device=dev) * nblk).unsqueeze(1) + torch.arange(nblk, device=dev)
+        table = table.repeat_interleave(s, 0).to(torch.int32)  # [T, nblk]
+        asl_q = torch.arange(1, t + 1, device=dev, dtype=torch.int32)
+        asl_k = n_visible.reshape(t).clamp(0, n).to(torch.int32)
+        pad = nblk * LI_BLOCK - n
+        if self.scheme is not None and self.scheme.int8_indexer:
+            qi, qs = self.npu.npu_dynamic_quant(q.reshape(t, h, di))  # per token-head
+            ki, ks = self.npu.npu_dynamic_quant(keys)  # per key
+            kcache = F.pad(ki, (0, 0, 0, pad)).view(b * nblk, LI_BLOCK, 1, di)
+            kscale = F.pad(ks, (0, pad)).view(b * nblk, LI_BLOCK, 1).to(torch.float16)
+            # The built-in's arguments only (valid for CR's custom op of the same name too); the built-in returns
+            # the indices, the custom op (indices, values): a type check at trace time, not a value read.
+            out = self.npu.npu_quant_lightning_indexer(
+                qi, kcache, weights.reshape(t, h).to(torch.float16), qs.to(torch.float16), kscale,
+                query_quant_mode=0, key_quant_mode=0, actual_seq_lengths_query=asl_q, actual_seq_lengths_key=asl_k,
+                block_table=table, layout_query="TND", layout_key="PA_BSND", sparse_count=kk, sparse_mode=3)
+            idx = out[0] if isinstance(out, (tuple, list)) else out
+        else:
+            kcache = F.pad(keys.to(q.dtype), (0, 0, 0, pad)).view(b * nblk, LI_BLOCK, 1, di)
+            idx, _ = self.npu.npu_lightning_indexer(  # -> (sparse_indices, sparse_values)
+                q.reshape(t, h, di), kcache, weights.reshape(t, h).to(q.dtype),
+                actual_seq_lengths_query=asl_q, actual_seq_lengths_key=asl_k, block_table=table,
+                layout_query="TND", layout_key="PA_BSND", sparse_count=kk, sparse_mode=3)
+        return idx.view(b, s, kk).long()
+
+    # ---- KV compressor: the custom `compressor` ----------------------------------------------------------------
+    def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                   state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
+                   used: int | None = None) -> Tensor:
+        # CR's fused op (custom `compressor`), BSND for decode and prefill alike (every row of a chunk shares S).
+        # The state ring [N, R, 2c] is the op's paged state cache with block_size R: a table repeating each row's
+        # block sends position p to row p % R. start_pos goes in shifted down by a multiple of R (to start % R + R
+        # once start >= R): the op uses it only for the window phase, the ape row, the w = 0 rule and the state
+        # address, all unchanged by the shift (R is a multiple of the ratio, and >= 2*ratio with overlap, so no
+        # window becomes the first), while RoPE comes in per entry; so the table needs only a few columns, fixed
+        # by S, instead of max_seq_len / R (verify on the device that nothing else reads start_pos).
+        if self.custom is None or not hasattr(self.custom, "compressor"):
+            return super().compressor(x, wkv, wgate, ape, norm_weight, norm_eps, state, blocks, start, cos, sin,
+                                      ratio, used)
+        b, s, _ = x.shape
+        ring = state.shape[1]
+        coff = wkv.shape[0] // norm_weight.shape[0]
+        shifted = torch.where(start >= ring, start % ring + ring, start)
+        table = blocks.to(torch.int32).unsqueeze(1).expand(b, (2 * ring + s - 2) // ring + 1).contiguous()
+        seqused = None if used is None else torch.full((b,), used, dtype=torch.int32, device=x.device)
+        return self.custom.compressor(
+            x, wkv.to(x.dtype), wgate.to(x.dtype), state, ape.float(), norm_weight.float(),
+            sin.repeat_interleave(2, -1).float(), cos.repeat_interleave(2, -1).float(), 2 * cos.shape[-1], ratio,
+            state_block_table=table, seqused=seqused, start_pos=shifted.to(torch.int32), coff=coff,
+            norm_eps=norm_eps, rotary_mode=2, cache_mode=1)
+
+    # ---- V4 attention: npu_sparse_attn_sharedkv ----------------------------------------------------------------
+    def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
+        """CR's fused shared-KV attention over the stores `view` describes, when a custom provider is installed
+        and the kernel can read them; otherwise the composite (`view.gathered()` + sparse_attention).
+
+        TND q (one batch per sequence, cu_seqlens_q); ori_kv = the window ring [slots, win, 1, d] as a paged
+        cache of block size win whose block table repeats the row's slot (position p -> block slot, row p % win);
+        cmp_kv = the entry pages [pages, block_size/m, 1, d] through the sequence's block table row (entry j in
+        page j // (block_size/m)); CSA picks as cmp_sparse_indices (-1 padded to K2 = 512); seqused_kv = last
+        position + 1. Prefill chunks are not in the ring yet: a temporary paged window (`_sas_prefill_window`)
+        stands in for it. The kernel's paged caches take block sizes that are multiples of 16 and at most 1024
+        (CR custom-npu_sparse_attn_sharedkv doc): a ring (win) or a page (block_size/m entries, e.g. 256/128 = 2
+        for HCA) that is not one is handed over as a temporary copy with blocks of 16 (`_sas_window_blocks`,
+        `_sas_entry_blocks`). No host reads: decode stays capturable.
+        """
+        if self._sas_unsupported(q, view):
+            return super().attend(q, view, sink, scale)
+        b, s, h, d = q.shape
+        win, dev, i32 = view.win, q.device, torch.int32
+        if view.chunk is None and _kernel_block(win):  # decode: this step's row is already in the ring
+            ori_kv = view.window.data.unsqueeze(2)
+            ori_table = view.slots.to(i32).view(b, 1).expand(b, -(-view.max_len // win)).contiguous()
+        elif view.chunk is None:
+            ori_kv, ori_table = self._sas_window_blocks(view)
+        else:
+            ori_kv, ori_table = self._sas_prefill_window(view)
+        cu = torch.arange(0, (b + 1) * s, s, device=dev, dtype=i32)  # one TND batch per sequence
+        seqused = (view.positions[:, -1] + 1).to(i32)
+        kw = dict(cu_seqlens_q=cu, seqused_kv=seqused, cmp_ratio=view.ratio or 1, ori_mask_mode=4, cmp_mask_mode=3,
+                  ori_win_left=win - 1, ori_win_right=0, layout_q="TND", layout_kv="PA_ND")
+        cmp, cmp_topk = {}, 0
+        if view.ratio:
+            if _kernel_block(view.entries.data.shape[1]):
+                cmp = dict(cmp_kv=view.entries.data.unsqueeze(2), cmp_block_table=view.block_table.to(i32))
+            else:
+                cmp = dict(zip(("cmp_kv", "cmp_block_table"), self._sas_entry_blocks(view)))
+            if view.picks is not None:
+                picks = F.pad(view.picks, (0, SAS_TOPK - view.picks.shape[-1]), value=-1)
+                cmp["cmp_sparse_indices"] = picks.reshape(b * s, 1, SAS_TOPK).to(i32)
+                cmp_topk = SAS_TOPK
+        meta = self.custom.npu_sparse_attn_sharedkv_metadata(
+            h, 1, d, batch_size=b, max_seqlen_q=s, max_seqlen_kv=view.max_len, ori_topk=0, cmp_topk=cmp_topk,
+            has_ori_kv=True, has_cmp_kv=bool(view.ratio), device=str(dev), **kw)
+        out, _ = self.custom.npu_sparse_attn_sharedkv(
+            q.reshape(b * s, h, d), ori_kv=ori_kv, ori_block_table=ori_table, sinks=sink.float(), metadata=meta,
+            softmax_scale=scale, **cmp, **kw)
+        return out.view(b, s, h, d)
+
+    def _sas_unsupported(self, q: Tensor, view: KVView) -> str:
+        """Why npu_sparse_attn_sharedkv cannot run this view ('' when it can); decided from host-known facts."""
+        if self.custom is None or not hasattr(self.custom, "npu_sparse_attn_sharedkv"):
+            return "no custom-op provider"
+        stores = [view.window] + ([view.entries] if view.ratio else [])
+        if any(st.fp8 for st in stores):
+            return "C8 (kv_fp8) cache: npu_kv_quant_sparse_attn_sharedkv's row layout differs from ours"
+        if any(st.dtype != q.dtype for st in stores):
+            return "cache dtype differs from q's (the kernel takes one dtype)"
+        if view.ratio and not view.entries_in_store:
+            return "deferred prefill: the chunk's entries are not in the pages yet"
+        if view.picks is not None and view.picks.shape[-1] > SAS_TOPK:
+            return f"more than {SAS_TOPK} picks per query"
+        return ""
+
+    def _sas_prefill_window(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """A temporary paged window for a prefill chunk: ring rows of positions [start-win, start) then the chunk,
+        in position order, front-aligned to the block size (win, or 16 when win is not a kernel block size).
+        Returns (cache [B*nblk, bs, 1, d], table)."""
+        b, s, d = view.chunk.shape
+        win, s0, dev = view.win, view.start, view.chunk.device
+        bs = win if _kernel_block(win) else SAS_BLOCK
+        first = max(s0 - win, 0) // bs  # first block held; earlier columns are never read unmasked
+        nblk = -(-(s0 + s) // bs) - first
+        p = first * bs + torch.arange(nblk * bs, device=dev)  # positions held
+        src = torch.where(p < s0, p % win, torch.where(p < s0 + s, win + p - s0, win + s))  # ring | chunk | zero
+        rows = torch.cat([view.window.read(view.slots), view.chunk.to(view.window.dtype),
+                          view.chunk.new_zeros(b, 1, d, dtype=view.window.dtype)], 1)
+        cache = rows.index_select(1, src).view(b * nblk, bs, 1, d)
+        col = (torch.arange(first + nblk, device=dev) - first).clamp(min=0)
+        table = (torch.arange(b, device=dev).unsqueeze(1) * nblk + col).to(torch.int32)
+        return cache, table
+
+    def _sas_window_blocks(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """Decode with a ring whose length is not a kernel block size: each sequence's ring rows of positions
+        [base, base + nb*16) (base = the block of 16 holding position P - win + 1) copied in position order.
+        Rows past P or before P - win + 1 hold other positions; the band mask (seqused_kv, ori_win_left) never
+        reads them. Returns (cache [B*nb, 16, 1, d], table [B, ceil(max_len/16)])."""
+        win, dev, bs = view.win, view.slots.device, SAS_BLOCK
+        last = view.positions[:, -1].long()
+        b = last.shape[0]
+        nb = -(-win // bs) + 1  # blocks of 16 that cover any win consecutive positions
+        base = (last - win + 1).clamp(min=0) // bs * bs
+        p = base.unsqueeze(1) + torch.arange(nb * bs, device=dev)  # [B, nb*16] positions held
+        rows = view.window.read(view.slots)  # [B, win, d]
+        cache = rows.gather(1, (p % win).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+        col = (torch.arange(-(-view.max_len // bs), device=dev) - (base // bs).unsqueeze(1)).clamp(0, nb - 1)
+        table = (torch.arange(b, device=dev).unsqueeze(1) * nb + col).to(torch.int32)
+        return cache.reshape(b * nb, bs, 1, -1), table
+
+    def _sas_entry_blocks(self, view: KVView) -> tuple[Tensor, Tensor]:
+        """Entry pages whose size (block_size/m) is not a kernel block size: every entry each sequence's block table
+        addresses, copied in entry order into blocks of 16 (entry j of sequence b in block b*nb + j // 16).
+        Returns (cache [B*nb, 16, 1, d], table [B, nb])."""
+        data, table, bs = view.entries.data, view.block_table.long(), SAS_BLOCK
+        b, cols = table.shape
+        per_page = data.shape[1]
+        n = cols * per_page
+        nb = -(-n // bs)
+        j = torch.arange(nb * bs, device=data.device).clamp(max=n - 1)  # padding repeats the last entry (masked)
+        cache = data[table[:, j // per_page], j % per_page]  # [B, nb*16, d]
+        blocks = torch.arange(b * nb, device=data.device, dtype=torch.int32).view(b, nb)
+        return cache.reshape(b * nb, bs, 1, -1), blocks
+
+
+def _kernel_block(rows: int) -> bool:
+    """A paged-cache block size npu_sparse_attn_sharedkv takes: a multiple of 16, at most 1024 (CR's op doc)."""
+    return rows % 16 == 0 and 0 < rows <= 1024
