@@ -158,7 +158,7 @@ class AttentionMapping:
         first = max(s0 - win, 0) // bs  # first block held; earlier columns are never read unmasked
         nblk = -(-(s0 + s) // bs) - first
         p = first * bs + torch.arange(nblk * bs, device=dev)  # positions held
-        src = torch.where(p < s0, p % win, torch.where(p < s0 + s, win + p - s0, win + s))  # ring | chunk | zero
+        src = torch.where(p < s0 + s, view.window.chunk_source(p, s0), win + s)  # ring | chunk | zero row
         rows = torch.cat([view.window.read(view.slots), view.chunk.to(view.window.dtype),
                           view.chunk.new_zeros(b, 1, d, dtype=view.window.dtype)], 1)
         cache = rows.index_select(1, src).view(b * nblk, bs, 1, d)
@@ -178,7 +178,7 @@ class AttentionMapping:
         base = (last - win + 1).clamp(min=0) // bs * bs
         p = base.unsqueeze(1) + torch.arange(nb * bs, device=dev)  # [B, nb*16] positions held
         rows = view.window.read(view.slots)  # [B, win, d]
-        cache = rows.gather(1, (p % win).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+        cache = rows.gather(1, view.window.row(p).unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
         col = (torch.arange(-(-view.max_len // bs), device=dev) - (base // bs).unsqueeze(1)).clamp(0, nb - 1)
         table = (torch.arange(b, device=dev).unsqueeze(1) * nb + col).to(torch.int32)
         return cache.reshape(b * nb, bs, 1, -1), table
