@@ -157,7 +157,7 @@ def finish_keys(backend: Backend, e: Tensor, rope_dim: int | None) -> Tensor:
     if not backend.options.deepseek:
         return e
     if rope_dim is None:
-        return quant.fp4_sim(e @ quant.hadamard(e.shape[-1], e.dtype).to(e.device), 32)
+        return quant.fp4_sim(quant.hadamard_rotate(e), 32)
     return torch.cat([quant.fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
 
 

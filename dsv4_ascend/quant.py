@@ -28,6 +28,7 @@ __all__ = [
     "fp8_sim",
     "fp4_sim",
     "hadamard",
+    "hadamard_rotate",
     "dequantize",
     "INT4_QMAX",
     "quantize_int4_per_channel",
@@ -280,14 +281,31 @@ def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (vals * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
 
 
-def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sylvester Walsh-Hadamard matrix of order n (power of two) scaled by n^-0.5, so it is orthonormal."""
+def _sylvester(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The +-1 Sylvester Walsh-Hadamard matrix of order n (power of two), unscaled (exact in every float dtype)."""
     if not isinstance(n, int) or n < 1 or n & (n - 1):
         raise ValueError(f"hadamard order must be a positive power of two, got {n!r}")
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h * n**-0.5).to(dtype)
+    return h
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sylvester Walsh-Hadamard matrix of order n (power of two) scaled by n^-0.5, so it is orthonormal."""
+    return (_sylvester(n, torch.float64) * n**-0.5).to(dtype)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] times the orthonormal order-n Hadamard matrix, computed in fp32 and rounded once to x.dtype.
+
+    DeepSeek's `rotate_activation` (`fast_hadamard_transform(x, scale=n**-0.5)`): fp32 sums of +-x, times the
+    fp32 scale, one cast at the end. (A matmul with `hadamard(n, bf16)` would round the matrix entries and the
+    product to bf16.)
+    """
+    n = x.shape[-1]
+    h = _sylvester(n, torch.float32).to(x.device)
+    return ((x.float() @ h) * torch.tensor(n**-0.5, dtype=torch.float32)).to(x.dtype)
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
