@@ -389,23 +389,24 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
-        if self.ep is not None:  # expert parallel: dispatch to the experts' ranks and combine (parallel.py)
-            y = self.ep(self, x, weights, ids, sync_free)
-        else:
-            y = self.run_local_experts(x, weights, ids, sync_free)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.ep is None:  # the shared output joins the routed experts' fp32 sum; one cast
+            return self.run_local_experts(x, weights, ids, sync_free, shared).view(shape)
+        # expert parallel: dispatch to the experts' ranks and combine (parallel.py); the combine casts
+        y = self.ep(self, x, weights, ids, sync_free)
+        return (y if shared is None else y + shared).view(shape)
 
-    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False) -> Tensor:
-        """This rank's share of the routed output: pairs routed to experts outside `routed` get weight 0."""
+    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
+                          shared: Tensor | None = None) -> Tensor:
+        """This rank's share of the routed output (+ `shared`, added in fp32): pairs routed to experts outside
+        `routed` get weight 0."""
         r = self.routed
         if r.count != self.n_experts:
             local = (ids >= r.first) & (ids < r.first + r.count)
             weights = weights * local
             ids = torch.where(local, ids - r.first, 0)
         return self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
-                                    self.limit, sync_free)
+                                    self.limit, sync_free, shared)
 
 
 class Block(nn.Module):

@@ -230,7 +230,8 @@ class AscendBackend(Backend):
                                    _quant.a8w4_scale_u64(w2_s).unsqueeze(1), w2_bias.float().contiguous())
         self._keep.append(key)
 
-    def _experts_w4a8(self, x: Tensor, weights: Tensor, ids: Tensor, packed: tuple, limit: float) -> Tensor:
+    def _experts_w4a8(self, x: Tensor, weights: Tensor, ids: Tensor, packed: tuple, limit: float,
+                      shared: Tensor | None = None) -> Tensor:
         """init_routing_v2 (per-row int8) -> GMM1 A8W4 (bf16 out, scales applied: the A8W4 kernel has no int32
         output) -> npu_dequant_swiglu_clamp_quant on bf16 (clamped SwiGLU + per-row int8) -> GMM2 A8W4 ->
         finalize_routing with the routing weights (CR's order, as in the W8A8 path)."""
@@ -249,7 +250,7 @@ class AscendBackend(Backend):
             glu_alpha=1.0, glu_bias=0.0)
         y = self.npu.npu_grouped_matmul([hq], [w2], bias=[w2b], scale=[w2s], per_token_scale=[hs],
                                         output_dtype=out_dt, **gmm)[0]
-        out = self.npu.npu_moe_finalize_routing(y, None, None, None, weights.to(out_dt), row_idx,
+        out = self.npu.npu_moe_finalize_routing(y, shared, None, None, weights.to(out_dt), row_idx,
                                                 ids.to(torch.int32), drop_pad_mode=2)
         return out.to(dt)
 
@@ -372,7 +373,7 @@ class AscendBackend(Backend):
         return y.view(*x.shape[:-1], -1)
 
     def _experts_950(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
-                     s1: Tensor, s2: Tensor, s3: Tensor, limit: float) -> Tensor:
+                     s1: Tensor, s2: Tensor, s3: Tensor, limit: float, shared: Tensor | None = None) -> Tensor:
         """MXFP4 experts with MXFP8 activations (the 950's "W4A8 MX"): init_routing_v2 (no quant) ->
         npu_dynamic_mx_quant -> GMM1 (w13) -> clamped SwiGLU x routing weight (fp32, DeepSeek's order) ->
         npu_dynamic_mx_quant -> GMM2 (w2) -> finalize_routing."""
@@ -395,7 +396,7 @@ class AscendBackend(Backend):
         hq, hs = self.npu.npu_dynamic_mx_quant((F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt), axis=-1,
                                                dst_type=torch.float8_e4m3fn)
         y = self.npu.npu_grouped_matmul([hq], [w2t], antiquant_scale=[p2], per_token_scale=[hs], **gmm)[0]
-        return self.npu.npu_moe_finalize_routing(y, None, None, None, None, row_idx, ids.to(torch.int32),
+        return self.npu.npu_moe_finalize_routing(y, shared, None, None, None, row_idx, ids.to(torch.int32),
                                                  drop_pad_mode=2)
 
     # ---- elementwise ------------------------------------------------------------------------------------------
@@ -672,7 +673,7 @@ class AscendBackend(Backend):
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                 s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
-                sync_free: bool = False) -> Tensor:
+                sync_free: bool = False, shared: Tensor | None = None) -> Tensor:
         # init_routing_v2 (sort copies by expert) -> GMM1 (w13) -> clamped SwiGLU -> GMM2 (w2) -> finalize_routing.
         # Every shape is static (T*k rows); group_list is a device tensor, so nothing syncs to the host on the
         # device, and the emulator's ops are tensor code too (graph mode traces them on CPU).
@@ -680,10 +681,10 @@ class AscendBackend(Backend):
         n_exp = w1.shape[0]
         dt = x.dtype
         if self.quant in _LOWP_950 and s1 is not None and w1.dtype in _PACKED_FP4:
-            return self._experts_950(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
+            return self._experts_950(x, weights, ids, w1, w2, w3, s1, s2, s3, limit, shared)
         int4 = self._experts4.get(id(w1))
         if int4 is not None:
-            return self._experts_w4a8(x, weights, ids, int4, limit)
+            return self._experts_w4a8(x, weights, ids, int4, limit, shared)
         prepared = self._experts8.get(id(w1))
         ex, row_idx, counts, ex_scale = self.npu.npu_moe_init_routing_v2(
             x, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
@@ -710,7 +711,7 @@ class AscendBackend(Backend):
             hh = (F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt)
             y = self.npu.npu_grouped_matmul([hh], [_dense(w2, s2, dt).transpose(1, 2)], **gmm)[0]
             scales = None
-        return self.npu.npu_moe_finalize_routing(y, None, None, None, scales, row_idx, ids.to(torch.int32),
+        return self.npu.npu_moe_finalize_routing(y, shared, None, None, scales, row_idx, ids.to(torch.int32),
                                                  drop_pad_mode=2)
 
     def custom_or_emulated(self, name: str):

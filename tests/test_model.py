@@ -174,3 +174,32 @@ def test_decode_step_makes_no_host_syncs(tiny_model):
         sample(logits[:, -1], sb, pos)
     with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
         tiny_model(ids[:, :17])  # prefill's grouped experts read counts on the host: proves the guard works
+
+
+@pytest.mark.parametrize("backend", ["reference", "ascend-emulated"])
+@pytest.mark.parametrize("tokens", [1, 40])  # decode (gathered experts) and prefill (grouped by expert)
+def test_moe_adds_shared_expert_to_the_fp32_sum(backend, tokens):
+    """bf16: MoE(x) == bf16(fp32(routed_0 + routed_1) + shared), one cast (DeepSeek's MoE), not bf16 + bf16."""
+    from conftest import build_tiny
+    from dsv4_ascend.ops import AscendBackend, emulator
+    from dsv4_ascend.reference import ReferenceBackend
+
+    be = ReferenceBackend() if backend == "reference" else AscendBackend(emulator)
+    model = build_tiny(dtype=torch.bfloat16, backend=be)
+    moe = model.layers[3].ffn  # a score-routed layer, k = 2: the fp32 sum of two terms is order-free
+    x = torch.randn(tokens, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ids_in = torch.zeros(1, tokens, dtype=torch.long)
+    got = moe(x.unsqueeze(0), ids_in, sync_free=tokens == 1)[0]
+    weights, ids = moe.gate(x, ids_in.reshape(-1))
+    r = moe.routed
+    ref_be = ReferenceBackend()
+    routed = torch.zeros(tokens, x.shape[-1])
+    for t in range(tokens):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            routed[t] += ref_be._swiglu(x[t:t + 1], r.w1[e], r.w2[e], r.w3[e], None, None, None, moe.limit,
+                                        weights[t:t + 1, j]).float()[0]
+    shared = moe.shared_experts(x)
+    want = (routed + shared.float()).bfloat16()
+    assert torch.equal(got, want)
+    assert not torch.equal(got, routed.bfloat16() + shared)  # the old order (cast, then a bf16 add) differs
