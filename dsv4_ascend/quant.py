@@ -50,7 +50,7 @@ E4M3_MAX = 448.0
 FP4_MAX = 6.0
 FP8_BLOCK = 128
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek act_quant: amax = max(|x_block|, 1e-4)
-FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # spec 10.5: keeps the fp4 scale >= 2^-126 (no zero/subnormal scales)
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # DeepSeek's fp4_act_quant (inference/kernel.py): fp4 scale >= 2^-126
 
 # code -> value; bit 3 = sign, bits 2-1 = exponent (bias 1), bit 0 = mantissa. Code 8 is -0.0.
 FP4_E2M1_VALUES: torch.Tensor = torch.tensor(

@@ -60,8 +60,7 @@ class ReferenceBackend(Backend):
         return torch.einsum("...gk,gnk->...gn", x, w)
 
     def _act_quant_dequant(self, x: Tensor) -> Tensor:
-        if x.shape[-1] % 128:
-            return x.float()
+        """DeepSeek's FP8 act_quant per 1x128 block, dequantised to fp32 (K % 128 != 0 raises, as DeepSeek's)."""
         q, s = quant.act_quant(x, 128)
         return (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
 
@@ -114,8 +113,13 @@ class ReferenceBackend(Backend):
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         n = keys.shape[1]
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
-        scores = (scores * weights.float().unsqueeze(-1)).sum(2)
+        if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
+            dt = q.dtype
+            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu()
+            scores = (scores * weights.to(dt).unsqueeze(-1)).sum(2).float()
+        else:
+            scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
+            scores = (scores * weights.float().unsqueeze(-1)).sum(2)
         visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(k, n)

@@ -361,9 +361,9 @@ def _break_more_experts_on_disk(d):
 
 def _break_hidden_size(d):
     raw = json.loads((d / "config.json").read_text())
-    raw["hidden_size"] = 128
+    raw["hidden_size"] = 256
     (d / "config.json").write_text(json.dumps(raw))
-    return "model-", "tensor '", "hidden_size=128"
+    return "model-", "tensor '", "hidden_size=256"
 
 
 def _break_quant_config(d):

@@ -203,3 +203,25 @@ def test_moe_adds_shared_expert_to_the_fp32_sum(backend, tokens):
     want = (routed + shared.float()).bfloat16()
     assert torch.equal(got, want)
     assert not torch.equal(got, routed.bfloat16() + shared)  # the old order (cast, then a bf16 add) differs
+
+
+def test_deepseek_numerics_refuse_partial_act_quant_blocks():
+    """DeepSeek's act_quant asserts K % 128 == 0: deepseek numerics refuse such a quantised layer by name."""
+    import dataclasses
+
+    from dsv4_ascend.backend import RunOptions
+    from dsv4_ascend.config import preset
+    from dsv4_ascend.model import Transformer, WeightFormats
+    from dsv4_ascend.reference import ReferenceBackend
+
+    deepseek = ReferenceBackend(RunOptions("deepseek"))
+    cfg = preset("tiny")
+    Transformer(cfg, deepseek, formats=WeightFormats.from_config(cfg), device="meta")  # whole blocks: accepted
+    bad = dataclasses.replace(cfg, q_lora_rank=96)  # K of attn.wq_b and indexer.wq_b
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq_b: numerics='deepseek' .* K = 96"):
+        Transformer(bad, deepseek, formats=WeightFormats.from_config(bad), device="meta")
+    bad = dataclasses.replace(cfg, moe_intermediate_size=96)  # K of the shared and routed w2
+    with pytest.raises(ValueError, match=r"layers\.0\.ffn\.(shared_experts\.w2|routed\.w2): .* K = 96"):
+        Transformer(bad, deepseek, formats=WeightFormats.from_config(bad), device="meta")
+    Transformer(bad, ReferenceBackend(), formats=WeightFormats.from_config(bad), device="meta")  # exact: fine
+    Transformer(bad, deepseek, device="meta")  # dequantised (plain) weights: no act-quant, fine
