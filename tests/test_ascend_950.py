@@ -584,7 +584,7 @@ def test_transpose_quant_batchmatmul_mx_and_kc():
 
 
 def test_grouped_linear_950_runs_mxfp8_transpose_quant_batchmatmul(monkeypatch):
-    # wo_a: FP8 weight [G*N, K] with power-of-two 128x128 scales; K = 144 (the tiny preset's, not a multiple of 64).
+    # wo_a: FP8 weight [G*N, K] with power-of-two 128x128 scales; K = 144 (not a multiple of 64).
     g, n, k, t = 2, 16, 144, 5
     w_dense = torch.randn(g * n, k, generator=_g(48)) / 4
     w8, ws = quant.quantize_fp8_block(w_dense)

@@ -285,7 +285,7 @@ def _break_shape(d):
     f0 = _shard_of(d, "layers.2.attn.q_norm.weight")
     _rewrite(d, lambda t, f: {**t, "layers.2.attn.q_norm.weight": torch.ones(31, dtype=torch.bfloat16)}
              if f == f0 else t)
-    return f0, "layers.2.attn.q_norm.weight", r"shape \[31\].*expects \[32\].*q_lora_rank=32"
+    return f0, "layers.2.attn.q_norm.weight", r"shape \[31\].*expects \[128\].*q_lora_rank=128"
 
 
 def _break_dtype(d):
