@@ -256,7 +256,7 @@ class Attention(nn.Module):
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _prefill_entries(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
-                used: int | None = None) -> Tensor:
+                         used: int | None = None) -> Tensor:
         """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
         [B, (start+used)//m, c]."""
         m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used

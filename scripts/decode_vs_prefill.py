@@ -93,7 +93,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--all", action="store_true", help="every module (default: only those that add a difference "
                                                        "and each layer's attn / ffn / block output)")
+    ap.add_argument("--router-fp64", action="store_true",
+                    help="router logits accumulated in fp64 (what-if: the fp32 router GEMM is the last op that "
+                         "rounds differently for one row and many)")
     args = ap.parse_args()
+    if args.router_fp64:
+        import dsv4_ascend.model as model_module
+
+        model_module.fp32_linear = lambda x, w: (x.double() @ w.double().t()).float()  # only Gate uses it there
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build(args.preset, dtype, args.numerics, args.quantized, args.seed)
