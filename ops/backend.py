@@ -250,7 +250,8 @@ class AscendBackend(Backend):
             glu_alpha=1.0, glu_bias=0.0)
         y = self.npu.npu_grouped_matmul([hq], [w2], bias=[w2b], scale=[w2s], per_token_scale=[hs],
                                         output_dtype=out_dt, **gmm)[0]
-        out = self.npu.npu_moe_finalize_routing(y, shared, None, None, weights.to(out_dt), row_idx,
+        skip = None if shared is None else shared.to(out_dt)  # finalize_routing's skip1 has the rows' dtype
+        out = self.npu.npu_moe_finalize_routing(y, skip, None, None, weights.to(out_dt), row_idx,
                                                 ids.to(torch.int32), drop_pad_mode=2)
         return out.to(dt)
 
