@@ -658,7 +658,7 @@ class AscendBackend(Backend):
                 logits.float(), k, bias=None if bias is None else bias.float(), k_group=1, group_count=1,
                 routed_scaling_factor=route_scale, eps=1e-20, renorm=0, norm_type=2, **kw)
             return y.float(), ids.long()
-        scores = F.softplus(logits.double()).sqrt().float()  # as ReferenceBackend.route: batch-invariant
+        scores = F.softplus(logits.float()).sqrt()
         if hash_ids is not None:
             ids = hash_ids.long()
         else:

@@ -68,11 +68,7 @@ class ReferenceBackend(Backend):
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         xf = x.flatten(-2).float()
         rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-        # The fp32 GEMM rounds differently for 1 row (decode) and many (prefill): 94% of the mixes differed by an
-        # ulp, flipping bf16 streams (scripts/decode_vs_prefill.py). Accumulated in fp64 and rounded to fp32, the
-        # mix is (all but always) the correctly rounded fp32 product, the same in both. 24 outputs: cheap.
-        mix = (xf.double() @ fn.double().t()).float()
-        return mix * rinv  # DeepSeek's order (project, then scale); HF normalises first
+        return (xf @ fn.float().t()) * rinv  # DeepSeek's order (project, then scale); HF normalises first
 
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,9 +148,7 @@ class ReferenceBackend(Backend):
     # ---- MoE -------------------------------------------------------------------------------------------------
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
               route_scale: float) -> tuple[Tensor, Tensor]:
-        # torch's CPU fp32 softplus rounds differently for few rows (decode) and many (prefill): 12% of the values
-        # differed by an ulp (scripts/decode_vs_prefill.py). In fp64, rounded to fp32, both agree.
-        scores = F.softplus(logits.double()).sqrt().float()
+        scores = F.softplus(logits.float()).sqrt()
         if hash_ids is not None:
             ids = hash_ids.long()
         else:

@@ -401,13 +401,9 @@ class _QuantOnly950(AscendBackend):
     """The 950 backend with the reference's attention composite: npu_sparse_attn_sharedkv sums its fp32 softmax
     in another order (1-ulp bf16 differences, covered by tests/test_ascend_attention.py), which e4m3 act-quants
     turn into whole-step flips; the bit-identity runs below isolate the quantised GEMM paths. Likewise the
-    reference's mHC pre and router (the emulated npu_hc_pre mixes with an fp32 GEMM and npu_moe_gating_top_k
-    takes an fp32 softplus; the reference computes both in fp64, rounded to fp32, so decode rounds like prefill),
-    and its indexer (deepseek numerics: DeepSeek's bf16 score rounding; the emulated lightning indexer: fp32)."""
+    reference's indexer (deepseek numerics: DeepSeek's bf16 score rounding; the emulated lightning indexer: fp32)."""
 
     attend = Backend.attend
-    hc_pre = ReferenceBackend.hc_pre
-    route = ReferenceBackend.route
     indexer_topk = ReferenceBackend.indexer_topk
 
 
