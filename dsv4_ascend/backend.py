@@ -172,9 +172,11 @@ class Backend:
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                 s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
-                sync_free: bool = False) -> Tensor:
-        """sum_j weights[t,j] * SwiGLU_{ids[t,j]}(x[t]) with stacked expert weights [E, ...].
+                sync_free: bool = False, shared: Tensor | None = None) -> Tensor:
+        """sum_j weights[t,j] * SwiGLU_{ids[t,j]}(x[t]) with stacked expert weights [E, ...], in x.dtype.
 
+        The sum is accumulated in fp32; `shared` [T, D] (the shared expert's output) is added to that fp32 sum
+        before the one cast (DeepSeek's MoE: `y += shared_experts(x)` on the fp32 buffer, then `type_as(x)`).
         sync_free=True (decode) forbids host reads of routing results, so the step stays capturable.
         """
         raise NotImplementedError

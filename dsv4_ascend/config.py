@@ -95,15 +95,8 @@ class ModelConfig:
 
     @property
     def mtp_ratios(self) -> list[int]:
+        """Compress ratio of each MTP block (always 0: sliding window only)."""
         return self.compress_ratios[self.num_hidden_layers :]
-
-    @property
-    def nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
-
-    @property
-    def index_rope_dim(self) -> int:
-        return self.qk_rope_head_dim
 
     def __post_init__(self) -> None:
         if not isinstance(self.compress_ratios, list) or not all(
@@ -325,11 +318,15 @@ def _pro() -> ModelConfig:
 
 def _tiny() -> ModelConfig:
     """All three layer types, both MoE kinds, small windows so short prompts cross many boundaries."""
-    # head_dim - rope = 64 and index_head_dim 32: whole blocks for DeepSeek's FP8 (64) / FP4 (32) simulations.
-    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=72,
-                       qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
-                       compress_ratios=[0, 4, 8, 4, 0], index_n_heads=2, index_head_dim=32, index_topk=4,
-                       n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=2,
+    # Whole 128x128 blocks wherever DeepSeek's format and kernels need them: every FP8 linear's K and N (hidden,
+    # q_lora_rank, head_dim, heads * head_dim, o_groups * o_lora_rank, heads * head_dim / o_groups, index heads *
+    # index_head_dim, moe_intermediate_size) and the routed experts' K (FP8 act-quant asserts K % 128 == 0;
+    # DeepSeek's convert.py reshapes the FP8 weights into 128x128 tiles). head_dim - rope = 64 and index_head_dim
+    # 128: whole blocks for the FP8 (64) and FP4 (32) simulations and a 128-point indexer Hadamard, as released.
+    return ModelConfig(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=128,
+                       qk_rope_head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=8,
+                       compress_ratios=[0, 4, 8, 4, 0], index_n_heads=2, index_head_dim=128, index_topk=4,
+                       n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, num_hash_layers=2,
                        rope_original_max_position=64, max_position_embeddings=4096)
 
 

@@ -68,9 +68,9 @@ class Linear(nn.Module):
     def __init__(self, backend: Backend, in_f: int, out_f: int, fmt: str, dtype: torch.dtype, device=None):
         super().__init__()
         self.backend = backend
-        self.in_features, self.out_features = in_f, out_f
-        self.weight, scale = _weight_and_scale(out_f, in_f, fmt, dtype, device=device)
-        self.scale = scale
+        self.in_features = in_f
+        self.out_features = out_f
+        self.weight, self.scale = _weight_and_scale(out_f, in_f, fmt, dtype, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backend.linear(x, self.weight, self.scale)
@@ -81,7 +81,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, backend: Backend, dim: int, eps: float, device=None):
         super().__init__()
-        self.backend, self.eps = backend, eps
+        self.backend = backend
+        self.eps = eps
         self.weight = _param(dim, dtype=torch.float32, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,9 +124,13 @@ class Compressor(nn.Module):
     def __init__(self, backend: Backend, cfg: ModelConfig, ratio: int, width: int, dtype: torch.dtype,
                  rotate: bool, device=None):
         super().__init__()
-        self.backend, self.ratio, self.width, self.overlap = backend, ratio, width, ratio == 4
-        # Indexer keys get Hadamard + FP4 simulation, kv entries FP8 on their nope dims (deepseek numerics).
-        self.sim_rope_dim = None if rotate else cfg.qk_rope_head_dim
+        self.backend = backend
+        self.ratio = ratio
+        self.width = width
+        self.overlap = ratio == 4
+        # QAT simulation (deepseek numerics): indexer keys (rotate) Hadamard + FP4, kv entries FP8 on the nope dims.
+        self.rotate = rotate
+        self.rope_dim = cfg.qk_rope_head_dim
         coff = 2 if self.overlap else 1
         self.wkv = Linear(backend, cfg.hidden_size, coff * width, "plain", dtype, device)
         self.wgate = Linear(backend, cfg.hidden_size, coff * width, "plain", dtype, device)
@@ -144,21 +149,27 @@ class Compressor(nn.Module):
         state, blocks = (st.state, st.blocks(slots)) if write else st.scratch(slots)
         e = self.backend.compressor(x, self.wkv.weight, self.wgate.weight, self.ape, self.norm.weight, self.norm.eps,
                                     state, blocks, start, cos, sin, m, used)
-        e = finish_keys(self.backend, e, self.sim_rope_dim)
+        e = simulate_indexer_qat(self.backend, e) if self.rotate else simulate_kv_qat(self.backend, e, self.rope_dim)
         # Rows of windows still open are garbage (NaN in the emulator); decode stores its row anyway, and attention
         # kernels weigh masked rows by 0, so store zeros there (0 * NaN would poison the output).
         closed = (start % m + (x.shape[1] if used is None else used)) // m  # [B] windows closed
         return torch.where((torch.arange(n, device=x.device) < closed.unsqueeze(1)).unsqueeze(-1), e, 0.0)
 
 
-def finish_keys(backend: Backend, e: Tensor, rope_dim: int | None) -> Tensor:
-    """DeepSeek numerics only (QAT simulation): FP8-simulate the nope dims of kv (rope_dim given) or
-    Hadamard-rotate and FP4-simulate indexer queries/keys (rope_dim None). Identity in exact numerics."""
+def simulate_kv_qat(backend: Backend, kv: Tensor, rope_dim: int) -> Tensor:
+    """DeepSeek numerics' QAT simulation of kv rows and entries: the nope dims through FP8 (1x64 blocks), the
+    last `rope_dim` dims as they are (docs/numerics.md row 3). Identity in exact numerics."""
     if not backend.options.deepseek:
-        return e
-    if rope_dim is None:
-        return quant.fp4_sim(e @ quant.hadamard(e.shape[-1], e.dtype).to(e.device), 32)
-    return torch.cat([quant.fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
+        return kv
+    return torch.cat([quant.fp8_sim(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], -1)
+
+
+def simulate_indexer_qat(backend: Backend, x: Tensor) -> Tensor:
+    """DeepSeek numerics' QAT simulation of indexer queries and keys: Hadamard rotation (fp32, one rounding),
+    then FP4 (1x32 blocks) (docs/numerics.md rows 4 and 4a). Identity in exact numerics."""
+    if not backend.options.deepseek:
+        return x
+    return quant.fp4_sim(quant.hadamard_rotate(x), 32)
 
 
 def _span(w0: int, e: Tensor) -> Tensor:
@@ -176,7 +187,9 @@ class Indexer(nn.Module):
     def __init__(self, backend: Backend, cfg: ModelConfig, fmt: WeightFormats, dtype: torch.dtype, device=None):
         super().__init__()
         self.backend = backend
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.topk = cfg.index_topk
         self.wq_b = Linear(backend, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, fmt.dense, dtype, device)
         self.weights_proj = Linear(backend, cfg.hidden_size, cfg.index_n_heads, "plain", dtype, device)
         self.compressor = Compressor(backend, cfg, 4, cfg.index_head_dim, dtype, rotate=True, device=device)
@@ -185,8 +198,11 @@ class Indexer(nn.Module):
     def select(self, x: Tensor, qr: Tensor, keys: Tensor, n_visible: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, s, _ = x.shape
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
-        q = finish_keys(self.backend, apply_rope_tail(self.backend, q, cos.unsqueeze(2), sin.unsqueeze(2)), None)
-        w = self.weights_proj(x).float() * self.weight_scale
+        q = simulate_indexer_qat(self.backend, apply_rope_tail(self.backend, q, cos.unsqueeze(2), sin.unsqueeze(2)))
+        if self.backend.options.deepseek:  # DeepSeek scales in the activation dtype (docs/numerics.md row 6)
+            w = (self.weights_proj(x) * self.weight_scale).float()
+        else:
+            w = self.weights_proj(x).float() * self.weight_scale
         # Queries in blocks: the [blk, heads, N] score temporaries stay under _INDEXER_SCORES elements whatever
         # the context (N = 262,144 CSA entries at 1M tokens). Decode (s = 1) is one block.
         blk = max(1, _INDEXER_SCORES // (b * self.n_heads * max(keys.shape[1], 1)))
@@ -200,8 +216,12 @@ class Attention(nn.Module):
     def __init__(self, backend: Backend, cfg: ModelConfig, layer_id: int, ratio: int, fmt: WeightFormats,
                  dtype: torch.dtype, tables: dict[str, RopeTable], device=None):
         super().__init__()
-        self.backend, self.layer_id, self.ratio = backend, layer_id, ratio
-        self.n_heads, self.head_dim, self.groups = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+        self.backend = backend
+        self.layer_id = layer_id
+        self.ratio = ratio
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.o_groups
         self.eps = cfg.rms_norm_eps
         self.table = tables["compress" if ratio else "main"]
         d, h = cfg.head_dim, cfg.num_attention_heads
@@ -235,8 +255,8 @@ class Attention(nn.Module):
         return KVView(lc.window, step.slots, step.positions, None, None, max_len)
 
     # -- compressed keys ----------------------------------------------------------------------------------------
-    def _absorb(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
-                used: int | None = None, pool: bool = True) -> Tensor | None:
+    def _prefill_entries(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
+                         used: int | None = None, pool: bool = True) -> Tensor | None:
         """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
         [B, (start+used)//m, c] (pool=False with write: None, the attention view reads the pages)."""
         m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used
@@ -273,9 +293,9 @@ class Attention(nn.Module):
         else:
             write = step.defer is None
             # CSA reads only its picks from the pages (KVView.block): no copy of all entries.
-            entries = self._absorb(comp, lc.entries, lc.comp, x, step, write, pool=idx_comp is None)
+            entries = self._prefill_entries(comp, lc.entries, lc.comp, x, step, write, pool=idx_comp is None)
             if idx_comp is not None:
-                keys = self._absorb(idx_comp, lc.index_keys, lc.index_comp, x, step, write)
+                keys = self._prefill_entries(idx_comp, lc.index_keys, lc.index_comp, x, step, write)
             if not write:
                 step.defer.append(lambda k: self._commit_compressed(step, x, k))
         if self.indexer is None:  # HCA: every visible entry (KVView masks by position)
@@ -289,30 +309,35 @@ class Attention(nn.Module):
         if k == 0:
             return
         lc = step.cache.layers[self.layer_id]
-        self._absorb(self.compressor, lc.entries, lc.comp, x, step, True, k)
+        self._prefill_entries(self.compressor, lc.entries, lc.comp, x, step, True, k)
         if self.indexer is not None:
-            self._absorb(self.indexer.compressor, lc.index_keys, lc.index_comp, x, step, True, k)
+            self._prefill_entries(self.indexer.compressor, lc.index_keys, lc.index_comp, x, step, True, k)
 
     def forward(self, x: Tensor, step: Step) -> Tensor:
         b, s, _ = x.shape
         be = self.backend
         cos, sin = step.cos_sin(self.table)
+        # q
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = be.rms_norm(q, None, self.eps)
         q = apply_rope_tail(be, q, cos.unsqueeze(2), sin.unsqueeze(2))
+        # win kv
         kv = self.kv_norm(self.wkv(x))
-        kv = finish_keys(be, apply_rope_tail(be, kv, cos, sin), self.rope_dim)
+        kv = simulate_kv_qat(be, apply_rope_tail(be, kv, cos, sin), self.rope_dim)
         lc = step.cache.layers[self.layer_id]
         view = self._window_decode(kv, step, lc) if step.decode else self._window_prefill(kv, step, lc)
+        # compress kv (and the indexer's picks, CSA)
         if self.ratio:
             view.entry_rows, view.picks = self._compressed(x, qr, step, lc, cos, sin)
             view.ratio, view.entries, view.entries_in_store = self.ratio, lc.entries, step.defer is None
             table = lc.block_table[step.slots]
             view.block_table = table[:, :step.span_pages or table.shape[1]] if step.decode else table
+        # attention
         o = be.attend(q, view, self.attn_sink, self.head_dim ** -0.5)
         if not step.decode and step.defer is None:  # after attention: the view read the ring before this chunk
             lc.window.write_chunk(step.slots, step.start, kv)
+        # o
         o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))
@@ -323,7 +348,9 @@ class Gate(nn.Module):
 
     def __init__(self, backend: Backend, cfg: ModelConfig, hashed: bool, dtype: torch.dtype, device=None):
         super().__init__()
-        self.backend, self.k, self.scale = backend, cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.backend = backend
+        self.k = cfg.num_experts_per_tok
+        self.scale = cfg.routed_scaling_factor
         self.weight = _param(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype, device=device)
         self.hashed = hashed
         if hashed:
@@ -343,7 +370,8 @@ class Expert(nn.Module):
 
     def __init__(self, backend: Backend, cfg: ModelConfig, fmt: str, dtype: torch.dtype, device=None):
         super().__init__()
-        self.backend, self.limit = backend, cfg.swiglu_limit
+        self.backend = backend
+        self.limit = cfg.swiglu_limit
         d, i = cfg.hidden_size, cfg.moe_intermediate_size
         self.w1 = Linear(backend, d, i, fmt, dtype, device)
         self.w2 = Linear(backend, i, d, fmt, dtype, device)
@@ -359,7 +387,8 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, cfg: ModelConfig, fmt: str, dtype: torch.dtype, first: int, count: int, device=None):
         super().__init__()
-        self.first, self.count = first, count
+        self.first = first
+        self.count = count
         d, i = cfg.hidden_size, cfg.moe_intermediate_size
         self.w1, self.w1_scale = _weight_and_scale(i, d, fmt, dtype, (count,), device)
         self.w2, self.w2_scale = _weight_and_scale(d, i, fmt, dtype, (count,), device)
@@ -380,7 +409,8 @@ class MoE(nn.Module):
     def __init__(self, backend: Backend, cfg: ModelConfig, hashed: bool, fmt: WeightFormats, dtype: torch.dtype,
                  expert_range: tuple[int, int] | None = None, device=None):
         super().__init__()
-        self.backend, self.limit = backend, cfg.swiglu_limit
+        self.backend = backend
+        self.limit = cfg.swiglu_limit
         first, last = expert_range or (0, cfg.n_routed_experts)
         self.gate = Gate(backend, cfg, hashed, dtype, device)
         self.routed = RoutedExperts(cfg, fmt.experts, dtype, first, last - first, device)
@@ -392,23 +422,24 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, input_ids.reshape(-1))
-        if self.ep is not None:  # expert parallel: dispatch to the experts' ranks and combine (parallel.py)
-            y = self.ep(self, x, weights, ids, sync_free)
-        else:
-            y = self.run_local_experts(x, weights, ids, sync_free)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.ep is None:  # the shared output joins the routed experts' fp32 sum; one cast
+            return self.run_local_experts(x, weights, ids, sync_free, shared).view(shape)
+        # expert parallel: dispatch to the experts' ranks and combine (parallel.py); the combine casts
+        y = self.ep(self, x, weights, ids, sync_free)
+        return (y if shared is None else y + shared).view(shape)
 
-    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False) -> Tensor:
-        """This rank's share of the routed output: pairs routed to experts outside `routed` get weight 0."""
+    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
+                          shared: Tensor | None = None) -> Tensor:
+        """This rank's share of the routed output (+ `shared`, added in fp32): pairs routed to experts outside
+        `routed` get weight 0."""
         r = self.routed
         if r.count != self.n_experts:
             local = (ids >= r.first) & (ids < r.first + r.count)
             weights = weights * local
             ids = torch.where(local, ids - r.first, 0)
         return self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
-                                    self.limit, sync_free)
+                                    self.limit, sync_free, shared)
 
 
 class Block(nn.Module):
@@ -418,7 +449,8 @@ class Block(nn.Module):
                  fmt: WeightFormats, dtype: torch.dtype, tables: dict[str, RopeTable], device=None,
                  expert_range: tuple[int, int] | None = None):
         super().__init__()
-        self.backend, self.cfg = backend, cfg
+        self.backend = backend
+        self.cfg = cfg
         n, dim = cfg.hc_mult, cfg.hidden_size
         for sub in ("attn", "ffn"):
             setattr(self, f"hc_{sub}_fn", _param((2 + n) * n, n * dim, dtype=torch.float32, device=device))
@@ -479,6 +511,24 @@ class MTPBlock(Block, HcHead):
         return self.norm(self.hc_head(x)), x
 
 
+def _refuse_partial_act_quant_blocks(model: nn.Module) -> None:
+    """DeepSeek numerics quantise the activations of every FP8/FP4 GEMM per 1x128 block, and DeepSeek's
+    `act_quant` kernel asserts K % 128 == 0: refuse such a layer by name instead of computing what DeepSeek cannot."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and mod.scale is not None and not name.endswith(".wo_a"):
+            ks = {"": mod.in_features}  # wo_a: a grouped einsum in the activation dtype, no act-quant
+        elif isinstance(mod, RoutedExperts) and mod.w1_scale is not None:
+            ks = {".w1/.w3": mod.w1.shape[-1] * (2 if mod.w1.dtype == torch.int8 else 1),
+                  ".w2": mod.w2.shape[-1] * (2 if mod.w2.dtype == torch.int8 else 1)}
+        else:
+            continue
+        for part, k in ks.items():
+            if k % 128:
+                raise ValueError(f"{name}{part}: numerics='deepseek' quantises its activations per 1x128 block "
+                                 f"(DeepSeek's act_quant asserts K % 128 == 0), but K = {k}; use numerics='exact' "
+                                 "or dequantised weights")
+
+
 class Transformer(HcHead, nn.Module):
     """The whole model: embedding, 4-stream mHC layers, head collapse, final norm, lm head (+ MTP blocks)."""
 
@@ -491,7 +541,9 @@ class Transformer(HcHead, nn.Module):
             raise ValueError(f"expert_range {expert_range} must satisfy 0 <= first < end <= n_routed_experts="
                              f"{cfg.n_routed_experts}")
         self.expert_range = expert_range
-        self.cfg, self.backend, self.dtype = cfg, backend, dtype
+        self.cfg = cfg
+        self.backend = backend
+        self.dtype = dtype
         fmt = formats or WeightFormats()
         self.formats = fmt
         tables = {"main": RopeTable.main(cfg), "compress": RopeTable.compress(cfg)}
@@ -508,6 +560,8 @@ class Transformer(HcHead, nn.Module):
         n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
         self.mtp = nn.ModuleList(MTPBlock(backend, cfg, cfg.num_hidden_layers + j, fmt, dtype, tables, device,
                                           expert_range) for j in range(n_mtp))
+        if backend.options.deepseek:
+            _refuse_partial_act_quant_blocks(self)
 
     # -- names ------------------------------------------------------------------------------------------------
     def checkpoint_tensors(self) -> Iterator[tuple[str, Tensor]]:

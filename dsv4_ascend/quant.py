@@ -28,6 +28,7 @@ __all__ = [
     "fp8_sim",
     "fp4_sim",
     "hadamard",
+    "hadamard_rotate",
     "dequantize",
     "INT4_QMAX",
     "quantize_int4_per_channel",
@@ -51,7 +52,7 @@ E4M3_MAX = 448.0
 FP4_MAX = 6.0
 FP8_BLOCK = 128
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek act_quant: amax = max(|x_block|, 1e-4)
-FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # spec 10.5: keeps the fp4 scale >= 2^-126 (no zero/subnormal scales)
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # DeepSeek's fp4_act_quant (inference/kernel.py): fp4 scale >= 2^-126
 
 # code -> value; bit 3 = sign, bits 2-1 = exponent (bias 1), bit 0 = mantissa. Code 8 is -0.0.
 FP4_E2M1_VALUES: torch.Tensor = torch.tensor(
@@ -282,14 +283,31 @@ def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (vals * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
 
 
-def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sylvester Walsh-Hadamard matrix of order n (power of two) scaled by n^-0.5, so it is orthonormal."""
+def _sylvester(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The +-1 Sylvester Walsh-Hadamard matrix of order n (power of two), unscaled (exact in every float dtype)."""
     if not isinstance(n, int) or n < 1 or n & (n - 1):
         raise ValueError(f"hadamard order must be a positive power of two, got {n!r}")
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h * n**-0.5).to(dtype)
+    return h
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sylvester Walsh-Hadamard matrix of order n (power of two) scaled by n^-0.5, so it is orthonormal."""
+    return (_sylvester(n, torch.float64) * n**-0.5).to(dtype)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] times the orthonormal order-n Hadamard matrix, computed in fp32 and rounded once to x.dtype.
+
+    DeepSeek's `rotate_activation` (`fast_hadamard_transform(x, scale=n**-0.5)`): fp32 sums of +-x, times the
+    fp32 scale, one cast at the end. (A matmul with `hadamard(n, bf16)` would round the matrix entries and the
+    product to bf16.)
+    """
+    n = x.shape[-1]
+    h = _sylvester(n, torch.float32).to(x.device)
+    return ((x.float() @ h) * torch.tensor(n**-0.5, dtype=torch.float32)).to(x.dtype)
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -479,9 +497,7 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def act_quant_dequant(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """DeepSeek's FP8 activation simulation: `act_quant` per 1 x block, dequantised to fp32 (x unchanged in fp32
-    when the last dim is not a multiple of block, as DeepSeek's GEMM then runs unquantised)."""
-    if x.shape[-1] % block:
-        return x.float()
+    """DeepSeek's FP8 activation simulation: `act_quant` per 1 x block, dequantised to fp32 (a last dim that is
+    not a multiple of block raises, as DeepSeek's act_quant asserts)."""
     q, s = act_quant(x, block)
     return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2)

@@ -37,7 +37,8 @@ class RopeTable:
     """Frequencies of one RoPE table; `cos_sin(positions)` gives cos/sin [..., dim/2] in fp32."""
 
     def __init__(self, name: str, inv_freq: Tensor) -> None:
-        self.name, self.inv_freq = name, inv_freq
+        self.name = name
+        self.inv_freq = inv_freq
 
     @classmethod
     def main(cls, cfg: ModelConfig) -> "RopeTable":

@@ -195,7 +195,9 @@ def make_tiny_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="dsv4 make-tiny",
         description="Write a tiny random DeepSeek-V4 model in exactly the official checkpoint format "
-                    "(config.json, FP8/MXFP4 safetensors shards, index json, a small tokenizer).")
+                    "(config.json, FP8/MXFP4 safetensors shards, index json, a small tokenizer). The tiny preset "
+                    "(3.6 MB of weights) has whole 128x128 blocks, so DeepSeek's own convert.py and FP8 kernels "
+                    "accept it.")
     ap.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     ap.add_argument("--preset", default="tiny", choices=("tiny", "small"),

@@ -209,11 +209,12 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                 s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
-                sync_free: bool = False) -> Tensor:
+                sync_free: bool = False, shared: Tensor | None = None) -> Tensor:
         # init_routing_v2 (sort copies by expert) -> GMM1 (w13) -> clamped SwiGLU -> GMM2 (w2) -> finalize_routing.
         # Every shape is static (T*k rows); group_list is a device tensor, so nothing syncs to the host on the
         # device, and the emulator's ops are tensor code too (graph mode traces them on CPU).
-        y = None if self.scheme is None else self.scheme.experts(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
+        y = None if self.scheme is None else self.scheme.experts(x, weights, ids, w1, w2, w3, s1, s2, s3, limit,
+                                                                     shared)
         if y is not None:
             return y
         t, k = ids.shape
@@ -232,7 +233,8 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
         w_rows[row_idx.long()] = weights.reshape(-1).float()
         hh = (F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt)
         y = self.npu.npu_grouped_matmul([hh], [_dense(w2, s2, dt).transpose(1, 2)], **gmm)[0]
-        return self.npu.npu_moe_finalize_routing(y, None, None, None, None, row_idx, ids.to(torch.int32),
+        # The shared expert's output goes in as skip1: added to the fp32 sum before the one cast (DeepSeek's MoE).
+        return self.npu.npu_moe_finalize_routing(y, shared, None, None, None, row_idx, ids.to(torch.int32),
                                                  drop_pad_mode=2, k=k)
 
     def custom_or_emulated(self, name: str):

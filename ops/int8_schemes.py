@@ -183,11 +183,12 @@ class Int8Scheme:
         return y.view(*x.shape[:-1], -1)
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1, s2, s3,
-                limit: float) -> Tensor | None:
-        """Routed experts: init_routing_v2 with per-row int8 -> int8 or A8W4 grouped matmuls -> finalize."""
+                limit: float, shared: Tensor | None = None) -> Tensor | None:
+        """Routed experts: init_routing_v2 with per-row int8 -> int8 or A8W4 grouped matmuls -> finalize (`shared`:
+        the shared expert's output, finalize_routing's skip1)."""
         int4 = self.routed_int4.get(id(w1))
         if int4 is not None:
-            return self._experts_w4a8(x, weights, ids, int4, limit)
+            return self._experts_w4a8(x, weights, ids, int4, limit, shared)
         prepared = self.routed.get(id(w1))
         if prepared is None:
             return None
@@ -204,10 +205,11 @@ class Int8Scheme:
             group_index=counts, activate_left=True, quant_mode=1, swiglu_mode=1, clamp_limit=limit, glu_alpha=1.0,
             glu_bias=0.0)
         y = self.npu.npu_grouped_matmul([hq], [w2q], scale=[w2s], per_token_scale=[hs], output_dtype=dt, **gmm)[0]
-        return self.npu.npu_moe_finalize_routing(y, None, None, None, weights.to(dt), row_idx, ids.to(torch.int32),
+        return self.npu.npu_moe_finalize_routing(y, shared, None, None, weights.to(dt), row_idx, ids.to(torch.int32),
                                                  drop_pad_mode=2, k=k)
 
-    def _experts_w4a8(self, x: Tensor, weights: Tensor, ids: Tensor, packed: tuple, limit: float) -> Tensor:
+    def _experts_w4a8(self, x: Tensor, weights: Tensor, ids: Tensor, packed: tuple, limit: float,
+                      shared: Tensor | None = None) -> Tensor:
         """init_routing_v2 (per-row int8) -> GMM1 A8W4 (bf16 out, scales applied: the A8W4 kernel has no int32
         output) -> npu_dequant_swiglu_clamp_quant on bf16 (clamped SwiGLU + per-row int8) -> GMM2 A8W4 ->
         finalize_routing with the routing weights (CR's order, as in the W8A8 path)."""
@@ -226,6 +228,7 @@ class Int8Scheme:
             quant_mode=1, swiglu_mode=1, clamp_limit=limit, glu_alpha=1.0, glu_bias=0.0)
         y = self.npu.npu_grouped_matmul([hq], [w2], bias=[w2b], scale=[w2s], per_token_scale=[hs],
                                         output_dtype=out_dt, **gmm)[0]
-        out = self.npu.npu_moe_finalize_routing(y, None, None, None, weights.to(out_dt), row_idx,
+        skip = None if shared is None else shared.to(out_dt)  # finalize_routing's skip1 has the rows' dtype
+        out = self.npu.npu_moe_finalize_routing(y, skip, None, None, weights.to(out_dt), row_idx,
                                                 ids.to(torch.int32), drop_pad_mode=2, k=k)
         return out.to(dt)

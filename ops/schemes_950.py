@@ -184,7 +184,7 @@ class Lowp950Scheme:
         return y.view(*x.shape[:-1], -1)
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1, s2, s3,
-                limit: float) -> Tensor | None:
+                limit: float, shared: Tensor | None = None) -> Tensor | None:
         """MXFP4 experts with MXFP8 activations (the 950's "W4A8 MX"): init_routing_v2 (no quant) ->
         npu_dynamic_mx_quant -> GMM1 (w13) -> clamped SwiGLU x routing weight (fp32, DeepSeek's order) ->
         npu_dynamic_mx_quant -> GMM2 (w2) -> finalize_routing."""
@@ -209,5 +209,5 @@ class Lowp950Scheme:
         hq, hs = self.npu.npu_dynamic_mx_quant((F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt), axis=-1,
                                                dst_type=torch.float8_e4m3fn)
         y = self.npu.npu_grouped_matmul([hq], [w2t], antiquant_scale=[p2], per_token_scale=[hs], **gmm)[0]
-        return self.npu.npu_moe_finalize_routing(y, None, None, None, None, row_idx, ids.to(torch.int32),
+        return self.npu.npu_moe_finalize_routing(y, shared, None, None, None, row_idx, ids.to(torch.int32),
                                                  drop_pad_mode=2, k=k)

@@ -112,8 +112,13 @@ class ReferenceBackend(Backend):
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         n = keys.shape[1]
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
-        scores = (scores * weights.float().unsqueeze(-1)).sum(2)
+        if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
+            dt = q.dtype
+            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu()
+            scores = (scores * weights.to(dt).unsqueeze(-1)).sum(2).float()
+        else:
+            scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
+            scores = (scores * weights.float().unsqueeze(-1)).sum(2)
         visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
         k = min(k, n)
@@ -166,11 +171,11 @@ class ReferenceBackend(Backend):
 
     def experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                 s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, limit: float,
-                sync_free: bool = False) -> Tensor:
+                sync_free: bool = False, shared: Tensor | None = None) -> Tensor:
         t, k = ids.shape
         n_exp = w1.shape[0]
         if sync_free or t * k < n_exp:
-            return self._experts_gathered(x, weights, ids, w1, w2, w3, s1, s2, s3, limit)
+            return self._experts_gathered(x, weights, ids, w1, w2, w3, s1, s2, s3, limit, shared)
         # Many tokens: group the (token, slot) pairs by expert. Reads the per-expert counts on the host, which
         # is fine for prefill; decode takes the gathered path above (no host sync).
         flat = ids.flatten()
@@ -188,9 +193,11 @@ class ReferenceBackend(Backend):
                              None if s2 is None else s2[e], None if s3 is None else s3[e], limit, ws[sl])
             out.index_add_(0, tok[sl], y.float())
             start += c
+        if shared is not None:  # DeepSeek's order: the routed experts, then the shared one, on the fp32 sum
+            out += shared.float()
         return out.to(x.dtype)
 
-    def _experts_gathered(self, x, weights, ids, w1, w2, w3, s1, s2, s3, limit) -> Tensor:
+    def _experts_gathered(self, x, weights, ids, w1, w2, w3, s1, s2, s3, limit, shared=None) -> Tensor:
         """Decode path: gather the selected experts' weights per token; no data-dependent shapes.
 
         On CPU the orientation matters: index_select copies whole expert slices (advanced indexing is ~7x
@@ -213,6 +220,8 @@ class ReferenceBackend(Backend):
         if self.options.deepseek and s2 is not None:
             h = self._act_quant_dequant(h).to(dt)
         y = torch.bmm(h, pick(w2, s2).transpose(1, 2)).float().view(t, k, -1).sum(1)
+        if shared is not None:
+            y = y + shared.float()
         return y.to(dt)
 
 

@@ -401,9 +401,11 @@ class _Ref950Rules(ReferenceBackend):
 class _QuantOnly950(AscendBackend):
     """The 950 backend with the reference's attention composite: npu_sparse_attn_sharedkv sums its fp32 softmax
     in another order (1-ulp bf16 differences, covered by tests/test_ascend_attention.py), which e4m3 act-quants
-    turn into whole-step flips; the bit-identity runs below isolate the quantised GEMM paths."""
+    turn into whole-step flips; the bit-identity runs below isolate the quantised GEMM paths. Likewise the
+    reference's indexer (deepseek numerics: DeepSeek's bf16 score rounding; the emulated lightning indexer: fp32)."""
 
     attend = Backend.attend
+    indexer_topk = ReferenceBackend.indexer_topk
 
 
 @pytest.fixture(scope="module")
@@ -585,7 +587,7 @@ def test_transpose_quant_batchmatmul_mx_and_kc():
 
 
 def test_grouped_linear_950_runs_mxfp8_transpose_quant_batchmatmul(monkeypatch):
-    # wo_a: FP8 weight [G*N, K] with power-of-two 128x128 scales; K = 144 (the tiny preset's, not a multiple of 64).
+    # wo_a: FP8 weight [G*N, K] with power-of-two 128x128 scales; K = 144 (not a multiple of 64).
     g, n, k, t = 2, 16, 144, 5
     w_dense = torch.randn(g * n, k, generator=_g(48)) / 4
     w8, ws = quant.quantize_fp8_block(w_dense)

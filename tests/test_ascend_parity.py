@@ -146,20 +146,19 @@ def _figures(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 def test_model_bf16_greedy_parity(bf16_reference_run):
-    # The bar for the unquantised path. Measured over 2 x 201 positions: cosine 0.999901, top-1 100%,
-    # rel RMS 1.4%, max |diff| 0.82, worst single step 0.961. Most steps are bit-identical; the rest comes from
-    # fp32 accumulation-order differences (grouped expert GEMM vs the reference's gathered einsum) that flip a
-    # near-tie of a discrete top-k choice. For scale: bf16 vs fp32 *reference* on this model is cosine 0.9997
-    # with single positions down to 0.82, so the cosine bar sits at this model's bf16 noise floor and has almost
-    # no margin; top-1 agreement is the robust half of the check. Since HCA pages of 16/8 = 2 entries (and the
-    # 8-row window) reach npu_sparse_attn_sharedkv as blocks of 16 (its documented block sizes), the emulated
-    # kernel's masked key axis is longer and its fp32 softmax sums run in another order: measured 0.999889, the
-    # same kind of 1e-5 summation-order drift, so the bar is 0.9998 (still above the bf16 floor of 0.9997).
+    # Measured over 2 x 201 positions on the whole-128-block tiny preset: cosine 0.99879, top-1 96.8%, rel RMS
+    # 4.9%, max |diff| 1.68, worst single step 0.893. The differences come from fp32 accumulation-order
+    # differences (grouped expert GEMM vs the reference's gathered einsum, fused ops) that flip a near-tie of a
+    # discrete top-k choice. For scale: bf16 vs fp32 *reference* on this model is cosine 0.9966, top-1 92.0%, rel
+    # RMS 8.2% (single steps down to 0.83): the bars sit between the measured parity and that bf16 noise floor.
+    # (The 64-wide tiny preset measured cosine 0.999901, top-1 100%, against a noise floor of 0.9997.) HCA pages
+    # and the 8-row window reach the emulated npu_sparse_attn_sharedkv as blocks of 16 (its documented block
+    # sizes), which reorders its fp32 softmax sums: another ~1e-5 of summation-order drift.
     ref_logits, toks = bf16_reference_run
     got, _ = _greedy(_bf16_norms(build_tiny(dtype=torch.bfloat16, backend=AscendBackend(emulator))), toks)
     f = _figures(ref_logits, got)
-    assert f["cosine"] >= 0.9998, f
-    assert f["top1"] >= 0.999, f
+    assert f["cosine"] >= 0.998, f
+    assert f["top1"] >= 0.95, f
 
 
 def test_model_w8a8_greedy_parity(bf16_reference_run):

@@ -286,7 +286,7 @@ def _break_shape(d):
     f0 = _shard_of(d, "layers.2.attn.q_norm.weight")
     _rewrite(d, lambda t, f: {**t, "layers.2.attn.q_norm.weight": torch.ones(31, dtype=torch.bfloat16)}
              if f == f0 else t)
-    return f0, "layers.2.attn.q_norm.weight", r"shape \[31\].*expects \[32\].*q_lora_rank=32"
+    return f0, "layers.2.attn.q_norm.weight", r"shape \[31\].*expects \[128\].*q_lora_rank=128"
 
 
 def _break_dtype(d):
@@ -362,9 +362,9 @@ def _break_more_experts_on_disk(d):
 
 def _break_hidden_size(d):
     raw = json.loads((d / "config.json").read_text())
-    raw["hidden_size"] = 128
+    raw["hidden_size"] = 256
     (d / "config.json").write_text(json.dumps(raw))
-    return "model-", "tensor '", "hidden_size=128"
+    return "model-", "tensor '", "hidden_size=256"
 
 
 def _break_quant_config(d):

@@ -2,7 +2,8 @@
 
 Each expected value is computed here plainly (explicit Python loops in float64, complex multiplication,
 scaled_dot_product_attention, hand-written dequantisation), never by calling the op under test. Sizes are tiny
-and seeds fixed. Spec references are to /work/shared/spec/architecture-detail.md.
+and seeds fixed. The formulas are DeepSeek's (DeepSeek-V4 technical report; DeepSeek's inference/model.py),
+as docs/numerics.md describes them.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_rope_pair_layout_explicit():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# YaRN tables (spec §5 check values)
+# YaRN tables (values of the released Flash config: theta 160000, factor 16, original 65536, beta 32/1)
 # ---------------------------------------------------------------------------------------------------------------
 # Check values carry 6 significant digits (<= 5e-6 relative rounding); fp32 pow/divide adds ~1e-7: rtol 1e-5.
 @pytest.mark.parametrize("k,value", [(0, 1.0), (1, 0.687656), (15, 0.00363554), (20, 2.96978e-4),
@@ -147,7 +148,7 @@ def test_main_table_check_values(k, value):
 
 
 def test_yarn_compress_table_full_formula():
-    """All 32 entries vs spec §5 in float64: low = 15, high = 25, unchanged below, divided by 16 above."""
+    """All 32 entries vs the YaRN formula in float64: low = 15, high = 25, unchanged below, divided by 16 above."""
     inv = rope_inv_freq(64, 160000.0, 16.0, 65536, 32.0, 1.0)
     for k in range(32):
         base = 160000.0 ** (-2 * k / 64)
@@ -155,13 +156,13 @@ def test_yarn_compress_table_full_formula():
         expected = base / 16 * ramp + base * (1 - ramp)
         # fp32 table vs float64 formula: a few fp32 ulp (< 1e-6 relative).
         assert float(inv[k]) == pytest.approx(expected, rel=1e-5), k
-    # the ramp ends are exactly where the spec puts them
+    # the ramp ends are exactly at low = 15 and high = 25
     assert float(inv[14]) == pytest.approx(160000.0 ** (-28 / 64), rel=1e-6)
     assert float(inv[26]) == pytest.approx(160000.0 ** (-52 / 64) / 16, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# mHC (spec §4)
+# mHC (DeepSeek's hc_pre / hc_post: Sinkhorn-normalised mixing, docs/numerics.md section 2)
 # ---------------------------------------------------------------------------------------------------------------
 def _hc_inputs(seed: int, b=2, s=3, n=4, d=8):
     x = randn(b, s, n, d, seed=seed, scale=2.0)
@@ -172,7 +173,7 @@ def _hc_inputs(seed: int, b=2, s=3, n=4, d=8):
 
 
 def _hc_pre_loop(x, fn, base, scale, iters):
-    """Spec §4.2 with explicit float64 loops. Returns h, post, comb as float64 tensors and the row sums."""
+    """mHC pre (DeepSeek's hc_split_sinkhorn) with explicit float64 loops. Returns h, post, comb as float64 tensors and the row sums."""
     b, s, n, d = x.shape
     h = torch.empty(b, s, d, dtype=torch.float64)
     post = torch.empty(b, s, n, dtype=torch.float64)
@@ -325,7 +326,7 @@ def test_hc_head_vs_loop():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# compress (spec §6.3)
+# compress (softmax pooling of windows; CSA overlap: docs/numerics.md section 2)
 # ---------------------------------------------------------------------------------------------------------------
 def _softmax_pool(scores: list[float], values: list[float]) -> float:
     m = max(scores)
@@ -379,7 +380,7 @@ def test_compress_overlap_vs_loop():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# indexer_topk (spec §6.4)
+# indexer_topk (lightning indexer scores and causal top-k)
 # ---------------------------------------------------------------------------------------------------------------
 def _index_scores_loop(q, w, keys):
     b, s, h, di = q.shape
@@ -475,12 +476,12 @@ def test_indexer_topk_k_larger_than_entries():
     q = torch.ones(1, 1, 1, 2)
     keys = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]])
     idx = BE.indexer_topk(q, torch.ones(1, 1, 1), keys, torch.tensor([[1]]), 8)
-    # spec §6.4: k = min(index_topk, number of entries); the invisible entry 1 is an empty slot
+    # k = min(index_topk, number of entries); the invisible entry 1 is an empty slot
     assert idx.tolist() == [[[0, -1]]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sparse_attention (spec §6.5)
+# sparse_attention (shared-KV attention with sinks)
 # ---------------------------------------------------------------------------------------------------------------
 def _dense_sink_attention(q, kv, idx, sink, scale):
     """Dense masked SDPA in float64 over all N keys (mask = membership in idx), then the sink: the sink is a
@@ -594,7 +595,7 @@ def test_sparse_attention_masked_slots_ignore_their_index_value():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# route (spec §8.1)
+# route (sqrt-softplus router, docs/numerics.md rows 17-18)
 # ---------------------------------------------------------------------------------------------------------------
 def _sqrt_softplus(z: float) -> float:
     return math.sqrt(math.log1p(math.exp(z)) if z < 30 else z)
@@ -651,7 +652,7 @@ def test_route_hash_ids():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# experts and swiglu_mlp (spec §8.2)
+# experts and swiglu_mlp (clamped SwiGLU, docs/numerics.md rows 19-20)
 # ---------------------------------------------------------------------------------------------------------------
 def _swiglu_loop(xv, w1, w2, w3, limit):
     """One clamped SwiGLU in float64: gate min(.,limit), up clamp(., -limit, limit)."""
@@ -871,3 +872,30 @@ def test_fp32_linear_compiled_one_row_form_equals_upcast():
         assert got.dtype == torch.float32 and got.shape == want.shape
         # bf16 x bf16 products are exact in fp32; only the summation order of 96 fp32 terms may differ.
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_indexer_topk_deepseek_numerics_round_scores_like_deepseek():
+    """numerics='deepseek', bf16: each q.k rounded to bf16, relu, times the bf16 weight (rounded), head sum (fp32
+    accumulation, rounded once), as DeepSeek's bf16 einsum / mul / sum do. Inputs with 3 significant bits make
+    every dot product and head sum exact before those roundings, so the expected scores are exact."""
+    from dsv4_ascend.backend import RunOptions
+
+    g = gen(73)
+    b, s, h, di, n, k = 2, 6, 4, 32, 40, 8
+
+    def coarse(*shape):  # values m * 2^e with |m| < 8: products and sums of a few stay exact in fp32
+        return (torch.randint(-7, 8, shape, generator=g) * torch.exp2(torch.randint(-3, 3, shape, generator=g)))
+
+    q = coarse(b, s, h, di).bfloat16()
+    keys = coarse(b, n, di).bfloat16()
+    w = (torch.rand(b, s, h, generator=g) + 0.5).bfloat16().float()
+    n_visible = torch.full((b, s), n)
+    got = ReferenceBackend(RunOptions("deepseek")).indexer_topk(q, w, keys, n_visible, k)
+    dots = torch.einsum("bshd,bnd->bshn", q.double(), keys.double())  # exact
+    prod = (dots.bfloat16().double().relu() * w.double().unsqueeze(-1)).bfloat16().double()
+    scores = prod.sum(2).bfloat16().double()  # the head sum is exact in fp64, rounded once
+    for bi in range(b):
+        for t in range(s):
+            assert got[bi, t].tolist() == _expected_topk(scores[bi, t].tolist(), n, k), (bi, t)
+    exact = BE.indexer_topk(q, w, keys, n_visible, k)
+    assert not torch.equal(got, exact)  # fp32 scores order some near-ties differently
