@@ -19,74 +19,15 @@ from torch import Tensor, nn
 
 from . import quant
 from .attention_view import KVView
-from .backend import Backend, fp32_linear
+from .backend import Backend
 from .cache import CompressorState, KVCache, LayerCache
 from .config import ModelConfig
+from .layers import Linear, RMSNorm, WeightFormats, param as _param
+from .moe import Expert, Gate, MoE, RoutedExperts
 from .rope import RopeTable, apply_rope_tail
 
-__all__ = ["WeightFormats", "Linear", "Step", "Transformer"]
-
-
-@dataclass(frozen=True)
-class WeightFormats:
-    """How linear weights are held in memory: 'plain' (dtype of the model), 'fp8' (e4m3 + 128x128 scale) or
-    'fp4' (packed e2m1 + 1x32 scale). `dense` covers the FP8 linears of the checkpoint, `experts` the routed ones."""
-
-    dense: str = "plain"
-    experts: str = "plain"
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, dequantize: bool = False) -> "WeightFormats":
-        """The checkpoint's own formats, or all-plain when the weights are dequantised at load."""
-        if dequantize or cfg.quant_method is None:
-            return cls()
-        return cls("fp8", cfg.expert_dtype or "fp8")
-
-
-def _param(*shape: int, dtype: torch.dtype, device=None) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
-
-
-def _weight_and_scale(out_f: int, in_f: int, fmt: str, dtype: torch.dtype, lead: tuple[int, ...] = (),
-                      device=None) -> tuple[nn.Parameter, nn.Parameter | None]:
-    if fmt == "plain":
-        return _param(*lead, out_f, in_f, dtype=dtype, device=device), None
-    if fmt == "fp8":
-        return (_param(*lead, out_f, in_f, dtype=torch.float8_e4m3fn, device=device),
-                _param(*lead, -(-out_f // 128), -(-in_f // 128), dtype=torch.float8_e8m0fnu, device=device))
-    if fmt == "fp4":
-        if in_f % 32:
-            raise ValueError(f"MXFP4 weights need in_features % 32 == 0, found {in_f}")
-        return (_param(*lead, out_f, in_f // 2, dtype=torch.int8, device=device),
-                _param(*lead, out_f, in_f // 32, dtype=torch.float8_e8m0fnu, device=device))
-    raise ValueError(f"unknown weight format {fmt!r}; allowed: plain, fp8, fp4")
-
-
-class Linear(nn.Module):
-    """A bias-free linear layer whose weight may be FP8 block-scaled or packed MXFP4 (then it has `.scale`)."""
-
-    def __init__(self, backend: Backend, in_f: int, out_f: int, fmt: str, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.backend = backend
-        self.in_features = in_f
-        self.out_features = out_f
-        self.weight, self.scale = _weight_and_scale(out_f, in_f, fmt, dtype, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backend.linear(x, self.weight, self.scale)
-
-
-class RMSNorm(nn.Module):
-    """Weighted RMSNorm; the weight is kept in fp32 (the checkpoint stores bf16)."""
-
-    def __init__(self, backend: Backend, dim: int, eps: float, device=None):
-        super().__init__()
-        self.backend = backend
-        self.eps = eps
-        self.weight = _param(dim, dtype=torch.float32, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backend.rms_norm(x, self.weight, self.eps)
+# The layers (layers.py) and the MoE (moe.py) are re-exported: the model's public names live here.
+__all__ = ["WeightFormats", "Linear", "RMSNorm", "Step", "Gate", "Expert", "RoutedExperts", "MoE", "Transformer"]
 
 
 @dataclass
@@ -341,105 +282,6 @@ class Attention(nn.Module):
         o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))
-
-
-class Gate(nn.Module):
-    """Router: sqrt-softplus scores; learned top-k with a correction bias, or a fixed token->experts table."""
-
-    def __init__(self, backend: Backend, cfg: ModelConfig, hashed: bool, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.backend = backend
-        self.k = cfg.num_experts_per_tok
-        self.scale = cfg.routed_scaling_factor
-        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype, device=device)
-        self.hashed = hashed
-        if hashed:
-            self.tid2eid = _param(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64, device=device)
-            self.bias = None
-        else:
-            self.bias = _param(cfg.n_routed_experts, dtype=torch.float32, device=device)
-
-    def forward(self, x: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        logits = fp32_linear(x, self.weight)
-        hash_ids = self.tid2eid[input_ids] if self.hashed else None
-        return self.backend.route(logits, self.bias, hash_ids, self.k, self.scale)
-
-
-class Expert(nn.Module):
-    """A clamped SwiGLU MLP (the shared expert): w1 gate, w3 up, w2 down."""
-
-    def __init__(self, backend: Backend, cfg: ModelConfig, fmt: str, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.backend = backend
-        self.limit = cfg.swiglu_limit
-        d, i = cfg.hidden_size, cfg.moe_intermediate_size
-        self.w1 = Linear(backend, d, i, fmt, dtype, device)
-        self.w2 = Linear(backend, i, d, fmt, dtype, device)
-        self.w3 = Linear(backend, d, i, fmt, dtype, device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backend.swiglu_mlp(x, self.w1.weight, self.w2.weight, self.w3.weight, self.w1.scale,
-                                       self.w2.scale, self.w3.scale, self.limit)
-
-
-class RoutedExperts(nn.Module):
-    """The layer's routed experts `first .. first+count-1`, stacked: w1/w3 [E,I,D], w2 [E,D,I] (+ scales)."""
-
-    def __init__(self, cfg: ModelConfig, fmt: str, dtype: torch.dtype, first: int, count: int, device=None):
-        super().__init__()
-        self.first = first
-        self.count = count
-        d, i = cfg.hidden_size, cfg.moe_intermediate_size
-        self.w1, self.w1_scale = _weight_and_scale(i, d, fmt, dtype, (count,), device)
-        self.w2, self.w2_scale = _weight_and_scale(d, i, fmt, dtype, (count,), device)
-        self.w3, self.w3_scale = _weight_and_scale(i, d, fmt, dtype, (count,), device)
-
-    def checkpoint_tensors(self, prefix: str) -> Iterator[tuple[str, Tensor]]:
-        for j in range(self.count):
-            for w in ("w1", "w2", "w3"):
-                yield f"{prefix}experts.{self.first + j}.{w}.weight", getattr(self, w)[j]
-                s = getattr(self, f"{w}_scale")
-                if s is not None:
-                    yield f"{prefix}experts.{self.first + j}.{w}.scale", s[j]
-
-
-class MoE(nn.Module):
-    """Routed experts (hash- or score-routed) plus the shared expert."""
-
-    def __init__(self, backend: Backend, cfg: ModelConfig, hashed: bool, fmt: WeightFormats, dtype: torch.dtype,
-                 expert_range: tuple[int, int] | None = None, device=None):
-        super().__init__()
-        self.backend = backend
-        self.limit = cfg.swiglu_limit
-        first, last = expert_range or (0, cfg.n_routed_experts)
-        self.gate = Gate(backend, cfg, hashed, dtype, device)
-        self.routed = RoutedExperts(cfg, fmt.experts, dtype, first, last - first, device)
-        self.n_experts = cfg.n_routed_experts
-        self.ep = None  # set by dsv4_ascend.parallel for expert parallelism
-        self.shared_experts = Expert(backend, cfg, fmt.dense, dtype, device) if cfg.n_shared_experts else None
-
-    def forward(self, x: Tensor, input_ids: Tensor, sync_free: bool = False) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, ids = self.gate(x, input_ids.reshape(-1))
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        if self.ep is None:  # the shared output joins the routed experts' fp32 sum; one cast
-            return self.run_local_experts(x, weights, ids, sync_free, shared).view(shape)
-        # expert parallel: dispatch to the experts' ranks and combine (parallel.py); the combine casts
-        y = self.ep(self, x, weights, ids, sync_free)
-        return (y if shared is None else y + shared).view(shape)
-
-    def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
-                          shared: Tensor | None = None) -> Tensor:
-        """This rank's share of the routed output (+ `shared`, added in fp32): pairs routed to experts outside
-        `routed` get weight 0."""
-        r = self.routed
-        if r.count != self.n_experts:
-            local = (ids >= r.first) & (ids < r.first + r.count)
-            weights = weights * local
-            ids = torch.where(local, ids - r.first, 0)
-        return self.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
-                                    self.limit, sync_free, shared)
 
 
 class Block(nn.Module):
