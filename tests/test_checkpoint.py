@@ -401,9 +401,9 @@ def _break_inf_float_scale(d):
     name = "layers.2.ffn.experts.3.w2.scale"
     def edit(t: torch.Tensor) -> torch.Tensor:  # stored as F32 (allowed), one value inf
         f = quant.e8m0_to_float(t)
-        f.view(-1)[2] = float("inf")
+        f[2, 0] = float("inf")
         return f
-    return _poke(d, name, edit), name, r"\(float32 \[\d+, 1\]\) holds 1 NaN/inf value \(first at index \[2, 0\]\)"
+    return _poke(d, name, edit), name, r"\(float32 \[\d+, \d+\]\) holds 1 NaN/inf value \(first at index \[2, 0\]\)"
 
 
 def _break_nan_fp8_weight(d):
