@@ -144,7 +144,8 @@ def test_tokenize_and_detokenize_bad_input_is_a_400_naming_the_field(server, pat
 
 def test_tokenize_other_model_is_a_404_and_bad_json_a_400(server):
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
-        for path, body in (("/tokenize", {"model": "other", "prompt": "a"}), ("/detokenize", {"model": "o", "tokens": []})):
+        for path, body in (("/tokenize", {"model": "other", "prompt": "a"}),
+                           ("/detokenize", {"model": "other", "tokens": []})):
             err = _err(h.post(path, json=body), 404)
             assert err["param"] == "model" and err["code"] == "model_not_found"
             assert _err(h.post(path, content=b"{not json"))["param"] is None

@@ -1,5 +1,6 @@
-"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams`, and the
-OpenAI-style error every bad request gets ({"error": {"message", "type", "param", "code"}}, naming the field).
+"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams` (or, for
+/tokenize and /detokenize, ids), and the OpenAI-style error every bad request gets ({"error": {"message", "type",
+"param", "code"}}, naming the field or the header).
 
 Every numeric field is bounded on both sides, strings must be valid Unicode (no lone surrogates), JSON may nest
 at most `MAX_JSON_DEPTH` levels, and parameters this server does not implement are refused, never ignored.
