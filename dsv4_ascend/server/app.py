@@ -81,8 +81,9 @@ class _Gate:
         self.state = state
         self.inner = self._guard
         if allowed_origins:
-            self.inner = CORSMiddleware(self._guard, allow_origins=list(allowed_origins), allow_methods=GET_HEAD + ["POST"],
-                                        allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER])
+            self.inner = CORSMiddleware(self._guard, allow_origins=list(allowed_origins),
+                                        allow_methods=[*GET_HEAD, "POST"], allow_headers=["*"],
+                                        expose_headers=[REQUEST_ID_HEADER])
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
