@@ -371,6 +371,9 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
+                   help="send CORS headers to these browser origins (comma-separated or repeated, e.g. "
+                   "https://app.example.com; '*' for any); default: no CORS headers")
     v.set_defaults(fn=cmd_serve)
 
     from .convert import add_convert_args

@@ -1,10 +1,11 @@
 """The FastAPI app: /v1/completions, /v1/chat/completions (JSON or server-sent events), /v1/models, /health,
-/metrics (Prometheus text).
+/metrics (Prometheus text), and vLLM's /tokenize, /detokenize, /version; every GET route also answers HEAD.
 
 Bodies are read with a size cap and a time limit, parsed, validated and tokenised off the event loop
 (`protocol`), then submitted to the engine thread (`worker`). Stop strings, detokenisation and the thinking split
 (`text`) happen in the handler; a stop-string hit or a client disconnect aborts the request in the engine, freeing
-its slot at once.
+its slot at once. A valid `X-Request-Id` header is echoed and names the response (`cmpl-<id>`, as vLLM does);
+CORS headers are sent only for the origins `allowed_origins` lists (Starlette's CORSMiddleware).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,16 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware.cors import CORSMiddleware
 except ImportError as _err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
+from .. import __version__
 from ..chat import EOS, parse_completion
 from ..engine import CapacityError, Engine
 from .metrics import Metrics
-from .protocol import (MAX_BODY_BYTES, APIError, Parsed, Settings, parse_body, parse_chat_request,
-                       parse_completion_request)
+from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
+                       parse_completion_request, parse_detokenize_request, parse_tokenize_request, request_id)
 from .text import Output, ThinkSplit, TokenText
 from .worker import EngineWorker, Job
 
@@ -40,7 +43,9 @@ __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger("dsv4.server")
 
-PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
+                   "/tokenize", "/detokenize"})
+GET_HEAD = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no body for HEAD)
 
 
 @dataclass
@@ -60,13 +65,25 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-class _Gate:
-    """Pure ASGI middleware: API key on /v1/*, 503 while draining, per-path status counters (counted when the
-    response starts, so /metrics read after a response already counts it)."""
+def _request_id(scope) -> str | None:
+    """The request's X-Request-Id (None when absent); an APIError when invalid."""
+    name = REQUEST_ID_HEADER.lower().encode()
+    return request_id([v.decode("latin-1") for k, v in scope.get("headers") or () if k == name])
 
-    def __init__(self, app, state: AppState) -> None:
+
+class _Gate:
+    """Pure ASGI middleware: API key on /v1/*, 503 while draining, X-Request-Id checked and echoed, CORS when
+    origins are allowed (outside the key check, so preflights and 401s carry CORS headers), per-path status counters
+    (counted when the response starts, so /metrics read after a response already counts it)."""
+
+    def __init__(self, app, state: AppState, allowed_origins: Sequence[str] = ()) -> None:
         self.app = app
         self.state = state
+        self.inner = self._guard
+        if allowed_origins:
+            self.inner = CORSMiddleware(self._guard, allow_origins=list(allowed_origins),
+                                        allow_methods=[*GET_HEAD, "POST"], allow_headers=["*"],
+                                        expose_headers=[REQUEST_ID_HEADER])
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -74,14 +91,29 @@ class _Gate:
         path: str = scope.get("path", "")
         known = path if path in PATHS else "other"
         counted = False
+        try:
+            echo = _request_id(scope)
+        except APIError:
+            echo = None  # refused with a 400 by _guard; an invalid value is not sent back
 
         async def send_counted(message) -> None:
             nonlocal counted
             if message["type"] == "http.response.start" and not counted:
                 counted = True
                 self.state.metrics.inc("dsv4_http_requests_total", path=known, code=str(message["status"]))
+                if echo is not None:
+                    message = {**message, "headers": [*(message.get("headers") or ()),
+                                                      (REQUEST_ID_HEADER.lower().encode(), echo.encode())]}
             await send(message)
 
+        try:
+            await self.inner(scope, receive, send_counted)
+        finally:
+            if not counted:  # no response was started (the client went away, or the app failed)
+                self.state.metrics.inc("dsv4_http_requests_total", path=known, code="500")
+
+    async def _guard(self, scope, receive, send) -> None:
+        path: str = scope.get("path", "")
         err = None
         key = self.state.settings.api_key
         if path.startswith("/v1/"):
@@ -94,14 +126,15 @@ class _Gate:
                                    code="invalid_api_key")
             if err is None and self.state.draining:
                 err = APIError("the server is shutting down", None, 503, type="server_error")
-        try:
-            if err is not None:
-                await _error_response(err)(scope, receive, send_counted)
-            else:
-                await self.app(scope, receive, send_counted)
-        finally:
-            if not counted:  # no response was started (the client went away, or the app failed)
-                self.state.metrics.inc("dsv4_http_requests_total", path=known, code="500")
+        if err is None:
+            try:
+                _request_id(scope)
+            except APIError as exc:
+                err = exc
+        if err is not None:
+            await _error_response(err)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _sse(data: Any) -> str:
@@ -109,9 +142,11 @@ def _sse(data: Any) -> str:
 
 
 def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_key: str | None = None,
-               max_queue: int = 512, metrics: Metrics | None = None, body_timeout: float = 30.0):
-    """The ASGI app serving `engine` (started/stopped with the app's lifespan). Raises ValueError when no request
-    could ever fit (no slot, or a context without room for one prompt token and one generated token)."""
+               max_queue: int = 512, metrics: Metrics | None = None, body_timeout: float = 30.0,
+               allowed_origins: Sequence[str] = ()):
+    """The ASGI app serving `engine` (started/stopped with the app's lifespan); CORS headers only for
+    `allowed_origins` ("*" for any). Raises ValueError when no request could ever fit (no slot, or a context
+    without room for one prompt token and one generated token)."""
     metrics = metrics or Metrics()
     cache = engine.cache
     # The longest request (prompt + max_tokens) the engine can ever hold: the per-sequence length limit, or the
@@ -172,7 +207,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse(request: HTTPRequest, parser: Callable[..., Parsed]) -> Parsed:
+    async def parse(request: HTTPRequest, parser: Callable[..., Any]) -> Any:
         try:
             raw = await asyncio.wait_for(read_body(request), state.body_timeout)
         except asyncio.TimeoutError:
@@ -229,8 +264,13 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
 
     def usage(parsed: Parsed, out: Output) -> dict:
+        """Usage so far; no prompt token is served from a cache yet (no prefix caching), so cached_tokens is 0."""
         n = len(out.tokens)
-        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n}
+        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n,
+                "prompt_tokens_details": {"cached_tokens": 0}}
+
+    def response_id(request: HTTPRequest, prefix: str) -> str:
+        return f"{prefix}-{request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex}"  # the header passed _Gate
 
     def completion_logprobs(batch: list, offset: int, top_n: int) -> dict:
         tokens, lps, tops, offsets = [], [], [], []
@@ -294,21 +334,27 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                     worker.abort(self.job)
                 await self.gen.aclose()
 
-    def stream(endpoint: str, job: Job, out: Output, first: list[dict], on_batch: Callable[[list], list[dict]],
-               on_end: Callable[[str], list[dict]]) -> SSEResponse:
+    def stream(endpoint: str, job: Job, out: Output, parsed: Parsed, first: list[dict],
+               on_batch: Callable[[list], list[dict]], on_end: Callable[[str], list[dict]]) -> SSEResponse:
         """The one streaming skeleton: `first` chunks, then `on_batch(batch)` per token batch, then `on_end(reason)`;
-        an engine error becomes an error event; always ends with [DONE] and counts the finish reason."""
+        with continuous_usage_stats every chunk carries the usage so far; an engine error becomes an error event;
+        always ends with [DONE] and counts the finish reason."""
+        def sse(chunk: dict) -> str:
+            if parsed.continuous_usage:
+                chunk.setdefault("usage", usage(parsed, out))
+            return _sse(chunk)
+
         async def gen() -> AsyncIterator[str]:
             reason = "abort"
             try:
                 for chunk in first:
-                    yield _sse(chunk)
+                    yield sse(chunk)
                 async for batch in events(job, out):
                     for chunk in on_batch(batch):
-                        yield _sse(chunk)
+                        yield sse(chunk)
                 reason = finish_reason(out)
                 for chunk in on_end(reason):
-                    yield _sse(chunk)
+                    yield sse(chunk)
             except APIError as err:
                 reason = "error"
                 yield _sse(err.body())
@@ -319,7 +365,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return SSEResponse(gen(), job, out)
 
     # -- endpoints --------------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=GET_HEAD)
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, 503)
@@ -327,7 +373,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             return JSONResponse({"status": "engine not running"}, 503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=GET_HEAD)
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -335,23 +381,40 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv4-ascend",
                 "max_model_len": settings.max_seq_len}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=GET_HEAD)
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=GET_HEAD)
     async def model(name: str):
         if name != settings.model_name:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             raise APIError(f"the model '{shown}' does not exist", "model", 404, code="model_not_found")
         return model_card()
 
+    @app.api_route("/version", methods=GET_HEAD)
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        ids, strs = await parse(request, parse_tokenize_request)
+        out = {"count": len(ids), "max_model_len": settings.max_seq_len, "tokens": ids}
+        if strs:
+            out["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
+        return JSONResponse(out)
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        ids = await parse(request, parse_detokenize_request)
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         parsed = await parse(request, parse_completion_request)
         job = await start(parsed, "prompt")
         out = Output(tokenizer, parsed.params.stop)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = response_id(request, "cmpl"), int(time.time())
         top_n = parsed.logprobs or 0
 
         def chunk(text: str, lp: dict | None, reason: str | None) -> dict:
@@ -379,14 +442,14 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                      "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
             return [chunk(out.take(), None, reason), *tail]
 
-        return stream("completions", job, out, [], on_batch, on_end)
+        return stream("completions", job, out, parsed, [], on_batch, on_end)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         parsed = await parse(request, parse_chat_request)
         job = await start(parsed, "messages")
         out = Output(tokenizer, parsed.params.stop)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = response_id(request, "chatcmpl"), int(time.time())
 
         if not parsed.stream:
             batch = await collect(request, job, out)
@@ -440,6 +503,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                      "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
             return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason), *tail]
 
-        return stream("chat", job, out, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch, on_end)
+        return stream("chat", job, out, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
+                      on_end)
 
-    return _Gate(app, state)
+    return _Gate(app, state, allowed_origins)

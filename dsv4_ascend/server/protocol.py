@@ -1,5 +1,6 @@
-"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams`, and the
-OpenAI-style error every bad request gets ({"error": {"message", "type", "param", "code"}}, naming the field).
+"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams` (or, for
+/tokenize and /detokenize, ids), and the OpenAI-style error every bad request gets ({"error": {"message", "type",
+"param", "code"}}, naming the field or the header).
 
 Every numeric field is bounded on both sides, strings must be valid Unicode (no lone surrogates), JSON may nest
 at most `MAX_JSON_DEPTH` levels, and parameters this server does not implement are refused, never ignored.
@@ -15,17 +16,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat import encode_message_segments
+from ..chat import ASSISTANT, THINK_END, THINK_START, encode_message_segments
 from ..sampling import SamplingParams
 
 __all__ = ["APIError", "Settings", "Parsed", "parse_body", "parse_completion_request", "parse_chat_request",
-           "MAX_BODY_BYTES"]
+           "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES", "REQUEST_ID_HEADER"]
 
 MAX_BODY_BYTES = 16 << 20
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_JSON_DEPTH = 64
 INT64 = (-(2**63), 2**63 - 1)
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID = 128
 
 # Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
 _UNSUPPORTED = ("min_p", "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -73,6 +76,7 @@ class Parsed:
     logprobs: int | None        # top-N (completions) or top_logprobs (chat); None = no logprobs
     thinking: bool = False
     tools: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: every streamed chunk carries usage
 
 
 # ------------------------------------------------------------------------------------------------ the body
@@ -308,15 +312,35 @@ def _check_chars(s: Settings, n_chars: int, n_control: int, prompt_param: str) -
                        "tokens fit", prompt_param)
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
+def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
+    """stream, stream_options.include_usage, stream_options.continuous_usage_stats (which, as in vLLM, adds usage
+    to every chunk on top of include_usage's final usage chunk, so it needs include_usage)."""
     stream = _opt_bool(body, "stream")
     opts = body.get("stream_options")
-    include = False
+    include = continuous = False
     if opts is not None:
         if not isinstance(opts, dict):
             raise APIError(f"'stream_options' must be an object, got {_type_name(opts)}", "stream_options")
         include = _opt_bool(opts, "include_usage", label="stream_options.include_usage")
-    return stream, include
+        continuous = _opt_bool(opts, "continuous_usage_stats", label="stream_options.continuous_usage_stats")
+        if continuous and not include:
+            raise APIError("'stream_options.continuous_usage_stats' needs 'stream_options.include_usage': true",
+                           "stream_options.continuous_usage_stats")
+    return stream, include, continuous
+
+
+def request_id(values: list[str]) -> str | None:
+    """The client's X-Request-Id (None when absent): 1 to MAX_REQUEST_ID printable ASCII characters, given once."""
+    if not values:
+        return None
+    v = values[0]
+    if len(values) > 1:
+        raise APIError(f"the '{REQUEST_ID_HEADER}' header may be given once, got {len(values)}", REQUEST_ID_HEADER)
+    if not 1 <= len(v) <= MAX_REQUEST_ID or not all(" " <= c <= "~" for c in v):
+        raise APIError(f"the '{REQUEST_ID_HEADER}' header must be 1 to {MAX_REQUEST_ID} printable ASCII characters "
+                       f"(got {len(v)} characters{'' if all(' ' <= c <= '~' for c in v) else ', not all printable'})",
+                       REQUEST_ID_HEADER)
+    return v
 
 
 # ------------------------------------------------------------------------------------------------ endpoints
@@ -326,7 +350,7 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
     _model_name(body, s)
     _check_unsupported(body)
     logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
-    stream, include = _stream_flags(body)
+    stream, include, continuous = _stream_flags(body)
     fields, name, max_tokens = _sampling(body, s, logprobs)
     p = body.get("prompt")
     if p is None:
@@ -349,7 +373,8 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
     else:
         raise APIError("'prompt' must be a non-empty string or a non-empty array of token ids", "prompt")
     max_tokens = _fit(s, len(prompt), "prompt", name, max_tokens, 16)
-    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs)
+    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs,
+                  continuous_usage=continuous)
 
 
 def _thinking(body: dict) -> bool:
@@ -415,13 +440,7 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     token."""
     _model_name(body, s)
     _check_unsupported(body)
-    messages = _messages(body)
-    thinking = _thinking(body)
-    effort = body.get("reasoning_effort")
-    if effort not in (None, "high", "max"):
-        shown = repr(effort) if isinstance(effort, str) and len(effort) < 40 else _type_name(effort)
-        raise APIError(f"'reasoning_effort' must be null, 'high' or 'max', got {shown}", "reasoning_effort")
-    tools = _tools(body)
+    messages, thinking, effort, tools = _chat_inputs(body)
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
@@ -434,8 +453,28 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     if top and not lp:
         raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if lp else None
-    stream, include = _stream_flags(body)
+    stream, include, continuous = _stream_flags(body)
     fields, name, max_tokens = _sampling(body, s, logprobs)
+    prompt = tok.encode_segments(_chat_segments(s, messages, thinking, effort, tools))
+    max_tokens = _fit(s, len(prompt), "messages", name, max_tokens, None)
+    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs, thinking,
+                  bool(tools), continuous)
+
+
+def _chat_inputs(body: dict) -> tuple[list[dict], bool, str | None, list | None]:
+    """The chat template's inputs: messages, thinking, reasoning_effort, tools."""
+    messages = _messages(body)
+    thinking = _thinking(body)
+    effort = body.get("reasoning_effort")
+    if effort not in (None, "high", "max"):
+        shown = repr(effort) if isinstance(effort, str) and len(effort) < 40 else _type_name(effort)
+        raise APIError(f"'reasoning_effort' must be null, 'high' or 'max', got {shown}", "reasoning_effort")
+    return messages, thinking, effort, _tools(body)
+
+
+def _chat_segments(s: Settings, messages: list[dict], thinking: bool, effort: str | None,
+                   tools: list | None) -> list[tuple[str, bool]]:
+    """The prompt as (text, is_control) segments, refused by length before tokenising when it cannot fit."""
     try:
         segments = encode_message_segments(messages, thinking=thinking, reasoning_effort=effort, tools=tools)
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
@@ -443,7 +482,65 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
         param = "tools" if msg.startswith("tools") else "messages"
         raise APIError(f"invalid {param}: {msg}", param) from None
     _check_chars(s, sum(len(t) for t, c in segments if not c), sum(c for _, c in segments), "messages")
-    prompt = tok.encode_segments(segments)
-    max_tokens = _fit(s, len(prompt), "messages", name, max_tokens, None)
-    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs, thinking,
-                  bool(tools))
+    return segments
+
+
+def _optional_model(body: dict, s: Settings) -> None:
+    if body.get("model") is not None:
+        _model_name(body, s)
+
+
+# vLLM's tokenize fields this server does not implement (refused unless unset or neutral).
+_TOKENIZE_UNSUPPORTED = ("continue_final_message", "chat_template", "documents", "mm_processor_kwargs")
+_NO_GENERATION_PROMPT_ENDS = ((ASSISTANT, True), (THINK_START, True)), ((ASSISTANT, True), (THINK_END, True))
+
+
+def parse_tokenize_request(body: dict, s: Settings, tok) -> tuple[list[int], bool]:
+    """/tokenize (vLLM's request shape): {"prompt": str, "add_special_tokens"?} tokenised as /v1/completions does
+    (BOS, then plain text), or {"messages": [...], "add_generation_prompt"?, ...} through the chat template as
+    /v1/chat/completions does (thinking, reasoning_effort, tools as there). Returns the ids and whether
+    `return_token_strs` asked for the token strings."""
+    _optional_model(body, s)
+    strs = _opt_bool(body, "return_token_strs")
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise APIError("give either 'prompt' or 'messages', not both", "prompt")
+        for name in _TOKENIZE_UNSUPPORTED:
+            if body.get(name) not in (None, False):
+                raise APIError(f"'{name}' is not supported by this server's /tokenize (leave it unset)", name)
+        if _opt_bool(body, "add_special_tokens"):
+            raise APIError("'add_special_tokens' applies to 'prompt' only: the chat template already starts with BOS",
+                           "add_special_tokens")
+        generation = _opt_bool(body, "add_generation_prompt", default=True)
+        segments = _chat_segments(s, *_chat_inputs(body))
+        if not generation and tuple(segments[-2:]) in _NO_GENERATION_PROMPT_ENDS:
+            segments = segments[:-2]  # the template's opening of the reply: <｜Assistant｜> then <think> / </think>
+        return tok.encode_segments(segments), strs
+    p = body.get("prompt")
+    if p is None:
+        raise APIError("'prompt' (a string) or 'messages' is required", "prompt")
+    if not isinstance(p, str):
+        raise APIError(f"'prompt' must be a string, got {_type_name(p)}", "prompt")
+    if body.get("add_generation_prompt") is not None:
+        raise APIError("'add_generation_prompt' applies to 'messages' only", "add_generation_prompt")
+    bos = _opt_bool(body, "add_special_tokens", default=True)
+    _check_chars(s, len(p), int(bos), "prompt")
+    return ([tok.bos_id] if bos else []) + tok.encode_text(p), strs
+
+
+def parse_detokenize_request(body: dict, s: Settings, tok) -> list[int]:
+    """/detokenize (vLLM's request shape): {"tokens": [ids]}; every id must be in the vocabulary."""
+    _optional_model(body, s)
+    t = body.get("tokens")
+    if t is None:
+        raise APIError("'tokens' is required", "tokens")
+    if not isinstance(t, list):
+        raise APIError(f"'tokens' must be an array of token ids, got {_type_name(t)}", "tokens")
+    odd = [x for x in t if not _is_int(x)]
+    if odd:
+        raise APIError(f"'tokens' must hold integer token ids, found {_type_name(odd[0])}", "tokens")
+    bad = [x for x in t if not 0 <= x < s.vocab]
+    if bad:
+        shown = [x if abs(x) < 10**30 else "<huge>" for x in bad[:5]]
+        raise APIError(f"'tokens' ids must be in [0, {s.vocab}), found {shown}", "tokens")
+    return t

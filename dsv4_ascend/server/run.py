@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 
@@ -20,7 +21,7 @@ except ImportError as _err:  # pragma: no cover - the optional extra is missing
 from ..engine import Engine
 from .app import AppState, create_app
 
-__all__ = ["DrainingServer", "BackgroundServer", "build_server", "serve_main"]
+__all__ = ["DrainingServer", "BackgroundServer", "allowed_origins", "build_server", "serve_main"]
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server with a graceful drain: on shutdown the app is flagged as draining (503 for new requests,
@@ -91,6 +92,20 @@ class BackgroundServer:
         self.stop()
 
 
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+")
+
+
+def allowed_origins(values: list[str] | None) -> list[str]:
+    """--allowed-origins (repeated and/or comma-separated) as a list; each must be '*' or scheme://host[:port]
+    (browsers send the Origin header without a path, so one with a path or trailing slash would never match)."""
+    out = [o.strip() for v in values or () for o in v.split(",")]
+    for o in out:
+        if o != "*" and not _ORIGIN.fullmatch(o):
+            raise SystemExit(f"dsv4 serve: --allowed-origins: {o!r} is not an origin: give '*' or "
+                             "scheme://host[:port] with no path or trailing slash")
+    return out
+
+
 def build_server(args) -> DrainingServer:
     """The uvicorn server `dsv4 serve` runs, from its parsed command-line flags (model loaded, not started)."""
     import os
@@ -107,6 +122,7 @@ def build_server(args) -> DrainingServer:
                              f"dsv4 serve: {flag} must be >= {least} (got {value})")
     if args.drain_timeout < 0:
         raise SystemExit(f"dsv4 serve: --drain-timeout must be >= 0 (got {args.drain_timeout})")
+    origins = allowed_origins(getattr(args, "allowed_origins", None))
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="[dsv4] %(levelname)s %(message)s")
     model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
@@ -120,13 +136,14 @@ def build_server(args) -> DrainingServer:
     name = args.served_model_name or path.name
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     try:
-        app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue)
+        app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue,
+                         allowed_origins=origins)
     except ValueError as exc:  # e.g. a KV-cache budget with room for no request
         raise SystemExit(f"dsv4 serve: {exc}") from None
     cache = engine.cache
     print(f"[dsv4] serving '{name}' ({path}) on http://{args.host}:{args.port}: {args.max_slots} slots, "
           f"{cache.num_blocks - 1} pages of {cache.block_size} tokens, max_seq_len {cache.max_seq_len}"
-          f"{'; API key required' if api_key else ''}", file=sys.stderr)
+          f"{'; API key required' if api_key else ''}{f'; CORS for {origins}' if origins else ''}", file=sys.stderr)
     config = _uvicorn_config(app, args.host, args.port, args.log_level, args.drain_timeout)
     return DrainingServer(config, args.drain_timeout)
 
