@@ -55,3 +55,17 @@ def graph_vs_eager_logits(model, dec, prompts: list[list[int]], params, max_len:
         g = dec.step(tok, pos, slots, [params, params]).logits
         yield e, g
         tok = e.argmax(-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tmp_path_factory):
+    """The tiny random model written in the official format and loaded as `dsv4 serve` loads it (fp32):
+    (model, tokenizer, checkpoint directory). One per test module, as each server module starts its own engines."""
+    from dsv4_ascend.loading import load_model
+    from dsv4_ascend.tiny import write_tiny_checkpoint
+    from dsv4_ascend.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    write_tiny_checkpoint(d, seed=0)
+    model, path = load_model(str(d), dtype="float32")
+    return model, load_tokenizer(path), d

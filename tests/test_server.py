@@ -16,13 +16,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from dsv4_ascend.chat import encode_messages  # noqa: E402
-from dsv4_ascend.loading import load_model  # noqa: E402
 from dsv4_ascend.engine import Engine  # noqa: E402
 from dsv4_ascend.sampling import SamplingParams  # noqa: E402
 from dsv4_ascend.server import BackgroundServer, create_app  # noqa: E402
 from dsv4_ascend.server.text import Output, ThinkSplit  # noqa: E402
-from dsv4_ascend.tiny import write_tiny_checkpoint  # noqa: E402
-from dsv4_ascend.tokenizer import load_tokenizer  # noqa: E402
 
 NAME = "tiny"
 SEQ = 128  # cache capacity per sequence (one 128-token page)
@@ -30,16 +27,8 @@ SLOTS = 8
 TIMEOUT = 120.0  # per HTTP request (slow shared CI machines)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    write_tiny_checkpoint(d, seed=0)
-    model, path = load_model(str(d), dtype="float32")
-    return model, load_tokenizer(path), d
-
-
-def _start(tiny, api_key=None, slots=SLOTS, drain=30.0, max_queue=512):
-    model, tok, _ = tiny
+def _start(served_tiny, api_key=None, slots=SLOTS, drain=30.0, max_queue=512):
+    model, tok, _ = served_tiny
     engine = Engine(model, max_slots=slots, max_seq_len=SEQ)
     app = create_app(engine, tok, served_model_name=NAME, api_key=api_key, max_queue=max_queue)
     srv = BackgroundServer(app, drain_timeout=drain)
@@ -47,8 +36,8 @@ def _start(tiny, api_key=None, slots=SLOTS, drain=30.0, max_queue=512):
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    srv, engine = _start(tiny)
+def server(served_tiny):
+    srv, engine = _start(served_tiny)
     yield srv, engine
     srv.stop(60)
     assert not srv.thread.is_alive()
@@ -142,9 +131,9 @@ def test_models_health_and_metrics_format(server):
     assert f"dsv4_cache_slots_total {SLOTS}" in text
 
 
-def test_completions_stream_and_not_with_stop_and_logprobs(server, tiny):
+def test_completions_stream_and_not_with_stop_and_logprobs(server, served_tiny):
     srv, _ = server
-    model, tok, _ = tiny
+    model, tok, _ = served_tiny
     c = _client(srv)
     prompt = "The capital of France is"
     ref = _solo(model, [tok.bos_id] + tok.encode(prompt), 12)
@@ -187,9 +176,9 @@ def test_sampling_is_seeded(server):
     assert a == c.completions.create(seed=7, **kw).choices[0].text
 
 
-def test_chat_stream_and_not_thinking_on_and_off(server, tiny):
+def test_chat_stream_and_not_thinking_on_and_off(server, served_tiny):
     srv, _ = server
-    model, tok, _ = tiny
+    model, tok, _ = served_tiny
     c = _client(srv)
     msgs = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
@@ -223,9 +212,9 @@ def test_chat_stream_and_not_thinking_on_and_off(server, tiny):
 
 # --------------------------------------------------------------------------------------------- concurrency
 
-def test_50_concurrent_streams_equal_their_solo_greedy_outputs(server, tiny):
+def test_50_concurrent_streams_equal_their_solo_greedy_outputs(server, served_tiny):
     srv, _ = server
-    model, tok, _ = tiny
+    model, tok, _ = served_tiny
     n, max_tokens = 50, 4
     texts = [f"Request {i}: the quick brown fox number {i * 7 % 13}" for i in range(n)]
     kinds = ["chat" if i % 2 else "completion" for i in range(n)]
@@ -360,9 +349,9 @@ def test_bad_requests_get_400_naming_the_field(server):
     assert _wait_idle(srv)["dsv4_cache_slots_used"] == 0
 
 
-def test_oversize_prompts_get_a_clear_400(server, tiny):
+def test_oversize_prompts_get_a_clear_400(server, served_tiny):
     srv, _ = server
-    _, tok, _ = tiny
+    _, tok, _ = served_tiny
     long_text = "The quick brown fox jumps over the lazy dog. " * 40
     assert len(tok.encode(long_text)) > SEQ
     with httpx.Client(base_url=srv.url + "/v1/", timeout=TIMEOUT) as h:
@@ -381,8 +370,8 @@ def test_oversize_prompts_get_a_clear_400(server, tiny):
 
 # ------------------------------------------------------------------------------ API key and shutdown
 
-def test_api_key(tiny):
-    srv, _ = _start(tiny, api_key="sekret", slots=2)
+def test_api_key(served_tiny):
+    srv, _ = _start(served_tiny, api_key="sekret", slots=2)
     try:
         with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
@@ -399,8 +388,8 @@ def test_api_key(tiny):
     assert not srv.thread.is_alive()
 
 
-def test_graceful_shutdown_drains_in_flight_requests(tiny):
-    srv, engine = _start(tiny, slots=2, drain=60)
+def test_graceful_shutdown_drains_in_flight_requests(served_tiny):
+    srv, engine = _start(served_tiny, slots=2, drain=60)
     body = {"model": NAME, "prompt": "Hello", "max_tokens": 30, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     events, done = [], False
@@ -436,9 +425,9 @@ def test_graceful_shutdown_drains_in_flight_requests(tiny):
     assert not engine.running and len(engine.free_slots) == 2
 
 
-def test_drain_deadline_ends_streams_cleanly(tiny):
+def test_drain_deadline_ends_streams_cleanly(served_tiny):
     """Past the drain timeout, what is left is aborted: the stream still ends with a finish chunk and [DONE]."""
-    srv, engine = _start(tiny, slots=2, drain=0.5)
+    srv, engine = _start(served_tiny, slots=2, drain=0.5)
     body = {"model": NAME, "prompt": "Hello", "max_tokens": 110, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     events, done = [], False
@@ -459,11 +448,11 @@ def test_drain_deadline_ends_streams_cleanly(tiny):
     assert not engine.running and len(engine.free_slots) == 2
 
 
-def test_cli_serve_subcommand(tiny, monkeypatch):
+def test_cli_serve_subcommand(served_tiny, monkeypatch):
     """`dsv4 serve` flags go through the real parser into a working server."""
     from dsv4_ascend import cli, server as server_mod
 
-    _, _, ckpt = tiny
+    _, _, ckpt = served_tiny
     built = {}
 
     def fake_serve_main(args):
@@ -493,9 +482,9 @@ def test_cli_serve_subcommand(tiny, monkeypatch):
     assert not t.is_alive()
 
 
-def test_engine_failure_and_overload(tiny, monkeypatch):
+def test_engine_failure_and_overload(served_tiny, monkeypatch):
     """A failing engine step fails only the requests in flight (500, server keeps serving); a full queue -> 503."""
-    srv, engine = _start(tiny, slots=1, max_queue=0)
+    srv, engine = _start(served_tiny, slots=1, max_queue=0)
     try:
         real_step, calls = engine.step, {"n": 0}
 

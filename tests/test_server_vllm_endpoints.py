@@ -14,11 +14,8 @@ import dsv4_ascend  # noqa: E402
 from dsv4_ascend import cli  # noqa: E402
 from dsv4_ascend.chat import ASSISTANT, THINK_END, THINK_START, encode_message_segments  # noqa: E402
 from dsv4_ascend.engine import Engine  # noqa: E402
-from dsv4_ascend.loading import load_model  # noqa: E402
 from dsv4_ascend.server import BackgroundServer, build_server, create_app  # noqa: E402
 from dsv4_ascend.server.run import allowed_origins  # noqa: E402
-from dsv4_ascend.tiny import write_tiny_checkpoint  # noqa: E402
-from dsv4_ascend.tokenizer import load_tokenizer  # noqa: E402
 
 NAME = "tiny"
 SEQ = 128
@@ -28,23 +25,15 @@ GOOD_ORIGIN = "http://app.example:3000"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <｜User｜> there"}]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    write_tiny_checkpoint(d, seed=0)
-    model, path = load_model(str(d), dtype="float32")
-    return model, load_tokenizer(path), d
-
-
-def _serve(tiny, **kw) -> BackgroundServer:
-    model, tok, _ = tiny
+def _serve(served_tiny, **kw) -> BackgroundServer:
+    model, tok, _ = served_tiny
     app = create_app(Engine(model, max_slots=SLOTS, max_seq_len=SEQ), tok, served_model_name=NAME, **kw)
     return BackgroundServer(app, drain_timeout=5.0).start()
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    srv = _serve(tiny)
+def server(served_tiny):
+    srv = _serve(served_tiny)
     yield srv
     srv.stop(60)
     assert not srv.thread.is_alive()
@@ -63,8 +52,8 @@ def _err(resp, status=400) -> dict:
 
 # ------------------------------------------------------------------------------------- /tokenize, /detokenize
 
-def test_tokenize_gives_the_ids_the_generation_endpoints_feed_the_engine(server, tiny):
-    _, tok, _ = tiny
+def test_tokenize_gives_the_ids_the_generation_endpoints_feed_the_engine(server, served_tiny):
+    _, tok, _ = served_tiny
     srv = server
     c = _client(srv)
     max_len = c.models.retrieve(NAME).model_extra["max_model_len"]
@@ -96,8 +85,8 @@ def test_tokenize_gives_the_ids_the_generation_endpoints_feed_the_engine(server,
             assert ids[-2:] == opener and bare["tokens"] == ids[:-2]
 
 
-def test_detokenize_inverts_tokenize(server, tiny):
-    _, tok, _ = tiny
+def test_detokenize_inverts_tokenize(server, served_tiny):
+    _, tok, _ = served_tiny
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
         for text in ("Hello world", "héllo ✓ 漢字 <｜User｜>", ""):
             ids = h.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
@@ -165,9 +154,9 @@ def test_version_and_head_on_every_get_route(server):
         assert h.head("/v1/completions").status_code == 405  # POST routes are not given HEAD
 
 
-def test_every_get_route_also_has_head(tiny):
+def test_every_get_route_also_has_head(served_tiny):
     """Introspection: a GET route added later without HEAD fails here."""
-    model, tok, _ = tiny
+    model, tok, _ = served_tiny
     gate = create_app(Engine(model, max_slots=1, max_seq_len=SEQ), tok, served_model_name=NAME)
     routes = [r for r in gate.app.routes if "GET" in getattr(r, "methods", ())]
     assert {r.path for r in routes} >= {"/health", "/v1/models", "/v1/models/{name:path}", "/metrics", "/version"}
@@ -282,14 +271,14 @@ def _preflight(h, origin: str, path="/v1/chat/completions"):
                                     "Access-Control-Request-Headers": "authorization,content-type,x-request-id"})
 
 
-def test_cors_only_behind_allowed_origins(server, tiny):
+def test_cors_only_behind_allowed_origins(server, served_tiny):
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:  # default: no CORS headers at all
         for resp in (_preflight(h, GOOD_ORIGIN), h.get("/health", headers={"Origin": GOOD_ORIGIN}),
                      h.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 1},
                             headers={"Origin": GOOD_ORIGIN})):
             assert not [k for k in resp.headers if k.startswith("access-control-")], resp.headers
         assert _preflight(h, GOOD_ORIGIN).status_code == 405
-    srv = _serve(tiny, api_key="k", allowed_origins=[GOOD_ORIGIN])
+    srv = _serve(served_tiny, api_key="k", allowed_origins=[GOOD_ORIGIN])
     try:
         with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
             pre = _preflight(h, GOOD_ORIGIN)  # no key on a preflight, as browsers send it
@@ -313,14 +302,14 @@ def test_cors_only_behind_allowed_origins(server, tiny):
     assert not srv.thread.is_alive()
 
 
-def test_allowed_origins_flag(tiny):
+def test_allowed_origins_flag(served_tiny):
     assert allowed_origins(None) == []
     assert allowed_origins(["http://a.example, https://b.example:8443", "*"]) == [
         "http://a.example", "https://b.example:8443", "*"]
     for bad in (["http://a.example/"], ["a.example"], ["http://a.example,"], ["https://a.example/app"]):
         with pytest.raises(SystemExit, match="--allowed-origins"):
             allowed_origins(bad)
-    _, _, ckpt = tiny
+    _, _, ckpt = served_tiny
     args = cli._build_parser().parse_args(
         ["serve", "--model", str(ckpt), "--dtype", "float32", "--port", "0", "--max-slots", "1", "--max-seq-len",
          "128", "--log-level", "warning", "--allowed-origins", "http://a.example,http://b.example",
