@@ -37,6 +37,8 @@ class KVView:
     picks: Tensor | None = None          # CSA: [B,S,K] entry indices (-1 = none); None: every visible entry
     entry_rows: Tensor | None = None     # entries already gathered [B,N,d] (prefill); None: read the pages
     entries_in_store: bool = True        # False: entry_rows holds entries not written yet (deferred prefill)
+    shared: dict | None = None           # one dict per model step, shared by every layer: a backend's per-step
+                                         # tensors (block tables, index maps, kernel metadata) built once
 
     @property
     def win(self) -> int:
@@ -44,10 +46,16 @@ class KVView:
         return self.window.size
 
     def entry_pool(self) -> Tensor:
-        """Entries 0..N-1 [B,N,d] of every sequence (N = all pages of the block table rows, or entry_rows)."""
+        """Entries 0..N-1 [B,N,d] of every sequence (N = all pages of the block table rows, or entry_rows), as
+        the store holds them (a C8 store's rounding applied to entries not written yet)."""
         if self.entry_rows is not None:
-            return self.entry_rows
+            return self.entry_rows if self.entries_in_store else self.entries.stored(self.entry_rows)
         return self.entries.read_pages(self.block_table)
+
+    def chunk_keys(self) -> Tensor:
+        """Prefill: the chunk's rows [B,S,d] as the ring will store them (C8: quantised), so a key reads the
+        same whether the chunk is in flight or already written (decode reads it back from the ring)."""
+        return self.window.stored(self.chunk)
 
     @property
     def per_page(self) -> int:
@@ -69,7 +77,7 @@ class KVView:
         (HCA, or CSA entries not in the pages)."""
         pool = self.window.read(self.slots)
         if self.chunk is not None:
-            pool = torch.cat([pool, self.chunk], dim=1)  # ring (positions < start) then chunk
+            pool = torch.cat([pool, self.chunk_keys()], dim=1)  # ring (positions < start) then chunk
         if not self.ratio or self.picks_from_store:
             return pool
         return torch.cat([pool, self.entry_pool().to(pool.dtype)], dim=1)

@@ -6,7 +6,8 @@ entries (CSA, HCA) and the indexer's compressed keys (CSA) in fixed-size pages s
 block table, and the unfinished-window state of each compressor (per slot). One page covers `block_size` tokens
 in every layer (block_size/ratio entries). Nothing is reset when a slot or page is reused: every read is masked by
 the sequence's position. Optional FP8 storage (C8) keeps the nope dims as e4m3 with a power-of-two scale per 64
-values; the rope dims stay in the model dtype.
+values and the rope dims in the model dtype, packed per row in the byte layout of cann-recipes-infer's
+`kv_compress_epilog` (quant_mode 2), which `npu_kv_quant_sparse_attn_sharedkv` reads (`c8_pack` / `c8_unpack`).
 """
 from __future__ import annotations
 
@@ -20,10 +21,50 @@ from torch import Tensor
 from . import quant
 from .config import ModelConfig
 
-__all__ = ["CompressorState", "RowStore", "WindowRing", "LayerCache", "KVCache", "CacheFullError"]
+__all__ = ["CompressorState", "RowStore", "WindowRing", "LayerCache", "KVCache", "CacheFullError", "c8_row_bytes",
+           "c8_pack", "c8_unpack"]
 
 _C8_BLOCK = 64
+_C8_ALIGN = 128  # row bytes rounded up to a multiple of 128 (kv_compress_epilog's d')
 ScatterRows = Callable[[Tensor, Tensor, Tensor], None]  # Backend.scatter_rows(dst [R, s], rows [u], src [u, s])
+# (dst uint8 [R, row_bytes], rows [u] (-1 skipped), values [u, width], rope_dim, dtype): quantise + pack + scatter
+C8Write = Callable[[Tensor, Tensor, Tensor, int, torch.dtype], None]
+
+
+def c8_row_bytes(width: int, rope_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one C8 row: rope (model dtype) + e4m3 nope + one e8m0 scale per 64 nope values, 128-aligned
+    (width 512, rope 64, bf16: 128 + 448 + 7 -> 640, the documented row of `kv_compress_epilog`). fp32 rows
+    (test models; no kernel reads them) are not padded."""
+    nope = width - rope_dim
+    size = torch.empty(0, dtype=dtype).element_size()
+    used = rope_dim * size + nope + nope // _C8_BLOCK
+    return used if size > 2 else -(-used // _C8_ALIGN) * _C8_ALIGN
+
+
+def c8_pack(values: Tensor, rope_dim: int, dtype: torch.dtype) -> Tensor:
+    """Rows [..., width] -> C8 bytes uint8 [..., c8_row_bytes]: [rope as `dtype` bytes | e4m3 nope | e8m0 scales |
+    zero padding] (cann-recipes-infer `kv_compress_epilog` quant_mode 2 golden). The nope dims are quantised per
+    64 values with DeepSeek's act_quant rule (s = 2^ceil(log2(max(amax, 1e-4) / 448))), the epilogue's
+    round_scale rule; s is a power of two, so its e8m0 byte (exponent + 127) is exact."""
+    nope = values.shape[-1] - rope_dim
+    q, s = quant.act_quant(values[..., :nope].float(), _C8_BLOCK)
+    e8m0 = (torch.frexp(s)[1] + 126).to(torch.uint8)  # s = 0.5 * 2^e  ->  log2 s + 127 = e + 126
+    rope = values[..., nope:].to(dtype).contiguous().view(torch.uint8)
+    parts = [rope, q.view(torch.uint8), e8m0]
+    used = sum(p.shape[-1] for p in parts)
+    pad = c8_row_bytes(values.shape[-1], rope_dim, dtype) - used
+    return torch.cat(parts + [rope.new_zeros(*rope.shape[:-1], pad)], -1)
+
+
+def c8_unpack(rows: Tensor, width: int, rope_dim: int, dtype: torch.dtype) -> Tensor:
+    """C8 bytes [..., row_bytes] -> rows [..., width] in `dtype`: e4m3 * 2^(e8m0 - 127) (exact in bf16), rope."""
+    nope = width - rope_dim
+    rb = rope_dim * torch.empty(0, dtype=dtype).element_size()
+    rope = rows[..., :rb].contiguous().view(dtype)
+    q = rows[..., rb:rb + nope].contiguous().view(torch.float8_e4m3fn).float()
+    s = torch.exp2(rows[..., rb + nope:rb + nope + nope // _C8_BLOCK].float() - 127)
+    deq = (q.unflatten(-1, (-1, _C8_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
+    return torch.cat([deq.to(dtype), rope], -1)
 
 
 class CacheFullError(RuntimeError):
@@ -71,30 +112,32 @@ class CompressorState:
 
 
 class RowStore:
-    """A [*lead, width] buffer of kv rows, stored in the model dtype or as C8 (e4m3 nope + scales, rope as is)."""
+    """A [*lead, width] buffer of kv rows, stored in the model dtype or as C8 bytes [*lead, c8_row_bytes] (e4m3
+    nope + e8m0 scales, rope as is; `c8_pack`)."""
 
     def __init__(self, lead: tuple[int, ...], width: int, rope_dim: int, dtype: torch.dtype, device,
-                 fp8: bool = False, scatter: ScatterRows | None = None) -> None:
+                 fp8: bool = False, scatter: ScatterRows | None = None, c8_write: C8Write | None = None) -> None:
         self.fp8 = fp8
         self.dtype = dtype
         self.rope_dim = rope_dim
+        self.width = width
         self.lead = tuple(lead)
         # Writes go through `scatter(dst [R, s], rows [u], src [u, s])` (a backend's scatter_rows override); None:
         # a plain aten index_put (what Backend.scatter_rows would do, minus its redirect ops: 25-45% of a tiny
-        # model's eager decode step, and the model never writes negative rows).
+        # model's eager decode step, and the model never writes negative rows). C8 rows go through `c8_write`
+        # (quantise + pack + scatter in one op, e.g. the 950's kv_compress_epilog) when given, else are packed
+        # here and scattered as bytes.
         self.scatter: ScatterRows | None = scatter
+        self.c8_write: C8Write | None = c8_write if fp8 else None
         if fp8:
-            nope = width - rope_dim
-            if nope % _C8_BLOCK:
-                raise ValueError(f"C8 cache needs (head_dim - rope_dim) % {_C8_BLOCK} == 0, found {nope}")
-            self.nope = torch.zeros(*lead, nope, dtype=torch.uint8, device=device)
-            self.scale = torch.ones(*lead, nope // _C8_BLOCK, dtype=torch.float32, device=device)
-            self.rope = torch.zeros(*lead, rope_dim, dtype=dtype, device=device)
+            if (width - rope_dim) % _C8_BLOCK:
+                raise ValueError(f"C8 cache needs (head_dim - rope_dim) % {_C8_BLOCK} == 0, found {width - rope_dim}")
+            self.data = torch.zeros(*lead, c8_row_bytes(width, rope_dim, dtype), dtype=torch.uint8, device=device)
         else:
             self.data = torch.zeros(*lead, width, dtype=dtype, device=device)
 
     def tensors(self) -> list[Tensor]:
-        return [self.nope, self.scale, self.rope] if self.fp8 else [self.data]
+        return [self.data]
 
     def snapshot(self, index: tuple) -> list[Tensor]:
         """Copies of the stored rows at `index` (raw storage, so restore is exact)."""
@@ -105,26 +148,24 @@ class RowStore:
             t[index] = v
 
     def read(self, *index) -> Tensor:
-        if not self.fp8:
-            return self.data[index]
-        return self._c8_rows(self.nope[index], self.scale[index], self.rope[index])
+        return self.unpack(self.data[index])
 
-    def _c8_rows(self, nope: Tensor, scale: Tensor, rope: Tensor) -> Tensor:
-        """Stored C8 parts (fp8 nope bytes, per-block scales, rope) -> rows in the cache dtype."""
-        q = nope.view(torch.float8_e4m3fn).float()
-        deq = (q.unflatten(-1, (-1, _C8_BLOCK)) * scale.unsqueeze(-1)).flatten(-2)
-        return torch.cat([deq.to(self.dtype), rope], -1)
+    def unpack(self, stored: Tensor) -> Tensor:
+        """Stored rows (C8 bytes or model-dtype rows) -> rows [..., width] in the cache dtype."""
+        return c8_unpack(stored, self.width, self.rope_dim, self.dtype) if self.fp8 else stored
+
+    def stored(self, values: Tensor) -> Tensor:
+        """values [..., width] as this store would give them back (C8: quantised; else cast to the dtype)."""
+        return self.unpack(self.pack(values))
+
+    def pack(self, values: Tensor) -> Tensor:
+        """values [..., width] -> their stored form (C8 bytes, or the cache dtype)."""
+        return c8_pack(values, self.rope_dim, self.dtype) if self.fp8 else values.to(self.dtype)
 
     def read_pages(self, table: Tensor) -> Tensor:
         """Whole pages `table` [B, P] of a paged store, as rows [B, P*rows_per_page, c]."""
         b = table.shape[0]
-
-        def pick(t: Tensor) -> Tensor:
-            return t.index_select(0, table.reshape(-1)).view(b, -1, t.shape[-1])
-
-        if not self.fp8:
-            return pick(self.data)
-        return self._c8_rows(pick(self.nope), pick(self.scale), pick(self.rope))
+        return self.unpack(self.data.index_select(0, table.reshape(-1)).view(b, -1, self.data.shape[-1]))
 
     def _flat_rows(self, index) -> Tensor | None:
         """Row numbers in the [prod(lead), width] view for a tuple of one integer tensor per lead dim
@@ -140,36 +181,20 @@ class RowStore:
         return torch.where(skip, -1, rows)
 
     def write(self, index: tuple, values: Tensor) -> None:
-        """Store rows `values` [..., width] at `index` (one integer tensor per lead dim) through `self.scatter`
-        (a negative part skips the row); without one, or for other index forms, an aten index_put (which would
-        wrap a negative index, so the model passes none)."""
-        rows = None if self.scatter is None else self._flat_rows(index)
+        """Store rows `values` [..., width] at `index` (one integer tensor per lead dim) through `self.c8_write`
+        (C8) or `self.scatter` (a negative part skips the row); without one, or for other index forms, an aten
+        index_put (which would wrap a negative index, so the model passes none)."""
+        hook = self.c8_write or self.scatter
+        rows = None if hook is None else self._flat_rows(index)
         if rows is None:
-            return self._write_indexed(index, values)
-        shape = rows.shape
-        rows = rows.reshape(-1)
-
-        def put(dst: Tensor, src: Tensor) -> None:
-            w = dst.shape[-1]
-            self.scatter(dst.view(-1, w), rows, src.expand(*shape, w).reshape(-1, w))
-
-        if not self.fp8:
-            put(self.data, values.to(self.dtype))
+            self.data[index] = self.pack(values)
             return
-        q, s = quant.act_quant(values[..., : -self.rope_dim].float(), _C8_BLOCK)
-        put(self.nope, q.view(torch.uint8))
-        put(self.scale, s)
-        put(self.rope, values[..., -self.rope_dim:].to(self.dtype))
-
-    def _write_indexed(self, index, values: Tensor) -> None:
-        """The aten path: no scatter hook, or an index form `write` cannot flatten (slices, python ints)."""
-        if not self.fp8:
-            self.data[index] = values.to(self.dtype)
+        shape, rows, w = rows.shape, rows.reshape(-1), self.data.shape[-1]
+        if self.c8_write is not None:
+            src = values.expand(*shape, values.shape[-1]).reshape(-1, values.shape[-1])
+            self.c8_write(self.data.view(-1, w), rows, src, self.rope_dim, self.dtype)
             return
-        q, s = quant.act_quant(values[..., : -self.rope_dim].float(), _C8_BLOCK)
-        self.nope[index] = q.view(torch.uint8)
-        self.scale[index] = s
-        self.rope[index] = values[..., -self.rope_dim:].to(self.dtype)
+        self.scatter(self.data.view(-1, w), rows, self.pack(values).expand(*shape, w).reshape(-1, w))
 
 
 class WindowRing(RowStore):
@@ -180,8 +205,8 @@ class WindowRing(RowStore):
     """
 
     def __init__(self, slots: int, size: int, width: int, rope_dim: int, dtype: torch.dtype, device,
-                 fp8: bool = False, scatter: ScatterRows | None = None) -> None:
-        super().__init__((slots, size), width, rope_dim, dtype, device, fp8, scatter)
+                 fp8: bool = False, scatter: ScatterRows | None = None, c8_write: C8Write | None = None) -> None:
+        super().__init__((slots, size), width, rope_dim, dtype, device, fp8, scatter, c8_write)
         self.size = size
 
     def row(self, positions: Tensor) -> Tensor:
@@ -221,20 +246,20 @@ class LayerCache:
 
     def __init__(self, cfg: ModelConfig, ratio: int, max_slots: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device, fp8: bool, block_table: Tensor,
-                 scatter: ScatterRows | None = None) -> None:
+                 scatter: ScatterRows | None = None, c8_write: C8Write | None = None) -> None:
         d = cfg.head_dim
         di = cfg.index_head_dim
         r = cfg.qk_rope_head_dim
         self.ratio = ratio
         self.block_size = block_size
         self.block_table = block_table
-        self.window = WindowRing(max_slots, cfg.sliding_window, d, r, dtype, device, fp8, scatter)
+        self.window = WindowRing(max_slots, cfg.sliding_window, d, r, dtype, device, fp8, scatter, c8_write)
         self.entries = None
         self.comp = None
         self.index_keys = None
         self.index_comp = None
         if ratio:
-            self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8, scatter)
+            self.entries = RowStore((num_blocks, block_size // ratio), d, r, dtype, device, fp8, scatter, c8_write)
             self.comp = CompressorState.allocate(max_slots, ratio, d, ratio == 4, device)
         if ratio == 4:
             self.index_keys = RowStore((num_blocks, block_size // 4), di, r, dtype, device, False, scatter)
@@ -277,7 +302,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, max_slots: int, max_seq_len: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", n_mtp: int | None = None, num_blocks: int | None = None,
                  block_size: int | None = None, kv_fp8: bool = False, preassign: bool = True,
-                 scatter: ScatterRows | None = None) -> None:
+                 scatter: ScatterRows | None = None, c8_write: C8Write | None = None) -> None:
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds config max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
@@ -296,7 +321,7 @@ class KVCache:
         self.num_blocks = num_blocks or max_slots * self.pages_per_seq + 1
         self.block_table = torch.zeros(max_slots, self.pages_per_seq, dtype=torch.int64, device=device)
         self.layers = [LayerCache(cfg, m, max_slots, self.num_blocks, self.block_size, dtype, device, kv_fp8,
-                                  self.block_table, scatter) for m in ratios]
+                                  self.block_table, scatter, c8_write) for m in ratios]
         self._free = list(range(self.num_blocks - 1, 0, -1))
         self._owned: dict[int, list[int]] = {}
         if preassign:

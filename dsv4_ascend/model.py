@@ -46,6 +46,7 @@ class Step:
     span_pages: int | None = None  # decode: pages that cover every row's context (host hint; None = all)
     defer: list | None = None      # prefill: leave the cache untouched, collect commit(k) callbacks instead
     _rope: dict = field(default_factory=dict)
+    attn_shared: dict = field(default_factory=dict)  # KVView.shared: the backend's per-step attention tensors
 
     @property
     def decode(self) -> bool:
@@ -268,6 +269,7 @@ class Attention(nn.Module):
         kv = simulate_kv_qat(be, apply_rope_tail(be, kv, cos, sin), self.rope_dim)
         lc = step.cache.layers[self.layer_id]
         view = self._window_decode(kv, step, lc) if step.decode else self._window_prefill(kv, step, lc)
+        view.shared = step.attn_shared
         # compress kv (and the indexer's picks, CSA)
         if self.ratio:
             view.entry_rows, view.picks = self._compressed(x, qr, step, lc, cos, sin)
@@ -423,6 +425,9 @@ class Transformer(HcHead, nn.Module):
         scatter = getattr(self.backend, "scatter_rows", None)  # wrappers (parallel.py) forward the attribute
         if scatter is not None and getattr(scatter, "__func__", None) is not Backend.scatter_rows:
             kw.setdefault("scatter", scatter)
+        c8_write = getattr(self.backend, "c8_write", None)  # e.g. the 950's kv_compress_epilog (quantise + pack)
+        if c8_write is not None:
+            kw.setdefault("c8_write", c8_write)
         return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.embed.weight.device, len(self.mtp), **kw)
 
     def _check_ids(self, input_ids: Tensor) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from dsv4_ascend import quant as _quant
 from dsv4_ascend import sampling as _sampling
 from dsv4_ascend.backend import RunOptions, redirect_skipped_rows
+from dsv4_ascend.cache import c8_pack
 from dsv4_ascend.reference import ReferenceBackend
 
 from . import emulator
@@ -79,6 +80,10 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
             self.scheme = Int8Scheme(npu, self.custom, int4_experts=quant == "w4a8", nz_weights=self.nz_weights)
         elif quant in ("fp8", "mxfp8"):
             self.scheme = Lowp950Scheme(npu, mx=quant == "mxfp8")
+        # The 950 recipe writes C8 (FP8 KV) rows with CR's kv_compress_epilog (quantise + pack + scatter in one op);
+        # Transformer.new_cache hands this hook to the cache. None elsewhere: the cache packs, scatter_rows writes.
+        self.c8_write = (self._kv_compress_epilog if quant in ("fp8", "mxfp8") and self.custom is not None
+                         and hasattr(self.custom, "kv_compress_epilog") else None)
 
     @torch.no_grad()
     def prepare(self, model: nn.Module) -> "AscendBackend":
@@ -267,6 +272,17 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
             return
         idx, upd = redirect_skipped_rows(dst, rows, src)
         self.npu.npu_scatter_nd_update_(dst, idx.unsqueeze(1), upd.contiguous())
+
+    def _kv_compress_epilog(self, dst: Tensor, rows: Tensor, values: Tensor, rope_dim: int,
+                            dtype: torch.dtype) -> None:
+        """C8 rows through CR's `kv_compress_epilog(cache, x, slot_mapping, quant_group_size=64, quant_mode=2,
+        round_scale_flag=True)` (950): bf16 x with 64 rope values, the op's only documented split; otherwise the
+        cache's own packing (`c8_pack`, the same layout and scale rule) and `scatter_rows`."""
+        if rope_dim != 64 or dtype != torch.bfloat16:
+            self.scatter_rows(dst, rows, c8_pack(values, rope_dim, dtype))
+            return
+        self.custom.kv_compress_epilog(dst.view(torch.float8_e4m3fn), values.to(dtype).contiguous(), rows,
+                                       quant_group_size=64, quant_mode=2, round_scale_flag=True)
 
     def sample(self, logits: Tensor, sb: _sampling.SamplingBatch, step: Tensor) -> tuple[Tensor, Tensor]:
         """Sampling through `npu_top_k_top_p_sample` (qSample) with q = -log(u) from the reference's counter-based

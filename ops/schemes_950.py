@@ -33,7 +33,8 @@ _dense = _quant.dequantize
 class Lowp950Scheme:
     """FP8-block ("fp8", mx=False) or MXFP8 ("mxfp8", mx=True) linears and MXFP4 experts; owns the op layouts."""
 
-    int8_indexer = False  # the 950 schemes keep the bf16 indexer (the FP8 quant LI is not implemented)
+    int8_indexer = False  # the 950 quantises the lightning indexer to FP8 instead (AttentionMapping.indexer_topk)
+    fp8_indexer = True
 
     def __init__(self, npu, mx: bool) -> None:
         self.npu = npu

@@ -52,6 +52,8 @@ CONTRACT = {
     "scatter_nd_update_asc": "custom", "npu_dequant_swiglu_clamp_quant": "custom",
     "npu_sparse_attn_sharedkv": "custom", "npu_sparse_attn_sharedkv_metadata": "custom",
     "npu_quant_lightning_indexer_metadata": "custom",
+    "npu_kv_quant_sparse_attn_sharedkv": "custom", "npu_kv_quant_sparse_attn_sharedkv_metadata": "custom",
+    "kv_compress_epilog": "custom", "indexer_compress_epilog": "custom",
 }
 
 
@@ -407,6 +409,11 @@ def test_custom_outputs_have_the_schema_arity():
         "npu_moe_gating_top_k": ((torch.randn(3, 8), 2), dict(norm_type=2, group_select_mode=1)),
         "npu_quant_lightning_indexer_metadata": ((64, 1, 128, 0, 0), {}),
         "npu_sparse_attn_sharedkv_metadata": ((64, 1, 512), {}),
+        "npu_kv_quant_sparse_attn_sharedkv_metadata": ((64, 1, 512, 1), {}),
+        "kv_compress_epilog": ((torch.zeros(2, 640, dtype=torch.float8_e4m3fn), torch.randn(1, 512).to(bf),
+                                torch.tensor([1])), {}),
+        "indexer_compress_epilog": ((torch.zeros(2, 128, dtype=torch.float8_e4m3fn), torch.zeros(2, 1),
+                                     torch.randn(1, 128).to(bf), torch.tensor([1], dtype=torch.int32)), {}),
     }
     for op, (args, kwargs) in cases.items():
         n = parse_schema(CUSTOM["schemas"][op])["returns"]

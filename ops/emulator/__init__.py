@@ -13,12 +13,15 @@ fast; it is the executable statement of the contract the backend relies on. Sour
 - OT: hicann/ops-transformer (kernel READMEs / sources, e.g. the moe_init_routing_v2 gather-out kernel).
 
 One module per op family: norm_rope, gemm, moe, cache_sampling, v4_custom (mHC, compressor), attention
-(indexers, shared-KV sparse attention), lowp_950 (FP8 / MX paths); numerics holds their shared rounding helpers.
+(indexers, shared-KV sparse attention), fp8_kv (the 950's FP8 KV-cache epilogues and FP8-KV sparse attention),
+lowp_950 (FP8 / MX paths); numerics holds their shared rounding helpers.
 Points no document settles are marked "(verify)" in the docstrings and listed in docs/ascend.md; only a run on
 an NPU can settle them. Unsupported argument combinations raise NotImplementedError instead of guessing.
 """
 from .attention import (npu_lightning_indexer, npu_quant_lightning_indexer, npu_quant_lightning_indexer_metadata,
                         npu_sparse_attn_sharedkv, npu_sparse_attn_sharedkv_metadata)
+from .fp8_kv import (indexer_compress_epilog, kv_compress_epilog, npu_kv_quant_sparse_attn_sharedkv,
+                     npu_kv_quant_sparse_attn_sharedkv_metadata)
 from .cache_sampling import npu_scatter_nd_update_, npu_top_k_top_p_sample, scatter_nd_update_asc
 from .gemm import (npu_convert_weight_to_int4pack, npu_dynamic_quant, npu_grouped_matmul, npu_quant_matmul,
                    npu_transpose_batchmatmul, npu_transpose_quant_batchmatmul)
@@ -59,6 +62,10 @@ __all__ = [
     "npu_quant_lightning_indexer_metadata",
     "npu_sparse_attn_sharedkv",
     "npu_sparse_attn_sharedkv_metadata",
+    "npu_kv_quant_sparse_attn_sharedkv",
+    "npu_kv_quant_sparse_attn_sharedkv_metadata",
+    "kv_compress_epilog",
+    "indexer_compress_epilog",
     "hf32",
     "round_half_even",
 ]

@@ -139,25 +139,30 @@ def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, que
     query int8 [B,S1,N1,D] / [T,N1,D]; key int8 paged [blocks, block_size, 1, D] (PA_BSND); weights and
     query_dequant_scale fp16 [B,S1,N1] / [T,N1]; key_dequant_scale fp16 [blocks, block_size, 1].
     score[t,j] = ks[j] * sum_h fp16(w[t,h] * qs[t,h]) * ReLU(int32 q[t,h] . k[j]) (the doc requires w*qs to
-    fit fp16, so the product is formed in fp16; the order of the fp32 multiplies is (verify)). Only
-    query_quant_mode = key_quant_mode = 0 (per token-head / per key int8) and default query_dtype / key_dtype.
+    fit fp16, so the product is formed in fp16; the order of the fp32 multiplies is (verify)). Ascend 950 (CR's
+    V4 recipe, FP8 indexer cache): query / key float8_e4m3fn with fp32 weights and scales; the dots are fp32 sums
+    of exact e4m3 products and w * qs stays fp32. Only query_quant_mode = key_quant_mode = 0 (per token-head /
+    per key) and default query_dtype / key_dtype.
     sparse_mode 3: key j visible to the query at absolute position P iff j <= P (P right-aligned). Top
     sparse_count, -1 padded (verify: -1 tail when fewer keys are valid). Returns int32 [B,S1,1,K] or [T,1,K].
     """
     if query_quant_mode != 0 or key_quant_mode != 0 or query_dtype is not None or key_dtype is not None:
         raise NotImplementedError("npu_quant_lightning_indexer: only query_quant_mode = key_quant_mode = 0 with "
-                                  "int8 query / key (query_dtype / key_dtype None) is emulated")
+                                  "int8 / float8_e4m3fn query and key (query_dtype / key_dtype None) is emulated")
     _li_check("npu_quant_lightning_indexer", layout_key, block_table, actual_seq_lengths_key, pre_tokens,
               next_tokens)
-    if query.dtype != torch.int8 or key.dtype != torch.int8:
-        raise TypeError("npu_quant_lightning_indexer: query and key must be int8")
+    fp8 = query.dtype == torch.float8_e4m3fn
+    if query.dtype != key.dtype or query.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"npu_quant_lightning_indexer: query and key must both be int8 (A2/A3) or float8_e4m3fn "
+                        f"(950), found {query.dtype} / {key.dtype}")
     qi = query.reshape(-1, query.shape[-2], query.shape[-1]).double()
-    wq = (weights.float() * query_dequant_scale.float()).to(torch.float16).float().reshape(qi.shape[0], -1)
+    wq = weights.float() * query_dequant_scale.float()
+    wq = (wq if fp8 else wq.to(torch.float16).float()).reshape(qi.shape[0], -1)
 
     def score_fn(b_rows):
         keys = _paged_all(key, block_table, b_rows)[:, :, 0].double()  # [T, n_max, D]
         ks = _paged_all(key_dequant_scale, block_table, b_rows)[:, :, 0].float()  # [T, n_max]
-        dots = torch.einsum("thd,tnd->thn", qi, keys).float().relu()  # exact int32 values
+        dots = torch.einsum("thd,tnd->thn", qi, keys).float().relu()  # int8: exact int32 values
         return (dots * wq.unsqueeze(-1)).sum(1) * ks
 
     idx, _ = _li_select(layout_query, query.shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn,
