@@ -123,3 +123,43 @@ def test_c8_cache_rows_are_the_kernel_layout_and_the_950_epilogue_writes_them():
     rows = rows[rows.ne(0).any(-1)]  # never-written rows are all zero (the MTP block's, unused pages)
     assert rows.shape[0] > 19
     assert torch.equal(c8_pack(c8_unpack(rows, 128, 64, torch.bfloat16), 64, torch.bfloat16), rows)
+
+
+def test_shared_metadata_is_captured_once_per_step_in_graph_mode():
+    """Two CSA layers' decode attention traced as one graph (fullgraph): with the step's shared dict the kernel
+    metadata (and the ring block table) appear once in the captured graph, without it once per layer."""
+    from dsv4_ascend.attention_view import KVView
+
+    asc = AscendBackend(E, custom=E)
+    model = build_tiny(cfg=PRO_TINY)
+    cache = model.new_cache(2, 48, block_size=16)
+    model(torch.randint(0, 512, (2, 19), generator=_g(2)), cache, torch.arange(2), 0)
+    layers = [i for i, r in enumerate(model.cfg.layer_ratios) if r == 4]
+    h, d = model.cfg.num_attention_heads, model.cfg.head_dim
+    slots = torch.arange(2)
+
+    def step(q, positions, picks, share: bool):
+        shared = {} if share else None
+        outs = []
+        for i in layers:
+            lc = cache.layers[i]
+            view = KVView(lc.window, slots, positions, None, None, 48, 4, lc.entries, lc.block_table[slots], picks,
+                          shared=shared)
+            outs.append(asc.attend(q, view, model.layers[i].attn.attn_sink, d ** -0.5))
+        return torch.stack(outs)
+
+    def metadata_nodes(share: bool) -> int:
+        found = []
+
+        def backend(gm, _inputs):
+            found.append(sum(1 for n in gm.graph.nodes if n.target is torch.zeros and tuple(n.args[:1]) == (1024,)))
+            return gm.forward
+
+        torch._dynamo.reset()
+        args = (torch.randn(2, 1, h, d, generator=_g(3)), torch.tensor([[18], [11]]),
+                torch.tensor([[[0, 3, -1, 2]], [[1, -1, -1, 0]]]))
+        out = torch.compile(lambda *a: step(*a, share), fullgraph=True, backend=backend)(*args)
+        assert torch.equal(out, step(*args, share))
+        return found[0]
+
+    assert len(layers) == 2 and metadata_nodes(True) == 1 and metadata_nodes(False) == 2
