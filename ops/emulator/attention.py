@@ -10,6 +10,7 @@ from torch import Tensor
 from .numerics import _checking_values
 
 _NO_WINDOW = 2**63 - 1  # the schemas' pre_tokens / next_tokens default: no band limit
+_SAS_ELEMENTS = 1 << 24  # emulator only: query rows go in blocks whose [rows, keys, D] gathers stay this small
 
 
 # ---- lightning indexer -------------------------------------------------------------------------------------------
@@ -51,7 +52,8 @@ def _li_select(layout_query, q_shape, actual_seq_lengths_query, actual_seq_lengt
     """Shared LI top-k: per query, scores over its batch's visible compressed keys, top sparse_count, -1 padded
     (indices int32 [T, K], and their fp32 scores, -inf at -1).
 
-    score_fn(b_rows [T]) gives fp32 [T, n_max] over every addressable key; keys past the batch's n_keys =
+    score_fn(b_rows [R], lo, hi) gives fp32 [R, n_max] over every addressable key for query rows lo..hi-1 (blocks
+    of rows keep the emulator's [R, n_max, D] gathers bounded); keys past the batch's n_keys =
     kv_len // cmp_ratio (and, sparse_mode 3, not yet visible to the query) are masked before a stable descending
     sort (score desc, index asc). Static shapes, no host read, so it traces (graph mode)."""
     if sparse_mode not in (0, 3):
@@ -67,9 +69,16 @@ def _li_select(layout_query, q_shape, actual_seq_lengths_query, actual_seq_lengt
     if sparse_mode == 3:  # right-down causal in compressed units; the last query sits at kv_len - 1
         pos = kv_len - sq + i
         visible = visible & (j < ((pos + 1) // cmp_ratio).unsqueeze(-1))
-    scores = score_fn(b).masked_fill(~visible, float("-inf"))
-    vals, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     kk = min(sparse_count, n_max)
+    blk = max(1, _SAS_ELEMENTS // (n_max * 256))
+    vals, order = [], []
+    for lo in range(0, b.shape[0], blk):
+        hi = min(lo + blk, b.shape[0])
+        v, o = torch.sort(score_fn(b[lo:hi], lo, hi).masked_fill(~visible[lo:hi], float("-inf")), dim=-1,
+                          descending=True, stable=True)
+        vals.append(v[:, :kk])
+        order.append(o[:, :kk])
+    vals, order = torch.cat(vals), torch.cat(order)
     picks = torch.where(vals[:, :kk] == float("-inf"), torch.full_like(order[:, :kk], -1), order[:, :kk])
     return (F.pad(picks.to(torch.int32), (0, sparse_count - kk), value=-1),
             F.pad(vals[:, :kk], (0, sparse_count - kk), value=float("-inf")))
@@ -113,10 +122,10 @@ def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual
     qf = query.float().reshape(-1, query.shape[-2], query.shape[-1])
     wf = weights.float().reshape(qf.shape[0], -1)
 
-    def score_fn(b_rows):
-        keys = _paged_all(key, block_table, b_rows)[:, :, 0].float()  # [T, n_max, D]
-        dots = torch.einsum("thd,tnd->thn", qf, keys).relu()
-        return (dots * wf.unsqueeze(-1)).sum(1)
+    def score_fn(b_rows, lo, hi):
+        keys = _paged_all(key, block_table, b_rows)[:, :, 0].float()  # [R, n_max, D]
+        dots = torch.einsum("thd,tnd->thn", qf[lo:hi], keys).relu()
+        return (dots * wf[lo:hi].unsqueeze(-1)).sum(1)
 
     idx, vals = _li_select(layout_query, query.shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn,
                            block_table.shape[1] * key.shape[1], sparse_count, sparse_mode, 1, query.device)
@@ -159,11 +168,11 @@ def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, que
     wq = weights.float() * query_dequant_scale.float()
     wq = (wq if fp8 else wq.to(torch.float16).float()).reshape(qi.shape[0], -1)
 
-    def score_fn(b_rows):
-        keys = _paged_all(key, block_table, b_rows)[:, :, 0].double()  # [T, n_max, D]
-        ks = _paged_all(key_dequant_scale, block_table, b_rows)[:, :, 0].float()  # [T, n_max]
-        dots = torch.einsum("thd,tnd->thn", qi, keys).float().relu()  # int8: exact int32 values
-        return (dots * wq.unsqueeze(-1)).sum(1) * ks
+    def score_fn(b_rows, lo, hi):
+        keys = _paged_all(key, block_table, b_rows)[:, :, 0].double()  # [R, n_max, D]
+        ks = _paged_all(key_dequant_scale, block_table, b_rows)[:, :, 0].float()  # [R, n_max]
+        dots = torch.einsum("thd,tnd->thn", qi[lo:hi], keys).float().relu()  # int8: exact int32 values
+        return (dots * wq[lo:hi].unsqueeze(-1)).sum(1) * ks
 
     idx, _ = _li_select(layout_query, query.shape, actual_seq_lengths_query, actual_seq_lengths_key, score_fn,
                         block_table.shape[1] * key.shape[1], sparse_count, sparse_mode, 1, query.device)
@@ -209,6 +218,32 @@ def _sas_paged(cache: Tensor, table: Tensor, b: Tensor, pos: Tensor) -> Tensor:
     col = (pos // bs).clamp(max=table.shape[1] - 1)
     blk = table.long()[b].gather(1, col)
     return cache[blk, pos % bs, 0]
+
+
+def _sas_rows(qf, pos, kv_len, b, inside, picks, ori_kv, ori_table, cmp_kv, cmp_table, cmp_ratio, win_left,
+              win_right, sinks, scale) -> Tensor:
+    """The kernel's math for a block of query rows: qf [R, H, D] fp32 at positions pos [R] -> fp32 [R, H, D]."""
+    dev = qf.device
+    p = pos.unsqueeze(1) - win_left + torch.arange(win_left + 1 + win_right, device=dev)
+    masks = [(p >= 0) & (p < kv_len.unsqueeze(1))]
+    pools = [_sas_paged(ori_kv, ori_table, b, p.clamp(min=0))]
+    if cmp_kv is not None:
+        if picks is None:  # every entry the block table can hold; the causal rule masks the rest
+            j = torch.arange(cmp_table.shape[1] * cmp_kv.shape[1], device=dev).expand(qf.shape[0], -1)
+        else:
+            j = picks.long()
+        masks.append((j >= 0) & (j < ((pos + 1) // cmp_ratio).unsqueeze(1)))
+        pools.append(_sas_paged(cmp_kv, cmp_table, b, j.clamp(min=0)))
+    kk = torch.cat(pools, 1).float()  # [R, K, D]
+    mask = torch.cat(masks, 1) & inside.unsqueeze(1)  # [R, K]
+    logits = torch.einsum("rhd,rkd->rhk", qf, kk) * scale
+    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.float().view(1, -1, 1).expand(qf.shape[0], -1, 1)], -1)
+    m = logits.amax(-1, keepdim=True).clamp(min=-1e30)  # all-masked rows without sink stay finite
+    e = torch.exp(logits - m)
+    denom = e.sum(-1, keepdim=True)
+    return torch.einsum("rhk,rkd->rhd", e[..., :kk.shape[1]], kk) / denom.clamp(min=1e-30)
 
 
 def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=None,
@@ -268,26 +303,16 @@ def npu_sparse_attn_sharedkv(q: Tensor, *, ori_kv=None, cmp_kv=None, ori_sparse_
         kv_len = torch.full_like(b, ori_block_table.shape[1] * ori_kv.shape[1])
     pos = kv_len - left  # absolute position of each query row [R]
     qf = q.float().reshape(-1, q.shape[-2], d)  # [R, H, D]
-    p = pos.unsqueeze(1) - ori_win_left + torch.arange(ori_win_left + 1 + ori_win_right, device=dev)
-    masks = [(p >= 0) & (p < kv_len.unsqueeze(1))]
-    pools = [_sas_paged(ori_kv, ori_block_table, b, p.clamp(min=0))]
+    n_keys = ori_win_left + 1 + ori_win_right
     if cmp_kv is not None:
-        if cmp_sparse_indices is None:  # every entry the block table can hold; the causal rule masks the rest
-            j = torch.arange(cmp_block_table.shape[1] * cmp_kv.shape[1], device=dev).expand(qf.shape[0], -1)
-        else:
-            j = cmp_sparse_indices.reshape(qf.shape[0], -1).long()
-        masks.append((j >= 0) & (j < ((pos + 1) // cmp_ratio).unsqueeze(1)))
-        pools.append(_sas_paged(cmp_kv, cmp_block_table, b, j.clamp(min=0)))
-    kk = torch.cat(pools, 1).float()  # [R, K, D]
-    mask = torch.cat(masks, 1) & inside.unsqueeze(1)  # [R, K]
-    logits = torch.einsum("rhd,rkd->rhk", qf, kk) * scale
-    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    if sinks is not None:
-        logits = torch.cat([logits, sinks.float().view(1, -1, 1).expand(qf.shape[0], -1, 1)], -1)
-    m = logits.amax(-1, keepdim=True).clamp(min=-1e30)  # all-masked rows without sink stay finite
-    e = torch.exp(logits - m)
-    denom = e.sum(-1, keepdim=True)
-    out = torch.einsum("rhk,rkd->rhd", e[..., :kk.shape[1]], kk) / denom.clamp(min=1e-30)
+        n_keys += (cmp_block_table.shape[1] * cmp_kv.shape[1] if cmp_sparse_indices is None
+                   else cmp_sparse_indices.shape[-1])
+    blk = max(1, _SAS_ELEMENTS // (n_keys * (d + qf.shape[1])))  # rows per block: bounded temporaries
+    out = torch.cat([_sas_rows(qf[i:i + blk], pos[i:i + blk], kv_len[i:i + blk], b[i:i + blk],
+                               inside[i:i + blk], None if cmp_sparse_indices is None
+                               else cmp_sparse_indices.reshape(qf.shape[0], -1)[i:i + blk], ori_kv, ori_block_table,
+                               cmp_kv, cmp_block_table, cmp_ratio, ori_win_left, ori_win_right, sinks, scale)
+                     for i in range(0, qf.shape[0], blk)])
     return out.view(q.shape).to(q.dtype), torch.empty(0, device=dev)
 
 
