@@ -107,6 +107,7 @@ class ParityResult:
     min_cosine: float
     min_top1: float
     seconds: dict[str, float] = field(default_factory=dict)
+    kv_fp8: bool = False  # both models ran with C8 (FP8) KV caches
 
     @property
     def top1(self) -> float:
@@ -168,12 +169,12 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
                dtype: str = "bfloat16", prompt: str | None = None, tokens: int = 32, seed: int = 0,
                decode_steps: int = 32, numerics: str = "exact", device: str = "cpu",
                min_cosine: float | None = None, min_top1: float | None = None, npu=None,
-               progress: bool = False) -> ParityResult:
+               progress: bool = False, kv_fp8: bool = False) -> ParityResult:
     """Load both models, run the prompt and the teacher-forced greedy decode, return the figures.
 
     `ascend_model`: load the Ascend side from this directory instead (e.g. a `dsv4 convert --target a3` output;
     such a checkpoint implies quant="w8a8"). `npu`: the Ascend backend's operator module (default: torch_npu
-    when usable, else the emulator).
+    when usable, else the emulator). `kv_fp8`: both models keep C8 (FP8) KV caches (the same stored rows).
     """
     from .backend import RunOptions
     from .converted import converted_quant
@@ -239,8 +240,8 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
     t0 = time.perf_counter()
     try:
         slots = torch.arange(b, device=ids.device)
-        cache_r = ref.new_cache(b, s + decode_steps)
-        cache_a = asc.new_cache(b, s + decode_steps)
+        cache_r = ref.new_cache(b, s + decode_steps, kv_fp8=kv_fp8)
+        cache_a = asc.new_cache(b, s + decode_steps, kv_fp8=kv_fp8)
         lr = ref(ids, cache_r, slots, 0)
         la = asc(ids, cache_a, slots, 0)
         compare(lr, la, "prompt")
@@ -263,7 +264,8 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
         layers=[(_layer_label(cfg, i), st.max_abs, st.cosine) for i, st in enumerate(layer_stats)],
         logits_max_abs=logit_stat.max_abs, logits_cosine=logit_stat.cosine, logits_min_pos_cosine=min_pos_cos,
         logits_rel_rms=logit_stat.rel_rms, top1_prompt=(agree["prompt"], total["prompt"]),
-        top1_decode=(agree["decode"], total["decode"]), min_cosine=min_cosine, min_top1=min_top1, seconds=secs)
+        top1_decode=(agree["decode"], total["decode"]), min_cosine=min_cosine, min_top1=min_top1, seconds=secs,
+        kv_fp8=kv_fp8)
 
 
 def _pct(a: int, n: int) -> str:
@@ -273,7 +275,8 @@ def _pct(a: int, n: int) -> str:
 def format_report(r: ParityResult) -> str:
     lines = [
         f"model:     {r.model_dir}" + (f"  (ascend side: {r.ascend_dir})" if r.ascend_dir != r.model_dir else ""),
-        f"reference: ReferenceBackend (plain torch), {r.dtype}",
+        f"reference: ReferenceBackend (plain torch), {r.dtype}" + ("; C8 (FP8) KV caches on both sides" if r.kv_fp8
+                                                                    else ""),
         f"ascend:    AscendBackend quant={r.quant}, {r.dtype}; npu ops: {r.provider}; custom ops: {r.custom}",
         f"prompt:    {r.prompt_desc}; then {r.decode_steps} greedy decode steps (teacher-forced with the "
         "reference's tokens)",
@@ -310,6 +313,8 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
                         "experts); fp8 / mxfp8 (Ascend 950: FP8-block or MXFP8 linears, MXFP4 experts)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="activation dtype of "
                    "both models")
+    p.add_argument("--kv-fp8", action="store_true", help="C8 (FP8) KV caches on both sides (the Ascend side "
+                   "reads them with npu_kv_quant_sparse_attn_sharedkv)")
     p.add_argument("--numerics", default="exact", choices=["exact", "deepseek"], help="RunOptions.numerics "
                    "for both backends")
     p.add_argument("--device", default="cpu", help="torch device of both models (npu on an Ascend machine)")
@@ -338,7 +343,7 @@ def parity_main(args: argparse.Namespace) -> int:
         r = run_parity(args.model, ascend_model=args.ascend_model, quant=args.quant, dtype=args.dtype,
                        prompt=args.prompt, tokens=args.tokens, seed=args.seed, decode_steps=args.decode_steps,
                        numerics=args.numerics, device=args.device, min_cosine=args.min_cosine,
-                       min_top1=args.min_top1, progress=args.progress)
+                       min_top1=args.min_top1, progress=args.progress, kv_fp8=args.kv_fp8)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"dsv4 parity: error: {e}", file=sys.stderr)
         return 2
