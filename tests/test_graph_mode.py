@@ -14,6 +14,7 @@ import torch
 from dsv4_ascend.config import preset
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.graph_mode import GraphDecoder
+from dsv4_ascend.logits_process import AdjustBatch
 from dsv4_ascend.sampling import SamplingParams
 
 from conftest import graph_vs_eager_logits
@@ -27,7 +28,8 @@ def test_decode_graph_has_no_breaks(tiny_model):
     dec = GraphDecoder(tiny_model, cache, pad_slot=2, buckets=[2], compiler="aot_eager")
     z = torch.zeros(2, dtype=torch.int64)
     explained = torch._dynamo.explain(dec._step)(z.view(2, 1), z.clone(), torch.tensor([0, 1]), torch.zeros(2),
-                                                 z.clone(), torch.ones(2), z.clone(), {})
+                                                 z.clone(), torch.ones(2), z.clone(), {},
+                                                 AdjustBatch.neutral(2, 512).tensors())
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
