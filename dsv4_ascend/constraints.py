@@ -86,7 +86,8 @@ def _invoke_rule(i: int, fn: dict) -> list[str]:
 @dataclass(frozen=True, eq=False)
 class GuidedSpec:
     """What a request's output must match: "json_object" (any JSON object), "json_schema" (`schema`), or
-    "tool_call" (a DSML tool-call block calling `name`, or one or more of `tools` when `name` is None).
+    "tool_call" (a DSML tool-call block calling `name` once, or any of `tools` when `name` is None: one call
+    or, with `parallel`, one or more).
 
     `thinking`: the output first holds free reasoning closed by </think>, which the grammar leaves unconstrained.
     `tokenizer`: the served tokenizer, whose byte strings the grammar is compiled against.
@@ -96,6 +97,7 @@ class GuidedSpec:
     schema: dict | None = None
     tools: tuple = ()
     name: str | None = None
+    parallel: bool = True
     thinking: bool = False
     tokenizer: Tokenizer | None = None
 
@@ -121,7 +123,7 @@ class GuidedSpec:
             for i, fn in enumerate(fns):
                 lines += _invoke_rule(i, fn)
             invoke = " | ".join(f"invoke{i}" for i in range(len(fns)))
-            repeat = "" if self.name is not None else "+"
+            repeat = "+" if self.name is None and self.parallel else ""
             lines.insert(0, f"body: {_lit(f'{chr(10) * 2}<{DSML}tool_calls>{chr(10)}')} ((({invoke}) \"\\n\"){repeat}) "
                             f"{_lit(f'</{DSML}tool_calls>')}")
         else:
