@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .chat import DSML, THINK_END
+from .chat import BOS, DSML, EOS, THINK_END, THINK_START
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -29,6 +30,12 @@ KINDS = ("json_object", "json_schema", "tool_call")
 # JSON whitespace between tokens, bounded: an unbounded run lets a model loop on spaces forever (xgrammar bounds
 # it the same way with `max_whitespace_cnt`); 32 characters still fit pretty-printing several levels deep.
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
+
+
+# Reasoning text: anything without the texts `chat.parse_completion` refuses inside it (llguidance regexes take
+# `&` and `~`: this lexeme is "any text" and "not containing one of them").
+_FREE_TEXT = "/(?s:.*)/ & ~/(?s:.*)(" + "|".join(
+    re.escape(t).replace("/", r"\/") for t in (BOS, EOS, THINK_START, THINK_END, DSML)) + ")(?s:.*)/"
 
 
 def mask_words(vocab: int) -> int:
@@ -129,9 +136,9 @@ class GuidedSpec:
         else:
             lines.insert(0, f"body: {_json_rule(self.schema if self.kind == 'json_schema' else {'type': 'object'})}")
         start = "start: body"
-        if self.thinking:  # free text (no special tokens) up to the </think> token, which llguidance deems special
+        if self.thinking:  # free reasoning, then the </think> token (which llguidance deems special)
             end = self.tokenizer.token_to_id(THINK_END) if self.tokenizer is not None else None
-            start = f"start: think {_lit(THINK_END) if end is None else f'<[{end}]>'} body\nthink: /(?s:.*)/"
+            start = f"start: THINK {_lit(THINK_END) if end is None else f'<[{end}]>'} body\nTHINK: {_FREE_TEXT}"
         return "\n".join([start, *lines]) + "\n"
 
     def check(self, vocab: int) -> None:

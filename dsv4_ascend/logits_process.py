@@ -67,7 +67,7 @@ class AdjustBatch:
     def neutral(cls, rows: int, vocab: int, device: torch.device | str = "cpu") -> "AdjustBatch":
         """Rows that change nothing (compiled steps without adjustments, padding rows)."""
         def z(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
+            return torch.zeros(shape, dtype=dtype, device=device)
 
         return cls(z(rows, vocab, dtype=torch.int32), z(rows, vocab, dtype=torch.bool), z(rows, vocab),
                    z(rows, vocab, dtype=torch.bool), z(rows), z(rows), torch.ones(rows, device=device), z(rows),
