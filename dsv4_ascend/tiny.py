@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,34 +27,38 @@ def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
     """Dense fp32 weights (int64 for tid2eid) under official names, at magnitudes that exercise every path."""
+    return dict(_random_tensors(cfg, seed))
+
+
+def _random_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """`random_weights` one tensor at a time (the same tensors, in name order): a wide model's fp32 weights need
+    not all be in memory at once."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, std: float = 1.0, mean: float = 0.0) -> Tensor:
         return torch.randn(*shape, generator=g) * std + mean
 
-    out: dict[str, Tensor] = {}
     for name, shape in sorted(_shapes(cfg).items()):
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("tid2eid"):
-            out[name] = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: shape[1]]
+            yield name, torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: shape[1]]
                                      for _ in range(shape[0])])
         elif "norm" in name and leaf == "weight":
-            out[name] = randn(*shape, std=0.1, mean=1.0)
+            yield name, randn(*shape, std=0.1, mean=1.0)
         elif leaf.endswith("_fn"):
-            out[name] = randn(*shape, std=1.0 / math.sqrt(shape[-1]))
+            yield name, randn(*shape, std=1.0 / math.sqrt(shape[-1]))
         elif leaf.endswith("_base"):
-            out[name] = randn(*shape, std=0.5)
+            yield name, randn(*shape, std=0.5)
         elif leaf.endswith("_scale") and leaf.startswith("hc_"):
-            out[name] = torch.rand(*shape, generator=g) + 0.5
+            yield name, torch.rand(*shape, generator=g) + 0.5
         elif leaf in ("attn_sink", "ape"):
-            out[name] = randn(*shape, std=0.5)
+            yield name, randn(*shape, std=0.5)
         elif name.endswith("gate.bias"):
-            out[name] = randn(*shape, std=0.1)
+            yield name, randn(*shape, std=0.1)
         elif name == "embed.weight":
-            out[name] = randn(*shape)
+            yield name, randn(*shape)
         else:  # linear weights [out, in]
-            out[name] = randn(*shape, std=1.0 / math.sqrt(shape[-1]))
-    return out
+            yield name, randn(*shape, std=1.0 / math.sqrt(shape[-1]))
 
 
 # ---- the official on-disk formats ----------------------------------------------------------------------------
@@ -93,7 +98,7 @@ def official_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
 
     disk = official_dtypes(cfg)
     out: dict[str, Tensor] = {}
-    for name, w in random_weights(cfg, seed).items():
+    for name, w in _random_tensors(cfg, seed):
         dt, shape = disk[name]
         scale_name = name[: -len("weight")] + "scale"
         if dt == torch.float8_e4m3fn:

@@ -225,8 +225,11 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
         t, k = ids.shape
         n_exp = w1.shape[0]
         dt = x.dtype
+        xin = x
+        if self.options.deepseek and s1 is not None:  # DeepSeek's act-quant in front of FP8/FP4 GEMMs (as linear)
+            xin = self._act_quant_dequant(x).to(dt)
         ex, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
-            x, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
+            xin, ids.to(torch.int32), active_num=t * k, expert_num=n_exp, expert_tokens_num_type=1,
             expert_tokens_num_flag=True, quant_mode=-1, active_expert_range=[0, n_exp], row_idx_type=0)
         gmm = dict(group_list=counts, group_list_type=1, split_item=3, group_type=0)
         inter = w1.shape[1]
@@ -237,6 +240,8 @@ class AscendBackend(AttentionMapping, ReferenceBackend):
         w_rows = torch.empty(t * k, dtype=torch.float32, device=x.device)
         w_rows[row_idx.long()] = weights.reshape(-1).float()
         hh = (F.silu(g) * u * w_rows.unsqueeze(-1)).to(dt)
+        if self.options.deepseek and s2 is not None:
+            hh = self._act_quant_dequant(hh).to(dt)
         y = self.npu.npu_grouped_matmul([hh], [_dense(w2, s2, dt).transpose(1, 2)], **gmm)[0]
         # The shared expert's output goes in as skip1: added to the fp32 sum before the one cast (DeepSeek's MoE).
         return self.npu.npu_moe_finalize_routing(y, shared, None, None, None, row_idx, ids.to(torch.int32),

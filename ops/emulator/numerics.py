@@ -39,9 +39,23 @@ def _per_row_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8), s
 
 
+# |int8 x int8| <= 2^14, so any partial sum of at most 2^10 products is an integer of magnitude <= 2^24: exact in
+# fp32 (24-bit significand) whatever the GEMM's summation order.
+_EXACT_FP32_K = 1024
+
+
 def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Exact int8 x int8 -> int32 matmul. fp64 holds every partial sum exactly (|sum| < 2^53 for K < 2^38)."""
-    return (a.double() @ b.double()).to(torch.int32)
+    """Exact int8 x int8 -> int32 matmul (batched a [..., M, K] @ b [..., K, N]): fp32 GEMMs over K-chunks of
+    _EXACT_FP32_K (each exact), summed in int32. No fp64 copy of the weight (at K = N = 4096 one was 128 MiB per
+    expert and call). A reduced fp32 matmul precision (torch.set_float32_matmul_precision) would round: then fp64."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return (a.double() @ b.double()).to(torch.int32)
+    af, bf = a.float(), b.float()
+    k = af.shape[-1]
+    out = (af[..., :_EXACT_FP32_K] @ bf[..., :_EXACT_FP32_K, :]).to(torch.int32)
+    for i in range(_EXACT_FP32_K, k, _EXACT_FP32_K):
+        out += (af[..., i:i + _EXACT_FP32_K] @ bf[..., i:i + _EXACT_FP32_K, :]).to(torch.int32)
+    return out
 
 
 def _checking_values() -> bool:
