@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsv4_ascend.checkpoint import load_checkpoint
 from dsv4_ascend.parallel import (ParallelContext, expert_range_for, generate_lockstep, idle_forward,
                                   init_parallel, install_parallel, load_parallel_model, resident_weight_bytes)
 from dsv4_ascend.tiny import write_tiny_checkpoint
+from multirank import free_port, spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 80  # the whole 2-process run; it takes a few seconds
@@ -94,25 +92,8 @@ def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
         ctx.close()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(ckpt: Path, out_dir: Path) -> None:
-    pc = mp.start_processes(_worker, args=(_free_port(), str(ckpt), str(out_dir)), nprocs=WORLD, join=False,
-                            start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not pc.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-process run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in pc.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    spawn_ranks(_worker, WORLD, (free_port(), str(ckpt), str(out_dir)), TIMEOUT_S)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from .cache_sampling import npu_scatter_nd_update_, npu_top_k_top_p_sample, scat
 from .gemm import (npu_convert_weight_to_int4pack, npu_dynamic_quant, npu_grouped_matmul, npu_quant_matmul,
                    npu_transpose_batchmatmul, npu_transpose_quant_batchmatmul)
 from .lowp_950 import npu_dynamic_block_quant, npu_dynamic_mx_quant
+from .moe_distribute import npu_moe_distribute_combine, npu_moe_distribute_dispatch
 from .moe import (npu_dequant_swiglu_clamp_quant, npu_moe_finalize_routing, npu_moe_gating_top_k,
                   npu_moe_init_routing_v2)
 from .norm_rope import inplace_partial_rotary_mul, npu_format_cast, npu_rms_norm, npu_rotary_mul
@@ -47,6 +48,8 @@ __all__ = [
     "npu_moe_init_routing_v2",
     "npu_moe_finalize_routing",
     "npu_moe_gating_top_k",
+    "npu_moe_distribute_dispatch",
+    "npu_moe_distribute_combine",
     "scatter_nd_update_asc",
     "npu_scatter_nd_update_",
     "npu_top_k_top_p_sample",

@@ -1,0 +1,121 @@
+"""Capturable expert-parallel decode on 2 gloo ranks: the static-shape dispatch/combine (eager, compiled with
+torch.compile(fullgraph=True), and on the emulated MC2 ops) equals one process; a step over the capacity takes
+the exact path and still equals it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4_ascend.checkpoint import load_checkpoint
+from dsv4_ascend.parallel import ParallelContext, generate_lockstep
+from dsv4_ascend.tiny import write_tiny_checkpoint
+from multirank import free_port, spawn_ranks
+
+WORLD = 2
+CAP = 4  # per-rank capacity of the static path: rank 0 decodes 2 rows, rank 1 3 rows
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=3, tokenizer=False)
+
+
+def _batch(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(300 + rank)
+    return torch.randint(0, 512, [(2, 9), (3, 5)][rank], generator=g)
+
+
+def _prompts(rank: int) -> list[list[int]]:
+    """Rank 0 has two prompts and rank 1 one, so rank 1 idles through prefill and decode rounds."""
+    g = torch.Generator().manual_seed(400 + rank)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in [(5, 9), (7,)][rank]]
+
+
+def _prefill_decode(model, ids: torch.Tensor, decoder=None):
+    """Prefill (exact path), then one decode step of the argmax tokens: (next ids, decode logits [B,V])."""
+    b, s = ids.shape
+    cache = model.new_cache(b + 1, 32)  # + the pad slot a graph decoder needs
+    slots = torch.arange(b)
+    nxt = model(ids, cache, slots, 0)[:, -1].argmax(-1)
+    if decoder is None:
+        return nxt, model.decode(nxt.view(b, 1), torch.full((b,), s), cache, slots, max_len=s + 1)[:, -1]
+    dec = decoder(model, cache)
+    return nxt, dec.step(nxt.view(b, 1), torch.full((b,), s), slots, _greedy(b)).logits
+
+
+def _greedy(b: int):
+    from dsv4_ascend.sampling import SamplingParams
+
+    return [SamplingParams(temperature=0, seed=0) for _ in range(b)]
+
+
+def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dsv4_ascend.graph_mode import GraphDecoder
+    from dsv4_ascend.ops import emulator
+    from dsv4_ascend.parallel import init_parallel, load_parallel_model
+
+    ctx = init_parallel("gloo")
+    out: dict = {}
+    try:
+        model = load_parallel_model(ckpt, ctx, dtype=torch.float32, weights="bf16", progress=False, static=True,
+                                    max_tokens_per_rank=CAP)
+        ep = model.expert_parallel
+        ids = _batch(rank)
+        out["nxt"], out["eager"] = _prefill_decode(model, ids)
+        out["static_calls"] = ep.stats["static_calls"]
+        # Over the capacity: every rank's step is wider than 1 row, so every rank takes the exact path.
+        ep.max_tokens_per_rank = 1
+        before = ep.stats["static_calls"]
+        _, out["over"] = _prefill_decode(model, ids)
+        out["static_after_over"] = ep.stats["static_calls"] - before
+        ep.max_tokens_per_rank = CAP
+        # Uneven lockstep generation: rank 1 idles through static decode rounds.
+        out["gen"] = generate_lockstep(model, ctx, _prompts(rank), max_tokens=4)
+        # The compiled decode step: fullgraph (no graph break), the all-to-alls inside the graph.
+        graphs: list[str] = []
+
+        def recording(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def graph_decoder(m, cache):
+            dec = GraphDecoder(m, cache, cache.max_slots - 1, [CAP], recording)
+            dec.warmup(progress=False)
+            return dec
+
+        _, out["graph"] = _prefill_decode(model, ids, graph_decoder)
+        out["graph_a2a"] = sum(g.count("all_to_all_single") for g in graphs)
+        out["graph_gather"] = sum(g.count("all_gather_into_tensor") for g in graphs)
+        # The emulated MC2 ops (torch_npu's fused dispatch/combine) on the same weights.
+        fused = load_parallel_model(ckpt, ctx, dtype=torch.float32, weights="bf16", progress=False, fused=True,
+                                    npu=emulator, max_tokens_per_rank=CAP)
+        _, out["mc2"] = _prefill_decode(fused, ids)
+        out["mc2_static"] = fused.expert_parallel.stats["static_calls"]
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        ctx.close()
+
+
+def test_static_ep_decode_matches_one_process(ckpt, tmp_path):
+    spawn_ranks(_worker, WORLD, (free_port(), str(ckpt), str(tmp_path)), timeout_s=240)
+    ref = load_checkpoint(ckpt, dtype=torch.float32, weights="bf16", progress=False)
+    n_moe = len(ref.layers)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        nxt, want = _prefill_decode(ref, _batch(r))
+        assert torch.equal(got["nxt"], nxt)
+        assert got["static_calls"] == n_moe  # the decode step's MoE layers took the static path
+        assert got["static_after_over"] == 0  # over the capacity: the exact path
+        # fp32 throughout; EP sums the ranks' partial outputs in a different order than one process: 1e-5.
+        for key in ("eager", "over", "graph", "mc2"):
+            assert (got[key] - want).abs().max().item() <= 1e-5, f"rank {r}: {key} decode logits"
+        assert got["gen"] == generate_lockstep(ref, ParallelContext(), _prompts(r), max_tokens=4)
+        # One compiled step (bucket CAP): 3 all-to-alls per MoE layer, plus the head's gather and all-to-all.
+        assert got["graph_a2a"] == 3 * n_moe + 1 and got["graph_gather"] == 1
+        assert got["mc2_static"] == n_moe
