@@ -77,7 +77,7 @@ def static_vocab_head(head, inner, x: Tensor, weight: Tensor, capacity: int) -> 
         raise ValueError(f"{n} rows exceed the static lm-head capacity {c} (take the exact path)")
     if n < c:
         rows = torch.cat([rows, rows.new_zeros(c - n, d)])
-    every = funcol.wait_tensor(funcol.all_gather_tensor(rows.contiguous(), 0, group))   # [W*C, D]
+    every = funcol.wait_tensor(funcol.all_gather_single(rows.contiguous(), 0, group))   # [W*C, D]
     part = inner.lm_head(every, weight).float()                                        # [W*C, Vs]
     mine = _a2a(part, group).view(w, c, head.shard)[:, :n]                              # slice r of my rows
     logits = mine.permute(1, 0, 2).reshape(n, w * head.shard)[:, :head.vocab]

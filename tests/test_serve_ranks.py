@@ -1,0 +1,178 @@
+"""`dsv4 serve` over 2 gloo ranks (DP attention, EP MoE) on the tiny model: the OpenAI endpoint's greedy outputs
+equal the single-process server's, requests land on both ranks, a disconnect aborts on the owning rank, and a
+rank that dies makes the endpoint answer 503 and the job exit non-zero within a bounded time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from multirank import free_port
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["The sea is", "Once upon a time", "1 2 3 4", "Hello, my name", "Paris is the capital of", "Why"]
+MAX_TOKENS = 10
+SERVE = ["--dtype", "float32", "--max-slots", "4", "--max-seq-len", "128", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from dsv4_ascend.tiny import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny")
+    write_tiny_checkpoint(d, seed=0)
+    return d
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float = 150.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a server process exited early (status {[p.poll() for p in procs]})")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the server at {url} did not become healthy within {timeout} s")
+
+
+def _complete_all(url: str) -> list[tuple[str, str, int]]:
+    """Every prompt at once, streamed through the official client: (text, finish_reason, tokens) each."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def one(prompt: str) -> tuple[str, str, int]:
+        text, reason, n = "", None, 0
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+        return text, reason, n
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
+
+
+def _single_process(tiny: Path) -> list[tuple[str, str, int]]:
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.loading import load_model
+    from dsv4_ascend.server import BackgroundServer, create_app
+    from dsv4_ascend.tokenizer import load_tokenizer
+
+    model, path = load_model(str(tiny), dtype="float32", progress=False)
+    app = create_app(Engine(model, max_slots=4, max_seq_len=128), load_tokenizer(path), served_model_name="tiny")
+    with BackgroundServer(app) as srv:
+        return _complete_all(srv.url)
+
+
+def _rank_counts(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("dsv4_rank_requests_total{"):
+            out[line.split('rank="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
+    port, master = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    # What torchrun does for each rank (it would also stop the survivors of a failure; here rank 0 must notice
+    # the dead rank by itself).
+    procs = [subprocess.Popen([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), "--port",
+                               str(port), "--served-model-name", "tiny", "--dist-timeout", "30", *SERVE],
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(master)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        _wait_healthy(url, procs)
+        got = _complete_all(url)
+        assert got == _single_process(tiny)  # greedy, fp32: the same text, finish reason and token count
+        assert all(n == MAX_TOKENS for _, _, n in got)
+        counts = _rank_counts(url)
+        assert counts.get("0", 0) > 0 and counts.get("1", 0) > 0, counts  # least-loaded placement used both
+        # A client that goes away mid-stream: the owning rank aborts it and both ranks keep serving.
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "prompt": "abc", "stream": True,
+                                                                  "max_tokens": 100, "temperature": 0}) as r:
+            next(r.iter_lines())
+        assert _complete_all(url) == got
+        # Rank 1 dies mid-stream: the stream fails, the endpoint answers 503, rank 0 exits with status 1.
+        failed: dict = {}
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                                  json={"model": "tiny", "prompt": "abc", "stream": True, "max_tokens": 100}) as r:
+                    failed["body"] = "".join(r.iter_text())
+            except httpx.HTTPError as exc:
+                failed["body"] = f"connection error {exc}"
+
+        th = threading.Thread(target=stream)
+        th.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGKILL)
+        th.join(30)
+        assert "error" in failed.get("body", ""), failed
+        assert '"finish_reason": "length"' not in failed["body"]
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503
+        late = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=5)
+        assert late.status_code == 503
+        status = procs[0].wait(timeout=60 - (time.monotonic() - t0))
+        assert status == 1
+        assert time.monotonic() - t0 < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            out = p.communicate(timeout=30)[0]
+            if p.returncode not in (0, 1, -9):
+                print(out)
+
+
+@pytest.mark.slow  # torchrun's agent + 2 ranks: ~1 min
+def test_nproc_per_node_launcher_and_sigterm_drain(tiny):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), "--port",
+                             str(port), "--served-model-name", "tiny", "--nproc-per-node", "2", *SERVE],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(url, [proc])
+        assert _complete_all(url) == _single_process(tiny)
+        body: dict = {}
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": "abc", "stream": True, "max_tokens": 60}) as r:
+                body["text"] = "".join(r.iter_text())
+
+        th = threading.Thread(target=stream)
+        th.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to the ranks: rank 0 drains, rank 1 follows
+        th.join(60)
+        assert '"finish_reason": "length"' in body["text"] and body["text"].rstrip().endswith("[DONE]")
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
