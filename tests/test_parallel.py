@@ -12,9 +12,10 @@ from dsv4_ascend.parallel import (ParallelContext, expert_range_for, generate_lo
                                   init_parallel, install_parallel, load_parallel_model, resident_weight_bytes)
 from dsv4_ascend.tiny import write_tiny_checkpoint
 from multirank import free_port, spawn_ranks
+from test_ep_static import check_static_run, static_run
 
 WORLD = 2
-TIMEOUT_S = 80  # the whole 2-process run; it takes a few seconds
+TIMEOUT_S = 240  # the whole 2-process run: ~30 s on a busy 2-core CI box
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
         mtp = _mtp(model, ids)  # the MTP block's MoE is expert-parallel too
         torch.save({"pre": pre, "nxt": nxt, "dec": dec, "extra": extra, "dec2": dec2, "gen": gen, "mtp": mtp,
                     "stats": dict(model.expert_parallel.stats), "bytes": resident_weight_bytes(model),
-                    "experts": (model.layers[0].ffn.routed.first, model.layers[0].ffn.routed.count)},
+                    "experts": (model.layers[0].ffn.routed.first, model.layers[0].ffn.routed.count),
+                    "static": static_run(rank, ctx, ckpt)},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         ctx.close()
@@ -105,9 +107,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_expert_parallel_two_ranks_match_one_process(ckpt, tmp_path, one_thread):
-    _spawn(ckpt, tmp_path)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ranks_out(ckpt, tmp_path_factory) -> list[dict]:
+    """One 2-rank job for the tests below: each rank's results."""
+    out = tmp_path_factory.mktemp("ranks")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _spawn(ckpt, out)
+    finally:
+        torch.set_num_threads(n)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_expert_parallel_two_ranks_match_one_process(ckpt, ranks_out, one_thread):
+    res = ranks_out
     ref_model = _load(ckpt)
     for r, got in enumerate(res):
         assert got["experts"] == (4 * r, 4)  # each rank holds (and loaded) half of the 8 experts
@@ -127,6 +141,13 @@ def test_expert_parallel_two_ranks_match_one_process(ckpt, tmp_path, one_thread)
         assert got["bytes"]["routed_experts"] * WORLD == full["routed_experts"]
         assert got["bytes"]["head"] * WORLD == full["head"]
         assert got["bytes"]["other"] == full["other"]
+
+
+def test_static_ep_decode_matches_one_process(ckpt, ranks_out, one_thread):
+    """The capturable static path (test_ep_static.static_run) in the same job."""
+    ref_model = _load(ckpt)
+    for r, got in enumerate(ranks_out):
+        check_static_run(r, got["static"], ref_model)
 
 
 def test_world_size_must_divide_experts(ckpt):
