@@ -71,14 +71,15 @@ def _complete_all(url: str) -> list[tuple[str, str, int]]:
         return list(pool.map(one, PROMPTS))
 
 
-def _single_process(tiny: Path) -> list[tuple[str, str, int]]:
+def _single_process(tiny: Path, spec: int = 0) -> list[tuple[str, str, int]]:
     from dsv4_ascend.engine import Engine
     from dsv4_ascend.loading import load_model
     from dsv4_ascend.server import BackgroundServer, create_app
     from dsv4_ascend.tokenizer import load_tokenizer
 
     model, path = load_model(str(tiny), dtype="float32", progress=False)
-    app = create_app(Engine(model, max_slots=4, max_seq_len=128), load_tokenizer(path), served_model_name="tiny")
+    app = create_app(Engine(model, max_slots=4, max_seq_len=128, speculative_tokens=spec), load_tokenizer(path),
+                     served_model_name="tiny")
     with BackgroundServer(app) as srv:
         return _complete_all(srv.url)
 
@@ -91,16 +92,29 @@ def _rank_counts(url: str) -> dict[str, float]:
     return out
 
 
-def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
+def _start_ranks(tiny: Path, *extra: str) -> tuple[str, list[subprocess.Popen]]:
+    """Two `dsv4 serve` ranks started as torchrun starts them (the environment), without torchrun's agent (which
+    would also stop the survivors of a failure; here rank 0 must notice a dead rank by itself)."""
     port, master = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    # What torchrun does for each rank (it would also stop the survivors of a failure; here rank 0 must notice
-    # the dead rank by itself).
     procs = [subprocess.Popen([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), "--port",
-                               str(port), "--served-model-name", "tiny", "--dist-timeout", "30", *SERVE],
+                               str(port), "--served-model-name", "tiny", "--dist-timeout", "30", *SERVE, *extra],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(master)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    return f"http://127.0.0.1:{port}", procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        out = p.communicate(timeout=30)[0]
+        if p.returncode not in (0, 1, -9):
+            print(out)
+
+
+def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
+    url, procs = _start_ranks(tiny)
     try:
         _wait_healthy(url, procs)
         got = _complete_all(url)
@@ -140,12 +154,18 @@ def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
         assert status == 1
         assert time.monotonic() - t0 < 60
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            out = p.communicate(timeout=30)[0]
-            if p.returncode not in (0, 1, -9):
-                print(out)
+        _stop(procs)
+
+
+@pytest.mark.slow  # 2 ranks + MTP: ~1 min
+def test_two_ranks_with_mtp_serve_like_one_process(tiny):
+    """MTP drafting and verify under EP: the drafts' MTP-block calls and the verify prefills pair across ranks."""
+    url, procs = _start_ranks(tiny, "--speculative-tokens", "1")
+    try:
+        _wait_healthy(url, procs)
+        assert _complete_all(url) == _single_process(tiny, spec=1)
+    finally:
+        _stop(procs)
 
 
 @pytest.mark.slow  # torchrun's agent + 2 ranks: ~1 min
