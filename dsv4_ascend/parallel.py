@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from .ep_dispatch import mc2_dispatch_combine, static_dispatch_combine, static_vocab_head
 
 __all__ = ["ParallelContext", "init_parallel", "expert_range_for", "ExpertParallel", "VocabParallelHead",
-           "install_parallel", "load_parallel_model", "idle_forward", "generate_lockstep", "resident_weight_bytes"]
+           "install_parallel", "load_parallel_model", "idle_forward", "generate_lockstep", "resident_weight_bytes",
+           "static_buffer_bytes"]
 
 _DEVICE_OF = {"hccl": "npu", "nccl": "cuda", "gloo": "cpu"}
 
@@ -502,3 +503,15 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
         out[part] += t.untyped_storage().nbytes() if t.device.type != "meta" else t.nbytes
     out["total"] = sum(out.values())
     return out
+
+
+def static_buffer_bytes(model: nn.Module) -> int:
+    """Activation bytes one static-path MoE call moves through this rank's buffers (sent + received, rows and
+    routing metadata, both directions; the lm head's gather/all-to-all excluded): 0 without a static EP."""
+    ep = getattr(model, "expert_parallel", None)
+    if ep is None or not ep.static:
+        return 0
+    rows = ep.world * ep.max_tokens_per_rank
+    row = model.cfg.hidden_size * model.embed.weight.element_size()
+    meta = 2 * model.cfg.num_experts_per_tok * 4
+    return 2 * rows * (2 * row + meta)  # dispatch rows + metadata, sent and received; results back, both ways

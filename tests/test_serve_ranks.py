@@ -104,13 +104,15 @@ def _start_ranks(tiny: Path, *extra: str) -> tuple[str, list[subprocess.Popen]]:
     return f"http://127.0.0.1:{port}", procs
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[subprocess.Popen]) -> list[str]:
+    outs = []
     for p in procs:
         if p.poll() is None:
             p.kill()
-        out = p.communicate(timeout=30)[0]
+        outs.append(p.communicate(timeout=30)[0])
         if p.returncode not in (0, 1, -9):
-            print(out)
+            print(outs[-1])
+    return outs
 
 
 def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
@@ -154,7 +156,9 @@ def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
         assert status == 1
         assert time.monotonic() - t0 < 60
     finally:
-        _stop(procs)
+        outs = _stop(procs)
+    # Rank 0 printed every rank's capacity plan: half of the 8 experts each.
+    assert "rank 0 (cpu): experts [0, 4)" in outs[0] and "rank 1 (cpu): experts [4, 8)" in outs[0]
 
 
 @pytest.mark.slow  # 2 ranks + MTP: ~1 min

@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .protocol import APIError
 from .worker import EngineWorker, Job
 
-__all__ = ["Control", "RankLoop", "RankedWorker", "serve_ranks_main", "FAIL_GRACE_S", "HEARTBEAT_S"]
+__all__ = ["Control", "RankLoop", "RankedWorker", "rank_plan", "serve_ranks_main", "FAIL_GRACE_S", "HEARTBEAT_S"]
 
 log = logging.getLogger("dsv4.server")
 
@@ -242,6 +242,19 @@ def _load(args, ctx: ParallelContext):
     return model, path
 
 
+def rank_plan(engine: Engine, ctx: ParallelContext) -> dict:
+    """This rank's capacity plan: its experts, resident weight and KV-cache bytes, the static EP buffers."""
+    from ..parallel import resident_weight_bytes, static_buffer_bytes
+
+    m = engine.model
+    r = m.layers[0].ffn.routed
+    w = resident_weight_bytes(m)
+    return {"rank": ctx.rank, "device": str(ctx.device), "experts": (r.first, r.first + r.count),
+            "weights": w["total"], "routed_experts": w["routed_experts"], "kv_cache": engine.cache.nbytes(),
+            "slots": len(engine.free_slots), "pages": engine.cache.num_blocks - 1,
+            "ep_buffers": static_buffer_bytes(m), "capacity": m.expert_parallel.max_tokens_per_rank}
+
+
 def serve_ranks_main(args, prepare=None) -> int:
     """`dsv4 serve` under torchrun (WORLD_SIZE > 1): rank 0 serves HTTP, every rank runs an engine.
     `prepare(args)`: the command line's checks that read files (rank 0 first: it may write the tiny default)."""
@@ -264,6 +277,14 @@ def serve_ranks_main(args, prepare=None) -> int:
             prepare(args)
     model, path = _load(args, ctx)
     engine = build_engine(args, model)
+    plans = ctx.gather_objects(rank_plan(engine, ctx))
+    if ctx.rank == 0:
+        for p in plans:
+            print(f"[dsv4] rank {p['rank']} ({p['device']}): experts [{p['experts'][0]}, {p['experts'][1]}), "
+                  f"weights {p['weights'] / 2**20:.1f} MiB (routed experts {p['routed_experts'] / 2**20:.1f}), "
+                  f"KV cache {p['kv_cache'] / 2**20:.1f} MiB ({p['slots']} slots, {p['pages']} pages), static EP "
+                  f"buffers {p['ep_buffers'] / 2**10:.1f} KiB per MoE call (capacity {p['capacity']} rows)",
+                  file=sys.stderr)
     if ctx.rank != 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
         follow(engine, ctx, group)
