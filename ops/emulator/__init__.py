@@ -12,7 +12,8 @@ fast; it is the executable statement of the contract the backend relies on. Sour
   ops_def_registration.cpp`), op docs (`ops/ascendc/docs/custom-npu_*.md`) and their example goldens.
 - OT: hicann/ops-transformer (kernel READMEs / sources, e.g. the moe_init_routing_v2 gather-out kernel).
 
-One module per op family: norm_rope, gemm, moe, cache_sampling, v4_custom (mHC, compressor), attention
+One module per op family: norm_rope, gemm, moe, moe_distribute (MC2 EP dispatch/combine over torch.distributed),
+cache_sampling, v4_custom (mHC, compressor), attention
 (indexers, shared-KV sparse attention), lowp_950 (FP8 / MX paths); numerics holds their shared rounding helpers.
 Points no document settles are marked "(verify)" in the docstrings and listed in docs/ascend.md; only a run on
 an NPU can settle them. Unsupported argument combinations raise NotImplementedError instead of guessing.
