@@ -31,8 +31,9 @@ def _a2a(t: Tensor, group) -> Tensor:
 
 
 def static_dispatch_combine(moe, x: Tensor, weights: Tensor, ids: Tensor, world: int, capacity: int,
-                            group) -> Tensor:
-    """This rank's tokens' routed-expert output [T, D] (T <= capacity), exchanged through fixed-size buffers.
+                            group, shared: Tensor | None = None) -> Tensor:
+    """This rank's tokens' routed-expert output [T, D] (T <= capacity; + `shared` in the fp32 sum), exchanged
+    through fixed-size buffers.
 
     Row t of the block sent to rank r is token t with its k weights and ids made local to r (pairs of other
     ranks: id -1, weight 0); rows past T are padding (all -1). Rank r runs the received [W*C] rows through its
@@ -62,7 +63,8 @@ def static_dispatch_combine(moe, x: Tensor, weights: Tensor, ids: Tensor, world:
     y = moe.backend.experts(recv_x, r_w, torch.where(keep, r_ids, 0), r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale,
                             r.w3_scale, moe.limit, True)                           # [W*C, D]; padding -> 0
     back = _a2a(y, group).view(world, c, d)[:, :t]                                  # block r: partials of rank r
-    return back.float().sum(0).to(y.dtype)
+    out = back.float().sum(0)
+    return (out if shared is None else out + shared.float()).to(y.dtype)
 
 
 def static_vocab_head(head, inner, x: Tensor, weight: Tensor, capacity: int) -> Tensor:
@@ -85,13 +87,14 @@ def static_vocab_head(head, inner, x: Tensor, weight: Tensor, capacity: int) -> 
 
 
 def mc2_dispatch_combine(npu, moe, x: Tensor, weights: Tensor, ids: Tensor, world: int, rank: int, group_ep: str,
-                         capacity: int) -> Tensor:
+                         capacity: int, shared: Tensor | None = None) -> Tensor:
     """The static path on torch_npu's MC2 ops (`npu` = torch_npu, or the CPU emulator over gloo).
 
     `npu_moe_distribute_dispatch` lays this rank's received rows out expert by expert in a buffer of static size
     global_bs * min(local experts, k), global_bs = capacity * world (torch_npu's meta function); rows past the
     sum of `expert_token_nums` are padding and run through the last expert, whose output nobody reads. The
-    experts run with weight 1 and `npu_moe_distribute_combine` applies the routing weights while summing.
+    experts run with weight 1 and `npu_moe_distribute_combine` applies the routing weights while summing and
+    adds `shared` (its `shared_expert_x`).
     """
     t, d = x.shape
     k, per = ids.shape[1], moe.routed.count
@@ -99,6 +102,7 @@ def mc2_dispatch_combine(npu, moe, x: Tensor, weights: Tensor, ids: Tensor, worl
         raise ValueError(f"{t} token rows exceed the MC2 dispatch capacity {capacity} (take the exact path)")
     active = None
     if t == 0:  # the MC2 ops need at least one row: send an inactive dummy
+        shared = None
         x = x.new_zeros(1, d)
         ids = torch.arange(k, device=x.device).view(1, k)
         weights = torch.zeros(1, k, dtype=torch.float32, device=x.device)
@@ -116,5 +120,6 @@ def mc2_dispatch_combine(npu, moe, x: Tensor, weights: Tensor, ids: Tensor, worl
     y = moe.backend.experts(expand_x, ones, local, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
                             moe.limit, True)
     out = npu.npu_moe_distribute_combine(y, ids32, expand_idx, ep_recv_counts, weights.float(),
-                                         tp_send_counts=tp_recv_counts, x_active_mask=active, **common)
+                                         tp_send_counts=tp_recv_counts, x_active_mask=active,
+                                         shared_expert_x=shared, **common)
     return out[:t]

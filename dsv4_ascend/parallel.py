@@ -183,9 +183,9 @@ def _fused_ops():
 class ExpertParallel:
     """The `MoE.ep` hook: token dispatch to the experts' ranks, expert compute there, combine back.
 
-    `__call__(moe, x [T,D], weights [T,k] fp32, ids [T,k] global expert ids, sync_free)` returns this rank's
-    tokens' routed-expert output [T,D] (shared expert excluded; the MoE adds it). T may be 0: the rank still
-    takes part in every collective. Two paths, chosen per call from host-known facts only:
+    `__call__(moe, x [T,D], weights [T,k] fp32, ids [T,k] global expert ids, sync_free, shared)` returns this
+    rank's tokens' routed-expert output [T,D], plus `shared` (the shared expert's output) added to the fp32 sum
+    before the one cast. T may be 0: the rank still takes part in every collective. Two paths, chosen per call from host-known facts only:
 
     - static (`static=True`, a sync-free call, T <= `max_tokens_per_rank`, `force_exact` off): fixed-shape
       buffers and traceable collectives, no host read, so a compiled decode step contains the all-to-alls
@@ -199,7 +199,9 @@ class ExpertParallel:
       3. expert rank: `moe.backend.experts` over its experts (the routing weight scales the SwiGLU output
          before the down projection, as in one process); -1 pairs are dropped.
       4. all_to_all of the results back; per token, the partial outputs of its ranks are summed in fp32 in
-         rank order (deterministic), then cast to x.dtype.
+         rank order (deterministic), the shared output added, then cast to x.dtype. Each rank's partial output
+         arrives in x.dtype (`backend.experts` casts), so in bf16 the sum has one rounding per rank more than
+         one process's.
 
     Both paths give the same result (exact in fp32 up to summation order). The two never meet in one
     collective only if every rank makes the same choice for a call: the callers guarantee it (`Lockstep`,
@@ -243,7 +245,8 @@ class ExpertParallel:
         """Whether a call with `rows` token rows takes the static path (host-known: shapes and flags only)."""
         return self.static and sync_free and not self.force_exact and rows <= self.max_tokens_per_rank
 
-    def __call__(self, moe, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False) -> Tensor:
+    def __call__(self, moe, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
+                 shared: Tensor | None = None) -> Tensor:
         per = self._check(moe)
         self.last_static = self.takes_static(x.shape[0], sync_free)
         if not torch.compiler.is_compiling():
@@ -251,14 +254,15 @@ class ExpertParallel:
             self.stats["static_calls"] += int(self.last_static)
         if self.last_static and self.npu is not None:
             return mc2_dispatch_combine(self.npu, moe, x, weights, ids, self.world, self.rank, self.hccl_name,
-                                        self.max_tokens_per_rank)
+                                        self.max_tokens_per_rank, shared)
         if self.last_static:
             grp = self.group if self.group is not None else dist.group.WORLD
-            return static_dispatch_combine(moe, x, weights, ids, self.world, self.max_tokens_per_rank, grp)
-        return self._all_to_all(moe, x, weights, ids, per)
+            return static_dispatch_combine(moe, x, weights, ids, self.world, self.max_tokens_per_rank, grp, shared)
+        return self._all_to_all(moe, x, weights, ids, per, shared)
 
     # -- exact path: torch.distributed all_to_all_single with variable splits ---------------------------------
-    def _all_to_all(self, moe, x: Tensor, weights: Tensor, ids: Tensor, per: int) -> Tensor:
+    def _all_to_all(self, moe, x: Tensor, weights: Tensor, ids: Tensor, per: int,
+                    shared: Tensor | None = None) -> Tensor:
         t, d = x.shape
         k, w, dev = ids.shape[1], self.world, x.device
         dest = ids // per                                                    # [T,k] rank of each pair
@@ -288,7 +292,8 @@ class ExpertParallel:
         slot = (hit.cumsum(1) - 1)[t_idx, r_idx]
         buf = torch.zeros(t, min(k, w), d, dtype=torch.float32, device=dev)
         buf[t_idx, slot] = back.float()
-        return buf.sum(1).to(x.dtype)
+        out = buf.sum(1)
+        return (out if shared is None else out + shared.float()).to(x.dtype)
 
     @staticmethod
     def _local(moe, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
@@ -435,7 +440,7 @@ def idle_forward(model: nn.Module, blocks: list[nn.Module] | None = None, head: 
         if moe.ep is not None:
             moe.ep(moe, torch.empty(0, dim, dtype=model.dtype, device=dev),
                    torch.empty(0, k, dtype=torch.float32, device=dev),
-                   torch.empty(0, k, dtype=torch.int64, device=dev), static)
+                   torch.empty(0, k, dtype=torch.int64, device=dev), static, None)
     if head and isinstance(model.backend, _HeadBackend):
         model.backend.lm_head(torch.empty(0, dim, dtype=model.dtype, device=dev), model.head.weight)
 

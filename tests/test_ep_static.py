@@ -77,11 +77,17 @@ def static_run(rank: int, ctx, ckpt: str) -> dict:
                                 npu=emulator, max_tokens_per_rank=CAP)
     _, out["mc2"] = _prefill_decode(fused, ids)
     out["mc2_static"] = fused.expert_parallel.stats["static_calls"]
+    # bf16 activations, static decode: the greedy tokens of one process.
+    bf16 = load_parallel_model(ckpt, ctx, dtype=torch.bfloat16, weights="bf16", progress=False, static=True,
+                               max_tokens_per_rank=CAP)
+    out["gen_bf16"] = generate_lockstep(bf16, ctx, _prompts(rank), max_tokens=4)
+    out["bf16_static"] = bf16.expert_parallel.stats["static_calls"]
     return out
 
 
-def check_static_run(rank: int, got: dict, ref) -> None:
-    """The asserts on `static_run`'s results of `rank` against the one-process model `ref`."""
+def check_static_run(rank: int, got: dict, ref, ref16) -> None:
+    """The asserts on `static_run`'s results of `rank` against the one-process models `ref` (fp32) and `ref16`
+    (bf16)."""
     nxt, want = _prefill_decode(ref, _batch(rank))
     assert torch.equal(got["nxt"], nxt)
     assert got["static_calls"] == len(ref.layers)  # the decode step's MoE layers took the static path
@@ -91,6 +97,10 @@ def check_static_run(rank: int, got: dict, ref) -> None:
     assert _close(got["mc2"], want), f"rank {rank}: emulated MC2 decode logits"
     assert got["mc2_static"] == len(ref.layers)
     assert got["gen"] == generate_lockstep(ref, ParallelContext(), _prompts(rank), max_tokens=4)
+    # bf16: each rank's partial expert output is rounded to bf16 before the cross-rank sum (one rounding more than
+    # one process), so logits differ at bf16 noise; the greedy tokens must not.
+    assert got["bf16_static"] > 0
+    assert got["gen_bf16"] == generate_lockstep(ref16, ParallelContext(), _prompts(rank), max_tokens=4)
 
 
 def _graph_worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:

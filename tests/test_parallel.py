@@ -146,8 +146,9 @@ def test_expert_parallel_two_ranks_match_one_process(ckpt, ranks_out, one_thread
 def test_static_ep_decode_matches_one_process(ckpt, ranks_out, one_thread):
     """The capturable static path (test_ep_static.static_run) in the same job."""
     ref_model = _load(ckpt)
+    ref16 = load_checkpoint(ckpt, dtype=torch.bfloat16, weights="bf16", progress=False)
     for r, got in enumerate(ranks_out):
-        check_static_run(r, got["static"], ref_model)
+        check_static_run(r, got["static"], ref_model, ref16)
 
 
 def test_world_size_must_divide_experts(ckpt):
