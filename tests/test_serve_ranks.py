@@ -52,13 +52,14 @@ def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float = 150.
     pytest.fail(f"the server at {url} did not become healthy within {timeout} s")
 
 
-def _complete_all(url: str) -> list[tuple[str, str, int]]:
+def _complete_all(url: str, prompts: list[str] = PROMPTS, max_tokens: int = MAX_TOKENS
+                  ) -> list[tuple[str, str, int]]:
     """Every prompt at once, streamed through the official client: (text, finish_reason, tokens) each."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
     def one(prompt: str) -> tuple[str, str, int]:
         text, reason, n = "", None, 0
-        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                                stream=True, stream_options={"include_usage": True}):
             if chunk.choices:
                 text += chunk.choices[0].text
@@ -67,11 +68,12 @@ def _complete_all(url: str) -> list[tuple[str, str, int]]:
                 n = chunk.usage.completion_tokens
         return text, reason, n
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        return list(pool.map(one, PROMPTS))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
 
 
-def _single_process(tiny: Path, spec: int = 0) -> list[tuple[str, str, int]]:
+def _single_process(tiny: Path, spec: int = 0, prompts: list[str] = PROMPTS, max_tokens: int = MAX_TOKENS
+                    ) -> list[tuple[str, str, int]]:
     from dsv4_ascend.engine import Engine
     from dsv4_ascend.loading import load_model
     from dsv4_ascend.server import BackgroundServer, create_app
@@ -81,7 +83,7 @@ def _single_process(tiny: Path, spec: int = 0) -> list[tuple[str, str, int]]:
     app = create_app(Engine(model, max_slots=4, max_seq_len=128, speculative_tokens=spec), load_tokenizer(path),
                      served_model_name="tiny")
     with BackgroundServer(app) as srv:
-        return _complete_all(srv.url)
+        return _complete_all(srv.url, prompts, max_tokens)
 
 
 def _rank_counts(url: str) -> dict[str, float]:
@@ -198,5 +200,28 @@ def test_nproc_per_node_launcher_and_sigterm_drain(tiny):
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.slow  # 4 ranks on a 2-core box: a few minutes
+def test_four_ranks_32_concurrent_requests(tiny):
+    """4 ranks (2 of the 8 experts each), 32 concurrent streamed requests: each equals the single-process server."""
+    prompts = [f"{i} the quick brown fox" for i in range(32)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), "--port",
+                             str(port), "--served-model-name", "tiny", "--nproc-per-node", "4", *SERVE],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(url, [proc], timeout=300)
+        got = _complete_all(url, prompts, 6)
+        assert got == _single_process(tiny, prompts=prompts, max_tokens=6)
+        assert sorted(_rank_counts(url)) == ["0", "1", "2", "3"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
             proc.kill()
         proc.communicate(timeout=30)
