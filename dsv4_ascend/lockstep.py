@@ -47,10 +47,19 @@ class Lockstep:
         live = [tuple(k) for k in kinds if k is not None]
         return min(live) if live else None
 
+    @property
+    def inside(self) -> bool:
+        """Whether a paired call (or an idle join) is running: the only time EP collectives may run."""
+        return self._inside
+
     def _idle(self, kind: Kind) -> None:
         block, j, static = kind
         self.idle_calls += 1
-        idle_forward(self.model, None if block == 0 else self.model.mtp[j:j + 1], head=True, static=static)
+        self._inside = True
+        try:
+            idle_forward(self.model, None if block == 0 else self.model.mtp[j:j + 1], head=True, static=static)
+        finally:
+            self._inside = False
 
     def run(self, kind: Kind, fn: Callable, *args, **kwargs):
         """Make the call `fn(*args, **kwargs)` of `kind` once every rank with a call of that kind is ready."""
@@ -93,3 +102,5 @@ class Lockstep:
         m.mtp_decode = wrap(m.mtp_decode, lambda b: self.kind(a(b, "j"), a(b, "next_ids").numel(), True))
         dec = engine.decoder
         dec.step = wrap(dec.step, lambda b: self.kind(None, a(b, "ids").shape[0], True))
+        if self.ep is not None:
+            self.ep.lockstep = self  # an EP call outside a paired call is refused (it would never be matched)

@@ -228,6 +228,7 @@ class ExpertParallel:
         self.max_tokens_per_rank = max_tokens_per_rank
         self.static = static or fused
         self.force_exact = False  # set by a caller whose ranks agreed on the exact path for the next calls
+        self.lockstep = None      # a lockstep.Lockstep that must be pairing every call (serving over ranks)
         self.last_static = False
         self.stats = {"calls": 0, "static_calls": 0, "rows_sent_local": 0, "rows_sent_remote": 0,
                       "rows_received": 0}
@@ -248,6 +249,10 @@ class ExpertParallel:
     def __call__(self, moe, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
                  shared: Tensor | None = None) -> Tensor:
         per = self._check(moe)
+        if self.lockstep is not None and not self.lockstep.inside:
+            raise RuntimeError("an expert-parallel MoE call outside the lockstep pairing: a model entry point that "
+                               "lockstep.Lockstep.install does not wrap was called; the other ranks would never "
+                               "join its collectives (wrap it there)")
         self.last_static = self.takes_static(x.shape[0], sync_free)
         if not torch.compiler.is_compiling():
             self.stats["calls"] += 1
