@@ -185,7 +185,8 @@ class ExpertParallel:
 
     `__call__(moe, x [T,D], weights [T,k] fp32, ids [T,k] global expert ids, sync_free, shared)` returns this
     rank's tokens' routed-expert output [T,D], plus `shared` (the shared expert's output) added to the fp32 sum
-    before the one cast. T may be 0: the rank still takes part in every collective. Two paths, chosen per call from host-known facts only:
+    before the one cast. T may be 0: the rank still takes part in every collective. Two paths, chosen per call
+    from host-known facts only:
 
     - static (`static=True`, a sync-free call, T <= `max_tokens_per_rank`, `force_exact` off): fixed-shape
       buffers and traceable collectives, no host read, so a compiled decode step contains the all-to-alls

@@ -194,8 +194,8 @@ def main() -> int:
 
     ranks = f"{args.nproc_per_node} ranks x " if args.nproc_per_node is not None else ""
     print(f"dsv4 serve benchmark: model {Path(path).name} ({args.dtype}, {args.device}), {args.threads} torch "
-          f"threads{' per rank' if ranks else ''}, {ranks}{args.max_slots} slots, prompt ~{plen:.0f} tokens, {args.max_tokens} tokens/request "
-          f"(greedy, ignore_eos), client in-process over loopback")
+          f"threads{' per rank' if ranks else ''}, {ranks}{args.max_slots} slots, prompt ~{plen:.0f} tokens, "
+          f"{args.max_tokens} tokens/request (greedy, ignore_eos), client in-process over loopback")
     head = (f"{'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} | {'TTFT ms p50':>11} {'p90':>7} "
             f"{'p99':>7} | {'TPOT ms p50':>11} {'p90':>7} {'p99':>7}")
     print(head)
