@@ -21,6 +21,8 @@ from torch import Tensor
 __all__ = ["static_dispatch_combine", "static_vocab_head", "mc2_dispatch_combine"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)
+# torch >= 2.9 names it all_gather_single (all_gather_tensor deprecated); older releases only have the latter.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
 def _a2a(t: Tensor, group) -> Tensor:
@@ -79,7 +81,7 @@ def static_vocab_head(head, inner, x: Tensor, weight: Tensor, capacity: int) -> 
         raise ValueError(f"{n} rows exceed the static lm-head capacity {c} (take the exact path)")
     if n < c:
         rows = torch.cat([rows, rows.new_zeros(c - n, d)])
-    every = funcol.wait_tensor(funcol.all_gather_single(rows.contiguous(), 0, group))   # [W*C, D]
+    every = funcol.wait_tensor(_all_gather(rows.contiguous(), 0, group))                # [W*C, D]
     part = inner.lm_head(every, weight).float()                                        # [W*C, Vs]
     mine = _a2a(part, group).view(w, c, head.shard)[:, :n]                              # slice r of my rows
     logits = mine.permute(1, 0, 2).reshape(n, w * head.shard)[:, :head.vocab]

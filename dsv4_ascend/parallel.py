@@ -204,8 +204,8 @@ class ExpertParallel:
          arrives in x.dtype (`backend.experts` casts), so in bf16 the sum has one rounding per rank more than
          one process's.
 
-    Both paths give the same result (exact in fp32 up to summation order). The two never meet in one
-    collective only if every rank makes the same choice for a call: the callers guarantee it (`Lockstep`,
+    Both paths give the same result (exact in fp32 up to summation order). They must never meet in one
+    collective, so every rank must make the same choice for a call: the callers guarantee it (`Lockstep`,
     `generate_lockstep`, `idle_forward(static=...)`). `last_static` records the choice of the latest call; the
     vocab-parallel head follows it.
     """
