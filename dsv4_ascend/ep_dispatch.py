@@ -21,7 +21,7 @@ from torch import Tensor
 __all__ = ["static_dispatch_combine", "static_vocab_head", "mc2_dispatch_combine"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)
-# torch >= 2.9 names it all_gather_single (all_gather_tensor deprecated); older releases only have the latter.
+# Newer torch names it all_gather_single and deprecates all_gather_tensor (2.13 warns); older ones lack it.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
