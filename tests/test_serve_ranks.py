@@ -3,6 +3,7 @@ equal the single-process server's, requests land on both ranks, a disconnect abo
 rank that dies makes the endpoint answer 503 and the job exit non-zero within a bounded time."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -94,12 +95,13 @@ def _rank_counts(url: str) -> dict[str, float]:
     return out
 
 
-def _start_ranks(tiny: Path, *extra: str) -> tuple[str, list[subprocess.Popen]]:
+def _start_ranks(tiny: Path, *extra: str, timeout: int = 30) -> tuple[str, list[subprocess.Popen]]:
     """Two `dsv4 serve` ranks started as torchrun starts them (the environment), without torchrun's agent (which
     would also stop the survivors of a failure; here rank 0 must notice a dead rank by itself)."""
     port, master = free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), "--port",
-                               str(port), "--served-model-name", "tiny", "--dist-timeout", "30", *SERVE, *extra],
+                               str(port), "--served-model-name", "tiny", "--dist-timeout", str(timeout), *SERVE,
+                               *extra],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(master)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
@@ -236,3 +238,27 @@ def test_rank_flags_refused_clearly(tiny, flags, want):
     r = subprocess.run([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), *flags],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and want in r.stderr, r.stderr
+
+
+@pytest.mark.slow  # waits out a collective timeout
+def test_hung_rank_fails_the_job_after_the_collective_timeout(tiny):
+    """A rank that stops answering (SIGSTOP) without dying: rank 0's next collective times out after
+    --dist-timeout, then the endpoint answers 503 and rank 0 exits with status 1."""
+    url, procs = _start_ranks(tiny, timeout=15)
+    try:
+        _wait_healthy(url, procs)
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        deadline = t0 + 15 + 30  # the timeout, plus the heartbeat and the machine's slack
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 503:
+                    break
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/health", timeout=2).status_code == 503
+        assert procs[0].wait(timeout=30) == 1
+        assert time.monotonic() - t0 < 15 + 30
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            procs[1].send_signal(signal.SIGCONT)
+        _stop(procs)
