@@ -132,6 +132,12 @@ class RankedWorker(EngineWorker):
         return load
 
     def _run(self) -> None:
+        try:
+            self._rounds()
+        except Exception as exc:  # noqa: BLE001 - a rank died or hung, or a bug here: the whole job fails
+            self._fail(exc)
+
+    def _rounds(self) -> None:
         busy = False
         while True:
             with self._cond:
@@ -158,15 +164,11 @@ class RankedWorker(EngineWorker):
                 if job.req is not None and job.req.id in self._jobs:
                     control.aborts.append((job.req.id, self.owner[job.req.id]))
                     self._abort(job, "abort")
-            try:
-                self.loop.exchange(control)
-                if stopping:
-                    self._abort_rest()
-                    return
-                reports = self.loop.report(self.loop.round(control))
-            except Exception as exc:  # noqa: BLE001 - a rank died or hung: the whole job fails
-                self._fail(exc)
+            self.loop.exchange(control)
+            if stopping:
+                self._abort_rest()
                 return
+            reports = self.loop.report(self.loop.round(control))
             busy = any(work for _, work in reports)
             for events, _ in reports:
                 for ev in events:
