@@ -314,7 +314,7 @@ def cmd_serve(args) -> int:
         from .server.ranks import serve_ranks_main
 
         return serve_ranks_main(args, prepare=lambda a: _prepare(a, sampling=False))
-    for flag in ("--dist-backend", "--dist-timeout"):
+    for flag in ("--dist-backend", "--dist-timeout", "--fused-moe"):
         if any(a == flag or a.startswith(flag + "=") for a in args.argv):
             raise UsageError(f"{flag} applies to serving over ranks (torchrun, or --nproc-per-node N)")
     _prepare(args, sampling=False)  # flags, device, config.json, tokenizer.json: before the server loads weights
@@ -425,6 +425,10 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dist-timeout", type=float, default=300.0,
                    help="with ranks: seconds a collective waits for a peer before the job fails (a hung rank "
                         "makes the endpoint answer 503 and the job exit after at most this long; default 300)")
+    v.add_argument("--fused-moe", action="store_true",
+                   help="with ranks: decode MoE layers through torch_npu's MC2 npu_moe_distribute_dispatch/combine "
+                        "(--dist-backend hccl; never run on an NPU here), or with --backend ascend on CPU the "
+                        "emulator's over gloo; default: padded all-to-alls")
     v.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
                    help="send CORS headers to these browser origins (comma-separated or repeated, e.g. "
                    "https://app.example.com; '*' for any); default: no CORS headers")

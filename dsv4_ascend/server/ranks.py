@@ -236,9 +236,12 @@ def _load(args, ctx: ParallelContext):
     quant = resolve_quant(path, args.backend, args.weights, getattr(args, "quant", "auto"))
     # Decode steps hold at most max_slots rows (graph buckets too), MTP drafts one row per request: the static
     # capacity max_slots makes every decode call capturable; wider calls (prefill, verify) take the exact path.
-    model = load_parallel_model(path, ctx, backend=make_backend(args.backend, args.numerics, quant),
-                                dtype=getattr(torch, args.dtype), weights=args.weights, static=True,
-                                max_tokens_per_rank=args.max_slots, progress=ctx.rank == 0)
+    backend = make_backend(args.backend, args.numerics, quant)
+    # --fused-moe: torch_npu's MC2 ops (hccl); the Ascend backend's CPU emulator provides them over gloo.
+    npu = backend.npu if args.fused_moe and getattr(backend, "emulated", False) else None
+    model = load_parallel_model(path, ctx, backend=backend, dtype=getattr(torch, args.dtype), weights=args.weights,
+                                static=True, max_tokens_per_rank=args.max_slots, fused=args.fused_moe, npu=npu,
+                                progress=ctx.rank == 0)
     if quant in ("fp8", "mxfp8"):
         model.backend.prepare(model)
     return model, path
