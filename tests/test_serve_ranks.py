@@ -233,6 +233,7 @@ def test_four_ranks_32_concurrent_requests(tiny):
 @pytest.mark.parametrize("flags,want", [
     (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, found 0"),
     (["--dist-timeout", "5"], "--dist-timeout applies to serving over ranks"),
+    (["--fused-moe"], "--fused-moe applies to serving over ranks"),
 ])
 def test_rank_flags_refused_clearly(tiny, flags, want):
     r = subprocess.run([sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", str(tiny), *flags],
