@@ -308,10 +308,55 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.nproc_per_node is not None:
+        return _serve_launcher(args)
+    if _env_world() > 1:  # under torchrun: rank 0 serves HTTP, every rank runs an engine (server.ranks)
+        from .server.ranks import serve_ranks_main
+
+        return serve_ranks_main(args, prepare=lambda a: _prepare(a, sampling=False))
+    for flag in ("--dist-backend", "--dist-timeout", "--fused-moe"):
+        if any(a == flag or a.startswith(flag + "=") for a in args.argv):
+            raise UsageError(f"{flag} applies to serving over ranks (torchrun, or --nproc-per-node N)")
     _prepare(args, sampling=False)  # flags, device, config.json, tokenizer.json: before the server loads weights
     from .server import serve_main  # lazy: fastapi/uvicorn are the optional `serve` extra
 
     return serve_main(args)
+
+
+def _env_world() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.isdigit():
+        raise UsageError(f"environment variable WORLD_SIZE={raw!r} is not a positive integer")
+    return int(raw)
+
+
+def _serve_launcher(args) -> int:
+    """`dsv4 serve --nproc-per-node N`: start N ranks on this node through torch's own launcher (torchrun)."""
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc-per-node starts the ranks itself; under torchrun leave it out")
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, found {args.nproc_per_node}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    child, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            child.append(a)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "dsv4_ascend.cli", *child])
+    except ChildFailedError as exc:
+        print(f"dsv4 serve: a rank failed: {exc}", file=sys.stderr)
+        return 1
+    except SignalException as exc:  # SIGTERM/SIGINT: torchrun passed it on; rank 0 drained, the others followed
+        print(f"dsv4 serve: stopped by signal {exc.sigval.name}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    return 0
 
 
 def cmd_parity(args) -> int:
@@ -371,6 +416,19 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="serve over N ranks on this node (DP attention, EP MoE), started through torch's launcher "
+                        "(torchrun --standalone); for several nodes run `torchrun ... -m dsv4_ascend.cli serve` "
+                        "instead (scripts/launch.py shows the flags). N must divide n_routed_experts")
+    v.add_argument("--dist-backend", default="auto", choices=["auto", "hccl", "nccl", "gloo"],
+                   help="with ranks: torch.distributed backend (auto: hccl on NPUs, nccl with CUDA, else gloo)")
+    v.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="with ranks: seconds a collective waits for a peer before the job fails (a hung rank "
+                        "makes the endpoint answer 503 and the job exit after at most this long; default 300)")
+    v.add_argument("--fused-moe", action="store_true",
+                   help="with ranks: decode MoE layers through torch_npu's MC2 npu_moe_distribute_dispatch/combine "
+                        "(--dist-backend hccl; never run on an NPU here), or with --backend ascend on CPU the "
+                        "emulator's over gloo; default: padded all-to-alls")
     v.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
                    help="send CORS headers to these browser origins (comma-separated or repeated, e.g. "
                    "https://app.example.com; '*' for any); default: no CORS headers")
@@ -405,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = _build_parser()
     args, rest = ap.parse_known_args(argv)
+    args.argv = argv  # `serve --nproc-per-node` hands the same command line to the ranks it starts
     if args.cmd == "make-tiny":
         from .tiny import make_tiny_main
 

@@ -96,9 +96,9 @@ class MoE(nn.Module):
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         if self.ep is None:  # the shared output joins the routed experts' fp32 sum; one cast
             return self.run_local_experts(x, weights, ids, sync_free, shared).view(shape)
-        # expert parallel: dispatch to the experts' ranks and combine (parallel.py); the combine casts
-        y = self.ep(self, x, weights, ids, sync_free)
-        return (y if shared is None else y + shared).view(shape)
+        # expert parallel: dispatch to the experts' ranks and combine (parallel.py); the combine adds the shared
+        # output to its fp32 sum and casts
+        return self.ep(self, x, weights, ids, sync_free, shared).view(shape)
 
     def run_local_experts(self, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
                           shared: Tensor | None = None) -> Tensor:

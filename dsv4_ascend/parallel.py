@@ -33,8 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .ep_dispatch import mc2_dispatch_combine, static_dispatch_combine, static_vocab_head
+
 __all__ = ["ParallelContext", "init_parallel", "expert_range_for", "ExpertParallel", "VocabParallelHead",
-           "install_parallel", "load_parallel_model", "idle_forward", "generate_lockstep", "resident_weight_bytes"]
+           "install_parallel", "load_parallel_model", "idle_forward", "generate_lockstep", "resident_weight_bytes",
+           "static_buffer_bytes"]
 
 _DEVICE_OF = {"hccl": "npu", "nccl": "cuda", "gloo": "cpu"}
 
@@ -180,37 +183,56 @@ def _fused_ops():
 class ExpertParallel:
     """The `MoE.ep` hook: token dispatch to the experts' ranks, expert compute there, combine back.
 
-    `__call__(moe, x [T,D], weights [T,k] fp32, ids [T,k] global expert ids, sync_free)` returns this rank's
-    tokens' routed-expert output [T,D] (shared expert excluded; the MoE adds it). T may be 0: the rank still
-    takes part in every collective. Per call, on the `all_to_all` path:
+    `__call__(moe, x [T,D], weights [T,k] fp32, ids [T,k] global expert ids, sync_free, shared)` returns this
+    rank's tokens' routed-expert output [T,D], plus `shared` (the shared expert's output) added to the fp32 sum
+    before the one cast. T may be 0: the rank still takes part in every collective. Two paths, chosen per call
+    from host-known facts only:
 
-    1. rows: each token goes once to every rank holding at least one of its experts (ordered by rank, token);
-       its k weights and ids travel with it, ids made local and the other ranks' pairs marked -1.
-    2. all_to_all of the per-rank row counts (host sync: split sizes must be known), then of the rows, then of
-       the weights+ids (packed as int32 [rows, 2k]).
-    3. expert rank: `moe.backend.experts` over its experts (the routing weight scales the SwiGLU output before
-       the down projection, as in one process); -1 pairs are dropped.
-    4. all_to_all of the results back; per token, the partial outputs of its ranks are summed in fp32 in rank
-       order (deterministic), then cast to x.dtype.
+    - static (`static=True`, a sync-free call, T <= `max_tokens_per_rank`, `force_exact` off): fixed-shape
+      buffers and traceable collectives, no host read, so a compiled decode step contains the all-to-alls
+      (`ep_dispatch.static_dispatch_combine`); with `fused=True` torch_npu's MC2 `npu_moe_distribute_dispatch/
+      combine` instead (`ep_dispatch.mc2_dispatch_combine`; `npu=` the CPU emulator runs it over gloo).
+    - exact (everything else: prefill, a call wider than the capacity): variable splits, host sync.
+      1. rows: each token goes once to every rank holding at least one of its experts (ordered by rank, token);
+         its k weights and ids travel with it, ids made local and the other ranks' pairs marked -1.
+      2. all_to_all of the per-rank row counts (host sync: split sizes must be known), then of the rows, then
+         of the weights+ids (packed as int32 [rows, 2k]).
+      3. expert rank: `moe.backend.experts` over its experts (the routing weight scales the SwiGLU output
+         before the down projection, as in one process); -1 pairs are dropped.
+      4. all_to_all of the results back; per token, the partial outputs of its ranks are summed in fp32 in
+         rank order (deterministic), the shared output added, then cast to x.dtype. Each rank's partial output
+         arrives in x.dtype (`backend.experts` casts), so in bf16 the sum has one rounding per rank more than
+         one process's.
 
-    `fused=True` uses torch_npu's `npu_moe_distribute_dispatch/combine` instead (HCCL only; static shapes, so
-    graph-capturable; each call must have T <= `max_tokens_per_rank`). Not run here: no NPU in this project's CI.
-    The choice is per model and identical on every rank (the two paths must never meet in one collective).
+    Both paths give the same result (exact in fp32 up to summation order). They must never meet in one
+    collective, so every rank must make the same choice for a call: the callers guarantee it (`Lockstep`,
+    `generate_lockstep`, `idle_forward(static=...)`). `last_static` records the choice of the latest call; the
+    vocab-parallel head follows it.
     """
 
-    def __init__(self, ctx: ParallelContext, fused: bool = False, max_tokens_per_rank: int = 256) -> None:
+    def __init__(self, ctx: ParallelContext, fused: bool = False, max_tokens_per_rank: int = 256,
+                 static: bool = False, npu=None) -> None:
         self.ctx, self.group = ctx, ctx.group
         self.world, self.rank = ctx.world_size, ctx.rank
         self.npu = None
         if fused:
-            self.npu = _fused_ops()
-            if self.npu is None or ctx.backend != "hccl":
+            self.npu = npu if npu is not None else _fused_ops()
+            if npu is None and (self.npu is None or ctx.backend != "hccl"):
                 raise RuntimeError("fused MoE dispatch/combine needs torch_npu with npu_moe_distribute_dispatch/"
-                                   f"combine and the hccl backend (backend here: {ctx.backend})")
+                                   f"combine and the hccl backend (backend here: {ctx.backend}), or npu= the "
+                                   "CPU emulator (dsv4_ascend.ops.emulator)")
             grp = self.group if self.group is not None else dist.group.WORLD
-            self.hccl_name = grp._get_backend(torch.device("npu")).get_hccl_comm_name(self.rank)
+            self.hccl_name = (grp.group_name if npu is not None
+                              else grp._get_backend(torch.device("npu")).get_hccl_comm_name(self.rank))
+        if max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank must be >= 1, found {max_tokens_per_rank}")
         self.max_tokens_per_rank = max_tokens_per_rank
-        self.stats = {"calls": 0, "rows_sent_local": 0, "rows_sent_remote": 0, "rows_received": 0}
+        self.static = static or fused
+        self.force_exact = False  # set by a caller whose ranks agreed on the exact path for the next calls
+        self.lockstep = None      # a lockstep.Lockstep that must be pairing every call (serving over ranks)
+        self.last_static = False
+        self.stats = {"calls": 0, "static_calls": 0, "rows_sent_local": 0, "rows_sent_remote": 0,
+                      "rows_received": 0}
 
     def _check(self, moe) -> int:
         r = moe.routed
@@ -221,15 +243,32 @@ class ExpertParallel:
                              "expert_range=expert_range_for(rank, world, n_routed_experts))")
         return r.count
 
-    def __call__(self, moe, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False) -> Tensor:
-        per = self._check(moe)
-        self.stats["calls"] += 1
-        if self.npu is not None:
-            return self._fused(moe, x, weights, ids, per)
-        return self._all_to_all(moe, x, weights, ids, per)
+    def takes_static(self, rows: int, sync_free: bool) -> bool:
+        """Whether a call with `rows` token rows takes the static path (host-known: shapes and flags only)."""
+        return self.static and sync_free and not self.force_exact and rows <= self.max_tokens_per_rank
 
-    # -- portable path: torch.distributed all_to_all_single ---------------------------------------------------
-    def _all_to_all(self, moe, x: Tensor, weights: Tensor, ids: Tensor, per: int) -> Tensor:
+    def __call__(self, moe, x: Tensor, weights: Tensor, ids: Tensor, sync_free: bool = False,
+                 shared: Tensor | None = None) -> Tensor:
+        per = self._check(moe)
+        if self.lockstep is not None and not self.lockstep.inside:
+            raise RuntimeError("an expert-parallel MoE call outside the lockstep pairing: a model entry point that "
+                               "lockstep.Lockstep.install does not wrap was called; the other ranks would never "
+                               "join its collectives (wrap it there)")
+        self.last_static = self.takes_static(x.shape[0], sync_free)
+        if not torch.compiler.is_compiling():
+            self.stats["calls"] += 1
+            self.stats["static_calls"] += int(self.last_static)
+        if self.last_static and self.npu is not None:
+            return mc2_dispatch_combine(self.npu, moe, x, weights, ids, self.world, self.rank, self.hccl_name,
+                                        self.max_tokens_per_rank, shared)
+        if self.last_static:
+            grp = self.group if self.group is not None else dist.group.WORLD
+            return static_dispatch_combine(moe, x, weights, ids, self.world, self.max_tokens_per_rank, grp, shared)
+        return self._all_to_all(moe, x, weights, ids, per, shared)
+
+    # -- exact path: torch.distributed all_to_all_single with variable splits ---------------------------------
+    def _all_to_all(self, moe, x: Tensor, weights: Tensor, ids: Tensor, per: int,
+                    shared: Tensor | None = None) -> Tensor:
         t, d = x.shape
         k, w, dev = ids.shape[1], self.world, x.device
         dest = ids // per                                                    # [T,k] rank of each pair
@@ -259,7 +298,8 @@ class ExpertParallel:
         slot = (hit.cumsum(1) - 1)[t_idx, r_idx]
         buf = torch.zeros(t, min(k, w), d, dtype=torch.float32, device=dev)
         buf[t_idx, slot] = back.float()
-        return buf.sum(1).to(x.dtype)
+        out = buf.sum(1)
+        return (out if shared is None else out + shared.float()).to(x.dtype)
 
     @staticmethod
     def _local(moe, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
@@ -278,36 +318,6 @@ class ExpertParallel:
         return moe.backend.experts(x, weights, ids, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
                                    moe.limit, False)
 
-    # -- Ascend MC2 fused path (untested here: needs NPUs) ----------------------------------------------------
-    def _fused(self, moe, x: Tensor, weights: Tensor, ids: Tensor, per: int) -> Tensor:
-        t, d = x.shape
-        k, npu = ids.shape[1], self.npu
-        cap = self.max_tokens_per_rank
-        if t > cap:
-            raise ValueError(f"{t} tokens in one MoE call exceed max_tokens_per_rank={cap} of the fused "
-                             "dispatch (chunk the prefill or raise the cap)")
-        active = None
-        if t == 0:  # the MC2 ops need at least one row: send an inactive dummy
-            x = x.new_zeros(1, d)
-            ids = torch.arange(k, device=x.device).view(1, k)
-            weights = torch.zeros(1, k, dtype=torch.float32, device=x.device)
-            active = torch.zeros(1, dtype=torch.bool, device=x.device)
-        common = dict(group_ep=self.hccl_name, ep_world_size=self.world, ep_rank_id=self.rank,
-                      moe_expert_num=moe.n_experts, global_bs=cap * self.world)
-        ids32 = ids.to(torch.int32)
-        expand_x, _, expand_idx, counts, ep_recv_counts, tp_recv_counts, _ = npu.npu_moe_distribute_dispatch(
-            x, ids32, x_active_mask=active, expert_token_nums_type=1, quant_mode=0, **common)
-        rows = expand_x.shape[0]  # static: rows past sum(counts) are padding
-        local = torch.searchsorted(counts.cumsum(0), torch.arange(rows, device=x.device), right=True)
-        local = local.clamp(max=per - 1).view(-1, 1)
-        r = moe.routed
-        ones = torch.ones(rows, 1, dtype=torch.float32, device=x.device)  # combine applies the weights
-        y = moe.backend.experts(expand_x, ones, local, r.w1, r.w2, r.w3, r.w1_scale, r.w2_scale, r.w3_scale,
-                                moe.limit, True)
-        out = npu.npu_moe_distribute_combine(y, ids32, expand_idx, ep_recv_counts, weights.float(),
-                                             tp_send_counts=tp_recv_counts, x_active_mask=active, **common)
-        return out[:t]
-
 
 # ---- vocab-parallel lm head ---------------------------------------------------------------------------------
 
@@ -320,8 +330,8 @@ class VocabParallelHead:
     logit is one rank's dot product, no reduction across ranks.
     """
 
-    def __init__(self, ctx: ParallelContext, vocab_size: int) -> None:
-        self.ctx, self.vocab = ctx, vocab_size
+    def __init__(self, ctx: ParallelContext, vocab_size: int, ep: ExpertParallel | None = None) -> None:
+        self.ctx, self.vocab, self.ep = ctx, vocab_size, ep
         self.shard = -(-vocab_size // ctx.world_size)
         self.start = ctx.rank * self.shard
 
@@ -332,6 +342,8 @@ class VocabParallelHead:
         return part.clone()
 
     def __call__(self, inner, x: Tensor, weight: Tensor) -> Tensor:
+        if self.ep is not None and self.ep.last_static:  # the forward's MoE calls were static: so is the head
+            return static_vocab_head(self, inner, x, weight, self.ep.max_tokens_per_rank)
         ctx, w = self.ctx, self.ctx.world_size
         lead, d = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, d)
@@ -377,20 +389,22 @@ def _moes(model: nn.Module) -> list[nn.Module]:
 
 
 def install_parallel(model: nn.Module, ctx: ParallelContext, tp_head: bool = True, fused: bool = False,
-                     max_tokens_per_rank: int = 256) -> nn.Module:
+                     max_tokens_per_rank: int = 256, static: bool = False, npu=None) -> nn.Module:
     """Put `ExpertParallel` on every MoE (main layers and MTP blocks) and, with `tp_head`, shard the lm head.
 
-    The model must hold this rank's experts (`expert_range_for`). A one-rank context changes nothing.
+    `static`: sync-free calls of at most `max_tokens_per_rank` rows take the capturable static path (`fused`:
+    on the MC2 ops; `npu`: their provider, default torch_npu). The model must hold this rank's experts
+    (`expert_range_for`). A one-rank context changes nothing.
     """
     if not ctx.distributed:
         return model
-    ep = ExpertParallel(ctx, fused, max_tokens_per_rank)
+    ep = ExpertParallel(ctx, fused, max_tokens_per_rank, static, npu)
     for moe in _moes(model):
         ep._check(moe)
         moe.ep = ep
     model.expert_parallel = ep
     if tp_head and not isinstance(model.backend, _HeadBackend):
-        head = VocabParallelHead(ctx, model.cfg.vocab_size)
+        head = VocabParallelHead(ctx, model.cfg.vocab_size, ep)
         model.head.weight = nn.Parameter(head.shard_weight(model.head.weight.data), requires_grad=False)
         model.backend = _HeadBackend(model.backend, head)
     model.parallel = ctx
@@ -400,7 +414,7 @@ def install_parallel(model: nn.Module, ctx: ParallelContext, tp_head: bool = Tru
 def load_parallel_model(model_dir: str | Path, ctx: ParallelContext, *, backend=None,
                         dtype: torch.dtype = torch.bfloat16, weights: str = "native", n_mtp: int | None = None,
                         tp_head: bool = True, fused: bool = False, max_tokens_per_rank: int = 256,
-                        progress: bool = True) -> nn.Module:
+                        static: bool = False, npu=None, progress: bool = True) -> nn.Module:
     """Rank-aware loading from one official snapshot: this rank's experts only, then `install_parallel`.
 
     Every rank reads the dense weights (DP attention needs them whole) and only its routed experts; with
@@ -414,15 +428,17 @@ def load_parallel_model(model_dir: str | Path, ctx: ParallelContext, *, backend=
     rng = expert_range_for(ctx.rank, ctx.world_size, cfg.n_routed_experts) if ctx.world_size > 1 else None
     model = load_checkpoint(model_dir, backend=backend, dtype=dtype, weights=weights, device=ctx.device,
                             expert_range=rng, n_mtp=n_mtp, progress=progress and ctx.rank == 0)
-    return install_parallel(model, ctx, tp_head, fused, max_tokens_per_rank)
+    return install_parallel(model, ctx, tp_head, fused, max_tokens_per_rank, static, npu)
 
 
-def idle_forward(model: nn.Module, blocks: list[nn.Module] | None = None, head: bool = True) -> None:
+def idle_forward(model: nn.Module, blocks: list[nn.Module] | None = None, head: bool = True,
+                 static: bool = False) -> None:
     """Join one forward's collectives with no tokens: every expert-parallel MoE in `blocks` (default: the main
     layers, in order) with 0 rows, then (`head`) the vocab-parallel lm head with 0 rows.
 
-    To mirror an MTP draft step on a busy rank, call it with `blocks=model.mtp` (and `head` as that step uses
-    the head)."""
+    To mirror an MTP draft step on a busy rank, call it with `blocks=model.mtp[j:j+1]` (and `head` as that step
+    uses the head). `static`: mirror a call that takes the static path (a sync-free decode within the capacity
+    of an `ExpertParallel(static=True)`); otherwise the exact path."""
     dev, dim = model.embed.weight.device, model.cfg.hidden_size
     k = model.cfg.num_experts_per_tok
     for blk in (model.layers if blocks is None else blocks):
@@ -430,7 +446,7 @@ def idle_forward(model: nn.Module, blocks: list[nn.Module] | None = None, head: 
         if moe.ep is not None:
             moe.ep(moe, torch.empty(0, dim, dtype=model.dtype, device=dev),
                    torch.empty(0, k, dtype=torch.float32, device=dev),
-                   torch.empty(0, k, dtype=torch.int64, device=dev), True)
+                   torch.empty(0, k, dtype=torch.int64, device=dev), static, None)
     if head and isinstance(model.backend, _HeadBackend):
         model.backend.lm_head(torch.empty(0, dim, dtype=model.dtype, device=dev), model.head.weight)
 
@@ -442,7 +458,8 @@ def generate_lockstep(model: nn.Module, ctx: ParallelContext, prompts: list[list
 
     Prefill: one forward per prompt; ranks with fewer prompts pad with `idle_forward`. Decode: one batched step
     for this rank's unfinished sequences per round, `idle_forward` when none is left, until every rank is done
-    (one small all_reduce per round decides). Returns the generated ids per prompt.
+    (one small all_reduce per round decides, and gives the widest batch: the static EP path when it fits the
+    capacity on every rank). Returns the generated ids per prompt.
     """
     dev = model.embed.weight.device
     n = len(prompts)
@@ -462,10 +479,17 @@ def generate_lockstep(model: nn.Module, ctx: ParallelContext, prompts: list[list
 
     while True:
         active = [i for i in range(n) if running(i)]
-        if ctx.max_int(len(active)) == 0:
+        widest = ctx.max_int(len(active))
+        ep = getattr(model, "expert_parallel", None)
+        if ep is not None:
+            ep.force_exact = False
+        if widest == 0:
             return outs
+        static = ep is not None and ep.takes_static(widest, True)  # the same choice on every rank
+        if ep is not None:
+            ep.force_exact = not static
         if not active:
-            idle_forward(model)
+            idle_forward(model, static=static)
             continue
         ids = torch.tensor([[outs[i][-1]] for i in active], device=dev)
         pos = torch.tensor([len(prompts[i]) + len(outs[i]) - 1 for i in active], device=dev)
@@ -490,3 +514,15 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
         out[part] += t.untyped_storage().nbytes() if t.device.type != "meta" else t.nbytes
     out["total"] = sum(out.values())
     return out
+
+
+def static_buffer_bytes(model: nn.Module) -> int:
+    """Activation bytes one static-path MoE call moves through this rank's buffers (sent + received, rows and
+    routing metadata, both directions; the lm head's gather/all-to-all excluded): 0 without a static EP."""
+    ep = getattr(model, "expert_parallel", None)
+    if ep is None or not ep.static:
+        return 0
+    rows = ep.world * ep.max_tokens_per_rank
+    row = model.cfg.hidden_size * model.embed.weight.element_size()
+    meta = 2 * model.cfg.num_experts_per_tok * 4
+    return 2 * rows * (2 * row + meta)  # dispatch rows + metadata, sent and received; results back, both ways

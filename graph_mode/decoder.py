@@ -123,6 +123,10 @@ class GraphDecoder:
         self.buckets = sorted(set(buckets))
         self.device = model.embed.weight.device
         self._decode = _Decode(model, cache)
+        if getattr(model, "expert_parallel", None) is not None:
+            # torch 2.13: inductor's C++ wrapper cannot call the functional collectives of the static EP path
+            # (custom_op_wrapper: "arg type Any is not yet supported"); the Python wrapper can.
+            cpp_wrapper = False
         backend, mode = _compiler_backend(self.device, cpp_wrapper, tuning)
         inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         if compiler is None and getattr(model.backend, "emulated", False) and self.device.type == "cpu":

@@ -8,6 +8,10 @@ Every request is greedy with ignore_eos, so it generates exactly --max-tokens to
 SSE chunk list its tokens, so token arrival times are exact. The client runs in the same process as the server
 (it competes for the same cores; on the tiny model that overhead is part of what is measured).
 
+With --nproc-per-node N the server is `dsv4 serve --nproc-per-node N` in a child process (N ranks through
+torchrun: DP attention, EP MoE; each rank with --max-slots slots), and the table ends with each rank's resident
+memory (VmRSS, read from /proc after the last level).
+
 TTFT: request sent -> first token received. TPOT: (last token - first token) / (tokens - 1), per request.
 Throughput: generated tokens / wall time of the level.
 """
@@ -15,8 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +90,57 @@ async def level(base: str, concurrency: int, requests: int, max_tokens: int, pro
             "ttft": ttft, "tpot": tpot}
 
 
+def rank_rss() -> dict[int, int]:
+    """VmRSS bytes of every process of this user whose environment says it is a torchrun rank of our child."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if b"DSV4_BENCH_RANKS=1" not in env:
+                continue
+            rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+            rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if rank is not None:
+            out[rank] = rss * 1024
+    return out
+
+
+@contextlib.contextmanager
+def ranked_server(args, model_dir: str):
+    """`dsv4 serve --nproc-per-node N` on a free loopback port; yields its URL; SIGTERM (drain) at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "dsv4_ascend.cli", "serve", "--model", model_dir, "--dtype", args.dtype, "--device",
+           args.device, "--port", str(port), "--max-slots", str(args.max_slots), "--max-seq-len",
+           str(args.max_seq_len), "--served-model-name", "bench", "--log-level", "warning", "--nproc-per-node",
+           str(args.nproc_per_node)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DSV4_BENCH_RANKS": "1"}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + args.timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {args.nproc_per_node}-rank server did not start")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="official-format model dir (default: tiny model, written fresh)")
@@ -93,7 +153,12 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per level")
+    ap.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="serve over N ranks (`dsv4 serve --nproc-per-node N` in a child process; default: one "
+                         "in-process engine)")
     args = ap.parse_args()
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        ap.error(f"--nproc-per-node must be >= 1, found {args.nproc_per_node}")
     torch.set_num_threads(args.threads)
 
     from dsv4_ascend.loading import load_model
@@ -107,23 +172,30 @@ def main() -> int:
             from dsv4_ascend.tiny import write_tiny_checkpoint
 
             model_dir = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
-        model, path = load_model(str(model_dir), args.device, dtype=args.dtype)
+        path = Path(model_dir)
         tok = load_tokenizer(path)
-        engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
-        app = create_app(engine, tok, served_model_name="bench")
+        if args.nproc_per_node is None:
+            model, path = load_model(str(model_dir), args.device, dtype=args.dtype)
+            engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
+            server = BackgroundServer(create_app(engine, tok, served_model_name="bench"))
+        else:
+            server = ranked_server(args, str(model_dir))
         prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(64)]
         levels = [int(x) for x in args.concurrency.split(",")]
-        rows = []
-        with BackgroundServer(app) as srv:
-            asyncio.run(level(srv.url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
+        rows, rss = [], {}
+        with server as srv:
+            url = srv if isinstance(srv, str) else srv.url
+            asyncio.run(level(url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
             for c in levels:
                 n = args.requests or max(4, 2 * c)
-                rows.append(asyncio.run(level(srv.url, c, n, args.max_tokens, prompts, "bench", args.timeout)))
+                rows.append(asyncio.run(level(url, c, n, args.max_tokens, prompts, "bench", args.timeout)))
+            rss = rank_rss() if args.nproc_per_node is not None else {}
         plen = statistics.mean(len(tok.encode(p)) + 1 for p in prompts)
 
+    ranks = f"{args.nproc_per_node} ranks x " if args.nproc_per_node is not None else ""
     print(f"dsv4 serve benchmark: model {Path(path).name} ({args.dtype}, {args.device}), {args.threads} torch "
-          f"threads, {args.max_slots} slots, prompt ~{plen:.0f} tokens, {args.max_tokens} tokens/request "
-          f"(greedy, ignore_eos), client in-process over loopback")
+          f"threads{' per rank' if ranks else ''}, {ranks}{args.max_slots} slots, prompt ~{plen:.0f} tokens, "
+          f"{args.max_tokens} tokens/request (greedy, ignore_eos), client in-process over loopback")
     head = (f"{'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} | {'TTFT ms p50':>11} {'p90':>7} "
             f"{'p99':>7} | {'TPOT ms p50':>11} {'p90':>7} {'p99':>7}")
     print(head)
@@ -133,6 +205,8 @@ def main() -> int:
         print(f"{r['c']:>4} {r['requests']:>5} {r['tokens']:>7} {r['wall']:>7.2f} {r['tps']:>7.1f} | "
               f"{pct(t, 50):>11.1f} {pct(t, 90):>7.1f} {pct(t, 99):>7.1f} | "
               f"{pct(p, 50):>11.1f} {pct(p, 90):>7.1f} {pct(p, 99):>7.1f}")
+    for rank, b in sorted(rss.items()):
+        print(f"rank {rank}: resident memory {b / 2**20:.1f} MiB")
     return 0
 
 

@@ -15,7 +15,8 @@ Multi-node (run the same line on every node; HOST is node 0's address, any free 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id v4job \\
         scripts/launch.py --model /data/DeepSeek-V4-Flash --device npu --dtype bfloat16 --prompt ...
 
-Without torchrun (`python scripts/launch.py ...`) it runs as one rank holding every expert.
+Without torchrun (`python scripts/launch.py ...`) it runs as one rank holding every expert. To serve an OpenAI
+endpoint over the same ranks, run `dsv4 serve` under torchrun instead (README, "Serving over ranks").
 """
 from __future__ import annotations
 
@@ -60,9 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-tp-head", action="store_true",
                     help="keep the whole lm head on every rank instead of a vocab slice (saves the head's "
                          "all-gather / all-to-all, costs (world-1)/world of its memory per rank)")
+    ap.add_argument("--static-ep", type=int, default=None, metavar="C",
+                    help="decode rounds of at most C sequences per rank take the static-shape EP path (padded "
+                         "buffers, equal-split all-to-alls: what a captured decode step needs); wider rounds and "
+                         "prefill take the exact path (default: exact everywhere)")
     ap.add_argument("--fused-moe", action="store_true",
-                    help="Ascend only: torch_npu's npu_moe_distribute_dispatch/combine instead of "
-                         "all_to_all_single (needs --dist-backend hccl; untested in this repository)")
+                    help="Ascend only: the static path on torch_npu's MC2 npu_moe_distribute_dispatch/combine "
+                         "(needs --dist-backend hccl and --static-ep; never run on an NPU here, emulated on CPU in "
+                         "tests/test_parallel.py)")
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds a collective may wait for the other ranks before failing (default 600)")
     return ap
@@ -70,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.fused_moe and args.static_ep is None:
+        raise SystemExit("launch.py: --fused-moe runs the static EP path: give its capacity with --static-ep C")
+    if args.static_ep is not None and args.static_ep < 1:
+        raise SystemExit(f"launch.py: --static-ep must be >= 1, found {args.static_ep}")
     from dsv4_ascend.loading import default_model_dir, make_backend
     from dsv4_ascend.parallel import (generate_lockstep, init_parallel, load_parallel_model,
                                       resident_weight_bytes)
@@ -85,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = load_parallel_model(path, ctx, backend=make_backend(args.backend, args.numerics),
                                     dtype=getattr(torch, args.dtype), weights=args.weights,
-                                    tp_head=not args.no_tp_head, fused=args.fused_moe)
+                                    tp_head=not args.no_tp_head, fused=args.fused_moe,
+                                    static=args.static_ep is not None, max_tokens_per_rank=args.static_ep or 256)
         load_s = time.perf_counter() - t0
         tok = load_tokenizer(path)
         texts = args.prompt or [f"Prompt number {i}: the quick brown fox" for i in range(ctx.world_size)]

@@ -47,7 +47,7 @@ CONTRACT = {
     "npu_quant_matmul": "builtin", "npu_grouped_matmul": "builtin", "npu_convert_weight_to_int4pack": "builtin",
     "npu_moe_init_routing_v2": "builtin", "npu_moe_finalize_routing": "builtin", "npu_scatter_nd_update_": "builtin",
     "npu_top_k_top_p_sample": "builtin", "npu_lightning_indexer": "builtin", "npu_quant_lightning_indexer": "builtin",
-    "npu_moe_gating_top_k": "both",
+    "npu_moe_gating_top_k": "both", "npu_moe_distribute_dispatch": "builtin", "npu_moe_distribute_combine": "builtin",
     "inplace_partial_rotary_mul": "custom", "npu_hc_pre": "custom", "npu_hc_post": "custom", "compressor": "custom",
     "scatter_nd_update_asc": "custom", "npu_dequant_swiglu_clamp_quant": "custom",
     "npu_sparse_attn_sharedkv": "custom", "npu_sparse_attn_sharedkv_metadata": "custom",

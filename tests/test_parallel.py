@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsv4_ascend.checkpoint import load_checkpoint
 from dsv4_ascend.parallel import (ParallelContext, expert_range_for, generate_lockstep, idle_forward,
                                   init_parallel, install_parallel, load_parallel_model, resident_weight_bytes)
 from dsv4_ascend.tiny import write_tiny_checkpoint
+from multirank import free_port, spawn_ranks
+from test_ep_static import check_static_run, static_run
 
 WORLD = 2
-TIMEOUT_S = 80  # the whole 2-process run; it takes a few seconds
+TIMEOUT_S = 240  # the whole 2-process run: ~30 s on a busy 2-core CI box
 
 
 @pytest.fixture(scope="module")
@@ -88,31 +87,15 @@ def _worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
         mtp = _mtp(model, ids)  # the MTP block's MoE is expert-parallel too
         torch.save({"pre": pre, "nxt": nxt, "dec": dec, "extra": extra, "dec2": dec2, "gen": gen, "mtp": mtp,
                     "stats": dict(model.expert_parallel.stats), "bytes": resident_weight_bytes(model),
-                    "experts": (model.layers[0].ffn.routed.first, model.layers[0].ffn.routed.count)},
+                    "experts": (model.layers[0].ffn.routed.first, model.layers[0].ffn.routed.count),
+                    "static": static_run(rank, ctx, ckpt)},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         ctx.close()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(ckpt: Path, out_dir: Path) -> None:
-    pc = mp.start_processes(_worker, args=(_free_port(), str(ckpt), str(out_dir)), nprocs=WORLD, join=False,
-                            start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not pc.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-process run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in pc.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    spawn_ranks(_worker, WORLD, (free_port(), str(ckpt), str(out_dir)), TIMEOUT_S)
 
 
 @pytest.fixture
@@ -124,9 +107,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_expert_parallel_two_ranks_match_one_process(ckpt, tmp_path, one_thread):
-    _spawn(ckpt, tmp_path)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def ranks_out(ckpt, tmp_path_factory) -> list[dict]:
+    """One 2-rank job for the tests below: each rank's results."""
+    out = tmp_path_factory.mktemp("ranks")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _spawn(ckpt, out)
+    finally:
+        torch.set_num_threads(n)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_expert_parallel_two_ranks_match_one_process(ckpt, ranks_out, one_thread):
+    res = ranks_out
     ref_model = _load(ckpt)
     for r, got in enumerate(res):
         assert got["experts"] == (4 * r, 4)  # each rank holds (and loaded) half of the 8 experts
@@ -146,6 +141,14 @@ def test_expert_parallel_two_ranks_match_one_process(ckpt, tmp_path, one_thread)
         assert got["bytes"]["routed_experts"] * WORLD == full["routed_experts"]
         assert got["bytes"]["head"] * WORLD == full["head"]
         assert got["bytes"]["other"] == full["other"]
+
+
+def test_static_ep_decode_matches_one_process(ckpt, ranks_out, one_thread):
+    """The capturable static path (test_ep_static.static_run) in the same job."""
+    ref_model = _load(ckpt)
+    ref16 = load_checkpoint(ckpt, dtype=torch.bfloat16, weights="bf16", progress=False)
+    for r, got in enumerate(ranks_out):
+        check_static_run(r, got["static"], ref_model, ref16)
 
 
 def test_world_size_must_divide_experts(ckpt):

@@ -143,9 +143,10 @@ def _sse(data: Any) -> str:
 
 def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_key: str | None = None,
                max_queue: int = 512, metrics: Metrics | None = None, body_timeout: float = 30.0,
-               allowed_origins: Sequence[str] = ()):
+               allowed_origins: Sequence[str] = (), worker_class: type[EngineWorker] = EngineWorker):
     """The ASGI app serving `engine` (started/stopped with the app's lifespan); CORS headers only for
-    `allowed_origins` ("*" for any). Raises ValueError when no request could ever fit (no slot, or a context
+    `allowed_origins` ("*" for any); `worker_class(engine, metrics)` runs the engine (server.ranks: over ranks).
+    Raises ValueError when no request could ever fit (no slot, or a context
     without room for one prompt token and one generated token)."""
     metrics = metrics or Metrics()
     cache = engine.cache
@@ -156,7 +157,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         raise ValueError(f"no request can ever be served: {len(engine.free_slots)} sequence slot(s) and room for "
                          f"{context} token(s) per request (one needs a slot and 2 tokens: a prompt token and a "
                          "generated one)")
-    worker = EngineWorker(engine, metrics)
+    worker = worker_class(engine, metrics)
     settings = Settings(served_model_name, context, engine.model.cfg.vocab_size, tokenizer.max_token_chars,
                         api_key or None, max_queue)
     state = AppState(settings, metrics, worker, body_timeout)
@@ -234,6 +235,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                                else prompt_param)
             if isinstance(exc, ValueError):
                 raise APIError(str(exc), prompt_param)
+            if isinstance(exc, APIError):  # e.g. 503 when a rank of a multi-rank job failed
+                raise exc
             raise APIError(f"engine error: {exc}", None, 500, "server_error")
         if first[0] == "finish":
             raise APIError("the server is shutting down", None, 503, "server_error")
@@ -258,6 +261,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 yield []
             elif item[0] == "error":
                 out.end("error")
+                if isinstance(item[1], APIError):
+                    raise item[1]
                 raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
 
     def finish_reason(out: Output) -> str:

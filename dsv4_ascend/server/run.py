@@ -106,14 +106,8 @@ def allowed_origins(values: list[str] | None) -> list[str]:
     return out
 
 
-def build_server(args) -> DrainingServer:
-    """The uvicorn server `dsv4 serve` runs, from its parsed command-line flags (model loaded, not started)."""
-    import os
-    import sys
-
-    from ..loading import load_model  # the one place the server imports the model loader (lazily)
-    from ..tokenizer import load_tokenizer
-
+def check_serve_flags(args) -> list[str]:
+    """The serve flags no model is needed for (SystemExit naming the flag); returns the CORS origins."""
     for flag, value, least in (("--max-slots", args.max_slots, 1), ("--max-seq-len", args.max_seq_len, 2),
                                ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0)):
         if value < least:  # checked before any weight is read
@@ -125,23 +119,44 @@ def build_server(args) -> DrainingServer:
     origins = allowed_origins(getattr(args, "allowed_origins", None))
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="[dsv4] %(levelname)s %(message)s")
-    model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
-                             getattr(args, "quant", "auto"))
-    tok = load_tokenizer(path)
+    return origins
+
+
+def build_engine(args, model) -> Engine:
+    """The engine `dsv4 serve` runs over `model`, from its flags."""
     budget = getattr(args, "kv_cache_gib", None)
-    engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
-                    cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
-                    speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
-                    graph_tuning=getattr(args, "graph_tuning", "default"))
+    return Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                  cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
+                  speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
+                  graph_tuning=getattr(args, "graph_tuning", "default"))
+
+
+def build_server(args, engine: Engine | None = None, path=None, worker_class=None) -> DrainingServer:
+    """The uvicorn server `dsv4 serve` runs, from its parsed command-line flags (model loaded, not started).
+    Given `engine` (and its model directory `path`), serves it with `worker_class` (server.ranks) instead."""
+    import os
+    import sys
+
+    from ..loading import load_model  # the one place the server imports the model loader (lazily)
+    from ..tokenizer import load_tokenizer
+
+    origins = check_serve_flags(args)
+    if engine is None:
+        model, path = load_model(args.model, args.device, args.backend, args.dtype, args.weights, args.numerics,
+                                 getattr(args, "quant", "auto"))
+        engine = build_engine(args, model)
+    tok = load_tokenizer(path)
     name = args.served_model_name or path.name
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     try:
         app = create_app(engine, tok, served_model_name=name, api_key=api_key, max_queue=args.max_queue,
-                         allowed_origins=origins)
+                         allowed_origins=origins, **({"worker_class": worker_class} if worker_class else {}))
     except ValueError as exc:  # e.g. a KV-cache budget with room for no request
         raise SystemExit(f"dsv4 serve: {exc}") from None
     cache = engine.cache
-    print(f"[dsv4] serving '{name}' ({path}) on http://{args.host}:{args.port}: {args.max_slots} slots, "
+    ranks = getattr(app.state.worker, "world", 1)
+    print(f"[dsv4] serving '{name}' ({path}) on http://{args.host}:{args.port}: "
+          f"{f'{ranks} ranks x ' if ranks > 1 else ''}{args.max_slots} slots, "
           f"{cache.num_blocks - 1} pages of {cache.block_size} tokens, max_seq_len {cache.max_seq_len}"
           f"{'; API key required' if api_key else ''}{f'; CORS for {origins}' if origins else ''}", file=sys.stderr)
     config = _uvicorn_config(app, args.host, args.port, args.log_level, args.drain_timeout)

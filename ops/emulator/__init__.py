@@ -12,9 +12,10 @@ fast; it is the executable statement of the contract the backend relies on. Sour
   ops_def_registration.cpp`), op docs (`ops/ascendc/docs/custom-npu_*.md`) and their example goldens.
 - OT: hicann/ops-transformer (kernel READMEs / sources, e.g. the moe_init_routing_v2 gather-out kernel).
 
-One module per op family: norm_rope, gemm, moe, cache_sampling, v4_custom (mHC, compressor), attention
-(indexers, shared-KV sparse attention), fp8_kv (the 950's FP8 KV-cache epilogues and FP8-KV sparse attention),
-lowp_950 (FP8 / MX paths); numerics holds their shared rounding helpers.
+One module per op family: norm_rope, gemm, moe, moe_distribute (MC2 EP dispatch/combine over torch.distributed),
+cache_sampling, v4_custom (mHC, compressor), attention (indexers, shared-KV sparse attention), fp8_kv (the 950's
+FP8 KV-cache epilogues and FP8-KV sparse attention), lowp_950 (FP8 / MX paths); numerics holds their shared
+rounding helpers.
 Points no document settles are marked "(verify)" in the docstrings and listed in docs/ascend.md; only a run on
 an NPU can settle them. Unsupported argument combinations raise NotImplementedError instead of guessing.
 """
@@ -26,6 +27,7 @@ from .cache_sampling import npu_scatter_nd_update_, npu_top_k_top_p_sample, scat
 from .gemm import (npu_convert_weight_to_int4pack, npu_dynamic_quant, npu_grouped_matmul, npu_quant_matmul,
                    npu_transpose_batchmatmul, npu_transpose_quant_batchmatmul)
 from .lowp_950 import npu_dynamic_block_quant, npu_dynamic_mx_quant
+from .moe_distribute import npu_moe_distribute_combine, npu_moe_distribute_dispatch
 from .moe import (npu_dequant_swiglu_clamp_quant, npu_moe_finalize_routing, npu_moe_gating_top_k,
                   npu_moe_init_routing_v2)
 from .norm_rope import inplace_partial_rotary_mul, npu_format_cast, npu_rms_norm, npu_rotary_mul
@@ -50,6 +52,8 @@ __all__ = [
     "npu_moe_init_routing_v2",
     "npu_moe_finalize_routing",
     "npu_moe_gating_top_k",
+    "npu_moe_distribute_dispatch",
+    "npu_moe_distribute_combine",
     "scatter_nd_update_asc",
     "npu_scatter_nd_update_",
     "npu_top_k_top_p_sample",
