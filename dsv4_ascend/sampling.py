@@ -30,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()   # stop strings (matched on the detokenized text)
     ignore_eos: bool = False
     logprobs: int | None = None  # also return the top-N logprobs per generated token
+    prompt_logprobs: int | None = None  # also return the prompt tokens' logprobs (+ top-N), from the prefill
 
     def __post_init__(self) -> None:
         """Check every field's type and both of its bounds: a request the sampler cannot run fails here, alone."""
@@ -61,6 +62,8 @@ class SamplingParams:
         integer("max_tokens", self.max_tokens, 1, INT32_MAX)
         if self.logprobs is not None:
             integer("logprobs", self.logprobs, 0, 20)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", self.prompt_logprobs, 0, 20)
         if self.seed is None:
             self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         integer("seed", self.seed, -(2**63), 2**63 - 1)  # held in an int64 tensor
@@ -77,6 +80,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be <= the vocabulary size {vocab} (0 = off), found {self.top_k}")
         if (self.logprobs or 0) > vocab:
             raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, found {self.logprobs}")
+        if (self.prompt_logprobs or 0) > vocab:
+            raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab}, found {self.prompt_logprobs}")
         bad = [t for t in self.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), found {bad[:5]}")

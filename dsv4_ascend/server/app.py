@@ -36,6 +36,7 @@ from ..engine import CapacityError, Engine
 from .metrics import Metrics
 from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
                        parse_completion_request, parse_detokenize_request, parse_tokenize_request, request_id)
+from .logprobs import LogprobFormat
 from .text import Output, ThinkSplit, TokenText
 from .worker import EngineWorker, Job
 
@@ -161,6 +162,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                         api_key or None, max_queue)
     state = AppState(settings, metrics, worker, body_timeout)
     tok_text = TokenText(tokenizer)
+    fmt = LogprobFormat(tokenizer, tok_text)
     eos = engine.eos
     created = int(time.time())
 
@@ -216,28 +218,34 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         body = await asyncio.to_thread(parse_body, raw)
         return await asyncio.to_thread(parser, body, settings, tokenizer)
 
-    async def start(parsed: Parsed, prompt_param: str) -> Job:
-        if worker.pending >= settings.max_queue + worker.max_slots:
+    async def start(parsed: Parsed, prompt_param: str) -> list[tuple[Job, Output]]:
+        """Submit every sequence of the request (prompts x best_of) and wait until all are admitted; the first
+        refusal aborts the others and answers for the request."""
+        seqs = parsed.sequences()
+        if worker.pending + len(seqs) > settings.max_queue + worker.max_slots:
             raise APIError("the server is overloaded; retry later", None, 503, "server_error")
         if not worker.alive:
             raise APIError("the engine is not running", None, 503, "server_error")
-        job = worker.submit(parsed.prompt, parsed.params, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        jobs = [worker.submit(parsed.prompts[i].ids, params, loop) for i, params in seqs]
         try:
-            first = await job.queue.get()
+            for job in jobs:
+                first = await job.queue.get()
+                if first[0] == "error":
+                    exc = first[1]
+                    if isinstance(exc, CapacityError):
+                        raise APIError(str(exc), "max_tokens" if len(job.prompt) < settings.max_seq_len
+                                       else prompt_param)
+                    if isinstance(exc, ValueError):
+                        raise APIError(str(exc), prompt_param)
+                    raise APIError(f"engine error: {exc}", None, 500, "server_error")
+                if first[0] == "finish":
+                    raise APIError("the server is shutting down", None, 503, "server_error")
         except BaseException:
-            worker.abort(job)
+            for job in jobs:
+                worker.abort(job)
             raise
-        if first[0] == "error":
-            exc = first[1]
-            if isinstance(exc, CapacityError):
-                raise APIError(str(exc), "max_tokens" if len(parsed.prompt) < settings.max_seq_len
-                               else prompt_param)
-            if isinstance(exc, ValueError):
-                raise APIError(str(exc), prompt_param)
-            raise APIError(f"engine error: {exc}", None, 500, "server_error")
-        if first[0] == "finish":
-            raise APIError("the server is shutting down", None, 503, "server_error")
-        return job
+        return [(job, Output(tokenizer, job.params.stop)) for job in jobs]
 
     async def events(job: Job, out: Output) -> AsyncIterator[list]:
         """Token batches as they arrive (already pushed into `out`); ends when `out.finish` is set."""
@@ -253,6 +261,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 if out.stop_hit:
                     worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
                 yield batch
+            elif item[0] == "prompt":
+                out.prompt_logprobs = item[1]
             elif item[0] == "finish":
                 out.end(item[1])
                 yield []
@@ -260,57 +270,65 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 out.end("error")
                 raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
 
+    async def merged(seqs: list[tuple[Job, Output]]) -> AsyncIterator[tuple[int, list | None]]:
+        """(sequence, token batch) as batches arrive from any sequence, then (sequence, None) once it finished."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, job: Job, out: Output) -> None:
+            try:
+                async for batch in events(job, out):
+                    queue.put_nowait((k, batch, None))
+                queue.put_nowait((k, None, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader (a cancel ends the reader first)
+                queue.put_nowait((k, None, exc))
+
+        tasks = [asyncio.create_task(pump(k, job, out)) for k, (job, out) in enumerate(seqs)]
+        try:
+            left = len(seqs)
+            while left:
+                k, batch, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                left -= batch is None
+                yield k, batch
+        finally:
+            for task in tasks:
+                task.cancel()
+
     def finish_reason(out: Output) -> str:
         return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
 
-    def usage(parsed: Parsed, out: Output) -> dict:
-        """Usage so far; no prompt token is served from a cache yet (no prefix caching), so cached_tokens is 0."""
-        n = len(out.tokens)
-        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n,
+    def usage(parsed: Parsed, outs: list[Output]) -> dict:
+        """Usage so far: each prompt counted once, the tokens of the choices returned; no prompt token is served
+        from a cache yet (no prefix caching), so cached_tokens is 0."""
+        p = sum(len(x.ids) for x in parsed.prompts)
+        n = sum(len(out.tokens) for out in outs)
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
                 "prompt_tokens_details": {"cached_tokens": 0}}
 
     def response_id(request: HTTPRequest, prefix: str) -> str:
         return f"{prefix}-{request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex}"  # the header passed _Gate
 
-    def completion_logprobs(batch: list, offset: int, top_n: int) -> dict:
-        tokens, lps, tops, offsets = [], [], [], []
-        for t, lp, top in batch:
-            s = tok_text(t)[0]
-            tokens.append(s)
-            lps.append(lp)
-            entry: dict[str, float] = {}
-            for i, v in (top or {}).items() if top_n else ():
-                entry.setdefault(tok_text(i)[0], v)  # ids sharing a text keep the best logprob
-            tops.append(entry)
-            offsets.append(offset)
-            offset += len(s)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def chat_logprobs(batch: list) -> list[dict]:
-        out = []
-        for t, lp, top in batch:
-            s, b = tok_text(t)
-            tops = [{"token": tok_text(i)[0], "logprob": v, "bytes": tok_text(i)[1]} for i, v in (top or {}).items()]
-            out.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": tops})
-        return out
-
-    async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+    async def watch_disconnect(request: HTTPRequest, jobs: list[Job]) -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                worker.abort(job)
+                for job in jobs:
+                    worker.abort(job)
                 return
 
-    async def collect(request: HTTPRequest, job: Job, out: Output) -> list:
-        batches = []
-        watcher = asyncio.create_task(watch_disconnect(request, job))
+    async def collect(request: HTTPRequest, seqs: list[tuple[Job, Output]]) -> list[list]:
+        """Every sequence's token records [(id, logprob, top)], once all have finished."""
+        batches: list[list] = [[] for _ in seqs]
+        watcher = asyncio.create_task(watch_disconnect(request, [job for job, _ in seqs]))
         try:
-            async for batch in events(job, out):
-                batches += batch
+            async for k, batch in merged(seqs):
+                batches[k] += batch or []
         finally:
             watcher.cancel()
-            if out.finish is None:  # the client went away (or the handler failed): free the slot now
-                worker.abort(job)
+            for job, out in seqs:
+                if out.finish is None:  # the client went away (or the handler failed): free the slot now
+                    worker.abort(job)
         return batches
 
     def done_metric(endpoint: str, reason: str) -> None:
@@ -319,50 +337,62 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
     class SSEResponse(StreamingResponse):
         """Server-sent events; whatever ends the response (done, disconnect, cancel) releases the request."""
 
-        def __init__(self, gen: AsyncIterator[str], job: Job, out: Output) -> None:
+        def __init__(self, gen: AsyncIterator[str], seqs: list[tuple[Job, Output]]) -> None:
             super().__init__(gen, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             self.gen = gen
-            self.job = job
-            self.out = out
+            self.seqs = seqs
 
         async def __call__(self, scope, receive, send) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                if self.out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
-                    worker.abort(self.job)
+                for job, out in self.seqs:
+                    if out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
+                        worker.abort(job)
                 await self.gen.aclose()
 
-    def stream(endpoint: str, job: Job, out: Output, parsed: Parsed, first: list[dict],
-               on_batch: Callable[[list], list[dict]], on_end: Callable[[str], list[dict]]) -> SSEResponse:
-        """The one streaming skeleton: `first` chunks, then `on_batch(batch)` per token batch, then `on_end(reason)`;
-        with continuous_usage_stats every chunk carries the usage so far; an engine error becomes an error event;
-        always ends with [DONE] and counts the finish reason."""
+    def stream(endpoint: str, seqs: list[tuple[Job, Output]], parsed: Parsed, first: list[dict],
+               on_batch: Callable[[int, list], list[dict]], on_finish: Callable[[int, str], list[dict]],
+               tail: Callable[[], list[dict]]) -> SSEResponse:
+        """The one streaming skeleton: `first` chunks, then `on_batch(k, batch)` per token batch of sequence k and
+        `on_finish(k, reason)` when it ends, then `tail()`; with continuous_usage_stats every chunk carries the
+        usage so far; an engine error becomes an error event; always ends with [DONE]; counts finish reasons."""
+        outs = [out for _, out in seqs]
+        counted = [False] * len(seqs)
+
         def sse(chunk: dict) -> str:
             if parsed.continuous_usage:
-                chunk.setdefault("usage", usage(parsed, out))
+                chunk.setdefault("usage", usage(parsed, outs))
             return _sse(chunk)
 
         async def gen() -> AsyncIterator[str]:
-            reason = "abort"
+            left = "abort"
             try:
                 for chunk in first:
                     yield sse(chunk)
-                async for batch in events(job, out):
-                    for chunk in on_batch(batch):
+                async for k, batch in merged(seqs):
+                    if batch is None:
+                        reason = finish_reason(outs[k])
+                        counted[k] = True
+                        done_metric(endpoint, reason)
+                        chunks = on_finish(k, reason)
+                    else:
+                        chunks = on_batch(k, batch)
+                    for chunk in chunks:
                         yield sse(chunk)
-                reason = finish_reason(out)
-                for chunk in on_end(reason):
+                for chunk in tail():
                     yield sse(chunk)
             except APIError as err:
-                reason = "error"
+                left = "error"
                 yield _sse(err.body())
             finally:
-                done_metric(endpoint, reason)
+                for k in range(len(seqs)):
+                    if not counted[k]:
+                        done_metric(endpoint, left)
             yield "data: [DONE]\n\n"
 
-        return SSEResponse(gen(), job, out)
+        return SSEResponse(gen(), seqs)
 
     # -- endpoints --------------------------------------------------------------------------------------------
     @app.api_route("/health", methods=GET_HEAD)
@@ -412,47 +442,83 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         parsed = await parse(request, parse_completion_request)
-        job = await start(parsed, "prompt")
-        out = Output(tokenizer, parsed.params.stop)
+        seqs = await start(parsed, "prompt")
         rid, now = response_id(request, "cmpl"), int(time.time())
-        top_n = parsed.logprobs or 0
+        top_n, per = parsed.logprobs, parsed.best_of
 
-        def chunk(text: str, lp: dict | None, reason: str | None) -> dict:
+        def head(choices: list[dict]) -> dict:
             return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
+                    "choices": choices}
+
+        def prefix(k: int, out: Output) -> tuple[str, dict | None, dict]:
+            """What precedes sequence k's text: the echoed prompt, its logprobs, and vLLM's prompt_logprobs."""
+            prompt = parsed.prompts[k // per]
+            extra = {}
+            if parsed.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = fmt.prompt_logprobs(prompt.ids, out.prompt_logprobs or [],
+                                                                parsed.prompt_logprobs)
+            if not parsed.echo:
+                return "", None, extra
+            text, lp = fmt.echo(prompt.ids, out.prompt_logprobs or [], top_n)
+            return text, lp, extra
+
+        def join(a: dict | None, b: dict | None) -> dict | None:
+            return b if a is None else {key: a[key] + b[key] for key in a}
 
         if not parsed.stream:
-            batch = await collect(request, job, out)
-            reason = finish_reason(out)
-            done_metric("completions", reason)
-            lp = completion_logprobs(batch, 0, top_n) if parsed.logprobs is not None else None
-            return {**chunk(out.text, lp, reason), "usage": usage(parsed, out)}
+            batches = await collect(request, seqs)
+            choices, kept = [], []
+            for p in range(len(parsed.prompts)):
+                group = list(range(p * per, (p + 1) * per))
+                if per > parsed.n:  # best_of: the n with the highest cumulative logprob (stable: ties keep order)
+                    group.sort(key=lambda k: -sum(lp for _, lp, _ in batches[k]))
+                for j, k in enumerate(group[:parsed.n]):
+                    job, out = seqs[k]
+                    text, lp, extra = prefix(k, out)
+                    if top_n is not None:
+                        lp = join(lp, fmt.completion(batches[k], len(text), top_n))
+                    choices.append({"index": p * parsed.n + j, "text": text + out.text, "logprobs": lp,
+                                    "finish_reason": finish_reason(out), **extra})
+                    kept.append(out)
+            for _, out in seqs:
+                done_metric("completions", finish_reason(out))
+            return {**head(choices), "usage": usage(parsed, kept)}
 
-        offset = 0
+        offsets = [0] * len(seqs)  # best_of == n when streaming: sequence k is choice k
+        opened = [not (parsed.echo or parsed.prompt_logprobs is not None)] * len(seqs)
 
-        def on_batch(batch: list) -> list[dict]:
-            nonlocal offset
+        def on_batch(k: int, batch: list) -> list[dict]:
+            out = seqs[k][1]
+            chunks = []
+            if batch and not opened[k]:  # the prompt part comes first, once the prefill has computed it
+                opened[k] = True
+                text, lp, extra = prefix(k, out)
+                offsets[k] = len(text)
+                chunks.append(head([{"index": k, "text": text, "logprobs": lp, "finish_reason": None, **extra}]))
             piece = out.take()
-            lp = completion_logprobs(batch, offset, top_n) if parsed.logprobs is not None and batch else None
-            offset += sum(len(tok_text(t)[0]) for t, _, _ in batch)
-            return [chunk(piece, lp, None)] if piece or lp else []
+            lp = fmt.completion(batch, offsets[k], top_n) if top_n is not None and batch else None
+            offsets[k] += sum(len(tok_text(t)[0]) for t, _, _ in batch)
+            if piece or lp:
+                chunks.append(head([{"index": k, "text": piece, "logprobs": lp, "finish_reason": None}]))
+            return chunks
 
-        def on_end(reason: str) -> list[dict]:
-            tail = [{"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
-                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
-            return [chunk(out.take(), None, reason), *tail]
+        def on_finish(k: int, reason: str) -> list[dict]:
+            return [head([{"index": k, "text": seqs[k][1].take(), "logprobs": None, "finish_reason": reason}])]
 
-        return stream("completions", job, out, parsed, [], on_batch, on_end)
+        def tail() -> list[dict]:
+            return [{**head([]), "usage": usage(parsed, [out for _, out in seqs])}] if parsed.include_usage else []
+
+        return stream("completions", seqs, parsed, [], on_batch, on_finish, tail)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         parsed = await parse(request, parse_chat_request)
-        job = await start(parsed, "messages")
-        out = Output(tokenizer, parsed.params.stop)
+        seqs = await start(parsed, "messages")
+        out = seqs[0][1]
         rid, now = response_id(request, "chatcmpl"), int(time.time())
 
         if not parsed.stream:
-            batch = await collect(request, job, out)
+            (batch,) = await collect(request, seqs)
             reason = finish_reason(out)
             message = None
             if (parsed.thinking or parsed.tools) and not out.stop_hit:
@@ -471,10 +537,10 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **tc} for tc in message["tool_calls"]]
                 reason = "tool_calls"
             done_metric("chat", reason)
-            lp = {"content": chat_logprobs(batch)} if parsed.logprobs is not None else None
+            lp = {"content": fmt.chat(batch)} if parsed.logprobs is not None else None
             return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
                     "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
-                    "usage": usage(parsed, out)}
+                    "usage": usage(parsed, [out])}
 
         def chunk(delta: dict, lp: list | None, reason: str | None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
@@ -492,18 +558,20 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 d["content"] = c
             return d
 
-        def on_batch(batch: list) -> list[dict]:
+        def on_batch(_: int, batch: list) -> list[dict]:
             d = delta(out.take(), False)
-            lp = chat_logprobs(batch) if parsed.logprobs is not None and batch else None
+            lp = fmt.chat(batch) if parsed.logprobs is not None and batch else None
             return [chunk(d, lp, None)] if d or lp else []
 
-        def on_end(reason: str) -> list[dict]:
+        def on_finish(_: int, reason: str) -> list[dict]:
             d = delta(out.take(), True)
-            tail = [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
-                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
-            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason), *tail]
+            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason)]
 
-        return stream("chat", job, out, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
-                      on_end)
+        def tail() -> list[dict]:
+            return [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                     "choices": [], "usage": usage(parsed, [out])}] if parsed.include_usage else []
+
+        return stream("chat", seqs, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
+                      on_finish, tail)
 
     return _Gate(app, state, allowed_origins)
