@@ -32,6 +32,7 @@ except ImportError as _err:  # pragma: no cover - the optional extra is missing
 
 from .. import __version__
 from ..chat import EOS, parse_completion
+from ..dsml_stream import ToolCallStream
 from ..engine import CapacityError, Engine
 from .metrics import Metrics
 from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
@@ -136,6 +137,11 @@ class _Gate:
             await _error_response(err)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def call_id() -> str:
+    """A tool call's id, as OpenAI writes them."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _sse(data: Any) -> str:
@@ -247,50 +253,55 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             raise
         return [(job, Output(tokenizer, job.params.stop)) for job in jobs]
 
-    async def events(job: Job, out: Output) -> AsyncIterator[list]:
-        """Token batches as they arrive (already pushed into `out`); ends when `out.finish` is set."""
-        while out.finish is None:
-            item = await job.queue.get()
-            if item[0] == "tokens":
-                batch = []
-                for t in item[1]:
-                    if out.finish is not None:
-                        break
-                    out.push(*t)
-                    batch.append(t)
-                if out.stop_hit:
-                    worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
-                yield batch
-            elif item[0] == "prompt":
-                out.prompt_logprobs = item[1]
-            elif item[0] == "finish":
-                out.end(item[1])
-                yield []
-            elif item[0] == "error":
-                out.end("error")
-                raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+    def apply(job: Job, out: Output, item: tuple) -> list | None:
+        """One worker event applied to `out`: the token records it adds ([] for the finish), None for nothing."""
+        if item[0] == "tokens":
+            batch = []
+            for t in item[1]:
+                if out.finish is not None:
+                    break
+                out.push(*t)
+                batch.append(t)
+            if out.stop_hit:
+                worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
+            return batch
+        if item[0] == "prompt":
+            out.prompt_logprobs = item[1]
+        elif item[0] == "finish":
+            out.end(item[1])
+            return []
+        elif item[0] == "error":
+            out.end("error")
+            raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+        return None
 
     async def merged(seqs: list[tuple[Job, Output]]) -> AsyncIterator[tuple[int, list | None]]:
-        """(sequence, token batch) as batches arrive from any sequence, then (sequence, None) once it finished."""
+        """(sequence, token batch) in arrival order over all sequences, then (sequence, None) once it finished.
+        Events are applied here, as they are read, so each batch's text is exactly what it added."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(k: int, job: Job, out: Output) -> None:
-            try:
-                async for batch in events(job, out):
-                    queue.put_nowait((k, batch, None))
-                queue.put_nowait((k, None, None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader (a cancel ends the reader first)
-                queue.put_nowait((k, None, exc))
+        async def pump(k: int, job: Job) -> None:
+            while True:
+                item = await job.queue.get()
+                queue.put_nowait((k, item))
+                if item[0] in ("finish", "error"):
+                    return
 
-        tasks = [asyncio.create_task(pump(k, job, out)) for k, (job, out) in enumerate(seqs)]
+        one = len(seqs) == 1  # the common case reads its job's queue directly
+        tasks = [] if one else [asyncio.create_task(pump(k, job)) for k, (job, _) in enumerate(seqs)]
         try:
             left = len(seqs)
             while left:
-                k, batch, exc = await queue.get()
-                if exc is not None:
-                    raise exc
-                left -= batch is None
-                yield k, batch
+                k, item = (0, await seqs[0][0].queue.get()) if one else await queue.get()
+                job, out = seqs[k]
+                if out.finish is not None:
+                    continue  # a stop string ended it; the engine's late events are moot
+                batch = apply(job, out, item)
+                if batch is not None:
+                    yield k, batch
+                if out.finish is not None:
+                    left -= 1
+                    yield k, None
         finally:
             for task in tasks:
                 task.cancel()
@@ -373,10 +384,10 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                     yield sse(chunk)
                 async for k, batch in merged(seqs):
                     if batch is None:
-                        reason = finish_reason(outs[k])
-                        counted[k] = True
-                        done_metric(endpoint, reason)
-                        chunks = on_finish(k, reason)
+                        chunks = on_finish(k, finish_reason(outs[k]))
+                        counted[k] = True  # the reason sent (chat turns "stop" into "tool_calls")
+                        done_metric(endpoint, [c for x in chunks for c in x["choices"] if c["finish_reason"]][-1][
+                            "finish_reason"])
                     else:
                         chunks = on_batch(k, batch)
                     for chunk in chunks:
@@ -534,7 +545,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 if parsed.thinking:
                     message["reasoning_content"] = r
             if message.get("tool_calls"):
-                message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **tc} for tc in message["tool_calls"]]
+                message["tool_calls"] = [{"id": call_id(), **tc} for tc in message["tool_calls"]]
                 reason = "tool_calls"
             done_metric("chat", reason)
             lp = {"content": fmt.chat(batch)} if parsed.logprobs is not None else None
@@ -548,14 +559,22 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                                  "logprobs": None if lp is None else {"content": lp}, "finish_reason": reason}]}
 
         split = ThinkSplit(parsed.thinking)
+        calls = ToolCallStream(call_id) if parsed.tools else None  # DSML tool calls parsed as they arrive
 
         def delta(piece: str, final: bool) -> dict:
             r, c = split.feed(piece, final)
-            d = {}
+            d: dict[str, Any] = {}
             if r:
                 d["reasoning_content"] = r
-            if c:
-                d["content"] = c
+            if calls is None:
+                if c:
+                    d["content"] = c
+                return d
+            for part in calls.feed(c, final):
+                if "content" in part:
+                    d["content"] = d.get("content", "") + part["content"]
+                else:
+                    d.setdefault("tool_calls", []).extend(part["tool_calls"])
             return d
 
         def on_batch(_: int, batch: list) -> list[dict]:
@@ -565,6 +584,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
 
         def on_finish(_: int, reason: str) -> list[dict]:
             d = delta(out.take(), True)
+            if calls is not None and calls.closed and calls.sent and not calls.raw:
+                reason = "tool_calls"
             return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason)]
 
         def tail() -> list[dict]:
