@@ -47,10 +47,14 @@ def _direct(model, ids: list[int]) -> torch.Tensor:
     return lps.gather(-1, torch.tensor(ids[1:]).unsqueeze(1))[:, 0], lps
 
 
+def _refs(model, prompts: list[list[int]], params: list[SamplingParams]):
+    """The same requests run together through one engine of their own (seeded sampling depends on the seed and
+    the position only, never on the batch)."""
+    return Engine(model, max_slots=len(prompts), max_seq_len=SEQ).generate(prompts, params)
+
+
 def _solo(model, prompt, max_tokens, **kw):
-    eng = Engine(model, max_slots=1, max_seq_len=SEQ)
-    (req,) = eng.generate([prompt], SamplingParams(max_tokens=max_tokens, **kw))
-    return req
+    return _refs(model, [prompt], [SamplingParams(max_tokens=max_tokens, **kw)])[0]
 
 
 def test_echo_logprobs_equal_the_models_own_streamed_and_not(server, served_tiny):
@@ -119,7 +123,8 @@ def test_list_of_prompts_one_choice_each(server, served_tiny):
     c = _client(srv)
     texts = ["The capital of France is", "Numbers such as", "She sells sea shells"]
     ids = [[tok.bos_id] + tok.encode_text(t) for t in texts]
-    refs = [tok.decode(_solo(model, p, 5, temperature=0).output, skip_special_tokens=True) for p in ids]
+    refs = [tok.decode(r.output, skip_special_tokens=True)
+            for r in _refs(model, ids, [SamplingParams(max_tokens=5, temperature=0) for _ in ids])]
     for prompt in (texts, ids, [texts[0], ids[1], texts[2]]):
         r = c.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0)
         assert [ch.index for ch in r.choices] == [0, 1, 2] and [ch.text for ch in r.choices] == refs
@@ -139,11 +144,11 @@ def test_n_choices_use_derived_seeds_streamed_and_not(server, served_tiny):
     prompts = ["Hello! How are you", "In the morning the train"]
     r = c.completions.create(prompt=prompts, n=3, seed=11, **kw)
     assert [ch.index for ch in r.choices] == list(range(6))
-    for p, prompt in enumerate(prompts):
-        ids = [tok.bos_id] + tok.encode_text(prompt)
-        for j in range(3):  # choice j = one request with seed 11 + j
-            ref = _solo(model, ids, 6, temperature=1.0, seed=choice_seed(11, j))
-            assert r.choices[p * 3 + j].text == tok.decode(ref.output, skip_special_tokens=True)
+    ids = [[tok.bos_id] + tok.encode_text(p) for p in prompts for _ in range(3)]
+    # choice j of each prompt = one request with seed 11 + j
+    refs = _refs(model, ids, [SamplingParams(max_tokens=6, temperature=1.0, seed=choice_seed(11, j))
+                              for _ in prompts for j in range(3)])
+    assert [ch.text for ch in r.choices] == [tok.decode(x.output, skip_special_tokens=True) for x in refs]
     assert len({ch.text for ch in r.choices[:3]}) > 1  # different seeds, different samples (8k vocab, T=1)
     chunks = list(c.completions.create(prompt=prompts, n=3, seed=11, stream=True, **kw))
     got = ["".join(x.choices[0].text for x in chunks if x.choices[0].index == i) for i in range(6)]
@@ -158,7 +163,8 @@ def test_best_of_keeps_the_highest_cumulative_logprob(server, served_tiny):
     ids = [tok.bos_id] + tok.encode_text("Reading, writing and")
     r = c.completions.create(model=NAME, prompt=ids, n=2, best_of=4, seed=5, max_tokens=4, temperature=1.0,
                              logprobs=0)
-    cands = [_solo(model, ids, 4, temperature=1.0, seed=choice_seed(5, j)) for j in range(4)]
+    cands = _refs(model, [ids] * 4, [SamplingParams(max_tokens=4, temperature=1.0, seed=choice_seed(5, j))
+                                     for j in range(4)])
     order = sorted(range(4), key=lambda j: -sum(cands[j].logprobs))
     assert [ch.text for ch in r.choices] == [tok.decode(cands[j].output, skip_special_tokens=True) for j in order[:2]]
     scores = [sum(ch.logprobs.token_logprobs) for ch in r.choices]
