@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
+from .logits_process import LogitRules
 from .model import Transformer
 from .sampling import SamplingBatch, SamplingParams
 
@@ -111,6 +112,8 @@ class Engine:
             self.spec = Speculator(model, self.cache, speculative_tokens)
         self.prefill_chunk = prefill_chunk
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        # [logit rules hook] per-slot penalty / bias state on the device and grammar matchers (logits_process)
+        self.rules = LogitRules(self.cache.max_slots, model.cfg.vocab_size, self.eos, self.device)
         self.free_slots = deque(range(max_slots))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -121,6 +124,7 @@ class Engine:
         """Queue a request; refuses at once (CapacityError) if it can never fit."""
         params = params or SamplingParams()
         params.check_vocab(self.model.cfg.vocab_size)  # a request the sampler cannot run fails here, alone
+        self.rules.check(params, speculative=self.spec is not None)  # [logit rules hook]
         if not prompt:
             raise ValueError("prompt must contain at least one token")
         vocab = self.model.cfg.vocab_size
@@ -180,6 +184,7 @@ class Engine:
             self.waiting.popleft()
             req.slot = self.free_slots.popleft()
             self.cache.allocate(req.slot, tokens)  # pages for the whole request: no mid-run eviction
+            self.rules.admit(req)  # [logit rules hook] the slot's penalty / bias state and grammar matcher
             self.running.append(req)
         events: list[tuple[Request, int]] = []
         pending = [r for r in self.running if r.prefilled < len(r.prompt)]
@@ -264,7 +269,8 @@ class Engine:
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         params = [r.params for r in reqs]
-        result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs))
+        result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs),
+                                   adjust=self.rules.batch(reqs))  # [logit rules hook]
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         return self._record(reqs, result)
@@ -274,7 +280,8 @@ class Engine:
         params = [r.params for r in reqs]
         sb = SamplingBatch.of(params, logits.device)
         step = torch.tensor([r.length for r in reqs], device=logits.device)
-        tokens, lps = next_tokens(logits, sb, step, self.model.backend.sample, all_greedy(params))
+        tokens, lps = next_tokens(logits, sb, step, self.model.backend.sample, all_greedy(params),
+                                  self.rules.batch(reqs))  # [logit rules hook]
         return self._record(reqs, StepResult(tokens, lps, logits))
 
     def _record(self, reqs: list[Request], result: StepResult) -> list[tuple[Request, int]]:
@@ -282,6 +289,7 @@ class Engine:
         top = torch.log_softmax(result.logits.float(), -1).topk(want_top, -1) if want_top else None
         tokens_l = result.tokens.tolist()  # the one host read per step: tokens must be streamed
         lps_l = result.logprobs.tolist()
+        self.rules.record(reqs, result.tokens, tokens_l)  # [logit rules hook] token counts, grammar matchers
         now = time.perf_counter()
         events = []
         for i, (r, tok) in enumerate(zip(reqs, tokens_l)):

@@ -1,5 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs — batched and sync-free.
 
+What a request asks (`SamplingParams`) also names the logit adjustments applied before sampling (penalties,
+logit_bias, min_p, min_tokens, bad words, a grammar); `logits_process` applies them on the device.
+
 Each row carries its own parameters as tensors, so one call serves a batch of requests with different settings
 and can sit inside a captured decode graph. Randomness is counter-based (hash of seed, step, token id) rather
 than a stateful generator: a request's samples depend only on its seed and position, never on its batch-mates.
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .constraints import GuidedSpec
 
 __all__ = ["SamplingParams", "SamplingBatch", "sample", "greedy", "probabilities"]
 
@@ -31,6 +36,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # also return the top-N logprobs per generated token
     prompt_logprobs: int | None = None  # also return the prompt tokens' logprobs (+ top-N), from the prefill
+    # Logit adjustments (vLLM's definitions; applied by logits_process.adjust_logits):
+    presence_penalty: float = 0.0    # minus this on every token already generated
+    frequency_penalty: float = 0.0   # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # prompt + output tokens: positive logits / r, others * r
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_p: float = 0.0               # drop tokens with probability < min_p * the top probability
+    min_tokens: int = 0              # EOS and stop_token_ids are impossible before this many tokens
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token-id sequences never completed
+    guided: GuidedSpec | None = None  # constrained decoding (constraints.GuidedSpec)
 
     def __post_init__(self) -> None:
         """Check every field's type and both of its bounds: a request the sampler cannot run fails here, alone."""
@@ -73,6 +87,43 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, number(name, getattr(self, name)))
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], found {getattr(self, name)}")
+        self.repetition_penalty = number("repetition_penalty", self.repetition_penalty)
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], found {self.repetition_penalty}")
+        self.min_p = number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], found {self.min_p}")
+        integer("min_tokens", self.min_tokens, 0, self.max_tokens)
+        bias = dict(self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)
+        for t, b in bias.items():
+            integer("logit_bias token id", t, 0, INT32_MAX)
+            if not -100 <= number("logit_bias value", b) <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], found {b} for token {t}")
+        self.logit_bias = tuple(sorted((t, float(b)) for t, b in bias.items()))
+        self.bad_words = tuple(tuple(w) for w in self.bad_words)
+        for w in self.bad_words:
+            if not w:
+                raise ValueError("bad_words entries must be non-empty token-id sequences")
+            for t in w:
+                integer("bad_words token id", t, 0, INT32_MAX)
+        if self.guided is not None and not isinstance(self.guided, GuidedSpec):
+            raise ValueError(f"guided must be a GuidedSpec, found {type(self.guided).__name__}")
+
+    @property
+    def penalized(self) -> bool:
+        """Host-known: the request needs per-slot token counts (a presence, frequency or repetition penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusted(self) -> bool:
+        """Host-known: some logit adjustment applies (a penalty, logit_bias, min_p, min_tokens, bad words or a
+        grammar); False means the plain sampler alone serves this request."""
+        return (self.penalized or bool(self.logit_bias) or self.min_p > 0 or self.min_tokens > 0
+                or bool(self.bad_words) or self.guided is not None)
 
     def check_vocab(self, vocab: int) -> None:
         """Raise ValueError for a setting this vocabulary cannot serve (top_k, logprobs, stop ids)."""
@@ -82,9 +133,11 @@ class SamplingParams:
             raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, found {self.logprobs}")
         if (self.prompt_logprobs or 0) > vocab:
             raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab}, found {self.prompt_logprobs}")
-        bad = [t for t in self.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), found {bad[:5]}")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("bad_words", [t for w in self.bad_words for t in w])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} token ids must be in [0, {vocab}), found {bad[:5]}")
 
 
 @dataclass

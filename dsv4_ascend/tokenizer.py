@@ -100,6 +100,10 @@ class Tokenizer:
         """Text of `ids` (incomplete UTF-8 at the end decodes to U+FFFD, as in `tokenizers`)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (what llguidance builds its token table from)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """Id of an exact token string (e.g. "<｜User｜>"), None if absent."""
         return self._tok.token_to_id(token)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dsv4_ascend.cache import KVCache
 from dsv4_ascend.decode_step import StepResult, next_tokens
+from dsv4_ascend.logits_process import AdjustBatch
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.sampling import SamplingBatch, SamplingParams, sample
 
@@ -141,6 +142,10 @@ class GraphDecoder:
         self._greedy_rows = None if self.device.type == "cpu" else False
         self._sample = sample if self.device.type == "npu" else model.backend.sample
         self._ready: set[int] = set()  # buckets whose graph exists
+        # Logit adjustments are graph inputs ([bucket, V] rows and per-row scalars, see logits_process); steps
+        # without any pass these neutral ones, and the compiled step skips the work on their `active` flag (CPU:
+        # torch.cond) or applies them as exact no-ops (elsewhere).
+        self._neutral: dict[int, AdjustBatch] = {}
 
         def counting(gm, example_inputs):
             self.compiles += 1
@@ -154,11 +159,11 @@ class GraphDecoder:
         self._compiled = torch.compile(self._step, **opts)
 
     def _step(self, ids: Tensor, pos: Tensor, slots: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-              seed: Tensor, scales: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+              seed: Tensor, scales: dict[str, Tensor], adjust: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         e8m0 = {f"model.{name}": b.view(torch.float8_e8m0fnu) for name, b in scales.items()}
         logits = torch.func.functional_call(self._decode, e8m0, (ids, pos, slots))
         sb = SamplingBatch(temperature, top_k, top_p, seed)
-        tokens, logprobs = next_tokens(logits, sb, pos + 1, self._sample, self._greedy_rows)
+        tokens, logprobs = next_tokens(logits, sb, pos + 1, self._sample, self._greedy_rows, AdjustBatch(*adjust))
         return tokens, logprobs, logits
 
     def bucket_for(self, n: int) -> int:
@@ -168,9 +173,10 @@ class GraphDecoder:
         raise ValueError(f"batch of {n} exceeds the largest graph bucket {self.buckets[-1]}")
 
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
-             max_len: int | None = None) -> StepResult:
+             max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
         """Decode one token for n rows (padded to the bucket). `max_len` is not needed: a bucket's graph reads
-        every page of the block table rows (static shapes), which bounds any length."""
+        every page of the block table rows (static shapes), which bounds any length. `adjust`: the rows' logit
+        adjustments (None: none)."""
         sb = SamplingBatch.of(params, ids.device)
         n = ids.shape[0]
         pad = self.bucket_for(n) - n
@@ -181,8 +187,15 @@ class GraphDecoder:
             return torch.cat([t, torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
 
         bucket = n + pad
+        if adjust is None:
+            if bucket not in self._neutral:
+                self._neutral[bucket] = AdjustBatch.neutral(bucket, self.model.cfg.vocab_size, ids.device)
+            adjust = self._neutral[bucket]
+        elif pad:
+            adjust = adjust.padded(bucket)
         args = (padded(ids, 0), padded(positions, 0), padded(slots, self.pad_slot), padded(sb.temperature, 0.0),
-                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0), self._scale_bytes)
+                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0), self._scale_bytes,
+                tuple(t.contiguous() for t in adjust.tensors()))
         with torch.no_grad():
             if self.skip_guards and bucket in self._ready:
                 # Every input is fixed per bucket (shapes, dtypes, the model's weights and cache buffers), so

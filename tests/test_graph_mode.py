@@ -14,6 +14,7 @@ import torch
 from dsv4_ascend.config import preset
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.graph_mode import GraphDecoder
+from dsv4_ascend.logits_process import AdjustBatch
 from dsv4_ascend.sampling import SamplingParams
 
 from conftest import graph_vs_eager_logits
@@ -27,7 +28,8 @@ def test_decode_graph_has_no_breaks(tiny_model):
     dec = GraphDecoder(tiny_model, cache, pad_slot=2, buckets=[2], compiler="aot_eager")
     z = torch.zeros(2, dtype=torch.int64)
     explained = torch._dynamo.explain(dec._step)(z.view(2, 1), z.clone(), torch.tensor([0, 1]), torch.zeros(2),
-                                                 z.clone(), torch.ones(2), z.clone(), {})
+                                                 z.clone(), torch.ones(2), z.clone(), {},
+                                                 AdjustBatch.neutral(2, 512).tensors())
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
@@ -51,6 +53,15 @@ def _check_compiled(model, compiler: str | None, tuning: str = "default") -> Non
     want = [r.output for r in eager.generate(prompts, mixed)]
     assert [r.output for r in compiled.generate(prompts, mixed)] == want
     assert want[0] != got[0] or want[2] != got[2]  # the sampled rows really sampled
+    # Penalties, logit_bias, min_p and min_tokens are graph inputs (torch.cond on their `active` flag): the same
+    # tokens as eager, mixed with a neutral row, without a recompile.
+    adjusted = [SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5, frequency_penalty=0.5,
+                               logit_bias={7: 3.0}),
+                SamplingParams(temperature=0.9, seed=4, max_tokens=12, presence_penalty=1.0, min_p=0.1, min_tokens=5),
+                SamplingParams(temperature=0, max_tokens=12)]
+    want = [r.output for r in eager.generate(prompts, adjusted)]
+    assert [r.output for r in compiled.generate(prompts, adjusted)] == want
+    assert want[0] != got[0] and want[2] == got[2]  # the penalised row changed, the neutral one did not
     assert compiled.decoder.compiles == after_warmup  # every later step reused its bucket's graph
     # Logits step by step against eager on an identical copy of the cache.
     for e, g in graph_vs_eager_logits(model, compiled.decoder, prompts, params, max_len=32, steps=10):

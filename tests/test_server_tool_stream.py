@@ -182,3 +182,38 @@ def test_streamed_chat_tool_calls_reassemble_to_the_non_streamed(served_tiny, th
             (x["function"]["name"], x["function"]["arguments"]) for x in got]
     finally:
         srv.stop(30)
+
+
+def test_forced_tool_call_on_the_real_engine_streams_as_it_is_not_streamed(served_tiny):
+    """tool_choice names a function: the grammar (constraints, llguidance) makes the tiny random model write DSML;
+    greedy, the streamed deltas reassemble to exactly the non-streamed tool_calls."""
+    pytest.importorskip("llguidance")
+    from dsv4_ascend.engine import Engine
+
+    model, tok, _ = served_tiny
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city", "days"],
+        "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"type": "integer", "minimum": 1,
+                                                                              "maximum": 7}}}}}]
+    engine = Engine(model, max_slots=2, max_seq_len=1536)  # the tools section is ~900 tiny-vocab tokens
+    srv = BackgroundServer(create_app(engine, tok, served_model_name="tiny")).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
+                  max_tokens=150, parallel_tool_calls=False)
+        r = c.chat.completions.create(**kw)
+        assert r.choices[0].finish_reason == "tool_calls"
+        want = [(tc.function.name, tc.function.arguments) for tc in r.choices[0].message.tool_calls]
+        assert want[0][0] == "get_weather" and set(json.loads(want[0][1])) == {"city", "days"}
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        calls: dict[int, list[str]] = {}
+        for x in chunks:
+            for tc in x.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, [tc.function.name, ""])
+                entry[1] += tc.function.arguments or ""
+        assert [tuple(v) for v in calls.values()] == want
+        assert "".join(x.choices[0].delta.content or "" for x in chunks) == (r.choices[0].message.content or "")
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    finally:
+        srv.stop(60)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import ASSISTANT, THINK_END, THINK_START, encode_message_segments
+from ..constraints import GuidedSpec
 from ..sampling import SamplingParams
 
-__all__ = ["APIError", "Settings", "Parsed", "Prompt", "choice_seed", "parse_body", "parse_completion_request", "parse_chat_request",
-           "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES", "REQUEST_ID_HEADER"]
+__all__ = ["APIError", "Settings", "Parsed", "Prompt", "choice_seed", "parse_body", "parse_completion_request",
+           "parse_chat_request", "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES", "REQUEST_ID_HEADER"]
 
 MAX_BODY_BYTES = 16 << 20
 MAX_STOP_STRINGS = 16
@@ -34,9 +35,11 @@ MAX_CHOICES = 128        # n and best_of
 MAX_SEQUENCES = 1024     # prompts x best_of in one completions request
 
 # Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
-_UNSUPPORTED = ("min_p", "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                "guided_decoding_backend", "structured_outputs", "functions", "function_call", "use_beam_search", "logits_processors", "bad_words", "allowed_token_ids")
-_NEUTRAL = {"min_p": 0, "min_tokens": 0, "use_beam_search": False}
+_UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                "guided_decoding_backend", "structured_outputs", "functions", "function_call", "use_beam_search",
+                "logits_processors", "bad_words", "allowed_token_ids")
+_NEUTRAL = {"use_beam_search": False}
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 
 
 class APIError(Exception):
@@ -258,14 +261,8 @@ def _opt_bool(body: dict, name: str, default: bool = False, label: str | None = 
 
 
 def _check_unsupported(body: dict) -> None:
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-        v = body.get(name)
-        if v is not None and _finite(v) != (1 if name == "repetition_penalty" else 0):
-            raise APIError(f"'{name}' is not supported (leave it unset)", name)
     if body.get("suffix") not in (None, ""):
         raise APIError("'suffix' is not supported", "suffix")
-    if body.get("logit_bias"):
-        raise APIError("'logit_bias' is not supported (leave it unset or empty)", "logit_bias")
     for name in _UNSUPPORTED:
         v = body.get(name)
         if v is not None and not (name in _NEUTRAL and v == _NEUTRAL[name] and type(v) is type(_NEUTRAL[name])):
@@ -309,10 +306,49 @@ def _sampling(body: dict, s: Settings, logprobs: int | None) -> tuple[dict, str,
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < s.vocab for t in stop_ids):
         raise APIError(f"'stop_token_ids' must be an array of token ids in [0, {s.vocab})", "stop_token_ids")
+    min_tokens = _opt_int(body, "min_tokens", 0, s.max_seq_len) or 0  # <= max_tokens: checked by _params
     fields = dict(temperature=1.0 if temperature is None else temperature, top_k=0 if top_k in (None, -1) else top_k,
                   top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=tuple(stop_ids),
-                  stop=_stops(body), ignore_eos=_opt_bool(body, "ignore_eos"), logprobs=logprobs)
+                  stop=_stops(body), ignore_eos=_opt_bool(body, "ignore_eos"), logprobs=logprobs,
+                  presence_penalty=_or(_opt_num(body, "presence_penalty", -2.0, 2.0), 0.0),
+                  frequency_penalty=_or(_opt_num(body, "frequency_penalty", -2.0, 2.0), 0.0),
+                  repetition_penalty=_or(_opt_num(body, "repetition_penalty", 0.0, 2.0, lo_open=True), 1.0),
+                  min_p=_or(_opt_num(body, "min_p", 0.0, 1.0), 0.0), min_tokens=min_tokens,
+                  logit_bias=_logit_bias(body, s))
     return fields, name, max_tokens
+
+
+def _or(v: float | None, default: float) -> float:
+    return default if v is None else v
+
+
+def _logit_bias(body: dict, s: Settings) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias in [-100, 100]} as (id, bias) pairs."""
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise APIError(f"'logit_bias' must be an object mapping token ids to numbers, got {_type_name(v)}", "logit_bias")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise APIError(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} entries, got {len(v)}", "logit_bias")
+    out = []
+    for key, b in v.items():
+        shown = _printable(key[:20])
+        if not (key.isascii() and key.isdigit() and len(key) < 12 and int(key) < s.vocab):
+            raise APIError(f"'logit_bias' keys must be token ids in [0, {s.vocab}), got '{shown}'", "logit_bias")
+        f = _finite(b)
+        if f is None or not -100 <= f <= 100:
+            raise APIError(f"'logit_bias' values must be numbers in [-100, 100], got {_type_name(b)} for '{shown}'",
+                           "logit_bias")
+        out.append((int(key), f))
+    return tuple(out)
+
+
+def _params(max_tokens: int, fields: dict) -> SamplingParams:
+    """The request's SamplingParams; min_tokens above the (defaulted) max_tokens is a 400 naming it."""
+    if fields["min_tokens"] > max_tokens:
+        raise APIError(f"'min_tokens' ({fields['min_tokens']}) must be <= max_tokens ({max_tokens})", "min_tokens")
+    return SamplingParams(max_tokens=max_tokens, **fields)
 
 
 def _fit(s: Settings, n_prompt: int, prompt_param: str, name: str, max_tokens: int | None,
@@ -431,7 +467,7 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
     for x, param in given:
         ids, text = _completion_prompt(x, s, tok, param)
         fitted = _fit(s, len(ids), "prompt", name, max_tokens, 16)
-        params = SamplingParams(max_tokens=fitted, prompt_logprobs=max(want) if want else None, **fields)
+        params = _params(fitted, {**fields, "prompt_logprobs": max(want) if want else None})
         prompts.append(Prompt(ids, params, text))
     return Parsed(prompts[0].ids, prompts[0].params, stream, include, logprobs, continuous_usage=continuous,
                   prompts=prompts, n=n, best_of=best_of, echo=echo, prompt_logprobs=prompt_lps)
@@ -497,15 +533,69 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _tools(body: dict) -> list | None:
-    """The request's tools, honouring tool_choice "none" / "auto"; other choices are not implemented."""
+    """The request's tools (None under tool_choice "none"); tool_choice is checked here, enforced by `_guided`."""
     tools = body.get("tools") or None
     if tools is not None and not isinstance(tools, list):
         raise APIError(f"'tools' must be an array, got {_type_name(tools)}", "tools")
     choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
+    if choice in (None, "none", "auto"):
+        return None if choice == "none" else tools
+    if choice != "required" and _tool_choice_name(choice) is None:
         shown = repr(choice) if isinstance(choice, str) and len(choice) < 40 else _type_name(choice)
-        raise APIError(f"'tool_choice' {shown} is not supported; use \"auto\" or \"none\"", "tool_choice")
-    return None if choice == "none" else tools
+        raise APIError(f"'tool_choice' must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", "
+                       f"\"function\": {{\"name\": ...}}}}, got {shown}", "tool_choice")
+    if not tools:
+        raise APIError("'tool_choice' other than \"none\" / \"auto\" needs 'tools'", "tool_choice")
+    return tools
+
+
+def _tool_choice_name(choice: Any) -> str | None:
+    """The function a {"type": "function", "function": {"name": ...}} tool_choice names (None: not that form)."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        return name if isinstance(name, str) and name else None
+    return None
+
+
+def _guided(body: dict, s: Settings, tok, tools: list | None, thinking: bool) -> GuidedSpec | None:
+    """The constraint response_format (json_object, json_schema) or tool_choice (required, a named function) asks
+    for, compiled once here so that a bad schema is a 400 naming the field; None when the output is free."""
+    fmt = body.get("response_format")
+    kind = None
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise APIError("'response_format' must be an object with a 'type'", "response_format")
+        kind = fmt["type"]
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(f"'response_format.type' must be \"text\", \"json_object\" or \"json_schema\", got "
+                           f"{_printable(kind[:40])!r}", "response_format")
+    choice = body.get("tool_choice")
+    calls = tools is not None and (choice == "required" or _tool_choice_name(choice) is not None)
+    parallel = _opt_bool(body, "parallel_tool_calls", default=True)
+    if not parallel and not calls:
+        raise APIError("'parallel_tool_calls': false is enforced only with tool_choice \"required\" or a named "
+                       "function", "parallel_tool_calls")
+    if calls and kind in ("json_object", "json_schema"):
+        raise APIError("'tool_choice' forcing a tool call cannot be combined with a JSON 'response_format'",
+                       "tool_choice")
+    try:
+        if calls:
+            spec = GuidedSpec("tool_call", tools=tuple(tools), name=_tool_choice_name(choice), thinking=thinking,
+                              tokenizer=tok, parallel=parallel)
+        elif kind == "json_object":
+            spec = GuidedSpec("json_object", thinking=thinking, tokenizer=tok)
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise APIError("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+            spec = GuidedSpec("json_schema", schema=js["schema"], thinking=thinking, tokenizer=tok)
+        else:
+            return None
+        spec.check(s.vocab)
+    except ValueError as exc:
+        param = "tool_choice" if calls else "response_format"
+        raise APIError(f"'{param}' cannot be enforced: {str(exc)[:500]}", param) from None
+    return spec
 
 
 def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
@@ -515,13 +605,6 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     _check_unsupported(body)
     _single_choice(body)
     messages, thinking, effort, tools = _chat_inputs(body)
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-            raise APIError("'response_format' must be an object with a 'type'", "response_format")
-        if fmt["type"] != "text":
-            raise APIError("'response_format' other than {\"type\": \"text\"} is not supported (the output is not "
-                           "constrained)", "response_format")
     lp = _opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top and not lp:
@@ -530,8 +613,9 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     stream, include, continuous = _stream_flags(body)
     fields, name, max_tokens = _sampling(body, s, logprobs)
     prompt = tok.encode_segments(_chat_segments(s, messages, thinking, effort, tools))
+    fields["guided"] = _guided(body, s, tok, tools, thinking)
     max_tokens = _fit(s, len(prompt), "messages", name, max_tokens, None)
-    return Parsed(prompt, SamplingParams(max_tokens=max_tokens, **fields), stream, include, logprobs, thinking,
+    return Parsed(prompt, _params(max_tokens, fields), stream, include, logprobs, thinking,
                   bool(tools), continuous)
 
 
