@@ -24,6 +24,7 @@ try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.cors import CORSMiddleware
@@ -35,6 +36,7 @@ from ..chat import EOS, parse_completion
 from ..dsml_stream import ToolCallStream
 from ..engine import CapacityError, Engine
 from .metrics import Metrics
+from . import schemas as sc
 from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
                        parse_completion_request, parse_detokenize_request, parse_tokenize_request, request_id)
 from .logprobs import LogprobFormat
@@ -46,7 +48,7 @@ __all__ = ["AppState", "create_app"]
 log = logging.getLogger("dsv4.server")
 
 PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
-                   "/tokenize", "/detokenize"})
+                   "/tokenize", "/detokenize", "/docs", "/openapi.json"})
 GET_HEAD = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no body for HEAD)
 
 
@@ -180,9 +182,24 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         finally:
             worker.stop()
 
-    app = FastAPI(title="dsv4-ascend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)  # never answer a POST with a redirect
+    app = FastAPI(title="dsv4-ascend", version=__version__, lifespan=lifespan, redoc_url=None,
+                  redirect_slashes=False)  # never answer a POST with a redirect; /docs and /openapi.json served
     app.state.dsv4 = state
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # the routes read their bodies themselves: add the request models
+            app.openapi_schema = sc.add_request_schemas(get_openapi(title=app.title, version=app.version,
+                                                                    routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    def get(path: str, **kw) -> Callable:
+        """A GET route that also answers HEAD (HEAD kept out of the OpenAPI document: one operation per route)."""
+        def register(fn: Callable) -> Callable:
+            app.add_api_route(path, fn, methods=["HEAD"], include_in_schema=False)
+            return app.get(path, **kw)(fn)
+        return register
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -406,7 +423,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return SSEResponse(gen(), seqs)
 
     # -- endpoints --------------------------------------------------------------------------------------------
-    @app.api_route("/health", methods=GET_HEAD)
+    @get("/health")
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, 503)
@@ -414,7 +431,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             return JSONResponse({"status": "engine not running"}, 503)
         return {"status": "ok"}
 
-    @app.api_route("/metrics", methods=GET_HEAD)
+    @get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -422,22 +439,23 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv4-ascend",
                 "max_model_len": settings.max_seq_len}
 
-    @app.api_route("/v1/models", methods=GET_HEAD)
+    @get("/v1/models", responses=sc.responses(sc.ModelList))
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.api_route("/v1/models/{name:path}", methods=GET_HEAD)
+    @get("/v1/models/{name:path}", responses=sc.responses(sc.ModelCard))
     async def model(name: str):
         if name != settings.model_name:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             raise APIError(f"the model '{shown}' does not exist", "model", 404, code="model_not_found")
         return model_card()
 
-    @app.api_route("/version", methods=GET_HEAD)
+    @get("/version", responses=sc.responses(sc.VersionResponse))
     async def version():
         return {"version": __version__}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=sc.request_body(sc.TokenizeRequest),
+              responses=sc.responses(sc.TokenizeResponse))
     async def tokenize(request: HTTPRequest):
         ids, strs = await parse(request, parse_tokenize_request)
         out = {"count": len(ids), "max_model_len": settings.max_seq_len, "tokens": ids}
@@ -445,12 +463,14 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             out["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
         return JSONResponse(out)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=sc.request_body(sc.DetokenizeRequest),
+              responses=sc.responses(sc.DetokenizeResponse))
     async def detokenize(request: HTTPRequest):
         ids = await parse(request, parse_detokenize_request)
         return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=sc.request_body(sc.CompletionRequest),
+              responses=sc.responses(sc.CompletionResponse, stream=True))
     async def completions(request: HTTPRequest):
         parsed = await parse(request, parse_completion_request)
         seqs = await start(parsed, "prompt")
@@ -521,7 +541,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
 
         return stream("completions", seqs, parsed, [], on_batch, on_finish, tail)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=sc.request_body(sc.ChatCompletionRequest),
+              responses=sc.responses(sc.ChatCompletionResponse, stream=True))
     async def chat_completions(request: HTTPRequest):
         parsed = await parse(request, parse_chat_request)
         seqs = await start(parsed, "messages")
