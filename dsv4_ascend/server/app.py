@@ -10,14 +10,12 @@ CORS headers are sent only for the origins `allowed_origins` lists (Starlette's 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -27,7 +25,6 @@ try:
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.middleware.cors import CORSMiddleware
 except ImportError as _err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
@@ -35,111 +32,18 @@ from .. import __version__
 from ..chat import EOS, parse_completion
 from ..dsml_stream import ToolCallStream
 from ..engine import CapacityError, Engine
-from .metrics import Metrics
 from . import schemas as sc
-from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
-                       parse_completion_request, parse_detokenize_request, parse_tokenize_request, request_id)
+from .gate import AppState, Gate, error_response
 from .logprobs import LogprobFormat
+from .metrics import Metrics
+from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
+                       parse_completion_request, parse_detokenize_request, parse_tokenize_request)
 from .text import Output, ThinkSplit, TokenText
 from .worker import EngineWorker, Job
 
 __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger("dsv4.server")
-
-PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
-                   "/tokenize", "/detokenize", "/docs", "/openapi.json"})
-GET_HEAD = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no body for HEAD)
-
-
-@dataclass
-class AppState:
-    """What the gate, the routes and the draining server share."""
-
-    settings: Settings
-    metrics: Metrics
-    worker: EngineWorker
-    body_timeout: float          # seconds a request body may take to arrive
-    draining: bool = False
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    # 408/413 answer before the body was read to its end: the connection cannot carry another request.
-    headers = {"Connection": "close"} if err.status in (408, 413) else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _request_id(scope) -> str | None:
-    """The request's X-Request-Id (None when absent); an APIError when invalid."""
-    name = REQUEST_ID_HEADER.lower().encode()
-    return request_id([v.decode("latin-1") for k, v in scope.get("headers") or () if k == name])
-
-
-class _Gate:
-    """Pure ASGI middleware: API key on /v1/*, 503 while draining, X-Request-Id checked and echoed, CORS when
-    origins are allowed (outside the key check, so preflights and 401s carry CORS headers), per-path status counters
-    (counted when the response starts, so /metrics read after a response already counts it)."""
-
-    def __init__(self, app, state: AppState, allowed_origins: Sequence[str] = ()) -> None:
-        self.app = app
-        self.state = state
-        self.inner = self._guard
-        if allowed_origins:
-            self.inner = CORSMiddleware(self._guard, allow_origins=list(allowed_origins),
-                                        allow_methods=[*GET_HEAD, "POST"], allow_headers=["*"],
-                                        expose_headers=[REQUEST_ID_HEADER])
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        known = path if path in PATHS else "other"
-        counted = False
-        try:
-            echo = _request_id(scope)
-        except APIError:
-            echo = None  # refused with a 400 by _guard; an invalid value is not sent back
-
-        async def send_counted(message) -> None:
-            nonlocal counted
-            if message["type"] == "http.response.start" and not counted:
-                counted = True
-                self.state.metrics.inc("dsv4_http_requests_total", path=known, code=str(message["status"]))
-                if echo is not None:
-                    message = {**message, "headers": [*(message.get("headers") or ()),
-                                                      (REQUEST_ID_HEADER.lower().encode(), echo.encode())]}
-            await send(message)
-
-        try:
-            await self.inner(scope, receive, send_counted)
-        finally:
-            if not counted:  # no response was started (the client went away, or the app failed)
-                self.state.metrics.inc("dsv4_http_requests_total", path=known, code="500")
-
-    async def _guard(self, scope, receive, send) -> None:
-        path: str = scope.get("path", "")
-        err = None
-        key = self.state.settings.api_key
-        if path.startswith("/v1/"):
-            if key is not None:
-                headers = dict(scope.get("headers") or [])
-                auth = headers.get(b"authorization", b"").decode("latin-1")
-                given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode()):
-                    err = APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", None, 401,
-                                   code="invalid_api_key")
-            if err is None and self.state.draining:
-                err = APIError("the server is shutting down", None, 503, type="server_error")
-        if err is None:
-            try:
-                _request_id(scope)
-            except APIError as exc:
-                err = exc
-        if err is not None:
-            await _error_response(err)(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
 
 def call_id() -> str:
     """A tool call's id, as OpenAI writes them."""
@@ -203,21 +107,21 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
-        return _error_response(APIError(str(exc.detail), None, exc.status_code,
+        return error_response(APIError(str(exc.detail), None, exc.status_code,
                                         "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, exc: RequestValidationError):
-        return _error_response(APIError(str(exc), None))
+        return error_response(APIError(str(exc), None))
 
     @app.exception_handler(Exception)
     async def _server_error(_, exc: Exception):
         log.exception("unhandled error")
-        return _error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
+        return error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
 
     # -- helpers ----------------------------------------------------------------------------------------------
     async def read_body(request: HTTPRequest) -> bytes:
@@ -616,4 +520,4 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return stream("chat", seqs, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
                       on_finish, tail)
 
-    return _Gate(app, state, allowed_origins)
+    return Gate(app, state, allowed_origins)

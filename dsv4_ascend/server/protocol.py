@@ -1,9 +1,8 @@
-"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams` (or, for
-/tokenize and /detokenize, ids), and the OpenAI-style error every bad request gets ({"error": {"message", "type",
-"param", "code"}}, naming the field or the header).
+"""The HTTP protocol: request bodies (read and checked as JSON by `body`) parsed and validated by hand into prompt
+ids + `SamplingParams` (or, for /tokenize and /detokenize, ids); every bad request gets an OpenAI-style error
+(`body.APIError`) naming the field or the header.
 
-Every numeric field is bounded on both sides, strings must be valid Unicode (no lone surrogates), JSON may nest
-at most `MAX_JSON_DEPTH` levels, and parameters this server does not implement are refused, never ignored.
+Every numeric field is bounded on both sides, and parameters this server does not implement are refused, never ignored.
 User text is tokenised as plain text: only the chat template inserts control tokens. A completions prompt given
 as token ids is used as is (the way to send special tokens on purpose). Prompts are refused by length before
 tokenising when their characters alone prove they cannot fit (`Tokenizer.max_token_chars`).
@@ -11,23 +10,23 @@ tokenising when their characters alone prove they cannot fit (`Tokenizer.max_tok
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import ASSISTANT, THINK_END, THINK_START, encode_message_segments
 from ..constraints import GuidedSpec
 from ..sampling import SamplingParams
+from .body import MAX_BODY_BYTES, MAX_JSON_DEPTH, APIError, parse_body
+from .body import printable as _printable
+from .body import type_name as _type_name
 
 __all__ = ["APIError", "Settings", "Parsed", "Prompt", "choice_seed", "parse_body", "parse_completion_request",
-           "parse_chat_request", "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES", "REQUEST_ID_HEADER"]
+           "parse_chat_request", "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES",
+           "MAX_JSON_DEPTH", "REQUEST_ID_HEADER"]
 
-MAX_BODY_BYTES = 16 << 20
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
-MAX_JSON_DEPTH = 64
 INT64 = (-(2**63), 2**63 - 1)
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 128
@@ -40,22 +39,6 @@ _UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar"
                 "logits_processors", "bad_words", "allowed_token_ids")
 _NEUTRAL = {"use_beam_search": False}
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
-
-
-class APIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -115,97 +98,7 @@ class Parsed:
                 for i, p in enumerate(self.prompts) for j in range(self.best_of)]
 
 
-# ------------------------------------------------------------------------------------------------ the body
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
-
-
-def _printable(s: str) -> str:
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _path(node: tuple | None) -> str:
-    """'messages[2].content' from a (parent, key) chain."""
-    keys = []
-    while node is not None:
-        node, key = node
-        keys.append(key)
-    out = ""
-    for key in reversed(keys):
-        out += f"[{key}]" if isinstance(key, int) else (f".{_printable(key)}" if out else _printable(key))
-    return out
-
-
-def _deep_field(text: str) -> str | None:
-    """The top-level key under which `text` nests deeper than MAX_JSON_DEPTH (None if not found)."""
-    depth, key = 0, None
-    for m in _JSON_TOKENS.finditer(text):
-        t = m.group()
-        if t in ("[", "{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return key
-        elif t in ("]", "}"):
-            depth -= 1
-        elif depth == 1 and t.endswith(":"):
-            try:
-                key = _printable(json.loads(t[:-1].rstrip()))
-            except ValueError:
-                key = None
-    return key
-
-
-def _check_tree(body: dict) -> None:
-    """Refuse strings that are not valid Unicode and nesting deeper than MAX_JSON_DEPTH, naming the field."""
-    stack: list[tuple[Any, int, tuple | None]] = [(body, 1, None)]
-    while stack:
-        v, depth, node = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                field = _path(node) or "body"
-                raise APIError(f"'{field}' is not valid Unicode (it holds a lone surrogate)", field)
-        elif isinstance(v, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                while node[0] is not None:  # name the top-level field
-                    node = node[0]
-                field = _path(node)
-                raise APIError(f"'{field}' nests deeper than {MAX_JSON_DEPTH} levels", field)
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    if _SURROGATE.search(k):
-                        field = _path((node, k))
-                        raise APIError(f"the key '{field}' is not valid Unicode (it holds a lone surrogate)",
-                                       _path(node) or None)
-                    if isinstance(x, (str, dict, list)):
-                        stack.append((x, depth + 1, (node, k)))
-            else:
-                stack += [(x, depth + 1, (node, i)) for i, x in enumerate(v) if isinstance(x, (str, dict, list))]
-
-
-def parse_body(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong (CPU-bound: run it off the event loop)."""
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text)
-    except RecursionError:
-        field = _deep_field(text)
-        where = f"'{field}'" if field else "the request body"
-        raise APIError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels", field) from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, integers over 4300 digits
-        raise APIError(f"the request body is not valid JSON: {exc}", None) from None
-    if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}", None)
-    _check_tree(body)
-    return body
-
-
 # ------------------------------------------------------------------------------------------------ fields
-
-def _type_name(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "integer", float: "number"}.get(type(v), type(v).__name__)
-
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..engine import Engine, Request
 from ..sampling import SamplingParams
 from .metrics import Metrics
-from .protocol import APIError
+from .body import APIError
 
 __all__ = ["Job", "EngineWorker"]
 
