@@ -96,7 +96,8 @@ class GuidedSpec:
     "tool_call" (a DSML tool-call block calling `name` once, or any of `tools` when `name` is None: one call
     or, with `parallel`, one or more).
 
-    `thinking`: the output first holds free reasoning closed by </think>, which the grammar leaves unconstrained.
+    `thinking`: the output first holds free reasoning (without the markers `chat.parse_completion` refuses in it)
+    closed by the </think> token.
     `tokenizer`: the served tokenizer, whose byte strings the grammar is compiled against.
     """
 
@@ -114,7 +115,8 @@ class GuidedSpec:
         if self.kind == "json_schema" and not isinstance(self.schema, dict):
             raise ValueError("a json_schema constraint needs the schema as an object")
         if self.kind == "tool_call":
-            names = [t.get("function", {}).get("name") for t in self.tools if isinstance(t, dict)]
+            fns = [t.get("function") if isinstance(t, dict) else None for t in self.tools]
+            names = [f.get("name") if isinstance(f, dict) else None for f in fns]
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError("a tool_call constraint needs tools, each with a function name")
             if self.name is not None and self.name not in names:
@@ -131,8 +133,8 @@ class GuidedSpec:
                 lines += _invoke_rule(i, fn)
             invoke = " | ".join(f"invoke{i}" for i in range(len(fns)))
             repeat = "+" if self.name is None and self.parallel else ""
-            lines.insert(0, f"body: {_lit(f'{chr(10) * 2}<{DSML}tool_calls>{chr(10)}')} ((({invoke}) \"\\n\"){repeat}) "
-                            f"{_lit(f'</{DSML}tool_calls>')}")
+            opening, closing = _lit(f"\n\n<{DSML}tool_calls>\n"), _lit(f"</{DSML}tool_calls>")
+            lines.insert(0, f'body: {opening} ((({invoke}) "\\n"){repeat}) {closing}')
         else:
             lines.insert(0, f"body: {_json_rule(self.schema if self.kind == 'json_schema' else {'type': 'object'})}")
         start = "start: body"

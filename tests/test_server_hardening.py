@@ -74,12 +74,15 @@ NUMERIC = {
     "top_k": LITERALS + ["-2", "1.5", "513"], "temperature": LITERALS + ["-1", "2.01"],
     "seed": LITERALS[:10] + ["1.5", '"7"', "[]", "{}", "true"], "max_tokens": LITERALS + ["0", "-1", "1.5", "129"],
     "n": LITERALS + ["129", "0", "-1"], "presence_penalty": [x for x in LITERALS if x != "-1e-300"] + ["2.5"],
-    "frequency_penalty": [x for x in LITERALS if x != "-1e-300"] + ["-2.5"], "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5",
-                                                               "[9223372036854775808]", "[512]"],
+    "frequency_penalty": [x for x in LITERALS if x != "-1e-300"] + ["-2.5"],
+    "repetition_penalty": LITERALS + ["0", "2.5"],
+    "min_p": LITERALS + ["1.5", "-0.1"], "min_tokens": LITERALS + ["3", "-1", "1.5"],  # 3 > max_tokens 2
+    "logit_bias": ['{"1": 101}', '{"x": 1}', "[1]", '{"512": 1}', '{"1": "a"}', '{"-1": 1}'],
+    "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5", "[9223372036854775808]", "[512]"],
 }
-UNSUPPORTED = {"min_p": ["1.1", "1e400"], "min_tokens": ["3", HUGE], "guided_json": ["{}", '{"type": "object"}'],
+UNSUPPORTED = {"guided_json": ["{}", '{"type": "object"}'],
                "structured_outputs": ['{"json": {}}'], "functions": ['[{"name": "f"}]'],
-               "function_call": ['"auto"', '{"name": "f"}'], "logit_bias": ['{"1": 500}', '{"x": 1}', "[1]"], "suffix": ['"x"']}
+               "function_call": ['"auto"', '{"name": "f"}'], "suffix": ['"x"']}
 CHAT_ONLY = {"tool_choice": ['"required"', '{"type": "function", "function": {"name": "f"}}', "1", "true", '"x"'],
              "response_format": ['{"type": "xml"}', '{"type": "json_schema", "json_schema": {}}', "5"],
              "top_logprobs": ["21", HUGE, "1e400"], "logprobs": [x for x in LITERALS if x not in ("true", "false")],

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Cost of logit adjustments: decode tokens/s of a batch with penalties + a json_schema constraint vs plain sampling.
+
+The model is the `tiny` preset (random weights) with the real DeepSeek-V4 vocabulary (129 280 ids) and tokenizer,
+so the per-step adjustment work ([batch, 129 280] penalties, the llguidance mask over the real token table) is
+full size while the model itself is small: the relative slowdown printed is an upper bound for a real model, and
+the milliseconds per step are the absolute cost. Plain and adjusted runs alternate (same engine, same prompts);
+only decode steps are timed (after every request's first token).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+SCHEMA = {"type": "array", "minItems": 64, "items": {
+    "type": "object", "required": ["id", "name"], "additionalProperties": False,
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 8}}}}
+
+
+def _decode_rate(eng, reqs) -> tuple[float, float]:
+    """Run `reqs` (already added) to the end; (decode tokens/s, ms per decode step) over the decode-only steps."""
+    while any(not r.output for r in reqs):
+        eng.step()
+    tokens0, steps0 = eng.stats["decode_tokens"], eng.stats["decode_steps"]
+    t0 = time.perf_counter()
+    while eng.has_work:
+        eng.step()
+    dt = time.perf_counter() - t0
+    tokens, steps = eng.stats["decode_tokens"] - tokens0, eng.stats["decode_steps"] - steps0
+    return tokens / dt, 1000 * dt / max(steps, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens generated per request")
+    ap.add_argument("--rounds", type=int, default=2, help="plain / adjusted pairs, interleaved")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from dsv4_ascend.chat import encode_message_segments
+    from dsv4_ascend.config import preset
+    from dsv4_ascend.constraints import GuidedSpec
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.model import Transformer
+    from dsv4_ascend.reference import ReferenceBackend
+    from dsv4_ascend.sampling import SamplingParams
+    from dsv4_ascend.tiny import random_weights
+    from dsv4_ascend.tokenizer import Tokenizer, default_tokenizer_path
+    from dsv4_ascend.weights import assign_tensors
+
+    tok = Tokenizer.from_file(default_tokenizer_path())
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size)
+    model = Transformer(cfg, ReferenceBackend(), torch.float32)
+    assign_tensors(model, random_weights(cfg, 0).items())
+    eng = Engine(model, max_slots=args.batch, max_seq_len=256)
+    prompts = [tok.encode_segments(encode_message_segments([{"role": "user", "content": f"List {i + 3} users."}]))
+               for i in range(args.batch)]
+    spec = GuidedSpec("json_schema", schema=SCHEMA, tokenizer=tok)
+
+    def params(i: int, adjusted: bool) -> SamplingParams:
+        base = {"temperature": 0.8, "seed": i, "max_tokens": args.new_tokens, "ignore_eos": not adjusted}
+        extra = {"repetition_penalty": 1.1, "frequency_penalty": 0.2, "presence_penalty": 0.2, "guided": spec}
+        return SamplingParams(**base, **(extra if adjusted else {}))
+
+    def run(adjusted: bool) -> tuple[float, float]:
+        reqs = [eng.add_request(p, params(i, adjusted)) for i, p in enumerate(prompts)]
+        rate = _decode_rate(eng, reqs)
+        assert all(len(r.output) == args.new_tokens for r in reqs), "a request ended early: the batch shrank"
+        return rate
+
+    run(True)  # warm-up: builds the llguidance token table (~1 s, once per tokenizer)
+    plain, adj = [], []
+    for _ in range(args.rounds):
+        plain.append(run(False))
+        adj.append(run(True))
+    p_rate, a_rate = statistics.median(r for r, _ in plain), statistics.median(r for r, _ in adj)
+    p_ms, a_ms = statistics.median(m for _, m in plain), statistics.median(m for _, m in adj)
+    print(f"tiny preset, vocab {cfg.vocab_size}, batch {args.batch}, {args.new_tokens} tokens/request, "
+          f"{args.threads} threads, {args.rounds} interleaved rounds (medians)")
+    print(f"plain:    {p_rate:8.1f} decode tok/s  {p_ms:7.2f} ms/step   rounds: "
+          + ", ".join(f"{r:.1f}" for r, _ in plain))
+    print(f"adjusted: {a_rate:8.1f} decode tok/s  {a_ms:7.2f} ms/step   rounds: "
+          + ", ".join(f"{r:.1f}" for r, _ in adj) + "  (penalties + json_schema on every row)")
+    print(f"cost: {a_ms - p_ms:+.2f} ms/step ({100 * (p_rate / a_rate - 1):+.0f}% time per token)")
+
+
+if __name__ == "__main__":
+    main()
