@@ -59,6 +59,9 @@ class Request:
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # params.prompt_logprobs set: per prompt token, its logprob, rank (1 = most likely) and the top-N (None for
+    # the first token, which nothing predicts); filled by the prefill
+    prompt_logprobs: list[tuple[float, int, dict[int, float]] | None] = field(default_factory=list)
     slot: int | None = None
     prefilled: int = 0           # prompt tokens already in the cache
     finish_reason: str | None = None  # "stop", "length" or "abort"
@@ -201,9 +204,11 @@ class Engine:
         req.prefilled += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
         if self.spec is None:
-            logits = self.model(ids, self.cache, slot, start, last_only=True)
+            logits = self.model(ids, self.cache, slot, start, last_only=req.params.prompt_logprobs is None)
+            self._prompt_logprobs(req, logits[0], start)
             return self._emit([req], logits[:, -1]) if last else []
         logits, streams, _ = self.model.prefill(ids, self.cache, slot, start)
+        self._prompt_logprobs(req, logits[0], start)
         if not last:
             self.spec.absorb(req.slot, streams, req.prompt[start + 1:start + len(chunk) + 1], start)
             return []
@@ -211,6 +216,26 @@ class Engine:
         if not req.finished:
             self._draft(req, streams, req.prompt[start + 1:] + [req.output[-1]], start)
         return events
+
+    @staticmethod
+    def _prompt_logprobs(req: Request, logits: Tensor, start: int) -> None:
+        """Record the logprobs of the prompt tokens that a prefill chunk's logits [S,V] predict (positions
+        start+1 .. start+S), when the request asks for them (params.prompt_logprobs); the first token gets None."""
+        n = req.params.prompt_logprobs
+        if n is None:
+            return
+        if start == 0:
+            req.prompt_logprobs.append(None)
+        targets = req.prompt[start + 1:start + logits.shape[0] + 1]  # the last chunk predicts one token past
+        if not targets:
+            return
+        lps = torch.log_softmax(logits[:len(targets)].float(), -1)
+        tok_lp = lps.gather(-1, torch.tensor(targets, device=lps.device).unsqueeze(1))
+        ranks = ((lps > tok_lp).sum(-1) + 1).tolist()  # prefill, not the decode step: host reads are fine here
+        top = lps.topk(n, -1) if n else None
+        for i, (lp, rank) in enumerate(zip(tok_lp[:, 0].tolist(), ranks)):
+            best = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if n else {}
+            req.prompt_logprobs.append((lp, rank, best))
 
     def _draft(self, req: Request, streams: Tensor, next_ids: list[int], start: int) -> None:
         """Let the MTP block absorb main streams at [start, start+S) and propose the next round's drafts."""

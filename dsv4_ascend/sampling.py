@@ -35,6 +35,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()   # stop strings (matched on the detokenized text)
     ignore_eos: bool = False
     logprobs: int | None = None  # also return the top-N logprobs per generated token
+    prompt_logprobs: int | None = None  # also return the prompt tokens' logprobs (+ top-N), from the prefill
     # Logit adjustments (vLLM's definitions; applied by logits_process.adjust_logits):
     presence_penalty: float = 0.0    # minus this on every token already generated
     frequency_penalty: float = 0.0   # minus this times the token's count in the output
@@ -75,6 +76,8 @@ class SamplingParams:
         integer("max_tokens", self.max_tokens, 1, INT32_MAX)
         if self.logprobs is not None:
             integer("logprobs", self.logprobs, 0, 20)
+        if self.prompt_logprobs is not None:
+            integer("prompt_logprobs", self.prompt_logprobs, 0, 20)
         if self.seed is None:
             self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         integer("seed", self.seed, -(2**63), 2**63 - 1)  # held in an int64 tensor
@@ -128,6 +131,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be <= the vocabulary size {vocab} (0 = off), found {self.top_k}")
         if (self.logprobs or 0) > vocab:
             raise ValueError(f"logprobs must be <= the vocabulary size {vocab}, found {self.logprobs}")
+        if (self.prompt_logprobs or 0) > vocab:
+            raise ValueError(f"prompt_logprobs must be <= the vocabulary size {vocab}, found {self.prompt_logprobs}")
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias]),
                           ("bad_words", [t for w in self.bad_words for t in w])):
             bad = [t for t in ids if t >= vocab]

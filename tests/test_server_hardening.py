@@ -73,26 +73,27 @@ NUMERIC = {
     "top_p": LITERALS + ["0", "-1", "1.0000001"],
     "top_k": LITERALS + ["-2", "1.5", "513"], "temperature": LITERALS + ["-1", "2.01"],
     "seed": LITERALS[:10] + ["1.5", '"7"', "[]", "{}", "true"], "max_tokens": LITERALS + ["0", "-1", "1.5", "129"],
-    "n": LITERALS + ["2", "0", "-1"], "presence_penalty": [x for x in LITERALS if x != "-1e-300"] + ["2.5"],
-    "frequency_penalty": [x for x in LITERALS if x != "-1e-300"] + ["-2.5"], "repetition_penalty": LITERALS + ["0", "2.5"],
+    "n": LITERALS + ["129", "0", "-1"], "presence_penalty": [x for x in LITERALS if x != "-1e-300"] + ["2.5"],
+    "frequency_penalty": [x for x in LITERALS if x != "-1e-300"] + ["-2.5"],
+    "repetition_penalty": LITERALS + ["0", "2.5"],
     "min_p": LITERALS + ["1.5", "-0.1"], "min_tokens": LITERALS + ["3", "-1", "1.5"],  # 3 > max_tokens 2
-    "logit_bias": ['{"1": 101}', '{"x": 1}', "[1]", '{"512": 1}', '{"1": "a"}', '{"-1": 1}'], "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5",
-                                                               "[9223372036854775808]", "[512]"],
+    "logit_bias": ['{"1": 101}', '{"x": 1}', "[1]", '{"512": 1}', '{"1": "a"}', '{"-1": 1}'],
+    "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5", "[9223372036854775808]", "[512]"],
 }
 UNSUPPORTED = {"guided_json": ["{}", '{"type": "object"}'],
                "structured_outputs": ['{"json": {}}'], "functions": ['[{"name": "f"}]'],
-               "function_call": ['"auto"', '{"name": "f"}'], "echo": ["true"],
-               "best_of": ["2"], "suffix": ['"x"']}
+               "function_call": ['"auto"', '{"name": "f"}'], "suffix": ['"x"']}
 CHAT_ONLY = {"tool_choice": ['"required"', '{"type": "function", "function": {"name": "f"}}', "1", "true", '"x"'],
              "response_format": ['{"type": "xml"}', '{"type": "json_schema", "json_schema": {}}', "5"],
              "top_logprobs": ["21", HUGE, "1e400"], "logprobs": [x for x in LITERALS if x not in ("true", "false")],
-             "reasoning_effort": ['"low"', "1"],
+             "reasoning_effort": ['"low"', "1"], "n": ["2"], "echo": ["true"], "prompt_logprobs": ["1"],
              "messages": ['[{"role": "user", "content": "\\ud800"}]', "[]", '[{"role": "x", "content": "a"}]',
                           '[{"role": "user", "content": "\\udc00"}]', '"hi"'],
              "tools": ['[{"type": "function", "function": {"name": "\\ud83d"}}]', '[{"type": "function"}]', "7"]}
 COMPLETION_ONLY = {"logprobs": LITERALS + ["21", "-1"],
                    "prompt": ['"\\ud800"', '"a\\udfffb"', '""', "[]", "[-1]", "[" + HUGE + "]", "[1e400]", "null",
-                              "[512]", "[[1], [2]]"]}
+                              "[512]", "[[1], []]", '[1, "a"]', "[[1], [512]]"],
+                   "best_of": LITERALS + ["0", "129"], "prompt_logprobs": LITERALS + ["21", "-1"], "echo": ['"yes"', "1"]}
 MODELS = ['"\\ud800"', '"gpt-\\udfff"', '"nope"', "3", "null"]
 
 
@@ -260,8 +261,10 @@ def test_404_for_unknown_models_encodes(server):
 # ----------------------------------------------------------------------------------- nothing accepted and ignored
 
 @pytest.mark.parametrize("endpoint,change", [
-    ("completions", {"guided_json": {}}), ("chat/completions", {"structured_outputs": {"json": {}}}),
+    ("completions", {"guided_json": {}}), ("completions", {"suffix": "x"}),
+    ("chat/completions", {"structured_outputs": {"json": {}}}),
     ("chat/completions", {"functions": [{"name": "f"}]}), ("chat/completions", {"function_call": "auto"}),
+    ("chat/completions", {"echo": True}), ("chat/completions", {"prompt_logprobs": 1}),
 ])
 def test_unimplemented_parameters_are_refused(server, endpoint, change):
     srv, _, _ = server

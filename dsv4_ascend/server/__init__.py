@@ -1,12 +1,14 @@
 """An OpenAI-compatible HTTP server over one continuously-batching `Engine` (`dsv4 serve`).
 
-Modules: `protocol` (request parsing and validation, OpenAI-style errors), `worker` (the engine thread and its
-jobs), `text` (incremental detokenisation, stop strings, thinking split), `metrics` (Prometheus), `app` (routes),
-`run` (uvicorn with a graceful drain, background server, `dsv4 serve`).
+Modules: `body` (the body as checked JSON, OpenAI-style errors), `protocol` (request parsing and validation),
+`schemas` (pydantic models for /openapi.json), `worker` (the engine thread and its jobs), `text` (incremental
+detokenisation, stop strings, thinking split), `logprobs` (their response formats), `metrics` (Prometheus), `gate`
+(API key, drain, X-Request-Id, CORS middleware), `app` (routes), `run` (uvicorn with a graceful drain, background
+server, `dsv4 serve`).
 """
 from .app import AppState, create_app
+from .body import APIError
 from .metrics import Metrics
-from .protocol import APIError
 from .run import BackgroundServer, DrainingServer, build_server, serve_main
 from .worker import EngineWorker
 

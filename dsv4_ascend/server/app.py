@@ -10,32 +10,34 @@ CORS headers are sent only for the origins `allowed_origins` lists (Starlette's 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 try:
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.middleware.cors import CORSMiddleware
 except ImportError as _err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
 from .. import __version__
 from ..chat import EOS, parse_completion
+from ..dsml_stream import ToolCallStream
 from ..engine import CapacityError, Engine
+from . import schemas as sc
+from .gate import AppState, Gate, error_response
+from .logprobs import LogprobFormat
 from .metrics import Metrics
 from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
-                       parse_completion_request, parse_detokenize_request, parse_tokenize_request, request_id)
+                       parse_completion_request, parse_detokenize_request, parse_tokenize_request)
 from .text import Output, ThinkSplit, TokenText
 from .worker import EngineWorker, Job
 
@@ -43,98 +45,9 @@ __all__ = ["AppState", "create_app"]
 
 log = logging.getLogger("dsv4.server")
 
-PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
-                   "/tokenize", "/detokenize"})
-GET_HEAD = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no body for HEAD)
-
-
-@dataclass
-class AppState:
-    """What the gate, the routes and the draining server share."""
-
-    settings: Settings
-    metrics: Metrics
-    worker: EngineWorker
-    body_timeout: float          # seconds a request body may take to arrive
-    draining: bool = False
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    # 408/413 answer before the body was read to its end: the connection cannot carry another request.
-    headers = {"Connection": "close"} if err.status in (408, 413) else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _request_id(scope) -> str | None:
-    """The request's X-Request-Id (None when absent); an APIError when invalid."""
-    name = REQUEST_ID_HEADER.lower().encode()
-    return request_id([v.decode("latin-1") for k, v in scope.get("headers") or () if k == name])
-
-
-class _Gate:
-    """Pure ASGI middleware: API key on /v1/*, 503 while draining, X-Request-Id checked and echoed, CORS when
-    origins are allowed (outside the key check, so preflights and 401s carry CORS headers), per-path status counters
-    (counted when the response starts, so /metrics read after a response already counts it)."""
-
-    def __init__(self, app, state: AppState, allowed_origins: Sequence[str] = ()) -> None:
-        self.app = app
-        self.state = state
-        self.inner = self._guard
-        if allowed_origins:
-            self.inner = CORSMiddleware(self._guard, allow_origins=list(allowed_origins),
-                                        allow_methods=[*GET_HEAD, "POST"], allow_headers=["*"],
-                                        expose_headers=[REQUEST_ID_HEADER])
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        known = path if path in PATHS else "other"
-        counted = False
-        try:
-            echo = _request_id(scope)
-        except APIError:
-            echo = None  # refused with a 400 by _guard; an invalid value is not sent back
-
-        async def send_counted(message) -> None:
-            nonlocal counted
-            if message["type"] == "http.response.start" and not counted:
-                counted = True
-                self.state.metrics.inc("dsv4_http_requests_total", path=known, code=str(message["status"]))
-                if echo is not None:
-                    message = {**message, "headers": [*(message.get("headers") or ()),
-                                                      (REQUEST_ID_HEADER.lower().encode(), echo.encode())]}
-            await send(message)
-
-        try:
-            await self.inner(scope, receive, send_counted)
-        finally:
-            if not counted:  # no response was started (the client went away, or the app failed)
-                self.state.metrics.inc("dsv4_http_requests_total", path=known, code="500")
-
-    async def _guard(self, scope, receive, send) -> None:
-        path: str = scope.get("path", "")
-        err = None
-        key = self.state.settings.api_key
-        if path.startswith("/v1/"):
-            if key is not None:
-                headers = dict(scope.get("headers") or [])
-                auth = headers.get(b"authorization", b"").decode("latin-1")
-                given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode()):
-                    err = APIError("invalid or missing API key (send 'Authorization: Bearer <key>')", None, 401,
-                                   code="invalid_api_key")
-            if err is None and self.state.draining:
-                err = APIError("the server is shutting down", None, 503, type="server_error")
-        if err is None:
-            try:
-                _request_id(scope)
-            except APIError as exc:
-                err = exc
-        if err is not None:
-            await _error_response(err)(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+def call_id() -> str:
+    """A tool call's id, as OpenAI writes them."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _sse(data: Any) -> str:
@@ -162,6 +75,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                         api_key or None, max_queue)
     state = AppState(settings, metrics, worker, body_timeout)
     tok_text = TokenText(tokenizer)
+    fmt = LogprobFormat(tokenizer, tok_text)
     eos = engine.eos
     created = int(time.time())
 
@@ -173,27 +87,42 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         finally:
             worker.stop()
 
-    app = FastAPI(title="dsv4-ascend", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)  # never answer a POST with a redirect
+    app = FastAPI(title="dsv4-ascend", version=__version__, lifespan=lifespan, redoc_url=None,
+                  redirect_slashes=False)  # never answer a POST with a redirect; /docs and /openapi.json served
     app.state.dsv4 = state
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # the routes read their bodies themselves: add the request models
+            app.openapi_schema = sc.add_request_schemas(get_openapi(title=app.title, version=app.version,
+                                                                    routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    def get(path: str, **kw) -> Callable:
+        """A GET route that also answers HEAD (HEAD kept out of the OpenAPI document: one operation per route)."""
+        def register(fn: Callable) -> Callable:
+            app.add_api_route(path, fn, methods=["HEAD"], include_in_schema=False)
+            return app.get(path, **kw)(fn)
+        return register
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
-        return _error_response(APIError(str(exc.detail), None, exc.status_code,
+        return error_response(APIError(str(exc.detail), None, exc.status_code,
                                         "not_found_error" if exc.status_code == 404 else "invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, exc: RequestValidationError):
-        return _error_response(APIError(str(exc), None))
+        return error_response(APIError(str(exc), None))
 
     @app.exception_handler(Exception)
     async def _server_error(_, exc: Exception):
         log.exception("unhandled error")
-        return _error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
+        return error_response(APIError(f"internal error: {type(exc).__name__}", None, 500, "server_error"))
 
     # -- helpers ----------------------------------------------------------------------------------------------
     async def read_body(request: HTTPRequest) -> bytes:
@@ -217,105 +146,126 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         body = await asyncio.to_thread(parse_body, raw)
         return await asyncio.to_thread(parser, body, settings, tokenizer)
 
-    async def start(parsed: Parsed, prompt_param: str) -> Job:
-        if worker.pending >= settings.max_queue + worker.max_slots:
+    async def start(parsed: Parsed, prompt_param: str) -> list[tuple[Job, Output]]:
+        """Submit every sequence of the request (prompts x best_of) and wait until all are admitted; the first
+        refusal aborts the others and answers for the request."""
+        seqs = parsed.sequences()
+        if worker.pending + len(seqs) > settings.max_queue + worker.max_slots:
             raise APIError("the server is overloaded; retry later", None, 503, "server_error")
         if not worker.alive:
             raise APIError("the engine is not running", None, 503, "server_error")
-        job = worker.submit(parsed.prompt, parsed.params, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        jobs = [worker.submit(parsed.prompts[i].ids, params, loop) for i, params in seqs]
         try:
-            first = await job.queue.get()
+            for job in jobs:
+                first = await job.queue.get()
+                if first[0] == "error":
+                    exc = first[1]
+                    if isinstance(exc, CapacityError):
+                        raise APIError(str(exc), "max_tokens" if len(job.prompt) < settings.max_seq_len
+                                       else prompt_param)
+                    if isinstance(exc, ValueError):
+                        raise APIError(str(exc), prompt_param)
+                    if isinstance(exc, APIError):  # e.g. 503 when a rank of a multi-rank job failed
+                        raise exc
+                    raise APIError(f"engine error: {exc}", None, 500, "server_error")
+                if first[0] == "finish":
+                    raise APIError("the server is shutting down", None, 503, "server_error")
         except BaseException:
-            worker.abort(job)
+            for job in jobs:
+                worker.abort(job)
             raise
-        if first[0] == "error":
-            exc = first[1]
-            if isinstance(exc, CapacityError):
-                raise APIError(str(exc), "max_tokens" if len(parsed.prompt) < settings.max_seq_len
-                               else prompt_param)
-            if isinstance(exc, ValueError):
-                raise APIError(str(exc), prompt_param)
-            if isinstance(exc, APIError):  # e.g. 503 when a rank of a multi-rank job failed
-                raise exc
-            raise APIError(f"engine error: {exc}", None, 500, "server_error")
-        if first[0] == "finish":
-            raise APIError("the server is shutting down", None, 503, "server_error")
-        return job
+        return [(job, Output(tokenizer, job.params.stop)) for job in jobs]
 
-    async def events(job: Job, out: Output) -> AsyncIterator[list]:
-        """Token batches as they arrive (already pushed into `out`); ends when `out.finish` is set."""
-        while out.finish is None:
-            item = await job.queue.get()
-            if item[0] == "tokens":
-                batch = []
-                for t in item[1]:
-                    if out.finish is not None:
-                        break
-                    out.push(*t)
-                    batch.append(t)
-                if out.stop_hit:
-                    worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
-                yield batch
-            elif item[0] == "finish":
-                out.end(item[1])
-                yield []
-            elif item[0] == "error":
-                out.end("error")
-                if isinstance(item[1], APIError):
-                    raise item[1]
-                raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+    def apply(job: Job, out: Output, item: tuple) -> list | None:
+        """One worker event applied to `out`: the token records it adds ([] for the finish), None for nothing."""
+        if item[0] == "tokens":
+            batch = []
+            for t in item[1]:
+                if out.finish is not None:
+                    break
+                out.push(*t)
+                batch.append(t)
+            if out.stop_hit:
+                worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
+            return batch
+        if item[0] == "prompt":
+            out.prompt_logprobs = item[1]
+        elif item[0] == "finish":
+            out.end(item[1])
+            return []
+        elif item[0] == "error":
+            out.end("error")
+            if isinstance(item[1], APIError):
+                raise item[1]
+            raise APIError(f"engine error: {item[1]}", None, 500, "server_error")
+        return None
+
+    async def merged(seqs: list[tuple[Job, Output]]) -> AsyncIterator[tuple[int, list | None]]:
+        """(sequence, token batch) in arrival order over all sequences, then (sequence, None) once it finished.
+        Events are applied here, as they are read, so each batch's text is exactly what it added."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, job: Job) -> None:
+            while True:
+                item = await job.queue.get()
+                queue.put_nowait((k, item))
+                if item[0] in ("finish", "error"):
+                    return
+
+        one = len(seqs) == 1  # the common case reads its job's queue directly
+        tasks = [] if one else [asyncio.create_task(pump(k, job)) for k, (job, _) in enumerate(seqs)]
+        try:
+            left = len(seqs)
+            while left:
+                k, item = (0, await seqs[0][0].queue.get()) if one else await queue.get()
+                job, out = seqs[k]
+                if out.finish is not None:
+                    continue  # a stop string ended it; the engine's late events are moot
+                batch = apply(job, out, item)
+                if batch is not None:
+                    yield k, batch
+                if out.finish is not None:
+                    left -= 1
+                    yield k, None
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def finish_reason(out: Output) -> str:
         return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
 
-    def usage(parsed: Parsed, out: Output) -> dict:
-        """Usage so far; no prompt token is served from a cache yet (no prefix caching), so cached_tokens is 0."""
-        n = len(out.tokens)
-        return {"prompt_tokens": len(parsed.prompt), "completion_tokens": n, "total_tokens": len(parsed.prompt) + n,
+    def usage(parsed: Parsed, outs: list[Output]) -> dict:
+        """Usage so far: each prompt counted once, the tokens of the choices returned; no prompt token is served
+        from a cache yet (no prefix caching), so cached_tokens is 0."""
+        p = sum(len(x.ids) for x in parsed.prompts)
+        n = sum(len(out.tokens) for out in outs)
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
                 "prompt_tokens_details": {"cached_tokens": 0}}
 
     def response_id(request: HTTPRequest, prefix: str) -> str:
         return f"{prefix}-{request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex}"  # the header passed _Gate
 
-    def completion_logprobs(batch: list, offset: int, top_n: int) -> dict:
-        tokens, lps, tops, offsets = [], [], [], []
-        for t, lp, top in batch:
-            s = tok_text(t)[0]
-            tokens.append(s)
-            lps.append(lp)
-            entry: dict[str, float] = {}
-            for i, v in (top or {}).items() if top_n else ():
-                entry.setdefault(tok_text(i)[0], v)  # ids sharing a text keep the best logprob
-            tops.append(entry)
-            offsets.append(offset)
-            offset += len(s)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def chat_logprobs(batch: list) -> list[dict]:
-        out = []
-        for t, lp, top in batch:
-            s, b = tok_text(t)
-            tops = [{"token": tok_text(i)[0], "logprob": v, "bytes": tok_text(i)[1]} for i, v in (top or {}).items()]
-            out.append({"token": s, "logprob": lp, "bytes": b, "top_logprobs": tops})
-        return out
-
-    async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+    async def watch_disconnect(request: HTTPRequest, jobs: list[Job]) -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                worker.abort(job)
+                for job in jobs:
+                    worker.abort(job)
                 return
 
-    async def collect(request: HTTPRequest, job: Job, out: Output) -> list:
-        batches = []
-        watcher = asyncio.create_task(watch_disconnect(request, job))
+    async def collect(request: HTTPRequest, seqs: list[tuple[Job, Output]]) -> list[list]:
+        """Every sequence's token records [(id, logprob, top)], once all have finished."""
+        batches: list[list] = [[] for _ in seqs]
+        watcher = asyncio.create_task(watch_disconnect(request, [job for job, _ in seqs]))
         try:
-            async for batch in events(job, out):
-                batches += batch
+            async for k, batch in merged(seqs):
+                batches[k] += batch or []
         finally:
             watcher.cancel()
-            if out.finish is None:  # the client went away (or the handler failed): free the slot now
-                worker.abort(job)
+            for job, out in seqs:
+                if out.finish is None:  # the client went away (or the handler failed): free the slot now
+                    worker.abort(job)
         return batches
 
     def done_metric(endpoint: str, reason: str) -> None:
@@ -324,53 +274,65 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
     class SSEResponse(StreamingResponse):
         """Server-sent events; whatever ends the response (done, disconnect, cancel) releases the request."""
 
-        def __init__(self, gen: AsyncIterator[str], job: Job, out: Output) -> None:
+        def __init__(self, gen: AsyncIterator[str], seqs: list[tuple[Job, Output]]) -> None:
             super().__init__(gen, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             self.gen = gen
-            self.job = job
-            self.out = out
+            self.seqs = seqs
 
         async def __call__(self, scope, receive, send) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                if self.out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
-                    worker.abort(self.job)
+                for job, out in self.seqs:
+                    if out.finish is None:  # disconnected mid-stream: abort so the slot frees at once
+                        worker.abort(job)
                 await self.gen.aclose()
 
-    def stream(endpoint: str, job: Job, out: Output, parsed: Parsed, first: list[dict],
-               on_batch: Callable[[list], list[dict]], on_end: Callable[[str], list[dict]]) -> SSEResponse:
-        """The one streaming skeleton: `first` chunks, then `on_batch(batch)` per token batch, then `on_end(reason)`;
-        with continuous_usage_stats every chunk carries the usage so far; an engine error becomes an error event;
-        always ends with [DONE] and counts the finish reason."""
+    def stream(endpoint: str, seqs: list[tuple[Job, Output]], parsed: Parsed, first: list[dict],
+               on_batch: Callable[[int, list], list[dict]], on_finish: Callable[[int, str], list[dict]],
+               tail: Callable[[], list[dict]]) -> SSEResponse:
+        """The one streaming skeleton: `first` chunks, then `on_batch(k, batch)` per token batch of sequence k and
+        `on_finish(k, reason)` when it ends, then `tail()`; with continuous_usage_stats every chunk carries the
+        usage so far; an engine error becomes an error event; always ends with [DONE]; counts finish reasons."""
+        outs = [out for _, out in seqs]
+        counted = [False] * len(seqs)
+
         def sse(chunk: dict) -> str:
             if parsed.continuous_usage:
-                chunk.setdefault("usage", usage(parsed, out))
+                chunk.setdefault("usage", usage(parsed, outs))
             return _sse(chunk)
 
         async def gen() -> AsyncIterator[str]:
-            reason = "abort"
+            left = "abort"
             try:
                 for chunk in first:
                     yield sse(chunk)
-                async for batch in events(job, out):
-                    for chunk in on_batch(batch):
+                async for k, batch in merged(seqs):
+                    if batch is None:
+                        chunks = on_finish(k, finish_reason(outs[k]))
+                        counted[k] = True  # the reason sent (chat turns "stop" into "tool_calls")
+                        done_metric(endpoint, [c for x in chunks for c in x["choices"] if c["finish_reason"]][-1][
+                            "finish_reason"])
+                    else:
+                        chunks = on_batch(k, batch)
+                    for chunk in chunks:
                         yield sse(chunk)
-                reason = finish_reason(out)
-                for chunk in on_end(reason):
+                for chunk in tail():
                     yield sse(chunk)
             except APIError as err:
-                reason = "error"
+                left = "error"
                 yield _sse(err.body())
             finally:
-                done_metric(endpoint, reason)
+                for k in range(len(seqs)):
+                    if not counted[k]:
+                        done_metric(endpoint, left)
             yield "data: [DONE]\n\n"
 
-        return SSEResponse(gen(), job, out)
+        return SSEResponse(gen(), seqs)
 
     # -- endpoints --------------------------------------------------------------------------------------------
-    @app.api_route("/health", methods=GET_HEAD)
+    @get("/health")
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, 503)
@@ -378,7 +340,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             return JSONResponse({"status": "engine not running"}, 503)
         return {"status": "ok"}
 
-    @app.api_route("/metrics", methods=GET_HEAD)
+    @get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -386,22 +348,23 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv4-ascend",
                 "max_model_len": settings.max_seq_len}
 
-    @app.api_route("/v1/models", methods=GET_HEAD)
+    @get("/v1/models", responses=sc.responses(sc.ModelList))
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.api_route("/v1/models/{name:path}", methods=GET_HEAD)
+    @get("/v1/models/{name:path}", responses=sc.responses(sc.ModelCard))
     async def model(name: str):
         if name != settings.model_name:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             raise APIError(f"the model '{shown}' does not exist", "model", 404, code="model_not_found")
         return model_card()
 
-    @app.api_route("/version", methods=GET_HEAD)
+    @get("/version", responses=sc.responses(sc.VersionResponse))
     async def version():
         return {"version": __version__}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=sc.request_body(sc.TokenizeRequest),
+              responses=sc.responses(sc.TokenizeResponse))
     async def tokenize(request: HTTPRequest):
         ids, strs = await parse(request, parse_tokenize_request)
         out = {"count": len(ids), "max_model_len": settings.max_seq_len, "tokens": ids}
@@ -409,55 +372,94 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             out["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
         return JSONResponse(out)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=sc.request_body(sc.DetokenizeRequest),
+              responses=sc.responses(sc.DetokenizeResponse))
     async def detokenize(request: HTTPRequest):
         ids = await parse(request, parse_detokenize_request)
         return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=sc.request_body(sc.CompletionRequest),
+              responses=sc.responses(sc.CompletionResponse, stream=True))
     async def completions(request: HTTPRequest):
         parsed = await parse(request, parse_completion_request)
-        job = await start(parsed, "prompt")
-        out = Output(tokenizer, parsed.params.stop)
+        seqs = await start(parsed, "prompt")
         rid, now = response_id(request, "cmpl"), int(time.time())
-        top_n = parsed.logprobs or 0
+        top_n, per = parsed.logprobs, parsed.best_of
 
-        def chunk(text: str, lp: dict | None, reason: str | None) -> dict:
+        def head(choices: list[dict]) -> dict:
             return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
+                    "choices": choices}
+
+        def prefix(k: int, out: Output) -> tuple[str, dict | None, dict]:
+            """What precedes sequence k's text: the echoed prompt, its logprobs, and vLLM's prompt_logprobs."""
+            prompt = parsed.prompts[k // per]
+            extra = {}
+            if parsed.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = fmt.prompt_logprobs(prompt.ids, out.prompt_logprobs or [],
+                                                                parsed.prompt_logprobs)
+            if not parsed.echo:
+                return "", None, extra
+            text, lp = fmt.echo(prompt.ids, out.prompt_logprobs or [], top_n)
+            return text, lp, extra
+
+        def join(a: dict | None, b: dict | None) -> dict | None:
+            return b if a is None else {key: a[key] + b[key] for key in a}
 
         if not parsed.stream:
-            batch = await collect(request, job, out)
-            reason = finish_reason(out)
-            done_metric("completions", reason)
-            lp = completion_logprobs(batch, 0, top_n) if parsed.logprobs is not None else None
-            return {**chunk(out.text, lp, reason), "usage": usage(parsed, out)}
+            batches = await collect(request, seqs)
+            choices, kept = [], []
+            for p in range(len(parsed.prompts)):
+                group = list(range(p * per, (p + 1) * per))
+                if per > parsed.n:  # best_of: the n with the highest cumulative logprob (stable: ties keep order)
+                    group.sort(key=lambda k: -sum(lp for _, lp, _ in batches[k]))
+                for j, k in enumerate(group[:parsed.n]):
+                    job, out = seqs[k]
+                    text, lp, extra = prefix(k, out)
+                    if top_n is not None:
+                        lp = join(lp, fmt.completion(batches[k], len(text), top_n))
+                    choices.append({"index": p * parsed.n + j, "text": text + out.text, "logprobs": lp,
+                                    "finish_reason": finish_reason(out), **extra})
+                    kept.append(out)
+            for _, out in seqs:
+                done_metric("completions", finish_reason(out))
+            return {**head(choices), "usage": usage(parsed, kept)}
 
-        offset = 0
+        offsets = [0] * len(seqs)  # best_of == n when streaming: sequence k is choice k
+        opened = [not (parsed.echo or parsed.prompt_logprobs is not None)] * len(seqs)
 
-        def on_batch(batch: list) -> list[dict]:
-            nonlocal offset
+        def on_batch(k: int, batch: list) -> list[dict]:
+            out = seqs[k][1]
+            chunks = []
+            if batch and not opened[k]:  # the prompt part comes first, once the prefill has computed it
+                opened[k] = True
+                text, lp, extra = prefix(k, out)
+                offsets[k] = len(text)
+                chunks.append(head([{"index": k, "text": text, "logprobs": lp, "finish_reason": None, **extra}]))
             piece = out.take()
-            lp = completion_logprobs(batch, offset, top_n) if parsed.logprobs is not None and batch else None
-            offset += sum(len(tok_text(t)[0]) for t, _, _ in batch)
-            return [chunk(piece, lp, None)] if piece or lp else []
+            lp = fmt.completion(batch, offsets[k], top_n) if top_n is not None and batch else None
+            offsets[k] += sum(len(tok_text(t)[0]) for t, _, _ in batch)
+            if piece or lp:
+                chunks.append(head([{"index": k, "text": piece, "logprobs": lp, "finish_reason": None}]))
+            return chunks
 
-        def on_end(reason: str) -> list[dict]:
-            tail = [{"id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
-                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
-            return [chunk(out.take(), None, reason), *tail]
+        def on_finish(k: int, reason: str) -> list[dict]:
+            return [head([{"index": k, "text": seqs[k][1].take(), "logprobs": None, "finish_reason": reason}])]
 
-        return stream("completions", job, out, parsed, [], on_batch, on_end)
+        def tail() -> list[dict]:
+            return [{**head([]), "usage": usage(parsed, [out for _, out in seqs])}] if parsed.include_usage else []
 
-    @app.post("/v1/chat/completions")
+        return stream("completions", seqs, parsed, [], on_batch, on_finish, tail)
+
+    @app.post("/v1/chat/completions", openapi_extra=sc.request_body(sc.ChatCompletionRequest),
+              responses=sc.responses(sc.ChatCompletionResponse, stream=True))
     async def chat_completions(request: HTTPRequest):
         parsed = await parse(request, parse_chat_request)
-        job = await start(parsed, "messages")
-        out = Output(tokenizer, parsed.params.stop)
+        seqs = await start(parsed, "messages")
+        out = seqs[0][1]
         rid, now = response_id(request, "chatcmpl"), int(time.time())
 
         if not parsed.stream:
-            batch = await collect(request, job, out)
+            (batch,) = await collect(request, seqs)
             reason = finish_reason(out)
             message = None
             if (parsed.thinking or parsed.tools) and not out.stop_hit:
@@ -473,13 +475,13 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                 if parsed.thinking:
                     message["reasoning_content"] = r
             if message.get("tool_calls"):
-                message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **tc} for tc in message["tool_calls"]]
+                message["tool_calls"] = [{"id": call_id(), **tc} for tc in message["tool_calls"]]
                 reason = "tool_calls"
             done_metric("chat", reason)
-            lp = {"content": chat_logprobs(batch)} if parsed.logprobs is not None else None
+            lp = {"content": fmt.chat(batch)} if parsed.logprobs is not None else None
             return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
                     "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
-                    "usage": usage(parsed, out)}
+                    "usage": usage(parsed, [out])}
 
         def chunk(delta: dict, lp: list | None, reason: str | None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
@@ -487,28 +489,40 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                                  "logprobs": None if lp is None else {"content": lp}, "finish_reason": reason}]}
 
         split = ThinkSplit(parsed.thinking)
+        calls = ToolCallStream(call_id) if parsed.tools else None  # DSML tool calls parsed as they arrive
 
         def delta(piece: str, final: bool) -> dict:
             r, c = split.feed(piece, final)
-            d = {}
+            d: dict[str, Any] = {}
             if r:
                 d["reasoning_content"] = r
-            if c:
-                d["content"] = c
+            if calls is None:
+                if c:
+                    d["content"] = c
+                return d
+            for part in calls.feed(c, final):
+                if "content" in part:
+                    d["content"] = d.get("content", "") + part["content"]
+                else:
+                    d.setdefault("tool_calls", []).extend(part["tool_calls"])
             return d
 
-        def on_batch(batch: list) -> list[dict]:
+        def on_batch(_: int, batch: list) -> list[dict]:
             d = delta(out.take(), False)
-            lp = chat_logprobs(batch) if parsed.logprobs is not None and batch else None
+            lp = fmt.chat(batch) if parsed.logprobs is not None and batch else None
             return [chunk(d, lp, None)] if d or lp else []
 
-        def on_end(reason: str) -> list[dict]:
+        def on_finish(_: int, reason: str) -> list[dict]:
             d = delta(out.take(), True)
-            tail = [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
-                     "choices": [], "usage": usage(parsed, out)}] if parsed.include_usage else []
-            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason), *tail]
+            if calls is not None and calls.closed and calls.sent and not calls.raw:
+                reason = "tool_calls"
+            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason)]
 
-        return stream("chat", job, out, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
-                      on_end)
+        def tail() -> list[dict]:
+            return [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                     "choices": [], "usage": usage(parsed, [out])}] if parsed.include_usage else []
 
-    return _Gate(app, state, allowed_origins)
+        return stream("chat", seqs, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
+                      on_finish, tail)
+
+    return Gate(app, state, allowed_origins)

@@ -1,58 +1,44 @@
-"""The HTTP protocol: request bodies parsed and validated by hand into prompt ids + `SamplingParams` (or, for
-/tokenize and /detokenize, ids), and the OpenAI-style error every bad request gets ({"error": {"message", "type",
-"param", "code"}}, naming the field or the header).
+"""The HTTP protocol: request bodies (read and checked as JSON by `body`) parsed and validated by hand into prompt
+ids + `SamplingParams` (or, for /tokenize and /detokenize, ids); every bad request gets an OpenAI-style error
+(`body.APIError`) naming the field or the header.
 
-Every numeric field is bounded on both sides, strings must be valid Unicode (no lone surrogates), JSON may nest
-at most `MAX_JSON_DEPTH` levels, and parameters this server does not implement are refused, never ignored.
+Every numeric field is bounded on both sides, and parameters this server does not implement are refused, never ignored.
 User text is tokenised as plain text: only the chat template inserts control tokens. A completions prompt given
 as token ids is used as is (the way to send special tokens on purpose). Prompts are refused by length before
 tokenising when their characters alone prove they cannot fit (`Tokenizer.max_token_chars`).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat import ASSISTANT, THINK_END, THINK_START, encode_message_segments
 from ..constraints import GuidedSpec
 from ..sampling import SamplingParams
+from .body import MAX_BODY_BYTES, MAX_JSON_DEPTH, APIError, parse_body
+from .body import printable as _printable
+from .body import type_name as _type_name
 
-__all__ = ["APIError", "Settings", "Parsed", "parse_body", "parse_completion_request", "parse_chat_request",
-           "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES", "REQUEST_ID_HEADER"]
+__all__ = ["APIError", "Settings", "Parsed", "Prompt", "choice_seed", "parse_body", "parse_completion_request",
+           "parse_chat_request", "parse_tokenize_request", "parse_detokenize_request", "request_id", "MAX_BODY_BYTES",
+           "MAX_JSON_DEPTH", "REQUEST_ID_HEADER"]
 
-MAX_BODY_BYTES = 16 << 20
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
-MAX_JSON_DEPTH = 64
 INT64 = (-(2**63), 2**63 - 1)
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 128
+MAX_CHOICES = 128        # n and best_of
+MAX_SEQUENCES = 1024     # prompts x best_of in one completions request
 
 # Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
 _UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                "guided_decoding_backend", "structured_outputs", "functions", "function_call", "prompt_logprobs",
-                "use_beam_search", "logits_processors", "bad_words", "allowed_token_ids")
+                "guided_decoding_backend", "structured_outputs", "functions", "function_call", "use_beam_search",
+                "logits_processors", "bad_words", "allowed_token_ids")
 _NEUTRAL = {"use_beam_search": False}
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
-
-
-class APIError(Exception):
-    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -68,8 +54,25 @@ class Settings:
 
 
 @dataclass
+class Prompt:
+    """One prompt of a request: its ids, its sampling (max_tokens fitted to it), its text as given (echo)."""
+
+    ids: list[int]
+    params: SamplingParams
+    text: str | None = None     # the prompt string; None when given as token ids
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` (0-based, of n or best_of) of a prompt whose request seed is `seed`: seed + choice,
+    wrapped into int64. Choice 0 keeps the request's seed, so choice j of a seeded request equals a single-choice
+    request with seed + j."""
+    return (seed + choice + 2**63) % 2**64 - 2**63
+
+
+@dataclass
 class Parsed:
-    """A validated request: prompt ids, sampling, and how to answer."""
+    """A validated request: prompt ids, sampling, and how to answer. `prompt`/`params` are the first (for chat,
+    the only) prompt; a completions request lists all of its prompts in `prompts`."""
 
     prompt: list[int]
     params: SamplingParams
@@ -79,99 +82,23 @@ class Parsed:
     thinking: bool = False
     tools: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: every streamed chunk carries usage
+    prompts: list[Prompt] = field(default_factory=list)
+    n: int = 1                  # choices returned per prompt
+    best_of: int = 1            # choices generated per prompt (the n with the highest cumulative logprob are kept)
+    echo: bool = False          # completions: the prompt text (and its logprobs) precede each choice's text
+    prompt_logprobs: int | None = None  # vLLM's field: each choice also carries its prompt tokens' logprobs
 
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = [Prompt(self.prompt, self.params)]
 
-# ------------------------------------------------------------------------------------------------ the body
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
-
-
-def _printable(s: str) -> str:
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _path(node: tuple | None) -> str:
-    """'messages[2].content' from a (parent, key) chain."""
-    keys = []
-    while node is not None:
-        node, key = node
-        keys.append(key)
-    out = ""
-    for key in reversed(keys):
-        out += f"[{key}]" if isinstance(key, int) else (f".{_printable(key)}" if out else _printable(key))
-    return out
-
-
-def _deep_field(text: str) -> str | None:
-    """The top-level key under which `text` nests deeper than MAX_JSON_DEPTH (None if not found)."""
-    depth, key = 0, None
-    for m in _JSON_TOKENS.finditer(text):
-        t = m.group()
-        if t in ("[", "{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return key
-        elif t in ("]", "}"):
-            depth -= 1
-        elif depth == 1 and t.endswith(":"):
-            try:
-                key = _printable(json.loads(t[:-1].rstrip()))
-            except ValueError:
-                key = None
-    return key
-
-
-def _check_tree(body: dict) -> None:
-    """Refuse strings that are not valid Unicode and nesting deeper than MAX_JSON_DEPTH, naming the field."""
-    stack: list[tuple[Any, int, tuple | None]] = [(body, 1, None)]
-    while stack:
-        v, depth, node = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                field = _path(node) or "body"
-                raise APIError(f"'{field}' is not valid Unicode (it holds a lone surrogate)", field)
-        elif isinstance(v, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                while node[0] is not None:  # name the top-level field
-                    node = node[0]
-                field = _path(node)
-                raise APIError(f"'{field}' nests deeper than {MAX_JSON_DEPTH} levels", field)
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    if _SURROGATE.search(k):
-                        field = _path((node, k))
-                        raise APIError(f"the key '{field}' is not valid Unicode (it holds a lone surrogate)",
-                                       _path(node) or None)
-                    if isinstance(x, (str, dict, list)):
-                        stack.append((x, depth + 1, (node, k)))
-            else:
-                stack += [(x, depth + 1, (node, i)) for i, x in enumerate(v) if isinstance(x, (str, dict, list))]
-
-
-def parse_body(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong (CPU-bound: run it off the event loop)."""
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text)
-    except RecursionError:
-        field = _deep_field(text)
-        where = f"'{field}'" if field else "the request body"
-        raise APIError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels", field) from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, bad UTF-8, integers over 4300 digits
-        raise APIError(f"the request body is not valid JSON: {exc}", None) from None
-    if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}", None)
-    _check_tree(body)
-    return body
+    def sequences(self) -> list[tuple[int, SamplingParams]]:
+        """The engine requests to run: (prompt index, params with the choice's seed), best_of per prompt."""
+        return [(i, p.params if j == 0 else dataclasses.replace(p.params, seed=choice_seed(p.params.seed, j)))
+                for i, p in enumerate(self.prompts) for j in range(self.best_of)]
 
 
 # ------------------------------------------------------------------------------------------------ fields
-
-def _type_name(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "integer", float: "number"}.get(type(v), type(v).__name__)
-
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -227,12 +154,6 @@ def _opt_bool(body: dict, name: str, default: bool = False, label: str | None = 
 
 
 def _check_unsupported(body: dict) -> None:
-    for name, neutral in (("n", 1), ("best_of", 1)):
-        v = body.get(name)
-        if v is not None and not (_is_int(v) and v == neutral):
-            raise APIError(f"'{name}' must be 1 (one choice per request is supported)", name)
-    if _opt_bool(body, "echo"):
-        raise APIError("'echo' is not supported", "echo")
     if body.get("suffix") not in (None, ""):
         raise APIError("'suffix' is not supported", "suffix")
     for name in _UNSUPPORTED:
@@ -380,36 +301,82 @@ def request_id(values: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ endpoints
 
+def _completion_prompt(p: Any, s: Settings, tok, param: str) -> tuple[list[int], str | None]:
+    """One prompt: a string is plain text after BOS; token ids are used as is."""
+    if isinstance(p, str):
+        if not p:
+            raise APIError(f"'{param}' must not be empty", "prompt")
+        _check_chars(s, len(p), 1, "prompt")
+        return [tok.bos_id] + tok.encode_text(p), p
+    if isinstance(p, list) and p and all(_is_int(t) for t in p):
+        bad = [t for t in p if not 0 <= t < s.vocab]
+        if bad:
+            shown = [t if abs(t) < 10**30 else "<huge>" for t in bad[:5]]
+            raise APIError(f"'{param}' token ids must be in [0, {s.vocab}), found {shown}", "prompt")
+        return list(p), None
+    raise APIError(f"'{param}' must be a non-empty string or a non-empty array of token ids", "prompt")
+
+
+def _choices(body: dict, stream: bool) -> tuple[int, int]:
+    """n and best_of (best_of >= n; best_of > n cannot stream: the choices kept are known only at the end)."""
+    n = _opt_int(body, "n", 1, MAX_CHOICES) or 1
+    best_of = _opt_int(body, "best_of", 1, MAX_CHOICES)
+    if best_of is None:
+        return n, n
+    if best_of < n:
+        raise APIError(f"'best_of' ({best_of}) must be >= 'n' ({n})", "best_of")
+    if stream and best_of > n:
+        raise APIError("'best_of' > 'n' cannot be streamed (the kept choices are known only at the end)", "best_of")
+    return n, best_of
+
+
 def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
-    """/v1/completions: a string prompt is plain text after BOS; a token-id prompt is used as is."""
+    """/v1/completions: one prompt or a list of prompts (strings: plain text after BOS; token ids: used as is),
+    n / best_of choices each, echo, logprobs of generated and (echo, prompt_logprobs) prompt tokens."""
     _model_name(body, s)
     _check_unsupported(body)
     logprobs = _opt_int(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = _opt_bool(body, "echo")
+    prompt_lps = _opt_int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
     stream, include, continuous = _stream_flags(body)
+    n, best_of = _choices(body, stream)
     fields, name, max_tokens = _sampling(body, s, logprobs)
     p = body.get("prompt")
     if p is None:
         raise APIError("'prompt' is required", "prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        if not p:
-            raise APIError("'prompt' must not be empty", "prompt")
-        _check_chars(s, len(p), 1, "prompt")
-        prompt = [tok.bos_id] + tok.encode_text(p)
-    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-        bad = [t for t in p if not 0 <= t < s.vocab]
-        if bad:
-            shown = [t if abs(t) < 10**30 else "<huge>" for t in bad[:5]]
-            raise APIError(f"'prompt' token ids must be in [0, {s.vocab}), found {shown}", "prompt")
-        prompt = list(p)
-    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
-        raise APIError("batched prompts are not supported; send one prompt per request", "prompt")
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        given = [(x, f"prompt[{i}]") for i, x in enumerate(p)]  # a batch of prompts
+    elif isinstance(p, list) and any(isinstance(x, (str, list)) for x in p):
+        raise APIError("'prompt' must be a string, an array of token ids, or an array of those (not mixed with "
+                       "bare token ids)", "prompt")
     else:
-        raise APIError("'prompt' must be a non-empty string or a non-empty array of token ids", "prompt")
-    max_tokens = _fit(s, len(prompt), "prompt", name, max_tokens, 16)
-    return Parsed(prompt, _params(max_tokens, fields), stream, include, logprobs,
-                  continuous_usage=continuous)
+        given = [(p, "prompt")]
+    if len(given) * best_of > MAX_SEQUENCES:
+        raise APIError(f"{len(given)} prompts x {best_of} choices = {len(given) * best_of} sequences; at most "
+                       f"{MAX_SEQUENCES} per request", "prompt" if len(given) > 1 else "best_of")
+    # Prompt logprobs are computed once, at the larger top-N that echo (logprobs) and prompt_logprobs ask for.
+    want = [v for v in (logprobs if echo else None, prompt_lps) if v is not None]
+    prompts = []
+    for x, param in given:
+        ids, text = _completion_prompt(x, s, tok, param)
+        fitted = _fit(s, len(ids), "prompt", name, max_tokens, 16)
+        params = _params(fitted, {**fields, "prompt_logprobs": max(want) if want else None})
+        prompts.append(Prompt(ids, params, text))
+    return Parsed(prompts[0].ids, prompts[0].params, stream, include, logprobs, continuous_usage=continuous,
+                  prompts=prompts, n=n, best_of=best_of, echo=echo, prompt_logprobs=prompt_lps)
+
+
+def _single_choice(body: dict) -> None:
+    """Chat answers one choice: n / best_of other than 1, echo and prompt_logprobs are refused."""
+    for name in ("n", "best_of"):
+        v = body.get(name)
+        if v is not None and not (_is_int(v) and v == 1):
+            raise APIError(f"'{name}' must be 1 on /v1/chat/completions (n > 1 is served by /v1/completions)", name)
+    if _opt_bool(body, "echo"):
+        raise APIError("'echo' is not supported on /v1/chat/completions", "echo")
+    if body.get("prompt_logprobs") is not None:
+        raise APIError("'prompt_logprobs' is not supported on /v1/chat/completions (use /v1/completions)",
+                       "prompt_logprobs")
 
 
 def _thinking(body: dict) -> bool:
@@ -529,6 +496,7 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     token."""
     _model_name(body, s)
     _check_unsupported(body)
+    _single_choice(body)
     messages, thinking, effort, tools = _chat_inputs(body)
     lp = _opt_bool(body, "logprobs")
     top = _opt_int(body, "top_logprobs", 0, MAX_LOGPROBS)

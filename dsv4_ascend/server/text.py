@@ -65,6 +65,7 @@ class Output:
         self.tokens: list[tuple[int, float, dict | None]] = []
         self.finish: str | None = None
         self.stop_hit = False
+        self.prompt_logprobs: list | None = None  # [None | (logprob, rank, top)] when the request asked for them
 
     def push(self, token: int, logprob: float, top: dict | None) -> None:
         if self.finish is None:

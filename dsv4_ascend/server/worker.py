@@ -2,7 +2,8 @@
 
 It admits submitted requests, applies aborts, steps while there is work and sleeps on a condition variable
 otherwise. Handlers talk to it through `submit` / `abort` (thread-safe) and receive events on a per-request asyncio
-queue (`loop.call_soon_threadsafe`): ("started",), ("error", exc), ("tokens", [(id, logprob, top)]),
+queue (`loop.call_soon_threadsafe`): ("started",), ("error", exc), ("prompt", [None | (logprob, rank, top)])
+(once, before the first tokens, when the request asked for prompt logprobs), ("tokens", [(id, logprob, top)]),
 ("finish", reason). Gauges are updated before a request's last event is sent, so /metrics read after a response
 already counts it.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from ..engine import Engine, Request
 from ..sampling import SamplingParams
 from .metrics import Metrics
-from .protocol import APIError
+from .body import APIError
 
 __all__ = ["Job", "EngineWorker"]
 
@@ -197,6 +198,8 @@ class EngineWorker:
         now = time.perf_counter()
         new = req.output[job.sent:]
         if new:
+            if job.sent == 0 and req.params.prompt_logprobs is not None:
+                job.deliver(("prompt", list(req.prompt_logprobs)))
             lps = req.logprobs[job.sent:]
             tops = req.top_logprobs[job.sent:] if req.params.logprobs else [None] * len(new)
             job.sent = len(req.output)
