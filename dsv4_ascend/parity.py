@@ -362,7 +362,8 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
             h.remove()
     secs["run"] = time.perf_counter() - t0
     npu_desc, emulated, custom_desc = _describe_npu(be)
-    del asc, be, cache_a, captured
+    del asc, be, cache_a
+    captured.clear()
     gc.collect()
     ref_l = torch.cat(ref_logits, 1).flatten(0, 1)  # [P, V], positions of every batch row
     asc_l = torch.cat(asc_logits, 1).flatten(0, 1)

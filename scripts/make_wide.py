@@ -5,7 +5,10 @@ e8m0 block scales, MXFP4 experts, safetensors shards, index, tokenizer): `dsv4_a
 
     python scripts/make_wide.py DIR [--layers 2] [--seed 0]
 
-Then e.g. `dsv4 generate --model DIR --graph` or `dsv4 parity --model DIR`. Prints wall time and peak RSS.
+Then e.g. `dsv4 generate --model DIR --graph`, `dsv4 parity --model DIR` (~3 min, 2.5 GiB for 2 layers) or
+`DSV4_WIDE_MODEL=DIR pytest -m slow tests/test_graph_mode.py -k wide`. The fp32 random weights are drawn and
+quantised one tensor at a time (`tiny.official_tensors`), so only the quantised checkpoint is held in memory.
+Prints wall time and peak RSS.
 """
 from __future__ import annotations
 
