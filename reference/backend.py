@@ -68,14 +68,15 @@ class ReferenceBackend(Backend):
 
     # ---- mHC -------------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
-        xf = x.flatten(-2).float()
+        xf = x.flatten(-2).float()  # callers pass x already in fp32: no copy
         rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
         return (xf @ fn.float().t()) * rinv  # DeepSeek's order (project, then scale); HF normalises first
 
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n = x.shape[-2]
-        mix = self._hc_mix(x, fn, norm_eps)
+        xf = x.float()  # once: the mix and the pre-weighted sum both read it (bf16: one [B,S,n,D] upcast, not two)
+        mix = self._hc_mix(xf, fn, norm_eps)
         pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
         post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
@@ -89,7 +90,7 @@ class ReferenceBackend(Backend):
         for _ in range(iters - 1):
             comb.div_(torch.sum(comb, -1, keepdim=True, out=rows).add_(hc_eps))
             comb.div_(torch.sum(comb, -2, keepdim=True, out=cols).add_(hc_eps))
-        h = (pre.unsqueeze(-1) * x.float()).sum(-2)
+        h = (pre.unsqueeze(-1) * xf).sum(-2)
         return h.to(x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
@@ -98,9 +99,10 @@ class ReferenceBackend(Backend):
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
                 hc_eps: float) -> Tensor:
-        mix = self._hc_mix(x, fn, norm_eps)
+        xf = x.float()
+        mix = self._hc_mix(xf, fn, norm_eps)
         pre = torch.sigmoid(mix * scale[0] + base) + hc_eps
-        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        return (pre.unsqueeze(-1) * xf).sum(-2).to(x.dtype)
 
     # ---- compression and sparse attention --------------------------------------------------------------------
     def compress(self, kv: Tensor, score: Tensor, ratio: int, overlap: bool) -> Tensor:
@@ -149,8 +151,11 @@ class ReferenceBackend(Backend):
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
         one against every HCA entry (masked by visibility) or a gather of the block's CSA picks; one softmax with
-        the sink. No per-query copy of window keys (the gathered form copies [S, K, d]). Decode: the default."""
-        if view.chunk is None:
+        the sink. No per-query copy of window keys (the gathered form copies [S, K, d]). Decode, a view without
+        one host-known start for every row, or a `sparse_attention` replaced by a subclass or on the instance (it
+        is what the default calls): the default."""
+        own = getattr(self.sparse_attention, "__func__", None) is ReferenceBackend.sparse_attention
+        if view.chunk is None or not isinstance(view.start, int) or not own:
             return super().attend(q, view, sink, scale)
         b, s, h, d = q.shape
         win, dev = view.win, q.device
