@@ -85,8 +85,9 @@ class GraphPrefiller:
             return self.model(ids, cache, slots, start_pos, last_only=last_only)
 
     def warmup(self, lengths: tuple[int, ...] = (2, 3)) -> None:
-        """Compile now, on throwaway chunks of `lengths` tokens in a scratch cache. Sizes 0 and 1 are specialised
-        by the compiler, so a 1-token chunk compiles its own graphs the first time one occurs."""
+        """Compile now: one-row chunks of `lengths` tokens (last-position logits, as the engine asks) in a scratch
+        cache. Sizes 0 and 1 are specialised by the compiler: other batch sizes, full logits or a 1-token chunk
+        compile their own graphs the first time they occur."""
         dev = self.model.embed.weight.device
         cache = self.model.new_cache(1, max(lengths))
         for n in lengths:
