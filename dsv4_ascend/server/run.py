@@ -132,7 +132,8 @@ def build_server(args) -> DrainingServer:
     engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                     cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
                     speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
-                    graph_tuning=getattr(args, "graph_tuning", "default"))
+                    graph_tuning=getattr(args, "graph_tuning", "default"),
+                    compile_prefill=getattr(args, "compile_prefill", False))
     name = args.served_model_name or path.name
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     try:
