@@ -97,6 +97,31 @@ class KVView:
         keys = torch.cat([pool, rows.flatten(1, 2).to(pool.dtype)], dim=1)
         return keys, torch.cat([idx, torch.where(picks >= 0, j, -1)], dim=-1)
 
+    def window_slab(self) -> Tensor:
+        """Prefill: the window keys of the whole chunk in position order, [B, win-1+S, d]: positions start-win+1
+        .. start+S-1 (the ring's last win-1 positions, then the chunk). Query s sees slab rows s .. s+win-1 (a
+        band); rows of positions < 0 are zeros."""
+        if self.chunk is None:
+            raise ValueError("window_slab: prefill views only (decode reads the ring through `indices`)")
+        before = self.start - (self.win - 1) + torch.arange(self.win - 1, device=self.chunk.device)
+        ring = self.window.read(self.slots)[:, self.window.row(before.clamp(min=0))]  # [B, win-1, d]
+        ring = torch.where((before >= 0).view(1, -1, 1), ring, 0)
+        return torch.cat([ring.to(self.chunk.dtype), self.chunk], dim=1)
+
+    def picked_entries(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """CSA: (keys [B, hi-lo, K, d], valid [B, hi-lo, K]) of the entries queries lo..hi-1 picked, read from
+        the pages (or from entry_rows when they are not stored yet); invalid picks read entry 0."""
+        picks = self.picks[:, lo:hi]
+        w = picks.clamp(min=0)
+        if self.picks_from_store:
+            page = self.block_table.gather(1, (w // self.per_page).flatten(1)).view_as(w)
+            rows = self.entries.read(page, w % self.per_page)
+        else:
+            b, q, k = w.shape
+            rows = self.entry_rows.gather(1, w.reshape(b, q * k, 1).expand(-1, -1, self.entry_rows.shape[-1]))
+            rows = rows.view(b, q, k, -1)
+        return rows, picks >= 0
+
     def keys_per_query(self) -> int:
         """K of `indices`: window slots plus picked (CSA) or all (HCA) entries; host-known from shapes."""
         if not self.ratio:

@@ -60,6 +60,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph-tuning", default="default", choices=["default", "max"],
                    help="with --graph on CPU: 'max' folds the weights into the graph (MKL-packed copies) and "
                         "autotunes the GEMMs; faster decode, several minutes more compile")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="prefill chunks with the per-token backend ops compiled (dynamic shapes; compiles on the "
+                        "first chunks)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -205,7 +208,7 @@ def _engine(model, args, **kw):
     from .engine import Engine
 
     return Engine(model, max_seq_len=args.max_seq_len, speculative_tokens=args.speculative_tokens,
-                  graph=args.graph, graph_tuning=args.graph_tuning, **kw)
+                  graph=args.graph, graph_tuning=args.graph_tuning, compile_prefill=args.compile_prefill, **kw)
 
 
 def _load(args):

@@ -85,12 +85,14 @@ class Engine:
                  eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False,
                  graph: bool = False, graph_buckets: list[int] | None = None,
                  graph_compiler: str | None = None, speculative_tokens: int = 0,
-                 graph_tuning: str = "default") -> None:
+                 graph_tuning: str = "default", compile_prefill: bool = False) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
         `speculative_tokens`: MTP drafts verified per step (0 = off). `graph_tuning`: "max" freezes the weights
-        into the compiled graph and autotunes its GEMMs (CPU: faster decode, longer compile)."""
+        into the compiled graph and autotunes its GEMMs (CPU: faster decode, longer compile). `compile_prefill`:
+        prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller; compiles on the
+        first chunks, `graph_compiler` applies to it too)."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
@@ -105,6 +107,11 @@ class Engine:
             self.decoder = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
                                         graph_compiler, tuning=graph_tuning)
             self.decoder.warmup()
+        self.prefiller = self.model  # one prefill chunk: prefiller(ids, cache, slots, start_pos, last_only=...)
+        if compile_prefill:
+            from dsv4_ascend.graph_mode import GraphPrefiller
+
+            self.prefiller = GraphPrefiller(model, graph_compiler)
         self.spec = None
         if speculative_tokens:
             from .speculative import Speculator
@@ -204,7 +211,7 @@ class Engine:
         req.prefilled += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
         if self.spec is None:
-            logits = self.model(ids, self.cache, slot, start, last_only=req.params.prompt_logprobs is None)
+            logits = self.prefiller(ids, self.cache, slot, start, last_only=req.params.prompt_logprobs is None)
             self._prompt_logprobs(req, logits[0], start)
             return self._emit([req], logits[:, -1]) if last else []
         logits, streams, _ = self.model.prefill(ids, self.cache, slot, start)

@@ -1,4 +1,5 @@
-"""Static-graph decode: torchair / aclgraph on NPU, torch.compile elsewhere."""
+"""Static-graph decode (torchair / aclgraph on NPU, torch.compile elsewhere) and compiled prefill ops."""
 from .decoder import GraphDecoder, default_buckets
+from .prefill import PREFILL_OPS, GraphPrefiller
 
-__all__ = ["GraphDecoder", "default_buckets"]
+__all__ = ["GraphDecoder", "default_buckets", "GraphPrefiller", "PREFILL_OPS"]

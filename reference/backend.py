@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4_ascend import quant
+from dsv4_ascend.attention_view import KVView
 from dsv4_ascend.backend import Backend, RunOptions
 from dsv4_ascend.topk import stable_topk
 
@@ -17,6 +18,8 @@ __all__ = ["ReferenceBackend", "dequantize_weight"]
 
 # Queries per attention block: bounds the gathered [B, S_blk, K, d] key tensor.
 _ATTN_QUERY_BLOCK = 256
+# Elements of one prefill query block's attention temporaries (logits + gathered CSA picks): 64 MiB in fp32.
+_ATTN_PREFILL_ELEMENTS = 1 << 24
 
 
 dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
@@ -65,14 +68,15 @@ class ReferenceBackend(Backend):
 
     # ---- mHC -------------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
-        xf = x.flatten(-2).float()
+        xf = x.flatten(-2).float()  # callers pass x already in fp32: no copy
         rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
         return (xf @ fn.float().t()) * rinv  # DeepSeek's order (project, then scale); HF normalises first
 
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
                hc_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         n = x.shape[-2]
-        mix = self._hc_mix(x, fn, norm_eps)
+        xf = x.float()  # once: the mix and the pre-weighted sum both read it (bf16: one [B,S,n,D] upcast, not two)
+        mix = self._hc_mix(xf, fn, norm_eps)
         pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
         post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
@@ -86,7 +90,7 @@ class ReferenceBackend(Backend):
         for _ in range(iters - 1):
             comb.div_(torch.sum(comb, -1, keepdim=True, out=rows).add_(hc_eps))
             comb.div_(torch.sum(comb, -2, keepdim=True, out=cols).add_(hc_eps))
-        h = (pre.unsqueeze(-1) * x.float()).sum(-2)
+        h = (pre.unsqueeze(-1) * xf).sum(-2)
         return h.to(x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
@@ -95,9 +99,10 @@ class ReferenceBackend(Backend):
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
                 hc_eps: float) -> Tensor:
-        mix = self._hc_mix(x, fn, norm_eps)
+        xf = x.float()
+        mix = self._hc_mix(xf, fn, norm_eps)
         pre = torch.sigmoid(mix * scale[0] + base) + hc_eps
-        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        return (pre.unsqueeze(-1) * xf).sum(-2).to(x.dtype)
 
     # ---- compression and sparse attention --------------------------------------------------------------------
     def compress(self, kv: Tensor, score: Tensor, ratio: int, overlap: bool) -> Tensor:
@@ -142,6 +147,58 @@ class ReferenceBackend(Backend):
         sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
         probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
         return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+
+    def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
+        """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
+        one against every HCA entry (masked by visibility) or a gather of the block's CSA picks; one softmax with
+        the sink. No per-query copy of window keys (the gathered form copies [S, K, d]). Decode, a view without
+        one host-known start for every row, or a `sparse_attention` replaced by a subclass or on the instance (it
+        is what the default calls): the default."""
+        own = getattr(self.sparse_attention, "__func__", None) is ReferenceBackend.sparse_attention
+        if view.chunk is None or not isinstance(view.start, int) or not own:
+            return super().attend(q, view, sink, scale)
+        b, s, h, d = q.shape
+        win, dev = view.win, q.device
+        slab = view.window_slab()
+        hca = view.ratio > 0 and view.picks is None
+        ent = view.entry_pool().float() if hca else None
+        n_ent = ent.shape[1] if hca else 0
+        n_pick = view.picks.shape[-1] if view.ratio and not hca else 0
+        # Query block ~ the window: the band holds blk+win-1 keys per query (<= 2x the win it needs, as GEMMs);
+        # halved until the block's logits and gathered picks fit _ATTN_PREFILL_ELEMENTS.
+        blk = min(s, max(win, 16))
+        while blk > 1 and blk * b * (h * (blk + win + n_ent + n_pick) + n_pick * d) > _ATTN_PREFILL_ELEMENTS:
+            blk //= 2
+        out = []
+        for lo in range(0, s, blk):
+            hi = min(lo + blk, s)
+            n = hi - lo
+            qb = q[:, lo:hi].float().reshape(b, n * h, d)
+            kw = slab[:, lo:hi + win - 1].float()  # positions start+lo-win+1 .. start+hi-1
+            rel = torch.arange(kw.shape[1], device=dev) - torch.arange(n, device=dev).view(-1, 1)
+            first = view.start + lo - win + 1  # position of band row 0
+            band = (rel >= 0) & (rel < win) & (first + torch.arange(kw.shape[1], device=dev) >= 0)
+            logits = [(qb @ kw.transpose(1, 2)).view(b, n, h, -1).mul_(scale).masked_fill_(
+                ~band.view(1, n, 1, -1), float("-inf"))]
+            if hca:  # entry w is visible to query t iff w < (t+1)//m
+                vis = torch.arange(n_ent, device=dev) < ((view.positions[:, lo:hi] + 1) // view.ratio).unsqueeze(-1)
+                logits.append((qb @ ent.transpose(1, 2)).view(b, n, h, -1).mul_(scale).masked_fill_(
+                    ~vis.unsqueeze(2), float("-inf")))
+            elif n_pick:
+                keys, valid = view.picked_entries(lo, hi)
+                keys = keys.float()
+                logits.append((torch.einsum("bqhd,bqkd->bqhk", qb.view(b, n, h, d), keys) * scale).masked_fill_(
+                    ~valid.unsqueeze(2), float("-inf")))
+            logits.append(sink.float().view(1, 1, h, 1).expand(b, n, h, 1))
+            probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+            nw = kw.shape[1]
+            o = probs[..., :nw].reshape(b, n * h, nw) @ kw
+            if hca:
+                o += probs[..., nw:nw + n_ent].reshape(b, n * h, n_ent) @ ent
+            elif n_pick:
+                o += torch.einsum("bqhk,bqkd->bqhd", probs[..., nw:nw + n_pick], keys).reshape(b, n * h, d)
+            out.append(o.view(b, n, h, d))
+        return torch.cat(out, dim=1).to(q.dtype)
 
     # ---- MoE -------------------------------------------------------------------------------------------------
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Prefill throughput: dsv4-ascend's reference backend vs transformers' DeepseekV4ForCausalLM, same weights.
+"""Prefill throughput: dsv4-ascend's reference backend (eager, and with --compiled its compiled prefill ops) vs
+transformers' DeepseekV4ForCausalLM, same weights.
 
-Builds one random model (transformers' module with the same weights mapped into ours), runs full forwards of
-`--seq` tokens on both, and prints tokens/s of each and their ratio. Threads are pinned (unpinned runs on small
-shared machines vary by orders of magnitude).
+Builds one random model per dtype (transformers' module with the same weights mapped into ours) and runs full
+forwards (one chunk, no cache reuse) of each `--seqs` length on every implementation, interleaved: each repeat
+runs ours (eager), ours (compiled) and transformers back to back, so machine load hits all of them alike; the
+median per implementation is reported. Threads are pinned (unpinned runs on small shared machines vary by orders
+of magnitude). `--logits last` (the default) computes the last position's logits only, as a prefill that hands
+its first token to decode does (transformers: logits_to_keep=1); `--logits all` computes all of them.
+transformers is skipped above `--hf-max-seq` (it is quadratic in the sequence).
 """
 from __future__ import annotations
 
@@ -14,51 +19,83 @@ import time
 import torch
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="model config preset (tiny, small); default small")
-    ap.add_argument("--seq", type=int, default=512, help="prompt length in tokens (default 512)")
+    ap.add_argument("--seqs", default="512", help="comma-separated prompt lengths (default 512); e.g. "
+                    "512,2048,8192,32768 for the sweep")
+    ap.add_argument("--seq", type=int, default=None, help="one prompt length (same as --seqs N)")
     ap.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per implementation; median reported")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value (default 2)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation/weight dtype")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16 (default float32)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="one dtype (same as --dtypes)")
+    ap.add_argument("--compiled", action="store_true", help="also time ours with compiled prefill ops "
+                    "(graph_mode.GraphPrefiller; compiled before timing)")
+    ap.add_argument("--logits", default="last", choices=["last", "all"], help="logits computed (default last)")
+    ap.add_argument("--hf-max-seq", type=int, default=8192, help="skip transformers above this length")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dsv4_ascend.hf_oracle import build_hf_model, hf_logits
     from dsv4_ascend.config import ModelConfig, preset
+    from dsv4_ascend.graph_mode import GraphPrefiller
+    from dsv4_ascend.hf_oracle import build_hf_model, stable_indexer_topk
     from dsv4_ascend.model import Transformer
     from dsv4_ascend.reference import ReferenceBackend
     from dsv4_ascend.weights import assign_tensors
 
-    dtype = getattr(torch, args.dtype)
+    seqs = [args.seq] if args.seq else [int(s) for s in args.seqs.split(",")]
+    dtypes = [args.dtype] if args.dtype else args.dtypes.split(",")
+    last = args.logits == "last"
     native = preset(args.preset).to_dict()
     native.pop("quantization_config", None)
     native.pop("expert_dtype", None)
-    hf, sd = build_hf_model(native, seed=0, dtype=dtype)
     cfg = ModelConfig.from_dict(native)
-    ours = Transformer(cfg, ReferenceBackend(), dtype, n_mtp=0)
-    assign_tensors(ours, sd.items())
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(args.repeats):
+    print(f"config={args.preset} batch={args.batch} threads={args.threads} logits={args.logits} "
+          f"repeats={args.repeats} (median); interleaved: ours eager, ours compiled, transformers per repeat")
+    for dname in dtypes:
+        dtype = getattr(torch, dname)
+        hf, sd = build_hf_model(native, seed=0, dtype=dtype)
+        ours = Transformer(cfg, ReferenceBackend(), dtype, n_mtp=0)
+        assign_tensors(ours, sd.items())
+        impls = {"ours eager": lambda ids: ours(ids, last_only=last)}
+        if args.compiled:
+            pre = GraphPrefiller(ours)
+            impls["ours compiled"] = lambda ids: pre(ids, ours.new_cache(ids.shape[0], ids.shape[1]),
+                                                     torch.arange(ids.shape[0]), 0, last_only=last)
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            pre.warmup()
+            print(f"[{dname}] compiled prefill ops: {pre.compiles} graphs in {time.perf_counter() - t0:.0f} s")
 
-    t_ours = timed(lambda: ours(ids))
-    t_hf = timed(lambda: hf_logits(hf, ids))
-    diff = (ours(ids).float() - hf_logits(hf, ids).float()).abs().max().item()
-    n = args.batch * args.seq
-    print(f"config={args.preset} batch={args.batch} seq={args.seq} dtype={args.dtype} threads={args.threads}")
-    print(f"dsv4-ascend reference: {n / t_ours:9.1f} tok/s  ({t_ours * 1e3:.0f} ms)")
-    print(f"transformers 5.23    : {n / t_hf:9.1f} tok/s  ({t_hf * 1e3:.0f} ms)")
-    print(f"ratio ours/transformers: {t_hf / t_ours:.2f}x   (logits max-abs-diff {diff:.2e})")
+        def hf_run(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), stable_indexer_topk():
+                out = hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last else 0)
+            return out.logits.float()
+
+        for s in seqs:
+            if s > cfg.max_position_embeddings:
+                print(f"[{dname}] seq {s}: skipped (max_position_embeddings {cfg.max_position_embeddings})")
+                continue
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, s), generator=torch.Generator().manual_seed(0))
+            run = dict(impls)
+            if not args.skip_hf and s <= args.hf_max_seq:
+                run["transformers"] = hf_run
+            outs = {name: fn(ids) for name, fn in run.items()}  # warm-up (and the logits compared below)
+            times: dict[str, list[float]] = {name: [] for name in run}
+            for _ in range(args.repeats):
+                for name, fn in run.items():
+                    t0 = time.perf_counter()
+                    fn(ids)
+                    times[name].append(time.perf_counter() - t0)
+            n = args.batch * s
+            base = statistics.median(times["transformers"]) if "transformers" in times else None
+            for name, ts in times.items():
+                t = statistics.median(ts)
+                diff = (outs[name][:, -1].float() - outs["ours eager"][:, -1].float()).abs().max().item()
+                ratio = f"  {base / t:5.2f}x transformers" if base and name != "transformers" else ""
+                print(f"[{dname}] seq {s:>6} {name:14s}: {n / t:9.1f} tok/s ({t * 1e3:8.0f} ms){ratio}  "
+                      f"last-logits max-abs-diff vs ours eager {diff:.2e}")
 
 
 if __name__ == "__main__":

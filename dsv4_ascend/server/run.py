@@ -128,7 +128,8 @@ def build_engine(args, model) -> Engine:
     return Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                   cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
                   speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
-                  graph_tuning=getattr(args, "graph_tuning", "default"))
+                  graph_tuning=getattr(args, "graph_tuning", "default"),
+                  compile_prefill=getattr(args, "compile_prefill", False))
 
 
 def build_server(args, engine: Engine | None = None, path=None, worker_class=None) -> DrainingServer:
