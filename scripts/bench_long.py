@@ -118,9 +118,13 @@ def main() -> None:
     cache_bytes = eng.cache.nbytes()
     ws = _working_set_bytes(cfg, args.chunk, max_seq)
     predicted = rss0 + (need + ws) / 2**20
+    def meta_cache(pages: int) -> KVCache:
+        return KVCache(cfg, 1, max_seq, torch.float32, "meta", 0, num_blocks=pages, preassign=False)
+
+    paged_per_token = (meta_cache(2).nbytes() - meta_cache(1).nbytes()) / meta_cache(1).block_size
     print(f"KV cache: planned {need / 2**20:.1f} MiB ({pages} pages of {eng.cache.block_size} tokens), allocated "
           f"{cache_bytes / 2**20:.1f} MiB = {cache_bytes / max_seq:.1f} B/token of context "
-          f"(paged part {KVCache.bytes_per_token(cfg, torch.float32):.1f} B/token); RSS before the engine "
+          f"(paged part {paged_per_token:.1f} B/token); RSS before the engine "
           f"{rss0:.0f} MiB; working-set bound {ws / 2**20:.0f} MiB", flush=True)
 
     early: list[tuple[int, float]] = []  # (tokens, peak RSS MiB) after the first segment
