@@ -148,6 +148,7 @@ class ParityResult:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: float = 0.0
     kv_fp8: bool = False  # both models ran with C8 (FP8) KV caches
+    op_diffs: list | None = None  # parity_ops.OpDiff per (layer, op) with --per-op
 
     @property
     def top1(self) -> float:
@@ -269,13 +270,14 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
                dtype: str = "bfloat16", prompt: str | None = None, tokens: int = 16, seed: int = 0,
                decode_steps: int = 16, numerics: str = "exact", device: str = "cpu", weights: str = "auto",
                min_cosine: float | None = None, min_top1: float | None = None, npu=None,
-               progress: bool = False, kv_fp8: bool = False) -> ParityResult:
+               progress: bool = False, kv_fp8: bool = False, per_op: bool = False) -> ParityResult:
     """Load both models, run the prompt and the teacher-forced greedy decode, return the figures.
 
     `ascend_model`: load the Ascend side from this directory instead (e.g. a `dsv4 convert --target a3` output;
     such a checkpoint implies quant="w8a8"). `npu`: the Ascend backend's operator module (default: torch_npu
     when usable, else the emulator). `kv_fp8`: both models keep C8 (FP8) KV caches (the same stored rows).
-    `weights`: see `_resolve_weights`. Bounds not given are the quant's
+    `weights`: see `_resolve_weights`. `per_op`: also each op's own difference (`parity_ops.op_diffs`: the
+    reference run once more, every op repeated by the Ascend backend). Bounds not given are the quant's
     defaults, or for bf16 with bf16 activations derived from the fp32 floor run (FLOOR_FACTOR).
     """
     import gc
@@ -361,6 +363,13 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
         for h in handles:
             h.remove()
     secs["run"] = time.perf_counter() - t0
+    ops = None
+    if per_op:
+        from .parity_ops import op_diffs
+
+        t0 = time.perf_counter()
+        ops = op_diffs(ref, be, ids, decode_steps)
+        secs["per-op"] = time.perf_counter() - t0
     npu_desc, emulated, custom_desc = _describe_npu(be)
     del asc, be, cache_a
     captured.clear()
@@ -402,7 +411,7 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
         logits_rel_rms=fig["rel_rms"], top1_prompt=(int(same[is_prompt].sum()), n_prompt),
         top1_decode=(int(same[~is_prompt].sum()), len(same) - n_prompt), min_cosine=min_cosine,
         min_top1=min_top1, flips=flips, floor=floor, seconds=secs, peak_rss_gib=_peak_rss_gib(),
-        kv_fp8=kv_fp8)
+        kv_fp8=kv_fp8, op_diffs=ops)
 
 
 def _pct(a: int, n: int) -> str:
@@ -440,8 +449,13 @@ def format_report(r: ParityResult) -> str:
     for fl in r.flips:
         lines.append(f"  top-1 flip at position {fl.position}: reference margin {fl.margin:.4g}, allowed "
                      f"{fl.allowed:.4g} ({'near-tie' if fl.margin <= fl.allowed else 'PAST THE BOUND'})")
+    if r.op_diffs is not None:
+        from .parity_ops import format_op_diffs
+
+        lines += ["", format_op_diffs(r.op_diffs), ""]
     t = r.seconds
     lines.append(f"time: load {t.get('load', 0):.1f} s, run {t.get('run', 0):.1f} s"
+                 + (f", per-op {t['per-op']:.1f} s" if "per-op" in t else "")
                  + (f", fp32 floor {t['floor']:.1f} s" if "floor" in t else "") + f"; peak RSS {r.peak_rss_gib:.2f} GiB")
     if r.passed:
         top = "top-1 flips at near-ties only" if r.min_top1 is None else f"top-1 >= {r.min_top1:.2%}"
@@ -491,6 +505,8 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
                         f"--quant bf16 with bf16 activations: no fraction; a flip fails where the reference's "
                         f"margin exceeds {FLIP_FACTOR:g} x its bf16 error at that position; otherwise per --quant, "
                         f"e.g. w8a8 {w8[1]} (int8 noise flips close calls)")
+    p.add_argument("--per-op", action="store_true", help="also list each backend op whose output differs when "
+                   "the Ascend backend re-runs it on the reference's inputs (its own difference, per layer)")
     p.add_argument("--progress", action="store_true", help="show the checkpoint loading bars")
 
 
@@ -500,7 +516,7 @@ def parity_main(args: argparse.Namespace) -> int:
                        prompt=args.prompt, tokens=args.tokens, seed=args.seed, decode_steps=args.decode_steps,
                        numerics=args.numerics, device=args.device, weights=args.weights,
                        min_cosine=args.min_cosine, min_top1=args.min_top1, progress=args.progress,
-                       kv_fp8=args.kv_fp8)
+                       kv_fp8=args.kv_fp8, per_op=args.per_op)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"dsv4 parity: error: {e}", file=sys.stderr)
         return 2

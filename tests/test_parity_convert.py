@@ -297,3 +297,20 @@ def test_convert_refuses_nan_scales_and_fp8_bytes(tiny, tmp_path):
         for target in ("a3", "950"):
             with pytest.raises(CheckpointError, match=f"tensor '{name}' .* NaN/inf"):
                 convert_checkpoint(src, tmp_path / f"out-{byte}-{target}", target, progress=False)
+
+
+def test_parity_per_op_names_the_op_that_differs(tiny):
+    # --per-op: each op re-run by the Ascend backend on the reference's inputs. On the tiny model (bf16, exact)
+    # the emulated ops equal the reference's except `attend`, whose kernel sums keys in blocks of 16 (fp32
+    # summation order: ~0.02% of its outputs one bf16 ulp off); a broken op is named: the 1%-off rms_norm.
+    from dsv4_ascend.parity import format_report, run_parity
+
+    clean = run_parity(tiny, tokens=8, decode_steps=2, per_op=True)
+    assert {d.op for d in clean.op_diffs if d.differ} <= {"attend"}, format_report(clean)
+    assert all(d.differ / d.count < 1e-3 for d in clean.op_diffs), format_report(clean)
+    # (_OffNorm has no custom-op provider: the composite compressor then runs the off norm too, and the built-in
+    # npu_rotary_mul rounds its tables to bf16, both listed as well.)
+    off = run_parity(tiny, tokens=8, decode_steps=2, per_op=True, npu=_OffNorm())
+    norms = [d for d in off.op_diffs if d.op == "rms_norm"]
+    assert norms and all(d.differ == d.count and 0.009 < d.rel_rms < 0.011 for d in norms), format_report(off)
+    assert "per op (each op re-run" in format_report(off)
