@@ -298,6 +298,8 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
     # The int8/int4 weights of a converted directory are the checkpoint's; only the matching integer path runs them.
     quant = converted_quant(asc_path) or quant
     weights = _resolve_weights(weights, quant, numerics)
+    if per_op and kv_fp8:
+        raise ValueError("--per-op compares the ops over plain KV caches; it does not take --kv-fp8")
     derive = quant == "bf16" and dtype == "bfloat16" and (min_cosine is None or min_top1 is None)
     d_min_cos, d_min_top1 = DEFAULT_TOLERANCE[quant]
     tdtype = getattr(torch, dtype)
