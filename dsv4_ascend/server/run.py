@@ -115,7 +115,9 @@ def build_server(args) -> DrainingServer:
     from ..tokenizer import load_tokenizer
 
     for flag, value, least in (("--max-slots", args.max_slots, 1), ("--max-seq-len", args.max_seq_len, 2),
-                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0)):
+                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-num-batched-tokens", 1 if getattr(args, "max_num_batched_tokens", None) is None
+                                else args.max_num_batched_tokens, 1)):
         if value < least:  # checked before any weight is read
             raise SystemExit(f"dsv4 serve: {flag} must be >= {least} (got {value}): no request could ever be served"
                              if flag in ("--max-slots", "--max-seq-len") else
@@ -132,7 +134,8 @@ def build_server(args) -> DrainingServer:
     engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                     cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
                     speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
-                    graph_tuning=getattr(args, "graph_tuning", "default"))
+                    graph_tuning=getattr(args, "graph_tuning", "default"),
+                    max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None))
     name = args.served_model_name or path.name
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV4_API_KEY")
     try:
