@@ -176,3 +176,30 @@ def test_empty_step_and_refusals(tiny_model):
         eng.add_request(_prompt(30, 1), SamplingParams(max_tokens=5))
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(tiny_model, max_slots=1, max_seq_len=32, max_num_batched_tokens=0)
+
+
+def test_step_metrics(tiny_model):
+    from dsv4_ascend.server.metrics import Metrics
+    from dsv4_ascend.server.worker import EngineWorker
+
+    eng = Engine(tiny_model, max_slots=2, max_seq_len=64, eos_token_id=-1, speculative_tokens=1, block_size=8)
+    worker = EngineWorker(eng, Metrics())  # not started: the test drives the engine and the step counting
+    prompts = [_prompt(9, 70), _prompt(14, 71)]
+    for p in prompts:
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=5))
+    while eng.has_work:
+        eng.step()
+        worker._count_step()
+    values = {}
+    for line in worker.metrics.render().splitlines():
+        if line.startswith("dsv4_") and " " in line:
+            name, v = line.rsplit(" ", 1)
+            values[name] = float(v)
+    st, spec = eng.stats, eng.spec_stats()
+    assert values["dsv4_engine_steps_total"] == st["steps"] > 0
+    assert values["dsv4_engine_prefill_tokens_total"] == st["prefill_tokens"] == 9 + 14
+    assert values["dsv4_engine_decode_tokens_total"] == st["decode_tokens"] == 2 * 5 - 2  # first tokens: prefill
+    assert values["dsv4_engine_step_tokens_sum"] == st["batched_tokens"]
+    assert values["dsv4_spec_draft_tokens_total"] == spec["proposed"] > 0
+    assert values["dsv4_spec_accepted_tokens_total"] == spec["accepted"]
+    assert values["dsv4_preemptions_total"] == 0
