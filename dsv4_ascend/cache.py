@@ -284,8 +284,12 @@ class LayerCache:
 
     def write_entries(self, store: RowStore, slots: Tensor, w: Tensor, values: Tensor, ratio: int,
                       keep: Tensor | None = None) -> None:
-        """values [B,N,c] for entry indices w [B,N] (`keep` [B,N]: False leaves that entry as it is)."""
-        store.write(self._page(slots, w, ratio), values, keep)
+        """values [B,N,c] for entry indices w [B,N] (`keep` [B,N]: False leaves that entry as it is; such rows are
+        sent to the null page, so they never alias a kept row)."""
+        page, row = self._page(slots, w, ratio)
+        if keep is not None:
+            page = torch.where(keep, page, 0)
+        store.write((page, row), values, keep)
 
 
 class KVCache:

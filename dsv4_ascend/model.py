@@ -244,7 +244,8 @@ class Attention(nn.Module):
         lc = step.cache.layers[self.layer_id]
         n_total = step.end // m
         if write:
-            lc.write_entries(store, slots, w0.unsqueeze(1) + j, e, m, keep=j < n_win.unsqueeze(1))
+            keep = j < n_win.unsqueeze(1)  # unmasked indices stay inside the block table (padding may lie past it)
+            lc.write_entries(store, slots, torch.where(keep, w0.unsqueeze(1) + j, 0), e, m, keep=keep)
             return lc.read_entries(store, slots, n_total, m) if pool else None
         old = lc.read_entries(store, slots, n_total, m)
         w = torch.arange(n_total, device=x.device) - w0.unsqueeze(1)  # [B, N] index into e
@@ -503,7 +504,8 @@ class Transformer(HcHead, nn.Module):
             cache = self.new_cache(b, s)
         if slots is None:
             slots = torch.arange(b, device=dev)
-        end = max(starts) + s
+        # Bound of every real token's position (padding may lie past it, even past max_seq_len: never stored).
+        end = max(st + n for st, n in zip(starts, used))
         if end > cache.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seq_len {cache.max_seq_len}")
         if not ragged:

@@ -29,7 +29,7 @@ __all__ = ["Request", "Chunk", "Plan", "Scheduler"]
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is itself, whatever its fields (and `in` stays O(1) per item)
 class Request:
     """One generation request and its progress."""
 

@@ -26,6 +26,12 @@ def _params(i: int, max_tokens: int = 10) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens + i % 4)
 
 
+# One request set for every engine test (their solo runs are computed once): 3..41-token prompts, 10..13 tokens.
+PROMPTS = [_prompt(n, i) for i, n in enumerate(LENGTHS)]
+PARAMS = [_params(i) for i in range(len(LENGTHS))]
+GREEDY = [i for i, sp in enumerate(PARAMS) if sp.temperature == 0]
+
+
 _SOLO: dict[tuple, list[int]] = {}
 
 
@@ -33,7 +39,7 @@ def _alone(model, prompt: list[int], params: SamplingParams) -> list[int]:
     """The request run by itself (one slot, no preemption, no batch-mates); memoised across tests."""
     key = (tuple(prompt), repr(params))
     if key not in _SOLO:
-        eng = Engine(model, max_slots=1, max_seq_len=96, eos_token_id=-1)
+        eng = Engine(model, max_slots=1, max_seq_len=64, eos_token_id=-1)
         _SOLO[key] = eng.generate([prompt], params)[0].output
     return _SOLO[key]
 
@@ -52,10 +58,11 @@ def _run(eng: Engine, prompts, params) -> list[list[int]]:
 
 
 def test_ragged_prefill_equals_each_row(tiny_model):
-    # Three sequences at different positions, chunks of different lengths, one forward; then a decode step.
+    # Three sequences at different positions, chunks of different lengths, one forward; then a decode step. The
+    # last row's padding runs past the cache's max_seq_len (64): it must be computed and dropped, never stored.
     m = tiny_model
-    toks = [_prompt(40, s) for s in range(3)]
-    before, chunk = [5, 0, 13], [7, 12, 3]
+    toks = [_prompt(70, s) for s in range(3)]
+    before, chunk = [5, 0, 58], [7, 12, 3]
     ref, rag = m.new_cache(3, 64), m.new_cache(3, 64)
     want = []
     for b in range(3):
@@ -98,16 +105,15 @@ def test_ragged_deferred_commit_per_row(tiny_model):
 
 
 def test_budget_batches_prefills_and_equals_alone(tiny_model):
-    prompts = [_prompt(n, i) for i, n in enumerate(LENGTHS)]
-    params = [_params(i) for i in range(len(prompts))]
-    eng = Engine(tiny_model, max_slots=4, max_seq_len=96, prefill_chunk=16, max_num_batched_tokens=40,
+    prompts, params = PROMPTS, PARAMS
+    eng = Engine(tiny_model, max_slots=4, max_seq_len=64, prefill_chunk=16, max_num_batched_tokens=40,
                  eos_token_id=-1)
     got = _run(eng, prompts, params)
     assert got == [_alone(tiny_model, p, sp) for p, sp in zip(prompts, params)]
     st = eng.stats
     assert st["prefill_rows"] > st["steps"] / 4 and st["preemptions"] == 0
     # The single-user schedule is the same scheduler with other parameters: same tokens.
-    old = Engine(tiny_model, max_slots=4, max_seq_len=96, prefill_chunk=16, max_num_batched_tokens=16,
+    old = Engine(tiny_model, max_slots=4, max_seq_len=64, prefill_chunk=16, max_num_batched_tokens=16,
                  max_prefill_seqs=1, reserve_full=True, eos_token_id=-1)
     assert _run(old, prompts, params) == got
     assert old.stats["steps"] > st["steps"]
@@ -122,11 +128,10 @@ def _pages_cache_bytes(model, slots: int, max_seq_len: int, pages: int, block: i
 def test_preemption_keeps_outputs(tiny_model, mtp, capsys):
     # 12 pages of 8 tokens for 4 slots: the requests grow past what the cache holds and the newest is preempted
     # (recomputed later); outputs must not change and no token may be emitted twice.
-    prompts = [_prompt(n, 20 + i) for i, n in enumerate([14, 22, 9, 27, 18])]
-    params = [_params(i, 14) for i in range(len(prompts))]
-    eng = Engine(tiny_model, max_slots=4, max_seq_len=48, prefill_chunk=16, max_num_batched_tokens=32,
+    prompts, params = PROMPTS, PARAMS
+    eng = Engine(tiny_model, max_slots=4, max_seq_len=64, prefill_chunk=16, max_num_batched_tokens=32,
                  eos_token_id=-1, block_size=8, speculative_tokens=mtp,
-                 cache_bytes=_pages_cache_bytes(tiny_model, 4, 48, 12, 8))
+                 cache_bytes=_pages_cache_bytes(tiny_model, 4, 64, 12, 8))
     assert eng.cache.num_blocks - 1 == 12
     emitted: dict[int, list[int]] = {}
     reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
@@ -148,9 +153,8 @@ def test_preemption_keeps_outputs(tiny_model, mtp, capsys):
 
 
 def test_batched_mtp_equals_plain_greedy(tiny_model):
-    prompts = [_prompt(n, 40 + i) for i, n in enumerate(LENGTHS[:4])]
-    params = [SamplingParams(temperature=0, max_tokens=24) for _ in prompts]
-    eng = Engine(tiny_model, max_slots=4, max_seq_len=96, prefill_chunk=16, max_num_batched_tokens=64,
+    prompts, params = [PROMPTS[i] for i in GREEDY], [PARAMS[i] for i in GREEDY]
+    eng = Engine(tiny_model, max_slots=4, max_seq_len=64, prefill_chunk=16, max_num_batched_tokens=64,
                  eos_token_id=-1, speculative_tokens=3)
     assert _run(eng, prompts, params) == [_alone(tiny_model, p, sp) for p, sp in zip(prompts, params)]
     st = eng.spec_stats()
@@ -160,10 +164,9 @@ def test_batched_mtp_equals_plain_greedy(tiny_model):
 
 
 def test_graph_decode_with_budget_scheduler(tiny_model):
-    prompts = [_prompt(n, 60 + i) for i, n in enumerate([5, 19, 11])]
-    params = [_params(i, 8) for i in range(3)]
+    prompts, params = PROMPTS[:3], PARAMS[:3]
     torch._dynamo.reset()
-    eng = Engine(tiny_model, max_slots=3, max_seq_len=96, prefill_chunk=8, max_num_batched_tokens=20,
+    eng = Engine(tiny_model, max_slots=3, max_seq_len=64, prefill_chunk=8, max_num_batched_tokens=20,
                  eos_token_id=-1, graph=True, graph_buckets=[3], graph_compiler="aot_eager")
     assert _run(eng, prompts, params) == [_alone(tiny_model, p, sp) for p, sp in zip(prompts, params)]
     assert eng.decoder.compiles == 1
