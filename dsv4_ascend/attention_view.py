@@ -29,7 +29,7 @@ class KVView:
     slots: Tensor               # [B] cache slots of the sequences
     positions: Tensor           # [B,S] absolute positions of the queries
     chunk: Tensor | None        # prefill: this chunk's kv [B,S,d], not in the ring yet; decode: None (written)
-    start: int | None           # prefill: host-known first position of the chunk; decode: None
+    start: int | Tensor | None  # prefill: host-known first position of the chunk (ragged: per row [B]); decode: None
     max_len: int                # host-known bound: every position < max_len (sizes tables without host reads)
     ratio: int = 0              # compression ratio m (0: window only)
     entries: RowStore | None = None      # paged compressed entries [pages, block_size/m, d]

@@ -104,7 +104,7 @@ class Backend:
 
     def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                    state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
-                   used: int | None = None) -> Tensor:
+                   used: int | Tensor | None = None) -> Tensor:
         """The KV compressor over a chunk x [B,S,D] at positions start[b] + s, state updated in place.
 
         Rows: kv = x wkv^T, score = x wgate^T + ape[p % ratio] (fp32, [coff*d] each; coff = 2 overlaps, CSA).
@@ -114,7 +114,8 @@ class Backend:
         x.dtype, RMS-normed (norm_weight) and RoPE'd on the last 2*cos.shape[-1] dims with cos/sin [B,W,r/2]
         (its position w*ratio). Returns [B, ceil(S/ratio), d] in x.dtype; rows of windows the chunk does not
         close are unspecified. `used` < S: only the first `used` tokens take part (commit of a verified prefix;
-        the rows are projected for all S, so they equal the verify pass's bit for bit). This default is the
+        the rows are projected for all S, so they equal the verify pass's bit for bit); a tensor [B]: per row
+        (ragged prefill batches; the rows after used[b] are padding and never written). This default is the
         composite of the fine-grained ops.
         """
         b, s, _ = x.shape
@@ -134,8 +135,15 @@ class Backend:
         valid = ((vpos >= 0) & (vpos < (start + n).unsqueeze(1))).unsqueeze(-1)
         kv = rows[..., :c].masked_fill(~valid, 0.0)
         score = rows[..., c:].masked_fill(~valid, float("-inf"))
-        keep = min(n, ring)  # later rows of a long chunk overwrite earlier ones: write only the last R
-        state[blocks.unsqueeze(1), pos[:, n - keep:n] % ring] = new[:, n - keep:n]
+        if isinstance(n, Tensor):  # per row: the last R positions before start + n that are the row's own
+            t = (start + n).unsqueeze(1) - ring + torch.arange(ring, device=x.device)  # [B,R], distinct rows
+            mine = (t >= start.unsqueeze(1)).unsqueeze(-1)
+            src = new.gather(1, (t - start.unsqueeze(1)).clamp(0, s - 1).unsqueeze(-1).expand(-1, -1, 2 * c))
+            at = (blocks.unsqueeze(1), t % ring)
+            state[at] = torch.where(mine, src, state[at])
+        else:
+            keep = min(n, ring)  # later rows of a long chunk overwrite earlier ones: write only the last R
+            state[blocks.unsqueeze(1), pos[:, n - keep:n] % ring] = new[:, n - keep:n]
         e = self.rms_norm(self.compress(kv, score, m, overlap).to(x.dtype), norm_weight, norm_eps)
         r = 2 * cos.shape[-1]
         return torch.cat([e[..., :-r], self.rope(e[..., -r:], cos, sin)], dim=-1)

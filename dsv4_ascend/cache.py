@@ -180,21 +180,34 @@ class RowStore:
             rows, skip = rows * n + i, skip | (i < 0)
         return torch.where(skip, -1, rows)
 
-    def write(self, index: tuple, values: Tensor) -> None:
+    def write(self, index: tuple, values: Tensor, keep: Tensor | None = None) -> None:
         """Store rows `values` [..., width] at `index` (one integer tensor per lead dim) through `self.c8_write`
         (C8) or `self.scatter` (a negative part skips the row); without one, or for other index forms, an aten
-        index_put (which would wrap a negative index, so the model passes none)."""
+        index_put (which would wrap a negative index, so the model passes none). `keep` (bool, broadcast with the
+        index): rows where it is False are left as they are (ragged prefill batches: padding and tokens that are
+        not the row's)."""
         hook = self.c8_write or self.scatter
         rows = None if hook is None else self._flat_rows(index)
         if rows is None:
-            self.data[index] = self.pack(values)
-            return
+            return self._write_indexed(index, values, keep)
+        if keep is not None:
+            rows = torch.where(keep, rows, -1)
         shape, rows, w = rows.shape, rows.reshape(-1), self.data.shape[-1]
         if self.c8_write is not None:
             src = values.expand(*shape, values.shape[-1]).reshape(-1, values.shape[-1])
             self.c8_write(self.data.view(-1, w), rows, src, self.rope_dim, self.dtype)
             return
         self.scatter(self.data.view(-1, w), rows, self.pack(values).expand(*shape, w).reshape(-1, w))
+
+    def _write_indexed(self, index, values: Tensor, keep: Tensor | None = None) -> None:
+        """The aten path: no hook, or an index form `write` cannot flatten (slices, python ints). With `keep`, the
+        kept rows' old raw storage is written back (exact, also for C8 bytes)."""
+        src = self.pack(values)
+        if keep is None:
+            self.data[index] = src
+        else:
+            old = self.data[index]
+            self.data[index] = torch.where(keep.unsqueeze(-1), src.expand_as(old), old)
 
 
 class WindowRing(RowStore):
@@ -223,21 +236,33 @@ class WindowRing(RowStore):
         t = start + torch.arange(kv.shape[1] - keep, kv.shape[1], device=kv.device)
         self.write((slots.unsqueeze(1), self.row(t).unsqueeze(0)), kv[:, -keep:])
 
+    def write_rows(self, slots: Tensor, start: Tensor, used: Tensor, kv: Tensor) -> None:
+        """Ragged prefill: row b of kv [B, S, d] holds positions start[b].. of slot slots[b]; store its first
+        used[b] rows (only the last `size` survive). Padding rows never touch the ring."""
+        s, dev = kv.shape[1], kv.device
+        t = (start + used).unsqueeze(1) - self.size + torch.arange(self.size, device=dev)  # last `size` positions
+        keep = t >= start.unsqueeze(1)  # the others are older positions, already in the ring: left alone
+        src = (t - start.unsqueeze(1)).clamp(0, s - 1)
+        vals = kv.gather(1, src.unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
+        self.write((slots.unsqueeze(1), self.row(t)), vals, keep)
+
     def window_rows(self, positions: Tensor) -> Tensor:
         """Decode: ring rows [B, size] of positions t-size+1 .. t for each t in `positions` [B] (-1: before 0)."""
         p = positions.unsqueeze(1) - (self.size - 1) + torch.arange(self.size, device=positions.device)
         return torch.where(p < 0, -1, self.row(p))
 
-    def chunk_source(self, positions: Tensor, start: int) -> Tensor:
+    def chunk_source(self, positions: Tensor, start: int | Tensor) -> Tensor:
         """Where positions (>= 0) live in [ring rows, then the rows of a chunk starting at `start`]: ring row
         p % size before the chunk, size + (p - start) inside it (the ring holds nothing of the chunk yet)."""
         return torch.where(positions >= start, self.size + positions - start, self.row(positions))
 
-    def chunk_window_rows(self, start: int, length: int, device, first: int = 0) -> Tensor:
+    def chunk_window_rows(self, start: int | Tensor, length: int, device, first: int = 0) -> Tensor:
         """Prefill of a chunk starting at `start`: for its queries first..first+length-1, rows [length, size] of
-        their window positions in [ring, chunk] (-1: < 0)."""
-        t = start + first + torch.arange(length, device=device)
-        p = t.unsqueeze(1) - (self.size - 1) + torch.arange(self.size, device=device)
+        their window positions in [ring, chunk] (-1: < 0); per-row starts [B] (ragged batch): [B, length, size]."""
+        if isinstance(start, Tensor):
+            start = start.view(-1, 1, 1)
+        t = start + first + torch.arange(length, device=device).unsqueeze(-1)
+        p = t - (self.size - 1) + torch.arange(self.size, device=device)
         return torch.where(p < 0, -1, self.chunk_source(p, start))
 
 
@@ -286,9 +311,14 @@ class LayerCache:
         table = self.block_table[slots][:, :pages]  # [B, pages]
         return store.read_pages(table)[:, :n]
 
-    def write_entries(self, store: RowStore, slots: Tensor, w: Tensor, values: Tensor, ratio: int) -> None:
-        """values [B,N,c] for entry indices w [B,N]."""
-        store.write(self._page(slots, w, ratio), values)
+    def write_entries(self, store: RowStore, slots: Tensor, w: Tensor, values: Tensor, ratio: int,
+                      keep: Tensor | None = None) -> None:
+        """values [B,N,c] for entry indices w [B,N] (`keep` [B,N]: False leaves that entry as it is; such rows are
+        sent to the null page, so they never alias a kept row)."""
+        page, row = self._page(slots, w, ratio)
+        if keep is not None:
+            page = torch.where(keep, page, 0)
+        store.write((page, row), values, keep)
 
 
 class KVCache:
@@ -335,6 +365,10 @@ class KVCache:
     @property
     def free_pages(self) -> int:
         return len(self._free)
+
+    def owned_tokens(self, slot: int) -> int:
+        """Tokens the pages `slot` holds now cover."""
+        return len(self._owned.get(slot, ())) * self.block_size
 
     def allocate(self, slot: int, tokens: int) -> None:
         """Give `slot` pages for `tokens` tokens (keeps the pages it already has)."""

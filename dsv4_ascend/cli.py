@@ -55,6 +55,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=4096, help="cache capacity per sequence in tokens")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: drafts verified per step (0 = off; V4 recipes use 1-3)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step: every decoding sequence's token(s), then prefill chunks of as many "
+                        "prompts as fit (default max(2048, prefill chunk))")
     p.add_argument("--graph", action="store_true",
                    help="decode with captured graphs (torch.compile / torchair), compiled at start")
     p.add_argument("--graph-tuning", default="default", choices=["default", "max"],
@@ -82,6 +85,8 @@ def _check_flags(args, sampling: bool = True) -> None:
 
     need(args.max_seq_len >= 1, f"--max-seq-len must be >= 1, found {args.max_seq_len}")
     need(args.speculative_tokens >= 0, f"--speculative-tokens must be >= 0, found {args.speculative_tokens}")
+    need(getattr(args, "max_num_batched_tokens", None) is None or args.max_num_batched_tokens >= 1,
+         f"--max-num-batched-tokens must be >= 1, found {getattr(args, 'max_num_batched_tokens', None)}")
     if hasattr(args, "max_slots"):  # dsv4 serve
         need(args.max_slots >= 1, f"--max-slots must be >= 1 (got {args.max_slots}): no request could ever be "
                                   "served")
@@ -208,7 +213,8 @@ def _engine(model, args, **kw):
     from .engine import Engine
 
     return Engine(model, max_seq_len=args.max_seq_len, speculative_tokens=args.speculative_tokens,
-                  graph=args.graph, graph_tuning=args.graph_tuning, compile_prefill=args.compile_prefill, **kw)
+                  graph=args.graph, graph_tuning=args.graph_tuning, compile_prefill=args.compile_prefill,
+                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None), **kw)
 
 
 def _load(args):

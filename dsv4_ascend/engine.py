@@ -1,15 +1,14 @@
-"""The decoding engine: continuous batching over static cache slots, chunked prefill, batched decode.
+"""The decoding engine: continuous batching over static cache slots, token-budget steps, batched decode.
 
-Seams: `Engine.step` decides what runs each step (admit waiting requests into free slots, one prefill chunk,
-then one decode step for every running request); `KVCache` holds the state; the model runs prefill chunks
-(host-known start) and sync-free decode steps; `sampling.sample` picks tokens on the device.
+Seams: `scheduler.Scheduler` decides what runs each step (decode rows for every running sequence, prefill
+chunks of as many sequences as the token budget allows, pages on demand with preemption); `Engine.step` runs it:
+one ragged prefill forward for all the step's chunks (each row at its own start), then one decode forward (or
+one batched MTP verify) for every decoding row. `KVCache` holds the state; `sampling.sample` picks tokens on the
+device. `step()` with nothing to do runs no forward and returns no events.
 """
 from __future__ import annotations
 
-import itertools
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -20,6 +19,7 @@ from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tok
 from .logits_process import LogitRules
 from .model import Transformer
 from .sampling import SamplingBatch, SamplingParams
+from .scheduler import Chunk, Plan, Request, Scheduler
 
 __all__ = ["Request", "Engine", "CapacityError", "plan_capacity"]
 
@@ -29,16 +29,17 @@ class CapacityError(ValueError):
 
 
 def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq_len: int,
-                  kv_fp8: bool = False) -> int:
+                  kv_fp8: bool = False, block_size: int | None = None) -> int:
     """Number of cache pages that fit in `budget_bytes` next to the per-slot state (window rings, compressor
     rows). Raises CapacityError when not even one full-length sequence fits."""
     def size(pages: int) -> int:
         return KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
-                       kv_fp8=kv_fp8, preassign=False).nbytes()
+                       kv_fp8=kv_fp8, preassign=False, block_size=block_size).nbytes()
 
     fixed, per_page = size(1), size(2) - size(1)
     pages = 1 + (budget_bytes - fixed) // max(per_page, 1)
-    probe = KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=2, preassign=False)
+    probe = KVCache(model.cfg, 1, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=2, preassign=False,
+                    block_size=block_size)
     if pages - 1 < probe.pages_per_seq:
         raise CapacityError(f"a KV-cache budget of {budget_bytes / 2**20:.1f} MiB holds {max(pages - 1, 0)} pages of "
                             f"{probe.block_size} tokens; one sequence of max_seq_len {max_seq_len} needs "
@@ -46,59 +47,37 @@ def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq
     return int(pages)
 
 
-_ids = itertools.count()
-
-
-@dataclass
-class Request:
-    """One generation request and its progress."""
-
-    prompt: list[int]
-    params: SamplingParams
-    id: int = field(default_factory=lambda: next(_ids))
-    output: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    # params.prompt_logprobs set: per prompt token, its logprob, rank (1 = most likely) and the top-N (None for
-    # the first token, which nothing predicts); filled by the prefill
-    prompt_logprobs: list[tuple[float, int, dict[int, float]] | None] = field(default_factory=list)
-    slot: int | None = None
-    prefilled: int = 0           # prompt tokens already in the cache
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    first_token_time: float | None = None
-    spec: object | None = None  # speculative.SpecState when MTP drafting is on
-    arrival_time: float = field(default_factory=time.perf_counter)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-
 class Engine:
-    """Runs many requests of different lengths together; requests join and leave between steps."""
+    """Runs many requests of different lengths together; requests join and leave between steps.
+
+    API for the server and other drivers: `add_request` / `abort` / `step() -> [(request, token)]` / `has_work`
+    / `run` / `generate`; `stats` (counters, see `_count`) and `spec_stats()`.
+    """
 
     def __init__(self, model: Transformer, max_slots: int = 8, max_seq_len: int = 4096, prefill_chunk: int = 512,
                  eos_token_id: int | None = None, cache_bytes: int | None = None, kv_fp8: bool = False,
                  graph: bool = False, graph_buckets: list[int] | None = None,
                  graph_compiler: str | None = None, speculative_tokens: int = 0,
-                 graph_tuning: str = "default", compile_prefill: bool = False) -> None:
+                 graph_tuning: str = "default", max_num_batched_tokens: int | None = None,
+                 max_prefill_seqs: int | None = None, reserve_full: bool = False,
+                 block_size: int | None = None, compile_prefill: bool = False) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
         `speculative_tokens`: MTP drafts verified per step (0 = off). `graph_tuning`: "max" freezes the weights
-        into the compiled graph and autotunes its GEMMs (CPU: faster decode, longer compile). `compile_prefill`:
-        prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller; compiles on the
-        first chunks, `graph_compiler` applies to it too)."""
+        into the compiled graph and autotunes its GEMMs (CPU: faster decode, longer compile).
+        `max_num_batched_tokens`: tokens per step, decode rows first, prefill chunks in what remains (default
+        max(2048, prefill_chunk)); `max_prefill_seqs`, `reserve_full`: see `Scheduler` (the single-user
+        schedule is prefill_chunk budget, 1 prefill sequence, full reservation); `block_size`: cache page size.
+        `compile_prefill`: prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller;
+        compiles on the first chunks, `graph_compiler` applies to it too)."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
         n_slots = max_slots + 1 if graph else max_slots
-        pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8) if cache_bytes else None
-        self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False)
+        pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
+        self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False,
+                                     block_size=block_size)
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
         self.decoder: Decoder = EagerDecoder(model, self.cache)
         if graph:
@@ -107,11 +86,6 @@ class Engine:
             self.decoder = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
                                         graph_compiler, tuning=graph_tuning)
             self.decoder.warmup()
-        self.prefiller = self.model  # one prefill chunk: prefiller(ids, cache, slots, start_pos, last_only=...)
-        if compile_prefill:
-            from dsv4_ascend.graph_mode import GraphPrefiller
-
-            self.prefiller = GraphPrefiller(model, graph_compiler)
         self.spec = None
         if speculative_tokens:
             from .speculative import Speculator
@@ -121,10 +95,31 @@ class Engine:
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         # [logit rules hook] per-slot penalty / bias state on the device and grammar matchers (logits_process)
         self.rules = LogitRules(self.cache.max_slots, model.cfg.vocab_size, self.eos, self.device)
-        self.free_slots = deque(range(max_slots))
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0}
+        self.prefiller = None  # compiled per-token ops for prefill chunks (graph_mode.GraphPrefiller)
+        if compile_prefill:
+            from dsv4_ascend.graph_mode import GraphPrefiller
+
+            self.prefiller = GraphPrefiller(model, graph_compiler)
+        budget = max(2048, prefill_chunk) if max_num_batched_tokens is None else max_num_batched_tokens
+        self.scheduler = Scheduler(self.cache, max_slots, prefill_chunk, budget, speculative_tokens,
+                                   max_prefill_seqs, reserve_full)
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0, "steps": 0,
+                      "batched_tokens": 0, "prefill_rows": 0, "decode_rows": 0, "preemptions": 0}
+        self.last_step: dict[str, int] = {}
+
+    @property
+    def waiting(self):
+        """Requests queued for a slot, in arrival order (preempted ones first)."""
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        """Requests holding a cache slot, by arrival."""
+        return self.scheduler.running
+
+    @property
+    def free_slots(self):
+        return self.scheduler.free_slots
 
     # -- admission --------------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
@@ -138,36 +133,28 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
+        extra = self.spec.n if self.spec else 0  # a verify writes (deferred) up to n positions past the last token
         need = len(prompt) + params.max_tokens
-        if need > self.cache.max_seq_len:
-            raise CapacityError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {need} "
-                                f"exceeds the cache's max_seq_len {self.cache.max_seq_len}")
-        if self.cache.pages_for(need) > self.cache.num_blocks - 1:
-            raise CapacityError(f"prompt + max_tokens = {need} tokens needs {self.cache.pages_for(need)} cache pages; "
-                                f"the cache has {self.cache.num_blocks - 1}")
+        if need + extra > self.cache.max_seq_len:
+            more = f" + {extra} speculative" if extra else ""
+            raise CapacityError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}){more} = "
+                                f"{need + extra} exceeds the cache's max_seq_len {self.cache.max_seq_len}")
+        if self.cache.pages_for(need + extra) > self.cache.num_blocks - 1:
+            raise CapacityError(f"prompt + max_tokens = {need} tokens needs {self.cache.pages_for(need + extra)} "
+                                f"cache pages; the cache has {self.cache.num_blocks - 1}")
         req = Request(list(prompt), params)
-        self.waiting.append(req)
+        self.scheduler.waiting.append(req)
         self.stats["requests"] += 1
         return req
 
     def abort(self, req: Request) -> None:
         """Stop a request now and free its slot (e.g. the client went away)."""
-        if req in self.waiting:
-            self.waiting.remove(req)
         if not req.finished:
             req.finish_reason = "abort"
-        self._release(req)
-
-    def _release(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        if req.slot is not None:
-            self.cache.free(req.slot)
-            self.free_slots.append(req.slot)
-            req.slot = None
+        self.scheduler.remove(req)
 
     def spec_stats(self) -> dict[str, float]:
-        """Speculative decoding: draft acceptance rate and main-model steps per generated token."""
+        """Speculative decoding: draft acceptance rate and main-model forwards per generated token."""
         if self.spec is None:
             return {}
         st = self.spec.stats
@@ -177,100 +164,147 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.scheduler.waiting or self.scheduler.running)
 
     # -- one scheduling iteration -----------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, int]]:
-        """Admit, run at most one prefill chunk, then one batched decode step. Returns (request, token) events."""
-        while self.waiting and self.free_slots:
-            req = self.waiting[0]
-            tokens = min(len(req.prompt) + req.params.max_tokens + (self.spec.n if self.spec else 0),
-                         self.cache.max_seq_len)
-            if self.cache.pages_for(tokens) > self.cache.free_pages:
-                break  # wait for running sequences to free pages (first come, first served)
-            self.waiting.popleft()
-            req.slot = self.free_slots.popleft()
-            self.cache.allocate(req.slot, tokens)  # pages for the whole request: no mid-run eviction
-            self.rules.admit(req)  # [logit rules hook] the slot's penalty / bias state and grammar matcher
-            self.running.append(req)
+        """Schedule, run the step's prefill chunks (one forward), then its decode rows (one forward). Returns
+        (request, token) events in order; no work: no forward, no events."""
+        plan = self.scheduler.schedule()
+        for c in plan.prefill:
+            if c.start == 0:  # just admitted (or re-admitted after a preemption): the slot's rules state
+                self.rules.admit(c.req)  # [logit rules hook]
         events: list[tuple[Request, int]] = []
-        pending = [r for r in self.running if r.prefilled < len(r.prompt)]
-        if pending:
-            events += self._prefill_chunk(pending[0])
-        decoding = [r for r in self.running if r.prefilled == len(r.prompt) and r.output and not r.finished]
-        if decoding:
-            events += self._decode(decoding)
+        decode_tokens = self.stats["decode_tokens"]
+        if plan.prefill:
+            events += self._prefill(plan.prefill)
+        if plan.decode:
+            events += self._decode(plan.decode)
+        self._count(plan, self.stats["decode_tokens"] - decode_tokens)
         return events
 
-    def _prefill_chunk(self, req: Request) -> list[tuple[Request, int]]:
-        start = req.prefilled
-        chunk = req.prompt[start:start + self.prefill_chunk]
-        ids = torch.tensor([chunk], device=self.device)
-        last = start + len(chunk) == len(req.prompt)
-        slot = torch.tensor([req.slot], device=self.device)
-        req.prefilled += len(chunk)
-        self.stats["prefill_tokens"] += len(chunk)
-        if self.spec is None:
-            logits = self.prefiller(ids, self.cache, slot, start, last_only=req.params.prompt_logprobs is None)
-            self._prompt_logprobs(req, logits[0], start)
-            return self._emit([req], logits[:, -1]) if last else []
-        logits, streams, _ = self.model.prefill(ids, self.cache, slot, start)
-        self._prompt_logprobs(req, logits[0], start)
-        if not last:
-            self.spec.absorb(req.slot, streams, req.prompt[start + 1:start + len(chunk) + 1], start)
-            return []
-        events = self._emit([req], logits[:, -1])
-        if not req.finished:
-            self._draft(req, streams, req.prompt[start + 1:] + [req.output[-1]], start)
+    def _count(self, plan: Plan, decoded: int) -> None:
+        """Per-step counters: tokens through the model, prefill vs decode, preemptions (and `last_step`)."""
+        st = self.stats
+        if plan.tokens:
+            st["steps"] += 1
+        st["batched_tokens"] += plan.tokens
+        st["prefill_tokens"] += plan.prefill_tokens
+        st["prefill_rows"] += len(plan.prefill)
+        st["decode_rows"] += len(plan.decode)
+        st["preemptions"] += len(plan.preempted)
+        self.last_step = {"tokens": plan.tokens, "prefill_tokens": plan.prefill_tokens,
+                          "prefill_rows": len(plan.prefill), "decode_rows": len(plan.decode),
+                          "decode_tokens": decoded, "preemptions": len(plan.preempted)}
+
+    def _prefill(self, chunks: list[Chunk]) -> list[tuple[Request, int]]:
+        """All chunks of the step in one forward (a ragged batch: each row at its own start, right-padded).
+
+        The streams of every chunk token are computed; logits only where a token is chosen (a prompt's last
+        chunk). A feature that wants every prompt token's logits takes `model.logits(streams[b, :len])` here.
+        """
+        dev = self.device
+        lens = [len(c.tokens) for c in chunks]
+        width = max(lens)
+        ids = torch.tensor([c.tokens + [0] * (width - len(c.tokens)) for c in chunks], device=dev)
+        slots = torch.tensor([c.req.slot for c in chunks], device=dev)
+        starts = [c.start for c in chunks]
+        run = self.model.prefill_streams if self.prefiller is None else self.prefiller.prefill_streams
+        if len(chunks) == 1:  # one rectangular chunk: the plain path (fused attention where the backend has it)
+            streams, _ = run(ids, self.cache, slots, starts[0])
+        else:
+            streams, _ = run(ids, self.cache, slots, starts, lengths=lens)
+        for i, c in enumerate(chunks):
+            if c.req.params.prompt_logprobs is not None:
+                self._prompt_logprobs(c.req, self.model.logits(streams[i, :lens[i]]), c.start)
+            c.req.prefilled += len(c.tokens)
+        emit = [i for i, c in enumerate(chunks) if c.last and not c.req.output]  # resumed ones have their token
+        events = []
+        if emit:
+            rows = torch.tensor(emit, device=dev)
+            last = torch.tensor([lens[i] - 1 for i in emit], device=dev)
+            events = self._emit([chunks[i].req for i in emit], self.model.logits(streams[rows, last]))
+        if self.spec is not None:
+            self._absorb_chunks(chunks, streams, slots)
         return events
 
     @staticmethod
     def _prompt_logprobs(req: Request, logits: Tensor, start: int) -> None:
         """Record the logprobs of the prompt tokens that a prefill chunk's logits [S,V] predict (positions
-        start+1 .. start+S), when the request asks for them (params.prompt_logprobs); the first token gets None."""
+        start+1 .. start+S), when the request asks (params.prompt_logprobs); the first token gets None. A chunk
+        recomputed after a preemption records nothing twice."""
         n = req.params.prompt_logprobs
-        if n is None:
-            return
-        if start == 0:
+        if start == 0 and not req.prompt_logprobs:
             req.prompt_logprobs.append(None)
-        targets = req.prompt[start + 1:start + logits.shape[0] + 1]  # the last chunk predicts one token past
-        if not targets:
+        lo = max(start + 1, len(req.prompt_logprobs))  # next prompt position not yet recorded
+        hi = min(start + logits.shape[0], len(req.prompt) - 1)  # the last chunk predicts one token past the prompt
+        if hi < lo:
             return
-        lps = torch.log_softmax(logits[:len(targets)].float(), -1)
-        tok_lp = lps.gather(-1, torch.tensor(targets, device=lps.device).unsqueeze(1))
+        lps = torch.log_softmax(logits[lo - start - 1:hi - start].float(), -1)
+        targets = torch.tensor(req.prompt[lo:hi + 1], device=lps.device).unsqueeze(1)
+        tok_lp = lps.gather(-1, targets)
         ranks = ((lps > tok_lp).sum(-1) + 1).tolist()  # prefill, not the decode step: host reads are fine here
         top = lps.topk(n, -1) if n else None
         for i, (lp, rank) in enumerate(zip(tok_lp[:, 0].tolist(), ranks)):
             best = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if n else {}
             req.prompt_logprobs.append((lp, rank, best))
 
-    def _draft(self, req: Request, streams: Tensor, next_ids: list[int], start: int) -> None:
-        """Let the MTP block absorb main streams at [start, start+S) and propose the next round's drafts."""
+    def _absorb_chunks(self, chunks: list[Chunk], streams: Tensor, slots: Tensor) -> None:
+        """MTP: the block absorbs every chunk's main streams; sequences whose prefill completed propose drafts."""
         from .speculative import SpecState
 
-        if req.spec is None:
-            req.spec = SpecState(generator=torch.Generator().manual_seed(req.params.seed))
-        logits, x = self.spec.absorb(req.slot, streams, next_ids, start)
-        self.spec.propose(req.slot, logits, x, start + len(next_ids) - 1, req.params, req.spec)
+        keep = [i for i, c in enumerate(chunks) if not c.req.finished]
+        if not keep:
+            return
+        nxt = []
+        for i in keep:
+            c = chunks[i]
+            seq = c.req.context + c.req.output[-1:] if c.last else c.req.context
+            nxt.append(seq[c.start + 1:c.start + len(c.tokens) + 1])
+        rows = torch.tensor(keep, device=self.device)
+        logits, x = self.spec.absorb(slots[rows], streams[rows], nxt, [chunks[i].start for i in keep])
+        done = [j for j, i in enumerate(keep) if chunks[i].last]
+        if not done:
+            return
+        reqs = [chunks[keep[j]].req for j in done]
+        for r in reqs:
+            if r.spec is None:
+                r.spec = SpecState(generator=torch.Generator().manual_seed(r.params.seed))
+        sel = torch.tensor(done, device=self.device)
+        pos = [chunks[keep[j]].start + len(chunks[keep[j]].tokens) - 1 for j in done]
+        self.spec.propose(slots[rows][sel], logits[sel], x[sel], pos, [r.params for r in reqs],
+                          [r.spec for r in reqs])
 
-    def _spec_round(self, req: Request) -> list[tuple[Request, int]]:
-        """One verify round for one sequence: up to n+1 new tokens."""
-        length = req.length - 1  # the last output token is known but not yet in the cache
-        tokens, logits, streams = self.spec.verify(req.slot, req.output[-1], length, req.params, req.spec)
+    def _spec_round(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        """One verify round for every decoding row in one forward: up to n+1 new tokens per row."""
+        dev = self.device
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        lengths = [r.length - 1 for r in reqs]  # the last output token is known but not yet in the cache
+        tokens, logits, streams = self.spec.verify(slots, [r.output[-1] for r in reqs], lengths,
+                                                   [r.params for r in reqs], [r.spec for r in reqs])
         self.stats["decode_steps"] += 1
-        lps = torch.log_softmax(logits.float(), -1)
+        picked = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in tokens], batch_first=True).to(dev)
+        lps = torch.log_softmax(logits[:, :picked.shape[1]].float(), -1).gather(-1, picked.unsqueeze(-1))[..., 0]
         events = []
-        for i, tok in enumerate(tokens):
-            events += self._record([req], StepResult(torch.tensor([tok]), lps[i, tok].view(1), logits[i:i + 1]))
-            self.stats["decode_tokens"] += 1
-            if req.finished:
-                return events
-        self._draft(req, streams, tokens, length)
+        for i in range(picked.shape[1]):
+            rows = [b for b, r in enumerate(reqs) if i < len(tokens[b]) and not r.finished]
+            if not rows:
+                break
+            at = torch.tensor(rows, device=dev)
+            events += self._record([reqs[b] for b in rows], StepResult(picked[at, i], lps[at, i], logits[at, i]))
+            self.stats["decode_tokens"] += len(rows)
+        live = [b for b, r in enumerate(reqs) if not r.finished]
+        if live:
+            at = torch.tensor(live, device=dev)
+            mtp_logits, x = self.spec.absorb(slots[at], streams[at], [tokens[b] for b in live],
+                                             [lengths[b] for b in live])
+            self.spec.propose(slots[at], mtp_logits, x, [lengths[b] + len(tokens[b]) - 1 for b in live],
+                              [reqs[b].params for b in live], [reqs[b].spec for b in live])
         return events
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if self.spec is not None:
-            return [e for r in reqs for e in self._spec_round(r)]
+            return self._spec_round(reqs)
         dev = self.device
         ids = torch.tensor([[r.output[-1]] for r in reqs], device=dev)
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
@@ -313,7 +347,7 @@ class Engine:
                 r.finish_reason = "length"
             events.append((r, tok))
             if r.finished:
-                self._release(r)
+                self.scheduler.release(r)
         return events
 
     # -- convenience ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .parallel import idle_forward
 
 __all__ = ["Lockstep"]
 
-Kind = tuple[int, int, bool]  # (0 main layers | 1 MTP block, block index, static EP path)
+Kind = tuple[int, int, bool, bool]  # (0 main layers | 1 MTP block | 2 head only, block index, static EP path, head)
 
 
 class Lockstep:
@@ -36,9 +36,9 @@ class Lockstep:
         self.idle_calls = 0   # calls joined with an empty batch
         self._inside = False
 
-    def kind(self, mtp: int | None, rows: int, decode: bool) -> Kind:
+    def kind(self, mtp: int | None, rows: int, decode: bool, head: bool = True) -> Kind:
         static = self.ep is not None and self.ep.takes_static(rows, decode)
-        return (0, 0, static) if mtp is None else (1, mtp, static)
+        return (0, 0, static, head) if mtp is None else (1, mtp, static, head)
 
     def _agree(self, kind: Kind | None) -> Kind | None:
         kinds: list[Kind | None] = [None] * self.world
@@ -53,11 +53,12 @@ class Lockstep:
         return self._inside
 
     def _idle(self, kind: Kind) -> None:
-        block, j, static = kind
+        block, j, static, head = kind
         self.idle_calls += 1
         self._inside = True
         try:
-            idle_forward(self.model, None if block == 0 else self.model.mtp[j:j + 1], head=True, static=static)
+            blocks = None if block == 0 else self.model.mtp[j:j + 1] if block == 1 else []
+            idle_forward(self.model, blocks, head=head, static=static)
         finally:
             self._inside = False
 
@@ -98,6 +99,10 @@ class Lockstep:
         a = lambda b, name: b.arguments[name]  # noqa: E731
         m.forward = wrap(m.forward, lambda b: self.kind(None, a(b, "input_ids").numel(), False))
         m.prefill = wrap(m.prefill, lambda b: self.kind(None, a(b, "input_ids").numel(), False))
+        # the scheduler's ragged prefill: the main layers without the head, then the head on the rows it needs
+        m.prefill_streams = wrap(m.prefill_streams,
+                                 lambda b: self.kind(None, a(b, "input_ids").numel(), False, head=False))
+        m.logits = wrap(m.logits, lambda b: (2, 0, False, True))
         m.mtp_prefill = wrap(m.mtp_prefill, lambda b: self.kind(a(b, "j"), a(b, "next_ids").numel(), False))
         m.mtp_decode = wrap(m.mtp_decode, lambda b: self.kind(a(b, "j"), a(b, "next_ids").numel(), True))
         dec = engine.decoder

@@ -137,7 +137,8 @@ class LogitRules:
             params.guided.check(self.vocab)
 
     def admit(self, req: _Req) -> None:
-        """Set the request's slot state (after it got a slot, before its first token is chosen)."""
+        """Set the request's slot state (after it got a slot, before its next token is chosen; a preempted request
+        gets its output tokens replayed)."""
         p, slot, s = req.params, req.slot, self.state
         self.matchers.pop(slot, None)
         if p.guided is not None:
@@ -155,6 +156,13 @@ class LogitRules:
             ids = ([] if p.ignore_eos else [self.eos]) + list(p.stop_token_ids)
             if ids:
                 s.stops[slot, torch.tensor(ids, device=self.device)] = True
+        if req.output:  # re-admitted after a preemption: the tokens already generated count again
+            out = torch.tensor(req.output, device=self.device)
+            if p.penalized:
+                s.counts[slot].index_put_((out,), torch.ones_like(out, dtype=s.counts.dtype), accumulate=True)
+            if slot in self.matchers:
+                for tok in req.output:
+                    self.matchers[slot].advance(tok)
 
     def batch(self, reqs: list[_Req]) -> AdjustBatch | None:
         """The rows' adjustments for the next token, or None when every row is neutral (host-decided)."""

@@ -12,7 +12,7 @@ tensors and do no host syncs, so they can be captured as a graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,23 +34,38 @@ __all__ = ["WeightFormats", "Linear", "RMSNorm", "Step", "Gate", "Expert", "Rout
 class Step:
     """One forward's bookkeeping: which sequences (cache slots), which positions, prefill or decode.
 
-    Prefill: `start` is the host-known first position of the chunk (same for every row). Decode: `start` is None,
-    the chunk is one token per row and `positions` [B,1] may differ per row.
+    Prefill: `start` is the host-known first position of the chunk (same for every row), or for a ragged batch
+    the per-row starts [B] (a tensor) with `used` [B] the valid tokens of each row (the rest of the row is padding:
+    computed, never written to the cache) and `end` a host bound on every position. Decode: `start` is None, the
+    chunk is one token per row and `positions` [B,1] may differ per row.
     """
 
     input_ids: Tensor
     positions: Tensor
     slots: Tensor
     cache: KVCache
-    start: int | None
+    start: int | Tensor | None
     span_pages: int | None = None  # decode: pages that cover every row's context (host hint; None = all)
     defer: list | None = None      # prefill: leave the cache untouched, collect commit(k) callbacks instead
+    used: Tensor | None = None     # ragged prefill: valid tokens per row [B]
+    end: int | None = None         # prefill: host bound, every position < end
     _rope: dict = field(default_factory=dict)
     attn_shared: dict = field(default_factory=dict)  # KVView.shared: the backend's per-step attention tensors
 
     @property
     def decode(self) -> bool:
         return self.start is None
+
+    @property
+    def ragged(self) -> bool:
+        """A prefill batch whose rows have their own starts and lengths."""
+        return isinstance(self.start, Tensor)
+
+    def starts(self) -> Tensor:
+        """Per-row first positions [B] of a prefill chunk."""
+        if self.ragged:
+            return self.start
+        return torch.full((self.input_ids.shape[0],), self.start, dtype=torch.int64, device=self.input_ids.device)
 
     def cos_sin(self, table: RopeTable) -> tuple[Tensor, Tensor]:
         """cos/sin of this step's positions for one table, computed once per step."""
@@ -80,11 +95,11 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(backend, width, cfg.rms_norm_eps, device)
 
     def forward(self, x: Tensor, start: Tensor, st: CompressorState, slots: Tensor, table: RopeTable,
-                write: bool = True, used: int | None = None) -> Tensor:
+                write: bool = True, used: int | Tensor | None = None) -> Tensor:
         """Entries [B, ceil(S/ratio), d] of the windows that x [B,S,D] (positions start[b] + s) closes, as stored
         in the cache; later rows (windows still open) are unspecified. The state of `slots` is updated, or with
         write=False left untouched (a scratch copy runs instead: speculative verify before commit). `used`: only
-        the first `used` tokens take part (commit of a verified prefix)."""
+        the first `used` tokens take part (commit of a verified prefix; per row [B] in a ragged batch)."""
         m = self.ratio
         n = -(-x.shape[1] // m)
         cos, sin = table.cos_sin(((start // m).unsqueeze(1) + torch.arange(n, device=x.device)) * m)
@@ -186,9 +201,11 @@ class Attention(nn.Module):
         The ring is written after attention (`forward`), so the view reads it as it was before the chunk; a
         deferred chunk only registers the write of its accepted prefix."""
         s0 = step.start
-        if step.defer is not None:
+        if step.defer is not None and step.ragged:
+            step.defer.append(lambda k: lc.window.write_rows(step.slots, s0, k, kv))
+        elif step.defer is not None:
             step.defer.append(lambda k: k and lc.window.write_chunk(step.slots, s0, kv[:, :k]))
-        return KVView(lc.window, step.slots, step.positions, kv, s0, s0 + kv.shape[1])
+        return KVView(lc.window, step.slots, step.positions, kv, s0, step.end)
 
     def _window_decode(self, kv: Tensor, step: Step, lc: LayerCache) -> KVView:
         """Write this step's row into the ring; return the window part of the step's view."""
@@ -198,9 +215,11 @@ class Attention(nn.Module):
 
     # -- compressed keys ----------------------------------------------------------------------------------------
     def _prefill_entries(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
-                         used: int | None = None, pool: bool = True) -> Tensor | None:
+                         used: int | Tensor | None = None, pool: bool = True) -> Tensor | None:
         """Run a prefill chunk x (its first `used` tokens) through the compressor; return the entry pool
         [B, (start+used)//m, c] (pool=False with write: None, the attention view reads the pages)."""
+        if step.ragged:
+            return self._ragged_entries(comp, store, st, x, step, write, step.used if used is None else used, pool)
         m, slots, s = comp.ratio, step.slots, x.shape[1] if used is None else used
         w0, n_win = step.start // m, (step.start % m + s) // m  # first window the chunk touches, windows it closes
         start = torch.full((x.shape[0],), step.start, dtype=torch.int64, device=x.device)
@@ -214,6 +233,26 @@ class Attention(nn.Module):
         if not n_win or write:
             return lc.read_entries(store, slots, n_total, m)
         return torch.cat([lc.read_entries(store, slots, w0, m), e.to(store.dtype)], 1)
+
+    def _ragged_entries(self, comp: Compressor, store, st: CompressorState, x: Tensor, step: Step, write: bool,
+                        used: Tensor, pool: bool) -> Tensor | None:
+        """`_prefill_entries` for a ragged batch: row b's first used[b] tokens start at start[b]; the pool holds
+        entries 0..end//m - 1 (later ones are stale or unwritten: the views mask them by position)."""
+        m, slots, start = comp.ratio, step.slots, step.start
+        e = comp(x, start, st, slots, self.table, write, used)
+        w0, n_win = start // m, (start % m + used) // m  # per row: first window touched, windows closed
+        j = torch.arange(e.shape[1], device=x.device)
+        lc = step.cache.layers[self.layer_id]
+        n_total = step.end // m
+        if write:
+            keep = j < n_win.unsqueeze(1)  # unmasked indices stay inside the block table (padding may lie past it)
+            lc.write_entries(store, slots, torch.where(keep, w0.unsqueeze(1) + j, 0), e, m, keep=keep)
+            return lc.read_entries(store, slots, n_total, m) if pool else None
+        old = lc.read_entries(store, slots, n_total, m)
+        w = torch.arange(n_total, device=x.device) - w0.unsqueeze(1)  # [B, N] index into e
+        new = (w >= 0) & (w < n_win.unsqueeze(1))
+        picked = e.to(old.dtype).gather(1, w.clamp(0, e.shape[1] - 1).unsqueeze(-1).expand(-1, -1, e.shape[-1]))
+        return torch.where(new.unsqueeze(-1), picked, old)
 
     def _compressed(self, x: Tensor, qr: Tensor, step: Step, lc: LayerCache, cos: Tensor,
                     sin: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -245,10 +284,10 @@ class Attention(nn.Module):
         n_visible = (pos + 1) // m  # entry w is visible to query t iff w < (t+1)//m
         return entries, self.indexer.select(x, qr, keys, n_visible, cos, sin)
 
-    def _commit_compressed(self, step: Step, x: Tensor, k: int) -> None:
+    def _commit_compressed(self, step: Step, x: Tensor, k: int | Tensor) -> None:
         """Run the first k tokens of a deferred chunk (x [B,S,D]) through the compressors for real: state and
-        entry pages as if the chunk had been those k tokens."""
-        if k == 0:
+        entry pages as if the chunk had been those k tokens (ragged batch: k [B] per row)."""
+        if isinstance(k, int) and k == 0:
             return
         lc = step.cache.layers[self.layer_id]
         self._prefill_entries(self.compressor, lc.entries, lc.comp, x, step, True, k)
@@ -279,7 +318,10 @@ class Attention(nn.Module):
         # attention
         o = be.attend(q, view, self.attn_sink, self.head_dim ** -0.5)
         if not step.decode and step.defer is None:  # after attention: the view read the ring before this chunk
-            lc.window.write_chunk(step.slots, step.start, kv)
+            if step.ragged:
+                lc.window.write_rows(step.slots, step.start, step.used, kv)
+            else:
+                lc.window.write_chunk(step.slots, step.start, kv)
         # o
         o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
@@ -446,22 +488,38 @@ class Transformer(HcHead, nn.Module):
     def logits(self, streams: Tensor) -> Tensor:
         return self.backend.lm_head(self.norm(self.hc_head(streams)), self.head.weight)
 
-    def _prefill_step(self, input_ids: Tensor, cache: KVCache | None, slots: Tensor | None, start_pos: int,
-                      defer: bool = False) -> Step:
+    def _prefill_step(self, input_ids: Tensor, cache: KVCache | None, slots: Tensor | None,
+                      start_pos: int | Sequence[int], defer: bool = False,
+                      lengths: Sequence[int] | None = None) -> Step:
         self._check_ids(input_ids)
         b, s = input_ids.shape
         dev = self.embed.weight.device
+        ragged = not isinstance(start_pos, int) or lengths is not None
+        starts = [start_pos] * b if isinstance(start_pos, int) else [int(x) for x in start_pos]
+        used = [s] * b if lengths is None else [int(x) for x in lengths]
+        if len(starts) != b or len(used) != b:
+            raise ValueError(f"ragged prefill: {len(starts)} start positions and {len(used)} lengths for a batch "
+                             f"of {b} rows")
+        if any(x < 0 for x in starts) or any(not 0 <= n <= s for n in used):
+            raise ValueError(f"ragged prefill: starts must be >= 0 and lengths in [0, {s}]; found starts {starts}, "
+                             f"lengths {used}")
         if cache is None:
-            if start_pos:
+            if any(starts):
                 raise ValueError("start_pos > 0 needs the cache that holds the earlier tokens")
             cache = self.new_cache(b, s)
         if slots is None:
             slots = torch.arange(b, device=dev)
-        if start_pos + s > cache.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + s} tokens exceeds the cache's max_seq_len "
-                             f"{cache.max_seq_len}")
-        positions = (start_pos + torch.arange(s, device=dev)).expand(b, s)
-        return Step(input_ids, positions, slots, cache, start_pos, defer=[] if defer else None)
+        # Bound of every real token's position (padding may lie past it, even past max_seq_len: never stored).
+        end = max(st + n for st, n in zip(starts, used))
+        if end > cache.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seq_len {cache.max_seq_len}")
+        if not ragged:
+            positions = (start_pos + torch.arange(s, device=dev)).expand(b, s)
+            return Step(input_ids, positions, slots, cache, start_pos, defer=[] if defer else None, end=end)
+        start = torch.tensor(starts, dtype=torch.int64, device=dev)
+        positions = start.unsqueeze(1) + torch.arange(s, device=dev)
+        return Step(input_ids, positions, slots, cache, start, defer=[] if defer else None,
+                    used=torch.tensor(used, dtype=torch.int64, device=dev), end=end)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, slots: Tensor | None = None,
@@ -474,30 +532,51 @@ class Transformer(HcHead, nn.Module):
         return self.logits(x)
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int,
-                defer: bool = False) -> tuple[Tensor, Tensor, Callable[[int], None]]:
-        """Prefill returning (logits [B,S,V], final streams [B,S,n,D], commit).
-
-        defer=True leaves the cache untouched; `commit(k)` then writes the state of the first k tokens only (the
-        accepted prefix of a speculative verify). Without defer, commit is a no-op.
-        """
-        step = self._prefill_step(input_ids, cache, slots, start_pos, defer)
-        x = self.hidden_streams(input_ids, step)
-
-        def commit(k: int) -> None:
-            for f in step.defer or ():
-                f(k)
-
+    def prefill(self, input_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int | Sequence[int],
+                defer: bool = False, lengths: Sequence[int] | None = None
+                ) -> tuple[Tensor, Tensor, Callable[[int | Sequence[int]], None]]:
+        """Prefill returning (logits [B,S,V], final streams [B,S,n,D], commit); see `prefill_streams`."""
+        x, commit = self.prefill_streams(input_ids, cache, slots, start_pos, defer, lengths)
         return self.logits(x), x, commit
 
     @torch.no_grad()
-    def mtp_prefill(self, streams: Tensor, next_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int,
-                    j: int = 0) -> tuple[Tensor, Tensor]:
-        """MTP block j over a chunk: main streams at positions [start, start+S) and the tokens that follow each.
+    def prefill_streams(self, input_ids: Tensor, cache: KVCache, slots: Tensor, start_pos: int | Sequence[int],
+                        defer: bool = False, lengths: Sequence[int] | None = None
+                        ) -> tuple[Tensor, Callable[[int | Sequence[int]], None]]:
+        """Prefill returning (final streams [B,S,n,D], commit); `logits(streams[...])` gives the logits wanted.
+
+        `start_pos`: one host int for every row, or one per row (a ragged batch: several sequences' chunks at
+        their own positions); `lengths`: valid tokens per row, the rest of the row is padding (computed, never
+        written to the cache). defer=True leaves the cache untouched; `commit(k)` then writes the state of the
+        first k tokens only (the accepted prefix of a speculative verify; per row in a ragged batch). Without
+        defer, commit is a no-op.
+        """
+        step = self._prefill_step(input_ids, cache, slots, start_pos, defer, lengths)
+        x = self.hidden_streams(input_ids, step)
+
+        def commit(k: int | Sequence[int]) -> None:
+            if step.ragged:
+                k = torch.tensor([k] * input_ids.shape[0] if isinstance(k, int) else list(k), dtype=torch.int64,
+                                 device=input_ids.device)
+            elif not isinstance(k, int):
+                if len(set(k)) != 1:
+                    raise ValueError("per-row commit lengths need a ragged prefill (per-row start_pos)")
+                k = int(k[0])
+            for f in step.defer or ():
+                f(k)
+
+        return x, commit
+
+    @torch.no_grad()
+    def mtp_prefill(self, streams: Tensor, next_ids: Tensor, cache: KVCache, slots: Tensor,
+                    start_pos: int | Sequence[int], j: int = 0, lengths: Sequence[int] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+        """MTP block j over a chunk: main streams at positions [start, start+S) and the tokens that follow each
+        (per-row starts and lengths: a ragged batch, as in `prefill_streams`).
 
         Returns (logits [B,S,V] for the token after next, the block's streams for chained drafts).
         """
-        step = self._prefill_step(next_ids, cache, slots, start_pos)
+        step = self._prefill_step(next_ids, cache, slots, start_pos, lengths=lengths)
         h, x = self.mtp[j].forward_mtp(streams, self.embed.weight[next_ids], step)
         return self.backend.lm_head(h, self.head.weight), x
 

@@ -55,7 +55,9 @@ def accept_drafts(p: Tensor, q: list[Tensor | None], drafts: list[int], greedy: 
 
 
 class Speculator:
-    """Drives MTP drafting and verification for sequences in a shared KV cache (one sequence per call)."""
+    """Drives MTP drafting and verification for a batch of sequences in a shared KV cache: one main-model forward
+    verifies every row's drafts (a ragged prefill: each row at its own position), each row commits its own
+    accepted prefix."""
 
     def __init__(self, model: Transformer, cache: KVCache, n_tokens: int) -> None:
         if not model.mtp:
@@ -67,55 +69,79 @@ class Speculator:
         self.cache = cache
         self.n = n_tokens
         self.mtp_layer = cache.layers[model.cfg.num_hidden_layers]
-        self.stats = {"rounds": 0, "proposed": 0, "accepted": 0}
+        self.stats = {"rounds": 0, "proposed": 0, "accepted": 0, "verify_steps": 0}
 
-    def _slot(self, slot: int) -> Tensor:
-        return torch.tensor([slot], device=self.model.embed.weight.device)
+    def _batch(self, rows: list[list[int]]) -> tuple[Tensor, list[int]]:
+        """Rows of token ids, right-padded with 0, and their lengths."""
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.model.embed.weight.device)
+        return ids, [len(r) for r in rows]
 
-    def absorb(self, slot: int, streams: Tensor, next_ids: list[int], start: int) -> tuple[Tensor, Tensor]:
-        """MTP over main streams at positions [start, start+S) with the tokens that follow; (last logits, streams)."""
-        ids = torch.tensor([next_ids], device=streams.device)
-        logits, x = self.model.mtp_prefill(streams, ids, self.cache, self._slot(slot), start)
-        return logits[0, -1], x[:, -1:]
+    def absorb(self, slots: Tensor, streams: Tensor, next_ids: list[list[int]], starts: list[int]
+               ) -> tuple[Tensor, Tensor]:
+        """MTP over main streams [B,S,n,D] whose row b sits at positions starts[b].. with the tokens that follow
+        each (next_ids[b], its valid length); returns each row's last (logits [B,V], streams [B,1,n,D])."""
+        ids, lens = self._batch(next_ids)
+        ragged = len(set(lens)) > 1 or len(set(starts)) > 1
+        logits, x = self.model.mtp_prefill(streams[:, :ids.shape[1]], ids, self.cache, slots,
+                                           starts if ragged else starts[0], lengths=lens if ragged else None)
+        last = torch.tensor(lens, device=ids.device) - 1
+        rows = torch.arange(len(lens), device=ids.device)
+        return logits[rows, last], x[rows, last].unsqueeze(1)
 
-    def propose(self, slot: int, logits: Tensor, x: Tensor, pos: int, params: SamplingParams,
-                state: SpecState) -> None:
-        """Chain n drafts from the MTP row at `pos`; their cache writes are rolled back afterwards."""
-        greedy = params.temperature == 0
-        s = self._slot(slot)
+    def propose(self, slots: Tensor, logits: Tensor, x: Tensor, pos: list[int], params: list[SamplingParams],
+                states: list[SpecState]) -> None:
+        """Chain n drafts per row from the MTP rows at positions `pos` (logits [B,V], streams [B,1,n,D]); their
+        cache writes are rolled back afterwards."""
+        dev = slots.device
+        p0 = torch.tensor(pos, device=dev)
         ring = self.mtp_layer.window
-        rows = ring.row(torch.arange(pos + 1, pos + self.n, device=s.device))
-        saved = ring.snapshot((s.view(1, 1), rows.view(1, -1)))
-        state.drafts, state.q = [], []
+        at = (slots.view(-1, 1), ring.row(p0.unsqueeze(1) + 1 + torch.arange(self.n - 1, device=dev)))
+        saved = ring.snapshot(at)
+        for st in states:
+            st.drafts, st.q = [], []
         for i in range(self.n):
-            if greedy:
-                tok, q = int(logits.argmax()), None
-            else:
-                q = probabilities(logits, params)
-                tok = int(torch.multinomial(q, 1, generator=state.generator))
-            state.drafts.append(tok)
-            state.q.append(q)
+            toks = logits.argmax(-1).tolist()  # greedy rows' drafts; sampled rows replace theirs
+            for b, (sp, st) in enumerate(zip(params, states)):
+                q = None
+                if sp.temperature != 0:
+                    q = probabilities(logits[b], sp)
+                    toks[b] = int(torch.multinomial(q, 1, generator=st.generator))
+                st.drafts.append(toks[b])
+                st.q.append(q)
             if i + 1 < self.n:
-                lg, x = self.model.mtp_decode(x, torch.tensor([[tok]], device=s.device),
-                                              torch.tensor([pos + 1 + i], device=s.device), self.cache, s)
-                logits = lg[0, -1]
-        ring.restore((s.view(1, 1), rows.view(1, -1)), saved)
+                lg, x = self.model.mtp_decode(x, torch.tensor(toks, device=dev).view(-1, 1), p0 + 1 + i,
+                                              self.cache, slots)
+                logits = lg[:, -1]
+        ring.restore(at, saved)
 
-    def verify(self, slot: int, pending: int, length: int, params: SamplingParams,
-               state: SpecState) -> tuple[list[int], Tensor, Tensor]:
-        """Run [pending, drafts] through the main model; commit the accepted prefix.
+    def verify(self, slots: Tensor, pending: list[int], lengths: list[int], params: list[SamplingParams],
+               states: list[SpecState]) -> tuple[list[list[int]], Tensor, Tensor]:
+        """Run [pending, drafts] of every row (row b's cache holds lengths[b] tokens) through the main model in
+        one forward; commit each row's accepted prefix.
 
-        Returns the new tokens (accepted drafts + bonus), the main model's logits that produced them [a+1, V] and
-        its streams at the committed positions [1, a+1, n, D].
+        Returns per row the new tokens (accepted drafts + bonus), and the main model's logits [B, n+1, V] and
+        streams [B, n+1, n_hc, D] (row b's first len(tokens[b]) positions are the committed ones).
         """
-        s = self._slot(slot)
-        ids = torch.tensor([[pending] + state.drafts], device=s.device)
-        logits, x, commit = self.model.prefill(ids, self.cache, s, length, defer=True)
-        greedy = params.temperature == 0
-        p = logits[0] if greedy else torch.stack([probabilities(lg, params) for lg in logits[0]])
-        a, bonus = accept_drafts(p, state.q, state.drafts, greedy, state.generator)
-        commit(a + 1)
-        self.stats["rounds"] += 1
-        self.stats["proposed"] += len(state.drafts)
-        self.stats["accepted"] += a
-        return state.drafts[:a] + [bonus], logits[0, : a + 1], x[:, : a + 1]
+        ids, _ = self._batch([[t] + st.drafts for t, st in zip(pending, states)])
+        x, commit = self.model.prefill_streams(ids, self.cache, slots, lengths if len(lengths) > 1 else lengths[0],
+                                               defer=True)
+        logits = self.model.logits(x)
+        pred = logits.argmax(-1).tolist()  # the one host read of the verify (greedy rows decide from it)
+        out = []
+        for b, (sp, st) in enumerate(zip(params, states)):
+            if sp.temperature == 0:
+                a = 0
+                while a < len(st.drafts) and st.drafts[a] == pred[b][a]:
+                    a += 1
+                bonus = pred[b][a]
+            else:
+                p = torch.stack([probabilities(lg, sp) for lg in logits[b]])
+                a, bonus = accept_drafts(p, st.q, st.drafts, False, st.generator)
+            out.append(st.drafts[:a] + [bonus])
+            self.stats["proposed"] += len(st.drafts)
+            self.stats["accepted"] += a
+        commit([len(t) for t in out])
+        self.stats["rounds"] += len(out)
+        self.stats["verify_steps"] += 1
+        return out, logits, x

@@ -84,6 +84,11 @@ class GraphPrefiller:
         with self._installed():
             return self.model(ids, cache, slots, start_pos, last_only=last_only)
 
+    def prefill_streams(self, *args, **kwargs):
+        """`Transformer.prefill_streams` (the engine's ragged chunk batches) with the compiled ops installed."""
+        with self._installed():
+            return self.model.prefill_streams(*args, **kwargs)
+
     def warmup(self, lengths: tuple[int, ...] = (2, 3)) -> None:
         """Compile now: one-row chunks of `lengths` tokens (last-position logits, as the engine asks) in a scratch
         cache. Sizes 0 and 1 are specialised by the compiler: other batch sizes, full logits or a 1-token chunk

@@ -85,7 +85,7 @@ class AttentionMapping:
     # ---- KV compressor: the custom `compressor` ----------------------------------------------------------------
     def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
                    state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
-                   used: int | None = None) -> Tensor:
+                   used: int | Tensor | None = None) -> Tensor:
         # CR's fused op (custom `compressor`), BSND for decode and prefill alike (every row of a chunk shares S).
         # The state ring [N, R, 2c] is the op's paged state cache with block_size R: a table repeating each row's
         # block sends position p to row p % R. start_pos goes in shifted down by a multiple of R (to start % R + R
@@ -101,7 +101,8 @@ class AttentionMapping:
         coff = wkv.shape[0] // norm_weight.shape[0]
         shifted = torch.where(start >= ring, start % ring + ring, start)
         table = blocks.to(torch.int32).unsqueeze(1).expand(b, (2 * ring + s - 2) // ring + 1).contiguous()
-        seqused = None if used is None else torch.full((b,), used, dtype=torch.int32, device=x.device)
+        seqused = (None if used is None else used.to(torch.int32) if isinstance(used, Tensor)
+                   else torch.full((b,), used, dtype=torch.int32, device=x.device))
         return self.custom.compressor(
             x, wkv.to(x.dtype), wgate.to(x.dtype), state, ape.float(), norm_weight.float(),
             sin.repeat_interleave(2, -1).float(), cos.repeat_interleave(2, -1).float(), 2 * cos.shape[-1], ratio,
@@ -190,6 +191,8 @@ class AttentionMapping:
             return "cache dtype differs from q's (the kernel takes one dtype)"
         if c8 and (view.window.width - view.window.rope_dim) % C8_TILE:
             return f"C8 nope width not a multiple of the kernel's tile {C8_TILE}"
+        if view.chunk is not None and not isinstance(view.start, int):
+            return "ragged prefill batch (per-row starts): the temporary window is built for one start"
         if view.picks is not None and view.picks.shape[-1] > SAS_TOPK_MAX:
             return f"more than {SAS_TOPK_MAX} picks per query"
         return ""

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Serving benchmark: throughput and TTFT / TPOT percentiles of `dsv4 serve` at several concurrency levels.
+"""Serving benchmark: the token-budget scheduler against the single-user schedule ("before": one prefill chunk of
+one sequence per step, pages for prompt + max_tokens reserved at admission; the same scheduler with other
+parameters), in one run. Sections: serve, long, mtp, memory (--sections).
+
+serve: throughput and TTFT / TPOT percentiles of `dsv4 serve` at several concurrency levels.
 
 Starts the real server (FastAPI + uvicorn + the continuous-batching engine) in this process on loopback with the
 tiny model (written to a temporary directory in the official format unless --model is given), then for each
@@ -14,6 +18,9 @@ memory (VmRSS, read from /proc after the last level).
 
 TTFT: request sent -> first token received. TPOT: (last token - first token) / (tokens - 1), per request.
 Throughput: generated tokens / wall time of the level.
+long: the engine alone, prompts of 200-2000 tokens arriving together (TTFT p50 / p99). mtp: batch 8 with MTP off
+and on, drafts from an oracle right with probability --oracle-p (forwards per token, tok/s). memory: a fixed KV
+budget and max_tokens 4096 requests (how many run at once).
 """
 from __future__ import annotations
 
@@ -140,61 +147,191 @@ def ranked_server(args, model_dir: str):
         except subprocess.TimeoutExpired:
             proc.kill()
 
+SCHEDULES = {
+    # The single-user schedule as parameters of the one scheduler: one prefill chunk of one sequence per step,
+    # pages for prompt + max_tokens reserved at admission.
+    "before": dict(max_num_batched_tokens=None, max_prefill_seqs=1, reserve_full=True),
+    # Token-budget steps: decode rows plus prefill chunks of as many prompts as fit; pages on demand.
+    "after": dict(max_num_batched_tokens=None, max_prefill_seqs=None, reserve_full=False),
+}
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="official-format model dir (default: tiny model, written fresh)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per level (default max(4, 2 x C))")
-    ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (default 32)")
-    ap.add_argument("--max-slots", type=int, default=32, help="engine slots (default 32)")
-    ap.add_argument("--max-seq-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per level")
-    ap.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                    help="serve over N ranks (`dsv4 serve --nproc-per-node N` in a child process; default: one "
-                         "in-process engine)")
-    args = ap.parse_args()
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        ap.error(f"--nproc-per-node must be >= 1, found {args.nproc_per_node}")
-    torch.set_num_threads(args.threads)
 
-    from dsv4_ascend.loading import load_model
+def schedule(name: str, prefill_chunk: int, budget: int) -> dict:
+    kw = dict(SCHEDULES[name])
+    kw["max_num_batched_tokens"] = prefill_chunk if name == "before" else budget
+    return kw
+
+
+def serve_section(args, model, tok) -> None:
+    """The server at each concurrency level, before and after."""
     from dsv4_ascend.engine import Engine
     from dsv4_ascend.server import BackgroundServer, create_app
-    from dsv4_ascend.tokenizer import load_tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from dsv4_ascend.tiny import write_tiny_checkpoint
-
-            model_dir = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
-        path = Path(model_dir)
-        tok = load_tokenizer(path)
-        if args.nproc_per_node is None:
-            model, path = load_model(str(model_dir), args.device, dtype=args.dtype)
-            engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
-            server = BackgroundServer(create_app(engine, tok, served_model_name="bench"))
-        else:
-            server = ranked_server(args, str(model_dir))
-        prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(64)]
-        levels = [int(x) for x in args.concurrency.split(",")]
-        rows, rss = [], {}
-        with server as srv:
-            url = srv if isinstance(srv, str) else srv.url
-            asyncio.run(level(url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
+    prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(64)]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    rows = []
+    for name in ("before", "after"):
+        engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                        prefill_chunk=args.prefill_chunk, **schedule(name, args.prefill_chunk, args.budget))
+        app = create_app(engine, tok, served_model_name="bench")
+        with BackgroundServer(app) as srv:
+            asyncio.run(level(srv.url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
             for c in levels:
                 n = args.requests or max(4, 2 * c)
-                rows.append(asyncio.run(level(url, c, n, args.max_tokens, prompts, "bench", args.timeout)))
-            rss = rank_rss() if args.nproc_per_node is not None else {}
-        plen = statistics.mean(len(tok.encode(p)) + 1 for p in prompts)
+                rows.append((name, asyncio.run(level(srv.url, c, n, args.max_tokens, prompts, "bench", args.timeout)),
+                             dict(engine.stats)))
+    plen = statistics.mean(len(tok.encode(p)) + 1 for p in prompts)
+    print(f"\n== serve: {args.max_slots} slots, prompt ~{plen:.0f} tokens, {args.max_tokens} tokens/request "
+          f"(greedy, ignore_eos), prefill chunk {args.prefill_chunk}, budget after {args.budget}; client "
+          f"in-process over loopback")
+    head = (f"{'sched':>6} {'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} | {'TTFT ms p50':>11} "
+            f"{'p90':>7} {'p99':>7} | {'TPOT ms p50':>11} {'p99':>7} | {'tok/step':>8}")
+    print(head)
+    print("-" * len(head))
+    for name, r, st in rows:
+        t, p = [x * 1e3 for x in r["ttft"]], [x * 1e3 for x in r["tpot"]]
+        print(f"{name:>6} {r['c']:>4} {r['requests']:>5} {r['tokens']:>7} {r['wall']:>7.2f} {r['tps']:>7.1f} | "
+              f"{pct(t, 50):>11.1f} {pct(t, 90):>7.1f} {pct(t, 99):>7.1f} | {pct(p, 50):>11.1f} {pct(p, 99):>7.1f} | "
+              f"{st['batched_tokens'] / max(st['steps'], 1):>8.1f}")
 
-    ranks = f"{args.nproc_per_node} ranks x " if args.nproc_per_node is not None else ""
+
+def _drive(engine, prompts: list[list[int]], params) -> dict:
+    """Run every prompt through the engine (all arrive at once); TTFT per request and wall time."""
+    t0 = time.perf_counter()
+    reqs = [engine.add_request(p, params) for p in prompts]
+    peak = 0
+    while engine.has_work:
+        engine.step()
+        peak = max(peak, len(engine.running))
+    wall = time.perf_counter() - t0
+    return {"ttft": [r.first_token_time - r.arrival_time for r in reqs], "wall": wall, "peak": peak,
+            "tokens": sum(len(r.output) for r in reqs)}
+
+
+def long_section(args, model) -> None:
+    """Prompts of 200-2000 tokens, all arriving at once: TTFT p50 / p99, before and after."""
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.cfg.vocab_size
+    lens = torch.randint(200, 2001, (args.long_requests,), generator=g).tolist()
+    prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lens]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    print(f"\n== long-prompt mix: {len(prompts)} requests arriving together, prompts {min(lens)}-{max(lens)} tokens "
+          f"(mean {statistics.mean(lens):.0f}), {args.max_tokens} tokens each, {args.max_slots} slots, chunk "
+          f"{args.prefill_chunk} (after*: {args.budget})")
+    print(f"{'sched':>6} {'wall s':>7} {'tok/s':>7} | {'TTFT s p50':>10} {'p99':>7} {'p99/p50':>7} | {'steps':>6} "
+          f"{'tok/step':>8}")
+    # "after*": chunks of up to the whole budget per sequence (vLLM's default), so the oldest prompt goes first.
+    for name, chunk in (("before", args.prefill_chunk), ("after", args.prefill_chunk), ("after*", args.budget)):
+        eng = Engine(model, max_slots=args.max_slots, max_seq_len=2048 + args.max_tokens, eos_token_id=-1,
+                     prefill_chunk=chunk, **schedule(name.rstrip("*"), chunk, args.budget))
+        r = _drive(eng, prompts, params)
+        st = eng.stats
+        p50, p99 = pct(r["ttft"], 50), pct(r["ttft"], 99)
+        print(f"{name:>6} {r['wall']:>7.2f} {r['tokens'] / r['wall']:>7.1f} | {p50:>10.2f} {p99:>7.2f} "
+              f"{p99 / p50:>7.2f} | {st['steps']:>6} {st['batched_tokens'] / max(st['steps'], 1):>8.1f}")
+
+
+def mtp_section(args, model) -> None:
+    """Batch of 8 greedy requests, MTP off vs on with an oracle draft hook right ~70% of the time (random weights:
+    the MTP block's own drafts are almost never accepted)."""
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.sampling import SamplingParams
+    from dsv4_ascend import speculative
+
+    g = torch.Generator().manual_seed(1)
+    vocab = model.cfg.vocab_size
+    prompts = [torch.randint(2, vocab, (35,), generator=g).tolist() for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=args.mtp_tokens, ignore_eos=True)
+    seq = 35 + args.mtp_tokens + args.spec + 8
+    off = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1)
+    t = time.perf_counter()
+    ref = off.generate(prompts, params)
+    wall_off = time.perf_counter() - t
+    truth = {tuple(r.prompt): r.prompt + r.output for r in ref}
+    on = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1, speculative_tokens=args.spec)
+    rng = torch.Generator().manual_seed(2)
+    orig = speculative.Speculator.propose
+
+    def oracle(self, slots, logits, x, pos, params_, states):
+        orig(self, slots, logits, x, pos, params_, states)  # the MTP block's work stays in the timing
+        owner = {id(r.spec): r for r in on.running}
+        for p, st in zip(pos, states):
+            tr = truth[tuple(owner[id(st)].prompt)]
+            right = torch.rand(self.n, generator=rng) < args.oracle_p
+            st.drafts = [(tr[p + 2 + i] if p + 2 + i < len(tr) else 0) if right[i] else
+                         ((tr[p + 2 + i] + 1) % vocab if p + 2 + i < len(tr) else 1) for i in range(self.n)]
+
+    speculative.Speculator.propose = oracle
+    try:
+        t = time.perf_counter()
+        got = on.generate(prompts, params)
+        wall_on = time.perf_counter() - t
+    finally:
+        speculative.Speculator.propose = orig
+    assert [r.output for r in got] == [r.output for r in ref], "MTP changed greedy output"
+    st = on.spec_stats()
+    tokens = sum(len(r.output) for r in got)
+    print(f"\n== MTP: batch 8, {args.spec} drafts, oracle drafts right with p={args.oracle_p}, prompts 35, "
+          f"{args.mtp_tokens} tokens each (greedy; outputs identical to MTP off)")
+    print(f"MTP off: {off.stats['decode_steps']} decode forwards for {off.stats['decode_tokens']} tokens, "
+          f"wall {wall_off:.2f} s, {tokens / wall_off:.1f} tok/s")
+    print(f"MTP on : {on.stats['decode_steps']} verify forwards for {on.stats['decode_tokens']} tokens "
+          f"(acceptance {st['acceptance_rate']:.2f}); per sequence {st['rounds'] / on.stats['decode_tokens']:.3f} "
+          f"main forwards per generated token (off: 1.000); batch forwards per token "
+          f"{on.stats['decode_steps'] / on.stats['decode_tokens']:.3f} (off: "
+          f"{off.stats['decode_steps'] / off.stats['decode_tokens']:.3f}); wall {wall_on:.2f} s, "
+          f"{tokens / wall_on:.1f} tok/s")
+
+
+def memory_section(args, model) -> None:
+    """Fixed KV-cache budget, max_tokens 4096 requests with ~100-token prompts: how many run at once."""
+    from dsv4_ascend.engine import Engine
+    from dsv4_ascend.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, model.cfg.vocab_size, (100,), generator=g).tolist() for _ in range(args.max_slots)]
+    # max_tokens 4096 where the model's positions allow it (the tiny preset stops at 4096 positions: 3996).
+    seq = min(100 + 4096, model.cfg.max_position_embeddings)
+    params = SamplingParams(temperature=0, max_tokens=seq - 100, ignore_eos=True)
+    budget = int(args.kv_cache_gib * 2**30)
+    print(f"\n== memory: --kv-cache-gib {args.kv_cache_gib}, {len(prompts)} requests of 100-token prompts with "
+          f"max_tokens {seq - 100}, {args.max_slots} slots, {args.memory_steps} engine steps")
+    for name in ("before", "after"):
+        eng = Engine(model, max_slots=args.max_slots, max_seq_len=seq, eos_token_id=-1, cache_bytes=budget,
+                     prefill_chunk=args.prefill_chunk, **schedule(name, args.prefill_chunk, args.budget))
+        for p in prompts:
+            eng.add_request(p, params)
+        peak = 0
+        for _ in range(args.memory_steps):
+            eng.step()
+            peak = max(peak, len(eng.running))
+        print(f"{name:>6}: {eng.cache.num_blocks - 1} pages of {eng.cache.block_size} tokens; running at once: "
+              f"peak {peak}, after {args.memory_steps} steps {len(eng.running)} (waiting {len(eng.waiting)}, "
+              f"preemptions {eng.stats['preemptions']})")
+
+
+def ranked_levels(args, model_dir: str, tok) -> None:
+    """The serve levels against `dsv4 serve --nproc-per-node N` (a child process), then each rank's memory."""
+    path = Path(model_dir)
+    server = ranked_server(args, model_dir)
+    prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(64)]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    rows, rss = [], {}
+    with server as srv:
+        url = srv if isinstance(srv, str) else srv.url
+        asyncio.run(level(url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
+        for c in levels:
+            n = args.requests or max(4, 2 * c)
+            rows.append(asyncio.run(level(url, c, n, args.max_tokens, prompts, "bench", args.timeout)))
+        rss = rank_rss()
+    plen = statistics.mean(len(tok.encode(p)) + 1 for p in prompts)
+
+    ranks = f"{args.nproc_per_node} ranks x "
     print(f"dsv4 serve benchmark: model {Path(path).name} ({args.dtype}, {args.device}), {args.threads} torch "
-          f"threads{' per rank' if ranks else ''}, {ranks}{args.max_slots} slots, prompt ~{plen:.0f} tokens, "
+          f"threads per rank, {ranks}{args.max_slots} slots, prompt ~{plen:.0f} tokens, "
           f"{args.max_tokens} tokens/request (greedy, ignore_eos), client in-process over loopback")
     head = (f"{'conc':>4} {'reqs':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} | {'TTFT ms p50':>11} {'p90':>7} "
             f"{'p99':>7} | {'TPOT ms p50':>11} {'p90':>7} {'p99':>7}")
@@ -207,6 +344,68 @@ def main() -> int:
               f"{pct(p, 50):>11.1f} {pct(p, 90):>7.1f} {pct(p, 99):>7.1f}")
     for rank, b in sorted(rss.items()):
         print(f"rank {rank}: resident memory {b / 2**20:.1f} MiB")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="official-format model dir (default: tiny model, written fresh)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sections", default="serve,long,mtp,memory",
+                    help="comma-separated: serve (the server, before/after), long (200-2000-token prompts), mtp "
+                         "(batch 8, oracle drafts), memory (fixed KV budget, max_tokens 4096)")
+    ap.add_argument("--concurrency", default="32", help="comma-separated levels (default 32)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default max(4, 2 x C))")
+    ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (default 32)")
+    ap.add_argument("--max-slots", type=int, default=32, help="engine slots (default 32)")
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens after (default 2048)")
+    ap.add_argument("--long-requests", type=int, default=8)
+    ap.add_argument("--spec", type=int, default=3, help="MTP drafts per step (mtp section)")
+    ap.add_argument("--oracle-p", type=float, default=0.7, help="chance an oracle draft is right")
+    ap.add_argument("--mtp-tokens", type=int, default=48)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.02, help="memory section KV budget (GiB)")
+    ap.add_argument("--memory-steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per level")
+    ap.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="serve over N ranks (`dsv4 serve --nproc-per-node N` in a child process; default: one "
+                         "in-process engine)")
+    args = ap.parse_args()
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        ap.error(f"--nproc-per-node must be >= 1, found {args.nproc_per_node}")
+    torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    bad = set(sections) - {"serve", "long", "mtp", "memory"}
+    if bad:
+        ap.error(f"--sections: unknown {sorted(bad)}")
+
+    from dsv4_ascend.loading import load_model
+    from dsv4_ascend.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            from dsv4_ascend.tiny import write_tiny_checkpoint
+
+            model_dir = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
+        path = Path(model_dir)
+        tok = load_tokenizer(path)
+        if args.nproc_per_node is not None:  # the ranked server, its levels and per-rank memory
+            ranked_levels(args, str(model_dir), tok)
+            return 0
+        model, path = load_model(str(model_dir), args.device, dtype=args.dtype)
+        print(f"dsv4 serve benchmark: model {Path(path).name} ({args.dtype}, {args.device}), {args.threads} torch "
+              f"threads")
+        if "serve" in sections:
+            serve_section(args, model, tok)
+        if "long" in sections:
+            long_section(args, model)
+        if "mtp" in sections:
+            mtp_section(args, model)
+        if "memory" in sections:
+            memory_section(args, model)
     return 0
 
 

@@ -21,7 +21,7 @@ class _Sim(Lockstep):
         self.log.append(("idle", kind))
 
 
-MAIN_STATIC, MAIN_EXACT, MTP0_STATIC = (0, 0, True), (0, 0, False), (1, 0, True)
+MAIN_STATIC, MAIN_EXACT, MTP0_STATIC = (0, 0, True, True), (0, 0, False, True), (1, 0, True, True)
 
 
 def test_smaller_kind_first_then_mine():

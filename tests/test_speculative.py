@@ -28,20 +28,24 @@ def test_greedy_with_mtp_equals_without(tiny_model, n_spec):
     assert st["proposed"] > 0 and 0 <= st["acceptance_rate"] <= 1
 
 
-def _oracle(monkeypatch, truth: list[int], wrong_every: int):
-    """Replace MTP drafts by the true greedy continuation with every `wrong_every`-th draft corrupted, so
-    rounds accept 0..n drafts (random MTP weights would almost never agree with the main model)."""
+def _oracle(monkeypatch, engine, truths: dict[int, list[int]], wrong_every: int):
+    """Replace MTP drafts by the true greedy continuation (truths: request id -> prompt + greedy output) with
+    every `wrong_every`-th draft corrupted, so rounds accept 0..n drafts (random MTP weights would almost never
+    agree with the main model)."""
     calls = {"n": 0}
     orig = Speculator.propose
 
-    def propose(self, slot, logits, x, pos, params, state):
-        orig(self, slot, logits, x, pos, params, state)  # keep the MTP cache work identical
-        drafts = []
-        for i in range(self.n):
-            calls["n"] += 1
-            t = truth[pos + 2 + i] if pos + 2 + i < len(truth) else 0
-            drafts.append((t + 1) % 512 if calls["n"] % wrong_every == 0 else t)
-        state.drafts = drafts
+    def propose(self, slots, logits, x, pos, params, states):
+        orig(self, slots, logits, x, pos, params, states)  # keep the MTP cache work identical
+        by_state = {id(r.spec): r.id for r in engine.running}
+        for p, st in zip(pos, states):
+            truth = truths[by_state[id(st)]]
+            drafts = []
+            for i in range(self.n):
+                calls["n"] += 1
+                t = truth[p + 2 + i] if p + 2 + i < len(truth) else 0
+                drafts.append((t + 1) % 512 if calls["n"] % wrong_every == 0 else t)
+            st.drafts = drafts
 
     monkeypatch.setattr(Speculator, "propose", propose)
 
@@ -50,9 +54,12 @@ def test_partial_acceptance_keeps_greedy_output(tiny_model, monkeypatch):
     prompt = _prompt(9, 3)
     params = SamplingParams(temperature=0, max_tokens=50)
     plain = Engine(tiny_model, max_slots=1, max_seq_len=96, eos_token_id=-1).generate([prompt], params)[0].output
-    _oracle(monkeypatch, prompt + plain, wrong_every=3)
     eng = Engine(tiny_model, max_slots=1, max_seq_len=96, eos_token_id=-1, speculative_tokens=3)
-    assert eng.generate([prompt], params)[0].output == plain
+    req = eng.add_request(prompt, params)
+    _oracle(monkeypatch, eng, {req.id: prompt + plain}, wrong_every=3)
+    for _ in eng.run():
+        pass
+    assert req.output == plain
     st = eng.spec_stats()
     assert 0.3 < st["acceptance_rate"] < 1.0 and st["main_steps_per_token"] < 0.8
 

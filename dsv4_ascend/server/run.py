@@ -109,7 +109,9 @@ def allowed_origins(values: list[str] | None) -> list[str]:
 def check_serve_flags(args) -> list[str]:
     """The serve flags no model is needed for (SystemExit naming the flag); returns the CORS origins."""
     for flag, value, least in (("--max-slots", args.max_slots, 1), ("--max-seq-len", args.max_seq_len, 2),
-                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0)):
+                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-num-batched-tokens", 1 if getattr(args, "max_num_batched_tokens", None) is None
+                                else args.max_num_batched_tokens, 1)):
         if value < least:  # checked before any weight is read
             raise SystemExit(f"dsv4 serve: {flag} must be >= {least} (got {value}): no request could ever be served"
                              if flag in ("--max-slots", "--max-seq-len") else
@@ -129,7 +131,8 @@ def build_engine(args, model) -> Engine:
                   cache_bytes=int(budget * 2**30) if budget else None, kv_fp8=getattr(args, "kv_fp8", False),
                   speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
                   graph_tuning=getattr(args, "graph_tuning", "default"),
-                  compile_prefill=getattr(args, "compile_prefill", False))
+                  compile_prefill=getattr(args, "compile_prefill", False),
+                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None))
 
 
 def build_server(args, engine: Engine | None = None, path=None, worker_class=None) -> DrainingServer:

@@ -64,6 +64,7 @@ class EngineWorker:
         self._pending = 0                 # submitted and not yet finished (under the lock)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last engine failure, for logs and /health
+        self._spec_seen = (0, 0)          # MTP (proposed, accepted) already counted in the metrics
         self._update_gauges()
 
     # -- called from any thread -------------------------------------------------------------------------------
@@ -142,6 +143,7 @@ class EngineWorker:
             if eng.has_work:
                 try:
                     events = eng.step()
+                    self._count_step()
                 except Exception as exc:  # noqa: BLE001 - keep serving; fail only the culprits
                     events = self._isolate(exc)
                 seen: dict[int, Request] = {}
@@ -226,6 +228,23 @@ class EngineWorker:
             self._pending -= 1
         self._update_gauges()
         job.deliver(item)
+
+    def _count_step(self) -> None:
+        """The engine's per-step figures (Engine.last_step, spec stats) into the step metrics."""
+        st = self.engine.last_step
+        if not st.get("tokens"):
+            return
+        m = self.metrics
+        m.inc("dsv4_engine_steps_total")
+        m.observe("dsv4_engine_step_tokens", st["tokens"])
+        m.inc("dsv4_engine_prefill_tokens_total", st["prefill_tokens"])
+        m.inc("dsv4_engine_decode_tokens_total", st["decode_tokens"])
+        m.inc("dsv4_preemptions_total", st["preemptions"])
+        spec = self.engine.spec_stats()
+        if spec:
+            m.inc("dsv4_spec_draft_tokens_total", spec["proposed"] - self._spec_seen[0])
+            m.inc("dsv4_spec_accepted_tokens_total", spec["accepted"] - self._spec_seen[1])
+            self._spec_seen = (spec["proposed"], spec["accepted"])
 
     def _update_gauges(self) -> None:
         eng, cache = self.engine, self.engine.cache
