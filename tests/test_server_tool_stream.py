@@ -96,6 +96,7 @@ class ScriptedEngine:
         self.cache = SimpleNamespace(max_seq_len=4096, num_blocks=33, block_size=128, free_pages=32)
         self.eos, self.script = eos, script
         self.free_slots, self.waiting, self.running = deque(range(slots)), deque(), []
+        self.last_step: dict[str, int] = {}  # Engine's per-step figures (none: no step metrics)
 
     @property
     def has_work(self) -> bool:
@@ -113,6 +114,7 @@ class ScriptedEngine:
 
     def step(self) -> list:
         events = []
+        self.last_step = {"tokens": 0}
         for r in list(self.running):
             for _ in range(2):
                 tok = self.script[len(r.output)]
@@ -126,7 +128,12 @@ class ScriptedEngine:
                 if r.finished:
                     self.running.remove(r)
                     break
+        self.last_step = {"tokens": len(events), "prefill_tokens": 0, "decode_tokens": len(events),
+                          "preemptions": 0}
         return events
+
+    def spec_stats(self) -> dict:
+        return {}
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
