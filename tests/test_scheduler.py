@@ -6,6 +6,8 @@ The tiny preset has window 8 and compress ratios 4 (CSA) and 8 (HCA): the prompt
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -213,3 +215,27 @@ def test_step_metrics(tiny_model):
     assert values["dsv4_spec_draft_tokens_total"] == spec["proposed"] > 0
     assert values["dsv4_spec_accepted_tokens_total"] == spec["accepted"]
     assert values["dsv4_preemptions_total"] == 0
+
+
+def test_preemption_keeps_prompt_logprobs_and_penalty_state(tiny_model):
+    # A preempted request is recomputed from prompt + output: its prompt logprobs must be recorded once (not again
+    # for the recomputed chunks) and its penalty counts must be replayed (LogitRules.admit), or the outputs drift.
+    # logit_bias makes token 7 likely and the frequency penalty then pushes it down per use: the output depends
+    # on the counts, so counts lost at a preemption would change it (checked: the request preempted here diverges
+    # without the replay).
+    params = [dataclasses.replace(sp, prompt_logprobs=2, frequency_penalty=1.0, logit_bias=((7, 4.0),))
+              for sp in PARAMS]
+    eng = Engine(tiny_model, max_slots=4, max_seq_len=64, prefill_chunk=16, max_num_batched_tokens=32,
+                 eos_token_id=-1, block_size=8, cache_bytes=_pages_cache_bytes(tiny_model, 4, 64, 10, 8))
+    reqs = [eng.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+    while eng.has_work:
+        eng.step()
+    assert eng.stats["preemptions"] > 0
+    for p, sp, r in zip(PROMPTS, params, reqs):
+        solo = Engine(tiny_model, max_slots=1, max_seq_len=64, eos_token_id=-1).generate([p], sp)[0]
+        assert r.output == solo.output
+        assert len(r.prompt_logprobs) == len(p) and r.prompt_logprobs[0] is None
+        for got, want in zip(r.prompt_logprobs[1:], solo.prompt_logprobs[1:]):
+            assert got[1] == want[1] and got[2].keys() == want[2].keys()
+            # fp32 logits of the same positions from a different batch: summation order only (~1e-6 relative)
+            assert abs(got[0] - want[0]) <= 1e-4
