@@ -56,14 +56,15 @@ def c8_pack(values: Tensor, rope_dim: int, dtype: torch.dtype) -> Tensor:
     return torch.cat(parts + [rope.new_zeros(*rope.shape[:-1], pad)], -1)
 
 
-def c8_unpack(rows: Tensor, width: int, rope_dim: int, dtype: torch.dtype) -> Tensor:
-    """C8 bytes [..., row_bytes] -> rows [..., width] in `dtype`: e4m3 * 2^(e8m0 - 127) (exact in bf16), rope."""
+def c8_unpack(rows: Tensor, width: int, rope_dim: int, dtype: torch.dtype, tile: int = _C8_BLOCK) -> Tensor:
+    """C8 bytes [..., row_bytes] -> rows [..., width] in `dtype`: e4m3 * 2^(e8m0 - 127) (exact in bf16), rope.
+    `tile`: values per e8m0 scale (the FP8-KV kernel's tile_size; the cache writes 64)."""
     nope = width - rope_dim
     rb = rope_dim * torch.empty(0, dtype=dtype).element_size()
     rope = rows[..., :rb].contiguous().view(dtype)
     q = rows[..., rb:rb + nope].contiguous().view(torch.float8_e4m3fn).float()
-    s = torch.exp2(rows[..., rb + nope:rb + nope + nope // _C8_BLOCK].float() - 127)
-    deq = (q.unflatten(-1, (-1, _C8_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
+    s = torch.exp2(rows[..., rb + nope:rb + nope + nope // tile].float() - 127)
+    deq = (q.unflatten(-1, (-1, tile)) * s.unsqueeze(-1)).flatten(-2)
     return torch.cat([deq.to(dtype), rope], -1)
 
 

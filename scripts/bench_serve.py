@@ -147,6 +147,7 @@ def ranked_server(args, model_dir: str):
         except subprocess.TimeoutExpired:
             proc.kill()
 
+
 SCHEDULES = {
     # The single-user schedule as parameters of the one scheduler: one prefill chunk of one sequence per step,
     # pages for prompt + max_tokens reserved at admission.

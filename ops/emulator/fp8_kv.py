@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dsv4_ascend import quant as _quant
+from dsv4_ascend.cache import c8_unpack
 
 from .attention import npu_sparse_attn_sharedkv
 
@@ -90,15 +91,8 @@ def indexer_compress_epilog(indexer_compress_cache: Tensor, indexer_compress_sca
 
 def _dequant_rows(cache: Tensor, d: int, rope: int, tile: int, dtype: torch.dtype) -> Tensor:
     """C8 paged cache [blocks, bs, 1, row_bytes] -> [blocks, bs, 1, d] in dtype: [nope e4m3 * 2^(e8m0 - 127) |
-    rope] (the row's logical order: rope last, as in q). e4m3 x 2^k is exact in bf16."""
-    u8 = _rows_u8(cache, "npu_kv_quant_sparse_attn_sharedkv")
-    nope = d - rope
-    rb = rope * torch.empty(0, dtype=dtype).element_size()
-    r = u8[..., :rb].contiguous().view(dtype)
-    q = u8[..., rb:rb + nope].contiguous().view(torch.float8_e4m3fn).float()
-    s = torch.exp2(u8[..., rb + nope:rb + nope + nope // tile].float() - 127)
-    deq = (q.unflatten(-1, (-1, tile)) * s.unsqueeze(-1)).flatten(-2)
-    return torch.cat([deq.to(dtype), r], -1)
+    rope] (the row's logical order: rope last, as in q); the cache's own decoder (the same byte layout)."""
+    return c8_unpack(_rows_u8(cache, "npu_kv_quant_sparse_attn_sharedkv"), d, rope, dtype, tile)
 
 
 def npu_kv_quant_sparse_attn_sharedkv(q: Tensor, kv_quant_mode: int, *, ori_kv=None, cmp_kv=None,
