@@ -1,5 +1,5 @@
-"""Constrained decoding with llguidance: one grammar per request (any JSON object, a JSON schema, or DeepSeek's DSML
-tool-call block), a matcher that follows the request's tokens, and the allowed-token bitmask it writes on the host
+"""Constrained decoding with llguidance: one grammar per request (any JSON object, a JSON schema, DeepSeek's DSML
+tool-call block, a regex, a choice among strings, or a client's Lark / GBNF grammar), a matcher that follows the request's tokens, and the allowed-token bitmask it writes on the host
 between decode steps (`logits_process` applies it on the device).
 
 llguidance (https://github.com/guidance-ai/llguidance) compiles JSON schemas and Lark grammars against the
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GuidedSpec", "Matcher", "ll_tokenizer", "mask_words", "JSON_WHITESPACE"]
 
-KINDS = ("json_object", "json_schema", "tool_call")
+KINDS = ("json_object", "json_schema", "tool_call", "regex", "choice", "grammar")
 
 # JSON whitespace between tokens, bounded: an unbounded run lets a model loop on spaces forever (xgrammar bounds
 # it the same way with `max_whitespace_cnt`); 32 characters still fit pretty-printing several levels deep.
@@ -92,9 +92,10 @@ def _invoke_rule(i: int, fn: dict) -> list[str]:
 
 @dataclass(frozen=True, eq=False)
 class GuidedSpec:
-    """What a request's output must match: "json_object" (any JSON object), "json_schema" (`schema`), or
+    """What a request's output must match: "json_object" (any JSON object), "json_schema" (`schema`),
     "tool_call" (a DSML tool-call block calling `name` once, or any of `tools` when `name` is None: one call
-    or, with `parallel`, one or more).
+    or, with `parallel`, one or more), "regex" (`text`, Rust regex syntax, matching the whole output), "choice"
+    (exactly one of `choices`) or "grammar" (`text`: a Lark grammar in llguidance's dialect, or GBNF).
 
     `thinking`: the output first holds free reasoning (without the markers `chat.parse_completion` refuses in it)
     closed by the </think> token.
@@ -106,6 +107,8 @@ class GuidedSpec:
     tools: tuple = ()
     name: str | None = None
     parallel: bool = True
+    text: str | None = None
+    choices: tuple[str, ...] = ()
     thinking: bool = False
     tokenizer: Tokenizer | None = None
 
@@ -121,6 +124,10 @@ class GuidedSpec:
                 raise ValueError("a tool_call constraint needs tools, each with a function name")
             if self.name is not None and self.name not in names:
                 raise ValueError(f"the function {self.name!r} is not among the tools ({', '.join(names)})")
+        if self.kind in ("regex", "grammar") and not isinstance(self.text, str):
+            raise ValueError(f"a {self.kind} constraint needs its text")
+        if self.kind == "choice" and not (self.choices and all(isinstance(c, str) for c in self.choices)):
+            raise ValueError("a choice constraint needs one or more strings")
 
     def lark(self) -> str:
         """The constraint as a Lark grammar in llguidance's dialect."""
@@ -135,6 +142,14 @@ class GuidedSpec:
             repeat = "+" if self.name is None and self.parallel else ""
             opening, closing = _lit(f"\n\n<{DSML}tool_calls>\n"), _lit(f"</{DSML}tool_calls>")
             lines.insert(0, f'body: {opening} ((({invoke}) "\\n"){repeat}) {closing}')
+        elif self.kind == "regex":
+            import llguidance  # noqa: PLC0415
+
+            lines.insert(0, f"body: /{llguidance.regex_to_lark(self.text, '')}/")
+        elif self.kind == "choice":
+            lines.insert(0, "body: " + " | ".join(_lit(c) for c in self.choices))
+        elif self.kind == "grammar":
+            lines.insert(0, "body: @user")  # the client's grammar, a second grammar of `grammar()`
         else:
             lines.insert(0, f"body: {_json_rule(self.schema if self.kind == 'json_schema' else {'type': 'object'})}")
         start = "start: body"
@@ -143,14 +158,27 @@ class GuidedSpec:
             start = f"start: THINK {_lit(THINK_END) if end is None else f'<[{end}]>'} body\nTHINK: {_FREE_TEXT}"
         return "\n".join([start, *lines]) + "\n"
 
+    def grammar(self) -> str:
+        """llguidance's grammar (JSON): `lark()`, and for "grammar" the client's grammar (GBNF turned into Lark by
+        llguidance's converter) as the sub-grammar "user"."""
+        grammars: list[dict] = [{"lark_grammar": self.lark()}]
+        if self.kind == "grammar":
+            from llguidance.gbnf_to_lark import any_to_lark  # noqa: PLC0415
+
+            try:
+                user = any_to_lark(self.text)
+            except Exception as exc:  # the converter raises plain exceptions on a malformed grammar
+                raise ValueError(f"the grammar is neither Lark nor GBNF: {exc}") from None
+            grammars.append({"name": "user", "lark_grammar": user})
+        return json.dumps({"grammars": grammars})
+
     def check(self, vocab: int) -> None:
         """Raise ValueError with llguidance's message when the grammar does not compile (e.g. a bad schema)."""
         import llguidance  # noqa: PLC0415
 
         if self.tokenizer is None:
             raise ValueError("a guided request needs the tokenizer its grammar is compiled against")
-        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(self.lark()),
-                                                    ll_tokenizer(self.tokenizer, vocab))
+        err = llguidance.LLMatcher.validate_grammar(self.grammar(), ll_tokenizer(self.tokenizer, vocab))
         if err:
             raise ValueError(err)
 
@@ -163,8 +191,7 @@ class Matcher:
 
         if spec.tokenizer is None:
             raise ValueError("a guided request needs the tokenizer its grammar is compiled against")
-        self._m = llguidance.LLMatcher(ll_tokenizer(spec.tokenizer, vocab),
-                                       llguidance.LLMatcher.grammar_from_lark(spec.lark()))
+        self._m = llguidance.LLMatcher(ll_tokenizer(spec.tokenizer, vocab), spec.grammar())
         if self._m.is_error():
             raise ValueError(self._m.get_error())
         self.eos = spec.tokenizer.eos_id

@@ -8,8 +8,11 @@ well-formed reply the fragments concatenate to exactly the non-streamed `tool_ca
 block from its start (linear in the block, which stays short) and sends only what grew. String values stream
 character by character (JSON escaping is per character); text that may begin a closing tag is held back.
 
-Malformed markup: detected before any call was sent, the whole block becomes content (as the non-streamed reply
-makes it); detected later, the calls already sent stay and the block's raw text follows as content.
+Malformed markup: the calls are what the longest prefix of the block that can still become valid holds (the
+deltas up to that point are sent first), and the block's raw text follows as content; a block that holds no call
+by then is content only. That depends on the text alone, not on where the stream cut it, so the non-streamed
+reply, which feeds the whole text at once (`ToolCallStream.reply`), has exactly the final structure the streamed
+deltas add up to.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from .chat import (_CALLS_CLOSE, _CALLS_START_IN_COMPLETION, _INVOKE_CLOSE, _INVOKE_OPEN, _PARAM_END, _PARAM_OPEN,
                    _to_json)
 
-__all__ = ["ToolCallStream", "partial_tool_calls"]
+__all__ = ["ToolCallStream", "partial_tool_calls", "merge_tool_calls"]
 
 _GAP = ">\n"
 _NEXT_INVOKE = (_GAP + _INVOKE_OPEN, _GAP + _CALLS_CLOSE)
@@ -112,6 +115,32 @@ def partial_tool_calls(block: str) -> tuple[list[tuple[str, str, bool]], bool]:
         pos += len(_INVOKE_CLOSE)
 
 
+def _longest_valid(block: str, lo: int) -> int:
+    """The length of the longest prefix of `block` that can still become valid (`block[:lo]` can), by bisection:
+    a prefix of a text that can become valid can too."""
+    hi = len(block)  # block itself cannot
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            partial_tool_calls(block[:mid])
+            lo = mid
+        except MalformedToolCalls:
+            hi = mid
+    return lo
+
+
+def merge_tool_calls(deltas: list[dict]) -> list[dict]:
+    """The tool calls (OpenAI message format, with ids) that `delta.tool_calls` entries add up to."""
+    calls: list[dict] = []
+    for d in deltas:
+        if "id" in d:
+            calls.append({"id": d["id"], "type": d["type"], "function": {"name": d["function"]["name"],
+                                                                        "arguments": ""}})
+        else:
+            calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
+    return calls
+
+
 class ToolCallStream:
     """Turns the content text of a streamed reply into deltas: {"content": str} and {"tool_calls": [...]}."""
 
@@ -122,6 +151,7 @@ class ToolCallStream:
         self.raw = False         # malformed block: everything is content from here on
         self.sent: list[int] = []  # per call: characters of its arguments sent
         self.closed = False      # the block closed: the reply's finish_reason is "tool_calls"
+        self.valid = 0           # length of the block's prefix parsed without error so far
 
     def feed(self, piece: str, final: bool = False) -> list[dict]:
         """Deltas for the next piece of content text; `final` flushes what was held back."""
@@ -140,9 +170,21 @@ class ToolCallStream:
             self.in_block, self.buf = True, self.buf[k + len(_CALLS_START_IN_COMPLETION):]
         try:
             calls, self.closed = partial_tool_calls(self.buf)
-        except MalformedToolCalls:
+            self.valid = len(self.buf)
+        except MalformedToolCalls:  # the calls of the longest prefix that can still be valid, then raw text
+            self.raw = True
+            calls, _ = partial_tool_calls(self.buf[:_longest_valid(self.buf, self.valid)])
+            deltas = self._deltas(calls)
+            return out + ([{"tool_calls": deltas}] if deltas else []) + [
+                {"content": _CALLS_START_IN_COMPLETION + self.buf}]
+        deltas = self._deltas(calls)
+        if final and not self.closed and not self.sent:  # an unfinished block that sent nothing: content
             self.raw = True
             return out + [{"content": _CALLS_START_IN_COMPLETION + self.buf}]
+        return out + ([{"tool_calls": deltas}] if deltas else [])
+
+    def _deltas(self, calls: list[tuple[str, str, bool]]) -> list[dict]:
+        """The delta.tool_calls entries for what `calls` holds beyond what was sent."""
         deltas = []
         for i, (name, args, _) in enumerate(calls):
             if i == len(self.sent):
@@ -152,7 +194,9 @@ class ToolCallStream:
             if len(args) > self.sent[i]:
                 deltas.append({"index": i, "function": {"arguments": args[self.sent[i]:]}})
                 self.sent[i] = len(args)
-        if final and not self.closed and not self.sent:  # an unfinished block that sent nothing: content
-            self.raw = True
-            return out + [{"content": _CALLS_START_IN_COMPLETION + self.buf}]
-        return out + ([{"tool_calls": deltas}] if deltas else [])
+        return deltas
+
+    @property
+    def made_calls(self) -> bool:
+        """The reply ends as tool calls (finish_reason "tool_calls"): a closed, well-formed block with calls."""
+        return self.closed and bool(self.sent) and not self.raw

@@ -79,14 +79,19 @@ NUMERIC = {
     "min_p": LITERALS + ["1.5", "-0.1"], "min_tokens": LITERALS + ["3", "-1", "1.5"],  # 3 > max_tokens 2
     "logit_bias": ['{"1": 101}', '{"x": 1}', "[1]", '{"512": 1}', '{"1": "a"}', '{"-1": 1}'],
     "stop_token_ids": ["[" + HUGE + "]", "[-1]", "[1e400]", '["a"]', "5", "[9223372036854775808]", "[512]"],
+    # vLLM's constraint and bad-word fields, malformed or uncompilable
+    "guided_json": ["5", '"{not json"', '{"type": "no-such-type"}'], "guided_regex": ["5", '"("', '"\\ud800"'],
+    "guided_choice": ["[]", '"a"', "[1]"], "guided_grammar": ['"start: nope"', "[]"],
+    "structured_outputs": ['{"json": {}, "regex": "a"}', '{"nope": 1}', "{}", '{"choice": []}'],
+    "bad_words": ['[""]', '"x"', "[1]", '["   "]'],
 }
-UNSUPPORTED = {"guided_json": ["{}", '{"type": "object"}'],
-               "structured_outputs": ['{"json": {}}'], "functions": ['[{"name": "f"}]'],
+UNSUPPORTED = {"guided_decoding_backend": ['"xgrammar"'], "use_beam_search": ["true"], "logits_processors": ['["x"]'],
+               "allowed_token_ids": ["[1]"], "functions": ['[{"name": "f"}]'],
                "function_call": ['"auto"', '{"name": "f"}'], "suffix": ['"x"']}
 CHAT_ONLY = {"tool_choice": ['"required"', '{"type": "function", "function": {"name": "f"}}', "1", "true", '"x"'],
              "response_format": ['{"type": "xml"}', '{"type": "json_schema", "json_schema": {}}', "5"],
              "top_logprobs": ["21", HUGE, "1e400"], "logprobs": [x for x in LITERALS if x not in ("true", "false")],
-             "reasoning_effort": ['"low"', "1"], "n": ["2"], "echo": ["true"], "prompt_logprobs": ["1"],
+             "reasoning_effort": ['"low"', "1"], "n": ["0", "129"], "echo": ["true"], "prompt_logprobs": ["1"],
              "messages": ['[{"role": "user", "content": "\\ud800"}]', "[]", '[{"role": "x", "content": "a"}]',
                           '[{"role": "user", "content": "\\udc00"}]', '"hi"'],
              "tools": ['[{"type": "function", "function": {"name": "\\ud83d"}}]', '[{"type": "function"}]', "7"]}
@@ -261,8 +266,8 @@ def test_404_for_unknown_models_encodes(server):
 # ----------------------------------------------------------------------------------- nothing accepted and ignored
 
 @pytest.mark.parametrize("endpoint,change", [
-    ("completions", {"guided_json": {}}), ("completions", {"suffix": "x"}),
-    ("chat/completions", {"structured_outputs": {"json": {}}}),
+    ("completions", {"guided_decoding_backend": "xgrammar"}), ("completions", {"suffix": "x"}),
+    ("chat/completions", {"logits_processors": ["x"]}), ("completions", {"allowed_token_ids": [1]}),
     ("chat/completions", {"functions": [{"name": "f"}]}), ("chat/completions", {"function_call": "auto"}),
     ("chat/completions", {"echo": True}), ("chat/completions", {"prompt_logprobs": 1}),
 ])

@@ -4,6 +4,7 @@ validates proves the grammar was enforced token by token."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -118,3 +119,99 @@ def test_logit_bias_and_min_tokens_through_the_server(client, served_tiny):
     r = client.completions.create(model=NAME, prompt="The capital", max_tokens=10, temperature=0, logit_bias=eos,
                                   extra_body={"min_tokens": 4})
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "stop"
+
+
+# ------------------------------------------------------------------------- vLLM's structured-output parameters
+
+GBNF = 'root ::= "yes" | "no" | "maybe"'
+LARK = 'start: "id-" /[0-9]{3}/'
+
+
+@pytest.mark.parametrize("body,check", [
+    ({"guided_json": SCHEMA, "max_tokens": 150}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ({"guided_json": json.dumps(SCHEMA), "max_tokens": 150}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ({"structured_outputs": {"json": SCHEMA}, "max_tokens": 150}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    ({"structured_outputs": {"json_object": True}, "max_tokens": 150}, lambda t: isinstance(json.loads(t), dict)),
+    ({"guided_regex": r"[a-c]{2}-\d{3}"}, lambda t: re.fullmatch(r"[a-c]{2}-\d{3}", t) is not None),
+    ({"structured_outputs": {"regex": "(red|green) [0-9]"}}, lambda t: re.fullmatch("(red|green) [0-9]", t)),
+    ({"guided_choice": ["Paris", "Rome", "a b"]}, lambda t: t in ("Paris", "Rome", "a b")),
+    ({"structured_outputs": {"choice": ["x1", "y2"]}}, lambda t: t in ("x1", "y2")),
+    ({"guided_grammar": LARK}, lambda t: re.fullmatch("id-[0-9]{3}", t)),
+    ({"structured_outputs": {"grammar": GBNF}}, lambda t: t in ("yes", "no", "maybe")),
+])
+def test_vllm_guided_fields_force_the_output(client, body, check):
+    """Each of vLLM's fields on the tiny random model: only the grammar can make the output match; chat, streamed
+    and not, and /v1/completions."""
+    choice = _chat(client, extra_body={"max_tokens": 60, **body})
+    assert choice.finish_reason == "stop" and check(choice.message.content), choice.message.content
+    text, reason = _chat(client, stream=True, extra_body={"max_tokens": 60, **body})
+    assert (text, reason) == (choice.message.content, "stop")
+    r = client.completions.create(model=NAME, prompt="Answer:", max_tokens=60, temperature=0, extra_body=body)
+    assert r.choices[0].finish_reason == "stop" and check(r.choices[0].text), r.choices[0].text
+
+
+def test_vllm_guided_fields_refused_clearly(client):
+    cases = [({"guided_regex": "("}, "guided_regex"), ({"guided_grammar": "start: nope"}, "guided_grammar"),
+             ({"guided_json": "{not json"}, "guided_json"), ({"guided_choice": []}, "guided_choice"),
+             ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_regex"),
+             ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+             ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+             ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+             ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+             ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": "x"}, "bad_words")]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=NAME, messages=MSGS, extra_body={"max_tokens": 4, **extra})
+        assert err.value.body["param"] == param, (extra, err.value.body)
+
+
+def test_bad_words_as_strings(client, served_tiny):
+    """vLLM's semantics over HTTP: a word given as text is banned as its token sequence (and after a space); a
+    single-token word never appears. The free greedy reply's first token, banned by its text, is never generated."""
+    from dsv4_ascend.server.protocol import _bad_words
+
+    _, tok, _ = served_tiny
+    word = "Paris"
+    ids, spaced = tuple(tok.encode_text(word)), tuple(tok.encode_text(" " + word))
+    want = {ids} | ({spaced} if len(spaced) == len(ids) and spaced[0] != ids[0] else set())
+    assert set(_bad_words(["  " + word], tok)) == want
+    kw = dict(model=NAME, prompt="The capital", max_tokens=12, temperature=0, logprobs=0)
+    free = client.completions.create(**kw).choices[0].logprobs.tokens
+    first = tok.encode_text(free[0])
+    assert len(first) == 1 and free[0].strip()  # a one-token word: banned always
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(stream=True, extra_body={"bad_words": [free[0]]}, **kw))
+            got = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        else:
+            got = client.completions.create(extra_body={"bad_words": [free[0]]}, **kw).choices[0].logprobs.tokens
+        assert got and free[0] not in got and got != free, (free, got)
+
+
+# ------------------------------------------------------------------------------------------------ chat n > 1
+
+def test_chat_n_choices_each_with_its_seed(client):
+    """n choices, each its own index; choice i is the single-choice request with seed + i; usage counts every
+    choice's tokens; streamed, the deltas of each index add up to the non-streamed choices."""
+    kw = dict(model=NAME, messages=MSGS, max_tokens=12, temperature=1.0, seed=7)
+    r = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(**{**kw, "seed": 7 + i}) for i in range(3)]
+    assert [c.message.content for c in r.choices] == [s.choices[0].message.content for s in singles]
+    assert len({c.message.content for c in r.choices}) > 1  # different seeds sample differently
+    assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    text, reasons = ["", "", ""], [None, None, None]
+    for c in chunks:
+        for ch in c.choices:
+            text[ch.index] += ch.delta.content or ""
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert text == [c.message.content for c in r.choices]
+    assert reasons == [c.finish_reason for c in r.choices]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # with a constraint, every choice is constrained
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    r = client.chat.completions.create(n=2, response_format=fmt, **{**kw, "max_tokens": 150})
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)

@@ -80,6 +80,37 @@ def test_malformed_block_before_any_call_becomes_content_as_when_not_streamed(te
         parse_completion(text + EOS, thinking=False)
 
 
+_GOOD = "".join(_render_tool_calls([
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
+    {"type": "function", "function": {"name": "get_time", "arguments": {"zone": "CET"}}}]))
+MALFORMED = [  # malformed markup after a call was sent: (text, the calls its valid prefix holds)
+    ("Sure." + _GOOD.replace('invoke name="get_time"', 'invoke nam="get_time"'),
+     [("get_weather", '{"city": "Paris", "days": 3}')]),                        # a bad second header
+    ("Sure." + _GOOD.replace('name="days"', 'name="city"'), [("get_weather", '{"city": "Paris"')]),  # duplicate
+    ("Sure." + _GOOD.replace("</｜DSML｜invoke>\n<｜DSML｜invoke", "</｜DSML｜invoke>\nxx<｜DSML｜invoke"),
+     [("get_weather", '{"city": "Paris", "days": 3}')]),                        # junk between invokes
+    ("Sure." + _GOOD.replace("Paris</｜DSML｜parameter>\n", "Paris</｜DSML｜parameter>\nzz"),
+     [("get_weather", '{"city": "Paris"')]),                                    # junk between parameters
+]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(case=st.sampled_from(range(len(MALFORMED))), data=st.data())
+def test_malformed_block_after_a_call_ends_the_same_however_the_stream_is_cut(case, data):
+    """Streamed cut anywhere, one character at a time, or fed whole (as the non-streamed reply is built): the same
+    content (text before the block, then the block's raw text), the same calls (those of the longest prefix that
+    could still be valid), never closed (finish_reason stays the engine's)."""
+    text, calls = MALFORMED[case]
+    whole = _stream(text, [])
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(text) - 1), max_size=12)))
+    assert _stream(text, cuts) == whole == _stream(text, list(range(1, len(text))))
+    content, got, closed = whole
+    assert not closed and content == text  # "Sure." + the raw block
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
+    with pytest.raises(ValueError):
+        parse_completion(text + EOS, thinking=False)
+
+
 # ------------------------------------------------------------------------------------- end to end, openai client
 
 pytest.importorskip("fastapi")

@@ -29,8 +29,6 @@ except ImportError as _err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
 from .. import __version__
-from ..chat import EOS, parse_completion
-from ..dsml_stream import ToolCallStream
 from ..engine import CapacityError, Engine
 from . import schemas as sc
 from .gate import AppState, Gate, error_response
@@ -38,7 +36,7 @@ from .logprobs import LogprobFormat
 from .metrics import Metrics
 from .protocol import (MAX_BODY_BYTES, REQUEST_ID_HEADER, APIError, Parsed, Settings, parse_body, parse_chat_request,
                        parse_completion_request, parse_detokenize_request, parse_tokenize_request)
-from .text import Output, ThinkSplit, TokenText
+from .text import ChatReply, Output, TokenText
 from .worker import EngineWorker, Job
 
 __all__ = ["AppState", "create_app"]
@@ -76,7 +74,6 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
     state = AppState(settings, metrics, worker, body_timeout)
     tok_text = TokenText(tokenizer)
     fmt = LogprobFormat(tokenizer, tok_text)
-    eos = engine.eos
     created = int(time.time())
 
     @asynccontextmanager
@@ -454,75 +451,42 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
               responses=sc.responses(sc.ChatCompletionResponse, stream=True))
     async def chat_completions(request: HTTPRequest):
         parsed = await parse(request, parse_chat_request)
-        seqs = await start(parsed, "messages")
-        out = seqs[0][1]
+        seqs = await start(parsed, "messages")  # choice k is sequence k (seed + k)
+        outs = [out for _, out in seqs]
         rid, now = response_id(request, "chatcmpl"), int(time.time())
+        replies = [ChatReply(parsed.thinking, parsed.tools, call_id) for _ in seqs]
 
         if not parsed.stream:
-            (batch,) = await collect(request, seqs)
-            reason = finish_reason(out)
-            message = None
-            if (parsed.thinking or parsed.tools) and not out.stop_hit:
-                ended_by_eos = out.tokens and out.tokens[-1][0] == eos
-                try:
-                    message = parse_completion(out.text + (EOS if ended_by_eos else ""), parsed.thinking)
-                except ValueError:
-                    message = None
-            if message is None:
-                split = ThinkSplit(parsed.thinking)
-                r, c = split.feed(out.text, final=True)
-                message = {"role": "assistant", "content": c}
-                if parsed.thinking:
-                    message["reasoning_content"] = r
-            if message.get("tool_calls"):
-                message["tool_calls"] = [{"id": call_id(), **tc} for tc in message["tool_calls"]]
-                reason = "tool_calls"
-            done_metric("chat", reason)
-            lp = {"content": fmt.chat(batch)} if parsed.logprobs is not None else None
+            batches = await collect(request, seqs)
+            choices = []
+            for k, out in enumerate(outs):
+                message = replies[k].message(out.text)
+                reason = replies[k].finish_reason(finish_reason(out))
+                done_metric("chat", reason)
+                lp = {"content": fmt.chat(batches[k])} if parsed.logprobs is not None else None
+                choices.append({"index": k, "message": message, "logprobs": lp, "finish_reason": reason})
             return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
-                    "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}],
-                    "usage": usage(parsed, [out])}
+                    "choices": choices, "usage": usage(parsed, outs)}
 
-        def chunk(delta: dict, lp: list | None, reason: str | None) -> dict:
+        def chunk(k: int, delta: dict, lp: list | None, reason: str | None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
-                    "choices": [{"index": 0, "delta": delta,
+                    "choices": [{"index": k, "delta": delta,
                                  "logprobs": None if lp is None else {"content": lp}, "finish_reason": reason}]}
 
-        split = ThinkSplit(parsed.thinking)
-        calls = ToolCallStream(call_id) if parsed.tools else None  # DSML tool calls parsed as they arrive
-
-        def delta(piece: str, final: bool) -> dict:
-            r, c = split.feed(piece, final)
-            d: dict[str, Any] = {}
-            if r:
-                d["reasoning_content"] = r
-            if calls is None:
-                if c:
-                    d["content"] = c
-                return d
-            for part in calls.feed(c, final):
-                if "content" in part:
-                    d["content"] = d.get("content", "") + part["content"]
-                else:
-                    d.setdefault("tool_calls", []).extend(part["tool_calls"])
-            return d
-
-        def on_batch(_: int, batch: list) -> list[dict]:
-            d = delta(out.take(), False)
+        def on_batch(k: int, batch: list) -> list[dict]:
+            d = replies[k].delta(outs[k].take(), False)
             lp = fmt.chat(batch) if parsed.logprobs is not None and batch else None
-            return [chunk(d, lp, None)] if d or lp else []
+            return [chunk(k, d, lp, None)] if d or lp else []
 
-        def on_finish(_: int, reason: str) -> list[dict]:
-            d = delta(out.take(), True)
-            if calls is not None and calls.closed and calls.sent and not calls.raw:
-                reason = "tool_calls"
-            return [*([chunk(d, None, None)] if d else []), chunk({}, None, reason)]
+        def on_finish(k: int, reason: str) -> list[dict]:
+            d = replies[k].delta(outs[k].take(), True)
+            return [*([chunk(k, d, None, None)] if d else []), chunk(k, {}, None, replies[k].finish_reason(reason))]
 
         def tail() -> list[dict]:
             return [{"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
-                     "choices": [], "usage": usage(parsed, [out])}] if parsed.include_usage else []
+                     "choices": [], "usage": usage(parsed, outs)}] if parsed.include_usage else []
 
-        return stream("chat", seqs, parsed, [chunk({"role": "assistant", "content": ""}, None, None)], on_batch,
-                      on_finish, tail)
+        first = [chunk(k, {"role": "assistant", "content": ""}, None, None) for k in range(len(seqs))]
+        return stream("chat", seqs, parsed, first, on_batch, on_finish, tail)
 
     return Gate(app, state, allowed_origins)

@@ -1,10 +1,14 @@
-"""Generated text as the handlers build it: incremental detokenisation, stop strings, the thinking split, and
-per-token text and bytes for logprobs."""
+"""Generated text as the handlers build it: incremental detokenisation, stop strings, the thinking split, a chat
+choice's message (streamed as deltas or whole), and per-token text and bytes for logprobs."""
 from __future__ import annotations
 
-from ..chat import THINK_END
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["TokenText", "Output", "ThinkSplit"]
+from ..chat import THINK_END
+from ..dsml_stream import ToolCallStream, merge_tool_calls
+
+__all__ = ["TokenText", "Output", "ThinkSplit", "ChatReply"]
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet (GPT-2): byte -> printable character."""
@@ -116,3 +120,45 @@ class ThinkSplit:
         r, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
         return r, ""
 
+
+
+class ChatReply:
+    """One chat choice's text as OpenAI message deltas: reasoning until </think> (thinking mode), then content, with
+    DeepSeek's DSML tool calls as `tool_calls` when the request has tools. The non-streamed message is the same
+    deltas for the whole text at once, so both answers have the same final structure (dsml_stream)."""
+
+    def __init__(self, thinking: bool, tools: bool, new_id: Callable[[], str]) -> None:
+        self.thinking = thinking
+        self.split = ThinkSplit(thinking)
+        self.calls = ToolCallStream(new_id) if tools else None
+
+    def delta(self, piece: str, final: bool) -> dict[str, Any]:
+        """The message delta for the next piece of text ({} when it holds nothing yet); `final` flushes."""
+        r, c = self.split.feed(piece, final)
+        d: dict[str, Any] = {}
+        if r:
+            d["reasoning_content"] = r
+        if self.calls is None:
+            if c:
+                d["content"] = c
+            return d
+        for part in self.calls.feed(c, final):
+            if "content" in part:
+                d["content"] = d.get("content", "") + part["content"]
+            else:
+                d.setdefault("tool_calls", []).extend(part["tool_calls"])
+        return d
+
+    def finish_reason(self, reason: str) -> str:
+        """"tool_calls" when the reply ended as tool calls, else the engine's reason."""
+        return "tool_calls" if self.calls is not None and self.calls.made_calls else reason
+
+    def message(self, text: str) -> dict[str, Any]:
+        """The whole reply `text` as a non-streamed assistant message."""
+        d = self.delta(text, True)
+        msg: dict[str, Any] = {"role": "assistant", "content": d.get("content", "")}
+        if self.thinking:
+            msg["reasoning_content"] = d.get("reasoning_content", "")
+        if d.get("tool_calls"):
+            msg["tool_calls"] = merge_tool_calls(d["tool_calls"])
+        return msg
