@@ -24,6 +24,9 @@ REQUESTS = [  # (path, body, request model, response model): bodies as the tests
     ("/v1/chat/completions", {"model": NAME, "messages": MSGS, "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
                               "thinking": True, "tool_choice": "auto", "response_format": {"type": "text"}},
      sc.ChatCompletionRequest, sc.ChatCompletionResponse),
+    ("/v1/chat/completions", {"model": NAME, "messages": MSGS, "max_tokens": 3, "n": 2, "seed": 1,
+                              "structured_outputs": {"choice": ["yes", "no"]}, "bad_words": ["zz"]},
+     sc.ChatCompletionRequest, sc.ChatCompletionResponse),
     ("/tokenize", {"messages": MSGS, "add_generation_prompt": False, "return_token_strs": True}, sc.TokenizeRequest,
      sc.TokenizeResponse),
     ("/tokenize", {"prompt": "Hello", "add_special_tokens": False}, sc.TokenizeRequest, sc.TokenizeResponse),
@@ -50,6 +53,10 @@ def test_openapi_document_and_docs_page(server):
             "/" + response.__name__)
         assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert {"echo", "n", "best_of", "prompt_logprobs", "prompt"} <= set(schemas["CompletionRequest"]["properties"])
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert {"n", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+            "bad_words"} <= set(chat)
+    assert chat["temperature"]["anyOf"][0]["maximum"] == 2  # the bounds the server enforces are documented
     assert "text/event-stream" in doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert set(doc["paths"]["/health"]) == {"get"}  # HEAD answers but is not a second operation
     assert httpx.head(server.url + "/health", timeout=TIMEOUT).status_code == 200

@@ -255,3 +255,34 @@ def test_forced_tool_call_on_the_real_engine_streams_as_it_is_not_streamed(serve
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
     finally:
         srv.stop(60)
+
+
+def test_malformed_dsml_after_a_call_same_message_streamed_or_not(served_tiny):
+    """Through the server (scripted engine writing a reply whose second invoke header is malformed): the streamed
+    deltas add up to exactly the non-streamed message: content, tool calls and finish_reason."""
+    _, tok, _ = served_tiny
+    text = MALFORMED[0][0]
+    parts = [p for p in text.split(DSML)]  # DSML markers as their own (control) tokens, as the model writes them
+    segments = [(p, False) for p in parts[:1]] + [x for p in parts[1:] for x in ((DSML, True), (p, False))]
+    script = tok.encode_segments([s for s in segments if s[0]] + [(EOS, True)])
+    assert tok.decode(script[:-1]) == text
+    engine = ScriptedEngine(tok.vocab_size, tok.eos_id, script)
+    srv = BackgroundServer(create_app(engine, tok, served_model_name="tiny")).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                  max_tokens=len(script) + 5)
+        r = c.chat.completions.create(**kw).choices[0]
+        assert r.finish_reason == "stop" and r.message.content == text
+        calls = [(tc.function.name, tc.function.arguments) for tc in r.message.tool_calls]
+        assert calls == MALFORMED[0][1]
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        got: dict[int, list[str]] = {}
+        for x in chunks:
+            for tc in x.choices[0].delta.tool_calls or []:
+                got.setdefault(tc.index, [tc.function.name, ""])[1] += tc.function.arguments or ""
+        assert [tuple(v) for v in got.values()] == calls
+        assert "".join(x.choices[0].delta.content or "" for x in chunks) == text
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    finally:
+        srv.stop(30)

@@ -98,7 +98,7 @@ def _bad_words(words: list[str] | None, tok) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def _sampling(req: sc._Sampling, tok, logprobs: int | None) -> dict:
+def _sampling(req: sc.SamplingFields, tok, logprobs: int | None) -> dict:
     """The SamplingParams fields of a validated request (max_tokens apart: it depends on the prompt)."""
     stop = req.stop
     return dict(temperature=_or(req.temperature, 1.0), top_k=0 if req.top_k in (None, -1) else req.top_k,
@@ -118,7 +118,7 @@ def _params(max_tokens: int, fields: dict) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, **fields)
 
 
-def _vllm_guided(req: sc._Sampling, thinking: bool, tok) -> tuple[str, GuidedSpec] | None:
+def _vllm_guided(req: sc.SamplingFields, thinking: bool, tok) -> tuple[str, GuidedSpec] | None:
     """vLLM's guided_json / guided_regex / guided_choice / guided_grammar or structured_outputs as a constraint,
     with the field that asked for it (None when none did; the schema refused asking for two)."""
     so = req.structured_outputs
@@ -214,7 +214,7 @@ def _completion_prompt(p: str | list[int], s: Settings, tok) -> tuple[list[int],
     return list(p), None
 
 
-def _stream_flags(req: sc._Sampling) -> tuple[bool, bool, bool]:
+def _stream_flags(req: sc.SamplingFields) -> tuple[bool, bool, bool]:
     """stream, stream_options.include_usage, stream_options.continuous_usage_stats."""
     o = req.stream_options
     return bool(req.stream), bool(o and o.include_usage), bool(o and o.continuous_usage_stats)
@@ -297,7 +297,7 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
                   n=n, best_of=n)
 
 
-def _chat_segments(s: Settings, req: sc._ChatInputs, thinking: bool) -> list[tuple[str, bool]]:
+def _chat_segments(s: Settings, req: sc.ChatInputs, thinking: bool) -> list[tuple[str, bool]]:
     """The prompt as (text, is_control) segments, refused by length before tokenising when it cannot fit."""
     try:
         segments = encode_message_segments(_messages(req.messages), thinking=thinking,

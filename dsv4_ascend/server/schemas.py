@@ -94,7 +94,9 @@ _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "st
 Word = Annotated[str, Field(min_length=1)]
 
 
-class _Sampling(_Strict):
+class SamplingFields(_Strict):
+    """What /v1/completions and /v1/chat/completions share: the model, sampling, constraints, streaming."""
+
     model: str = Field(description="the served model name (GET /v1/models)")
     max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -160,7 +162,7 @@ class _Sampling(_Strict):
         return body
 
     @model_validator(mode="after")
-    def _cross(self) -> _Sampling:
+    def _cross(self) -> SamplingFields:
         given = [n for n in _GUIDED if getattr(self, n) is not None]
         if len(given) > 1:
             raise fail(given[1], f"'{given[1]}' cannot be combined with '{given[0]}': give one constraint")
@@ -184,7 +186,7 @@ class _Sampling(_Strict):
         return "max_tokens"
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
     prompt: Annotated[Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
@@ -287,7 +289,7 @@ def _text_parts_only(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 Messages = Annotated[list[dict[str, Any]], Field(min_length=1)]
 
 
-class _ChatInputs(_Strict):
+class ChatInputs(_Strict):
     """What the chat template reads besides the messages."""
 
     tools: list[dict[str, Any]] | None = None
@@ -329,7 +331,7 @@ class _ChatInputs(_Strict):
             raise fail("tool_choice", "'tool_choice' other than \"none\" / \"auto\" needs 'tools'")
 
 
-class ChatCompletionRequest(_ChatInputs, _Sampling):
+class ChatCompletionRequest(ChatInputs, SamplingFields):
     """POST /v1/chat/completions (DeepSeek-V4 chat template)."""
 
     messages: Messages
@@ -384,7 +386,7 @@ _TOKENIZE_UNSUPPORTED = {name: ((False,), "by this server's /tokenize (leave it 
                          for name in ("continue_final_message", "chat_template", "documents", "mm_processor_kwargs")}
 
 
-class TokenizeRequest(_ChatInputs):
+class TokenizeRequest(ChatInputs):
     """POST /tokenize (vLLM): a prompt as /v1/completions tokenises it, or messages through the chat template."""
 
     model: str | None = None
