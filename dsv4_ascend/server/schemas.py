@@ -48,7 +48,8 @@ class _Closed(_Strict):
 
 # Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
 _UNSUPPORTED = ("guided_decoding_backend", "guided_whitespace_pattern", "functions", "function_call",
-                "use_beam_search", "logits_processors", "allowed_token_ids", "structural_tag")
+                "use_beam_search", "logits_processors", "allowed_token_ids", "structural_tag", "prediction", "audio",
+                "web_search_options")
 _NEUTRAL = {"use_beam_search": False}
 
 
