@@ -121,16 +121,25 @@ class ReferenceBackend(Backend):
         return self._indexer_pick(self._indexer_scores(q, weights, keys), n_visible, k)
 
     def indexer_topk_paged(self, q: Tensor, weights: Tensor, keys: PagedRows, n_visible: Tensor, k: int) -> Tensor:
-        """Scores page block by page block (_INDEXER_KEY_ELEMENTS per block read), so no copy of all N keys is
-        made (decode at 1M tokens: N = 262,144). Each score is the same dot product as in `indexer_topk`. An
-        `indexer_topk` replaced by a subclass or on the instance: the default (reads all keys, calls it)."""
+        """No copy of all N keys (decode at 1M tokens: N = 262,144). When a row's page table spans at least half
+        of the store's pages (a long sequence): one GEMM over every stored key, then each row's N scores
+        gathered through its table; else page block by page block (_INDEXER_KEY_ELEMENTS per block read). Each
+        score is the dot product `indexer_topk` computes. An `indexer_topk` replaced by a subclass or on the
+        instance: the default (reads all keys, calls it)."""
         if getattr(self.indexer_topk, "__func__", None) is not ReferenceBackend.indexer_topk:
             return super().indexer_topk_paged(q, weights, keys, n_visible, k)
-        per = keys.per_page
-        rows = max(per, _INDEXER_KEY_ELEMENTS // keys.store.width // per * per)
-        scores = [self._indexer_scores(q, weights, keys.read(lo, min(lo + rows, keys.n)))
-                  for lo in range(0, keys.n, rows)]
-        return self._indexer_pick(torch.cat(scores, dim=-1), n_visible, k)
+        per, data = keys.per_page, keys.store.tensors()[0]
+        b, s, h, d = q.shape
+        if not keys.store.fp8 and data.shape[0] <= 2 * keys.table.shape[1]:  # work B*R <= 2*B*N
+            every = self._indexer_scores(q.reshape(1, b * s, h, d), weights.reshape(1, b * s, h),
+                                         data.view(1, -1, data.shape[-1])).view(b, s, -1)
+            rows = (keys.table.unsqueeze(-1) * per + torch.arange(per, device=q.device)).flatten(1)[:, :keys.n]
+            scores = every.gather(2, rows.unsqueeze(1).expand(b, s, keys.n))  # rows: store row of entry w
+        else:
+            step = max(per, _INDEXER_KEY_ELEMENTS // keys.store.width // per * per)
+            scores = torch.cat([self._indexer_scores(q, weights, keys.read(lo, min(lo + step, keys.n)))
+                                for lo in range(0, keys.n, step)], dim=-1)
+        return self._indexer_pick(scores, n_visible, k)
 
     def _indexer_scores(self, q: Tensor, weights: Tensor, keys: Tensor) -> Tensor:
         """fp32 scores [B,S,N] = sum_h weights[h] relu(q[h].keys[w]): one GEMM [S*H, d] x [d, N] per batch row
