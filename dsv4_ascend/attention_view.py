@@ -14,7 +14,31 @@ from torch import Tensor
 
 from .cache import RowStore, WindowRing
 
-__all__ = ["KVView"]
+__all__ = ["KVView", "PagedRows"]
+
+
+@dataclass
+class PagedRows:
+    """Rows 0..n-1 of every sequence in a paged store: row w of row b of `table` [B,P] lives in page
+    table[b, w // per_page] (P * per_page >= n). A backend reads them block by block (`read(lo, hi)`) instead of
+    copying all n into one tensor (the indexer keys in decode: n = context/4)."""
+
+    store: RowStore
+    table: Tensor
+    n: int
+
+    @property
+    def per_page(self) -> int:
+        """Rows per page."""
+        return self.store.tensors()[0].shape[1]
+
+    def read(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """Rows lo..hi-1 [B, hi-lo, c] (a copy); lo a multiple of per_page."""
+        hi, per = self.n if hi is None else hi, self.per_page
+        if lo % per or not 0 <= lo <= hi <= self.n:
+            raise ValueError(f"PagedRows.read: need 0 <= lo <= hi <= n={self.n}, lo a multiple of {per}; "
+                             f"found lo={lo}, hi={hi}")
+        return self.store.read_pages(self.table[:, lo // per:-(-hi // per)])[:, :hi - lo]
 
 
 @dataclass

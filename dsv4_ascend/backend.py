@@ -14,7 +14,7 @@ from torch import Tensor
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from .attention_view import KVView
+    from .attention_view import KVView, PagedRows
 
 __all__ = ["Backend", "RunOptions", "fp32_linear"]
 
@@ -154,6 +154,11 @@ class Backend:
         Ties break by lower entry index; picks past n_visible are -1. Returns int64 [B,S,k].
         """
         raise NotImplementedError
+
+    def indexer_topk_paged(self, q: Tensor, weights: Tensor, keys: "PagedRows", n_visible: Tensor, k: int) -> Tensor:
+        """`indexer_topk` over keys still in their pages (entries 0..keys.n-1 of every row). Default: read them
+        into one tensor; a backend may score them block by block instead (no copy of all N keys)."""
+        return self.indexer_topk(q, weights, keys.read(), n_visible, k)
 
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """Shared-KV attention of q [B,S,H,d] over kv[b, idx[b,s,:]] (K = V; -1 = masked), sink logits [H]."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .attention_view import KVView
+from .attention_view import KVView, PagedRows
 from .backend import Backend
 from .cache import CompressorState, KVCache, LayerCache
 from .config import ModelConfig
@@ -152,7 +152,9 @@ class Indexer(nn.Module):
         self.compressor = Compressor(backend, cfg, 4, cfg.index_head_dim, dtype, rotate=True, device=device)
         self.weight_scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
 
-    def select(self, x: Tensor, qr: Tensor, keys: Tensor, n_visible: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def select(self, x: Tensor, qr: Tensor, keys: Tensor | PagedRows, n_visible: Tensor, cos: Tensor,
+               sin: Tensor) -> Tensor:
+        """Picks [B,S,index_topk] over keys [B,N,d], or keys still in their pages (decode: no copy of all N)."""
         b, s, _ = x.shape
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = simulate_indexer_qat(self.backend, apply_rope_tail(self.backend, q, cos.unsqueeze(2), sin.unsqueeze(2)))
@@ -162,9 +164,11 @@ class Indexer(nn.Module):
             w = self.weights_proj(x).float() * self.weight_scale
         # Queries in blocks: the [blk, heads, N] score temporaries stay under _INDEXER_SCORES elements whatever
         # the context (N = 262,144 CSA entries at 1M tokens). Decode (s = 1) is one block.
-        blk = max(1, _INDEXER_SCORES // (b * self.n_heads * max(keys.shape[1], 1)))
-        return torch.cat([self.backend.indexer_topk(q[:, i:i + blk], w[:, i:i + blk], keys, n_visible[:, i:i + blk],
-                                                    self.topk) for i in range(0, s, blk)], 1)
+        paged = isinstance(keys, PagedRows)
+        blk = max(1, _INDEXER_SCORES // (b * self.n_heads * max(keys.n if paged else keys.shape[1], 1)))
+        topk = self.backend.indexer_topk_paged if paged else self.backend.indexer_topk
+        return torch.cat([topk(q[:, i:i + blk], w[:, i:i + blk], keys, n_visible[:, i:i + blk], self.topk)
+                          for i in range(0, s, blk)], 1)
 
 
 class Attention(nn.Module):
@@ -270,7 +274,7 @@ class Attention(nn.Module):
             if idx_comp is not None:
                 lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
                                  idx_comp(x, p, lc.index_comp, slots, self.table), 4)
-                keys = lc.read_entries(lc.index_keys, slots, n_total, 4)
+                keys = PagedRows(lc.index_keys, lc.block_table[slots][:, :pages], n_total)  # read by the backend
         else:
             write = step.defer is None
             # CSA reads only its picks from the pages (KVView.block): no copy of all entries.

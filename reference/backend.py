@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4_ascend import quant
-from dsv4_ascend.attention_view import KVView
+from dsv4_ascend.attention_view import KVView, PagedRows
 from dsv4_ascend.backend import Backend, RunOptions
 from dsv4_ascend.topk import stable_topk
 
@@ -20,6 +20,8 @@ __all__ = ["ReferenceBackend", "dequantize_weight"]
 _ATTN_QUERY_BLOCK = 256
 # Elements of one prefill query block's attention temporaries (logits + gathered CSA picks): 64 MiB in fp32.
 _ATTN_PREFILL_ELEMENTS = 1 << 24
+# Key elements read per block by `indexer_topk_paged` (4 MiB in fp32): bounded, cache-sized copies.
+_INDEXER_KEY_ELEMENTS = 1 << 20
 
 
 dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
@@ -116,19 +118,46 @@ class ReferenceBackend(Backend):
         return (torch.softmax(score, dim=2) * kv).sum(2)
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
-        n = keys.shape[1]
+        return self._indexer_pick(self._indexer_scores(q, weights, keys), n_visible, k)
+
+    def indexer_topk_paged(self, q: Tensor, weights: Tensor, keys: PagedRows, n_visible: Tensor, k: int) -> Tensor:
+        """No copy of all N keys (decode at 1M tokens: N = 262,144). When a row's page table spans at least half
+        of the store's pages (a long sequence): one GEMM over every stored key, then each row's N scores
+        gathered through its table; else page block by page block (_INDEXER_KEY_ELEMENTS per block read). Each
+        score is the dot product `indexer_topk` computes. An `indexer_topk` replaced by a subclass or on the
+        instance: the default (reads all keys, calls it)."""
+        if getattr(self.indexer_topk, "__func__", None) is not ReferenceBackend.indexer_topk:
+            return super().indexer_topk_paged(q, weights, keys, n_visible, k)
+        per, data = keys.per_page, keys.store.tensors()[0]
+        b, s, h, d = q.shape
+        if not keys.store.fp8 and data.shape[0] <= 2 * keys.table.shape[1]:  # work B*R <= 2*B*N
+            every = self._indexer_scores(q.reshape(1, b * s, h, d), weights.reshape(1, b * s, h),
+                                         data.view(1, -1, data.shape[-1])).view(b, s, -1)
+            rows = (keys.table.unsqueeze(-1) * per + torch.arange(per, device=q.device)).flatten(1)[:, :keys.n]
+            scores = every.gather(2, rows.unsqueeze(1).expand(b, s, keys.n))  # rows: store row of entry w
+        else:
+            step = max(per, _INDEXER_KEY_ELEMENTS // keys.store.width // per * per)
+            scores = torch.cat([self._indexer_scores(q, weights, keys.read(lo, min(lo + step, keys.n)))
+                                for lo in range(0, keys.n, step)], dim=-1)
+        return self._indexer_pick(scores, n_visible, k)
+
+    def _indexer_scores(self, q: Tensor, weights: Tensor, keys: Tensor) -> Tensor:
+        """fp32 scores [B,S,N] = sum_h weights[h] relu(q[h].keys[w]): one GEMM [S*H, d] x [d, N] per batch row
+        (einsum -> bmm); relu and the head weights in place (the [S,H,N] fp32 scores are the bulk of the memory
+        traffic: N = 262,144 CSA entries at 1M tokens)."""
         if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
             dt = q.dtype
-            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu()
-            scores = (scores * weights.to(dt).unsqueeze(-1)).sum(2).float()
-        else:
-            scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
-            scores = (scores * weights.float().unsqueeze(-1)).sum(2)
-        visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        k = min(k, n)
+            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu_()
+            return scores.mul_(weights.to(dt).unsqueeze(-1)).sum(2).float()
+        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu_()
+        return scores.mul_(weights.float().unsqueeze(-1)).sum(2)
+
+    def _indexer_pick(self, scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
+        """Top-k entries of fp32 scores [B,S,N] among w < n_visible [B,S] (modified in place); -1 past them."""
+        n = scores.shape[-1]
+        scores.masked_fill_(torch.arange(n, device=scores.device) >= n_visible.unsqueeze(-1), float("-inf"))
         # Higher score first, then lower index: one tie-break everywhere (= a stable descending sort's first k).
-        vals, order = stable_topk(scores, k)
+        vals, order = stable_topk(scores, min(k, n))
         return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
 
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:

@@ -11,16 +11,25 @@ Reports, with progress while it runs:
    `RSS before the engine + cache bytes planned by engine.plan_capacity + working set`, the working set taken as
    measured over the first segment plus the one term that grows with the context (docs/design.md, "Long
    context"), and against an analytic bound from the per-block budgets;
-4. optional probes (--probe): prefill and decode speed at long contexts over a random-filled cache.
+4. optional exactness check at the end of the prompt (--exact CHUNK_B): the prompt prefilled again, through the
+   model, in chunks of CHUNK_B into a second cache: its last-position fp32 logits must equal the main run's, and the
+   main run's greedy tokens must equal recomputing those positions by one prefill chunk (exit status 1 if not);
+5. optional probes (--probe): prefill and decode speed at long contexts over a random-filled cache.
+
+Full run with the exactness check (docs/design.md, "Long context"):
+  python scripts/bench_long.py --exact 8269 --decode-contexts 1024,131072 --probe 1048576
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
+from torch import Tensor
 
 
 def _rss_mib() -> float:
@@ -48,7 +57,8 @@ def _working_set_bytes(cfg, chunk: int, context: int) -> int:
     return blocks + per_chunk + keys
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0, or 1 when the exactness check (--exact) fails."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1 << 20,
                     help="prompt tokens prefilled (default 1048576), capped at max_position_embeddings - "
@@ -59,6 +69,11 @@ def main() -> None:
                     help="comma-separated shorter prompt lengths to time decode after (each is its own request, "
                          "prefilled first); the full --length is always timed too. Empty: only the full length")
     ap.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps timed per context (16)")
+    ap.add_argument("--exact", type=int, default=0, metavar="CHUNK_B",
+                    help="after the main run, prefill the prompt again (model calls, a second cache) in chunks of "
+                         "CHUNK_B (!= --chunk): the last-position fp32 logits must equal the main run's (max |diff| "
+                         "<= 1e-4) and the main run's greedy tokens (the prompt's argmax, then --decode-steps decoded) "
+                         "must equal recomputing those positions by one prefill chunk; exit status 1 if not. 0: off")
     ap.add_argument("--probe", default="",
                     help="comma-separated context lengths P (e.g. 1048576) to probe without prefilling them: a fresh "
                          "1-slot cache is filled with random values (a stand-in history; the work of a step depends "
@@ -68,14 +83,31 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=8192, help="prefill tokens timed per probe (8192)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value (2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (0)")
-    ap.add_argument("--mmap-threshold", type=int, default=128 * 1024,
-                    help="glibc mallopt(M_MMAP_THRESHOLD) in bytes, set at start (default 131072, glibc's initial "
-                         "value; setting it turns off glibc's dynamic threshold, under which freed 1-32 MiB "
-                         "temporaries stay in the heap and RSS creeps up with varying sizes); 0 = leave glibc as is")
-    args = ap.parse_args()
+    ap.add_argument("--mmap-threshold", type=int, default=4 << 20,
+                    help="glibc mallopt(M_MMAP_THRESHOLD) in bytes, set at start (default 4 MiB). Blocks above it "
+                         "(the per-block indexer/attention temporaries) are mmap'd and returned on free, so RSS does "
+                         "not keep what a chunk freed; smaller ones are reused from the heap. 0: glibc as is (its "
+                         "dynamic threshold keeps freed blocks up to 32 MiB in the heap: RSS creeps as their sizes "
+                         "change with the context); 131072 (glibc's initial value): flat RSS, but every temporary "
+                         "is page-faulted on first touch (docs/design.md)")
+    ap.add_argument("--hugetlb", type=int, choices=(0, 1), default=1,
+                    help="1 (default): run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the script re-executes "
+                         "itself once to set it), so mmap'd blocks use transparent huge pages: 512x fewer page "
+                         "faults (at 1M tokens a 4 KiB-page fault per fresh temporary halved prefill speed)")
+    args = ap.parse_args(argv)
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.hugetlb and "glibc.malloc.hugetlb" not in tunables:
+        if argv is not None:
+            ap.error("--hugetlb 1 needs GLIBC_TUNABLES=glibc.malloc.hugetlb=1 at process start (run the script, "
+                     "or pass --hugetlb 0)")
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"])))
+        print("re-running under GLIBC_TUNABLES=glibc.malloc.hugetlb=1", flush=True)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     for name in ("length", "segment", "chunk", "decode_steps", "threads", "probe_tokens"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, found {getattr(args, name)}")
+    if args.exact < 0 or args.exact == args.chunk:
+        ap.error(f"--exact must be a chunk size other than --chunk ({args.chunk}), or 0; found {args.exact}")
     if args.mmap_threshold < 0:
         ap.error(f"--mmap-threshold must be >= 0, found {args.mmap_threshold}")
     if args.mmap_threshold:
@@ -129,38 +161,50 @@ def main() -> None:
 
     early: list[tuple[int, float]] = []  # (tokens, peak RSS MiB) after the first segment
 
-    def run(n: int, report_segments: bool) -> list[float]:
-        """Prefill prompt[:n] through the engine, then `steps` greedy decode steps; returns decode step times."""
+    def run(n: int, report_segments: bool) -> tuple[list[tuple[float, float]], list[int], Tensor | None]:
+        """Prefill prompt[:n] through the engine, then `steps` greedy decode steps; returns the decode step times
+        (wall, CPU seconds of the process),
+        the greedy tokens and the fp32 logits [V] of the prompt's last position (the engine's `model.logits` call
+        that chose the first token)."""
+        seen: list[Tensor] = []
+        model.logits = lambda streams: seen.append(type(model).logits(model, streams)) or seen[-1]
         (req,) = [eng.add_request(prompt[:n], SamplingParams(temperature=0, max_tokens=steps + 1))]
         t0 = t_seg = time.perf_counter()
-        seg_done, times = 0, []
+        c_seg, seg_done, seg_start, times = time.process_time(), 0, 0, []
         while eng.has_work:
             was_prefilling = req.prefilled < n
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             eng.step()
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            if was_prefilling and req.prefilled == n:
+                del model.logits  # the prompt's last logits are seen[-1]; decode steps are not recorded
             if not was_prefilling:
-                times.append(dt)
+                times.append((dt, dc))
             elif report_segments and (req.prefilled // args.segment > seg_done or req.prefilled == n):
-                now = time.perf_counter()
-                seg_tokens = req.prefilled - seg_done * args.segment
-                print(f"  prefill {seg_done * args.segment:>8}..{req.prefilled:>8}: {seg_tokens / (now - t_seg):8.1f} "
-                      f"tok/s  (elapsed {now - t0:7.1f} s, peak RSS {_rss_mib():.0f} MiB)", flush=True)
+                now, cpu = time.perf_counter(), time.process_time()
+                seg_tokens = req.prefilled - seg_start
+                print(f"  prefill {seg_start:>8}..{req.prefilled:>8}: {seg_tokens / (now - t_seg):8.1f} tok/s, "
+                      f"{seg_tokens / (cpu - c_seg):8.1f} tok/CPU-s  (elapsed {now - t0:7.1f} s, peak RSS "
+                      f"{_rss_mib():.0f} MiB)", flush=True)
                 if not seg_done:
                     early.append((req.prefilled, _rss_mib()))
-                seg_done, t_seg = req.prefilled // args.segment, now
-        return times
+                seg_done, seg_start, t_seg, c_seg = req.prefilled // args.segment, req.prefilled, now, cpu
+        return times, req.output, seen[-1][0] if seen else None
 
     print("\n1. prefill tok/s per segment", flush=True)
-    t_full = run(length, True)
-    print("\n2. decode step time (median of greedy steps after the prompt)", flush=True)
-    decode = {length: statistics.median(t_full)}
+    t_full, out, last_logits = run(length, True)
+    print("\n2. decode step time (median of greedy steps after the prompt; CPU time: all threads of the process)",
+          flush=True)
+    decode = {length: t_full}
     for c in contexts:
-        decode[c] = statistics.median(run(c, False))
+        decode[c] = run(c, False)[0]
     for c in sorted(decode):
-        print(f"  context {c:>8}: {decode[c] * 1e3:8.2f} ms/step", flush=True)
+        print(f"  context {c:>8}: {statistics.median(t for t, _ in decode[c]) * 1e3:8.2f} ms/step, CPU "
+              f"{statistics.median(c for _, c in decode[c]) * 1e3:8.2f} ms/step", flush=True)
     lo = min(decode)
-    print(f"  t({length}) / t({lo}) = {decode[length] / decode[lo]:.2f}  (goal <= 2)")
+    ratio = [statistics.median(x[i] for x in decode[length]) / statistics.median(x[i] for x in decode[lo])
+             for i in (0, 1)]
+    print(f"  t({length}) / t({lo}) = {ratio[0]:.2f} wall, {ratio[1]:.2f} CPU  (goal <= 2)")
     peak = _rss_mib()
     # The working set measured over the first segment (peak RSS then, less the RSS before the engine and the cache
     # pages written so far) plus the one part that grows with the context (the indexer keys read per CSA call).
@@ -175,12 +219,40 @@ def main() -> None:
     print(f"  analytic bound: {predicted:.0f} MiB (RSS before the engine + cache + working-set bound "
           f"{ws / 2**20:.0f}); peak / bound = {peak / predicted:.3f}", flush=True)
 
+    eng = None  # frees the main run's cache: the exactness check and the probes allocate their own
+    ok = exact(model, prompt, last_logits, out, max_seq, args.exact, args.segment) if args.exact else True
     if probes:
-        del eng
-        print(f"\n4. probes over a random-filled history (no prefill of it): {args.probe_tokens} prefill tokens in "
+        print(f"\n5. probes over a random-filled history (no prefill of it): {args.probe_tokens} prefill tokens in "
               f"chunks of {args.chunk}, then {steps} decode steps", flush=True)
     for p in probes:
         probe(model, p, args.probe_tokens, args.chunk, steps, g)
+    return 0 if ok else 1
+
+
+def exact(model, prompt: list[int], a: Tensor, out: list[int], max_seq: int, chunk: int, segment: int) -> bool:
+    """Prefill `prompt` into a fresh cache in chunks of `chunk`; compare its last-position logits with `a` and
+    recompute the greedy tokens `out` by one prefill chunk at the prompt's end; print both verdicts."""
+    n = len(prompt)
+    print(f"\n4. exactness at the end of the prompt: prefill {n} tokens again in chunks of {chunk} (second cache)",
+          flush=True)
+    cache = model.new_cache(1, max_seq)
+    slot = torch.zeros(1, dtype=torch.int64)
+    ids = torch.tensor([prompt])
+    t0, done = time.perf_counter(), 0
+    for s in range(0, n, chunk):
+        logits = model(ids[:, s:s + chunk], cache, slot, s, last_only=True)
+        if (s + chunk) // segment > done or s + chunk >= n:
+            done = (s + chunk) // segment
+            print(f"  prefilled {min(s + chunk, n):>8} (elapsed {time.perf_counter() - t0:7.1f} s)", flush=True)
+    b = logits[0, -1]
+    diff = (a - b).abs().max().item()
+    # Positions n .. n+len(out)-2 in one chunk: their argmax predicts out[1:]; out[0] is the prompt's argmax.
+    rec = [int(b.argmax())] + model(torch.tensor([out[:-1]]), cache, slot, n)[0].argmax(-1).tolist()
+    same = rec == out
+    print(f"  last-position logits, chunk {chunk} vs the main run's: max |diff| {diff:.3g} "
+          f"({'PASS' if diff <= 1e-4 else 'FAIL'}: fp32, goal <= 1e-4)")
+    print(f"  greedy tokens {out}\n  recomputed by prefill {rec}: {'PASS' if same else 'FAIL'}", flush=True)
+    return diff <= 1e-4 and same
 
 
 def probe(model, context: int, n: int, chunk: int, steps: int, g: torch.Generator) -> None:
@@ -192,19 +264,20 @@ def probe(model, context: int, n: int, chunk: int, steps: int, g: torch.Generato
     end = context - steps - 1
     slot = torch.zeros(1, dtype=torch.int64)
     ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=g)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, n, chunk):
         logits = model(ids[:, s:s + chunk], cache, slot, end - n + s, last_only=True)
-    t_pre = time.perf_counter() - t0
+    t_pre, c_pre = time.perf_counter() - t0, time.process_time() - c0
     tok, times = logits[:, -1].argmax(-1), []
     for k in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits = model.decode(tok.view(1, 1), torch.tensor([end + k]), cache, slot, max_len=end + k + 1)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
         tok = logits[:, -1].argmax(-1)
-    print(f"  context {context:>8}: prefill {end - n}..{end}: {n / t_pre:8.1f} tok/s; decode at {end}: "
-          f"{statistics.median(times) * 1e3:8.2f} ms/step", flush=True)
+    print(f"  context {context:>8}: prefill {end - n}..{end}: {n / t_pre:8.1f} tok/s, {n / c_pre:8.1f} tok/CPU-s; "
+          f"decode at {end}: {statistics.median(t for t, _ in times) * 1e3:8.2f} ms/step, CPU "
+          f"{statistics.median(c for _, c in times) * 1e3:8.2f} ms/step", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,21 +5,32 @@ fp32 rounding (~1e-6 relative); 1e-4 absolute on logits of magnitude ~1-10 leave
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import dsv4_ascend.backend as backend_mod
 import dsv4_ascend.model as model_mod
+import dsv4_ascend.reference.backend as ref_backend_mod
+from dsv4_ascend.attention_view import PagedRows
+from dsv4_ascend.cache import RowStore
 from dsv4_ascend.config import preset
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.sampling import SamplingParams
 from dsv4_ascend.tiny import random_weights
-from dsv4_ascend.topk import stable_topk
+from dsv4_ascend.topk import order_keys, stable_topk
 from dsv4_ascend.weights import assign_tensors
 
 TOL = 1e-4
+
+_BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_long.py"
+_spec = importlib.util.spec_from_file_location("bench_long", _BENCH)
+bench_long = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_long)
 MAX_POS = 1 << 20
 
 
@@ -80,6 +91,50 @@ def test_stable_topk_equals_stable_sort():
         assert torch.equal(vals, ref_vals[..., :k])
     with pytest.raises(ValueError, match="k=5, N=4"):
         stable_topk(torch.zeros(4), 5)
+
+
+def test_stable_topk_large_rows_and_half_precision():
+    # N = 2^18 (the CSA entries at 1M tokens) with ties at the k-th value, and bf16 scores (exact in fp32).
+    g = torch.Generator().manual_seed(1)
+    s = torch.randint(0, 50, (3, 1 << 18), generator=g).float()  # ~5,000 copies of each value: ties everywhere
+    vals, idx = stable_topk(s, 512)
+    ref_vals, ref_idx = torch.sort(s, dim=-1, descending=True, stable=True)
+    assert torch.equal(idx, ref_idx[..., :512]) and torch.equal(vals, ref_vals[..., :512])
+    b = torch.randn(4, 300, generator=g).bfloat16()
+    vals, idx = stable_topk(b, 100)
+    assert vals.dtype == torch.bfloat16
+    assert torch.equal(idx, torch.sort(b.float(), dim=-1, descending=True, stable=True).indices[..., :100])
+    with pytest.raises(ValueError, match="float64"):
+        order_keys(torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_paged_indexer_equals_contiguous(monkeypatch, integer):
+    # Decode reads the indexer keys page block by page block (ReferenceBackend.indexer_topk_paged, no copy of
+    # all N keys); its picks must equal indexer_topk over all keys read into one tensor: the same dot products
+    # and the same top-k. Integer values: ties everywhere (the tie-break must not depend on the blocks).
+    g = torch.Generator().manual_seed(4)
+    per, pages, d, h, k = 64, 96, 32, 2, 512
+    store = RowStore((pages + 1, per), d, 0, torch.float32, "cpu")
+    vals = torch.randint(-2, 3, store.data.shape, generator=g).float() if integer else torch.randn(
+        store.data.shape, generator=g)
+    store.data.copy_(vals)
+    table = torch.stack([torch.randperm(pages, generator=g) + 1 for _ in range(2)])  # shuffled pages, 2 rows
+    n = pages * per - 10
+    keys = PagedRows(store, table, n)
+    q = torch.randint(-2, 3, (2, 3, h, d), generator=g).float() if integer else torch.randn(2, 3, h, d, generator=g)
+    w = torch.rand(2, 3, h, generator=g) + 0.5
+    n_visible = torch.tensor([[n, n - 7, 300], [n - 1, 5000, 0]])
+    be = ReferenceBackend()
+    ref = be.indexer_topk(q, w, keys.read(), n_visible, k)
+    assert (ref[1, 2] == -1).all() and (ref[0, 2, 300:] == -1).all() and (ref[0, 2, :300] >= 0).all()
+    assert torch.equal(be.indexer_topk_paged(q, w, keys, n_visible, k), ref)  # one GEMM over the whole store
+    keys.table = keys.table[:, :20]  # 20 of 97 pages per row: under half the store, so page block by page block
+    keys.n = 20 * per - 3
+    n_visible = n_visible.clamp(max=keys.n)
+    ref = be.indexer_topk(q, w, keys.read(), n_visible, k)
+    monkeypatch.setattr(ref_backend_mod, "_INDEXER_KEY_ELEMENTS", 7 * per * d)  # blocks of 7 pages, last partial
+    assert torch.equal(be.indexer_topk_paged(q, w, keys, n_visible, k), ref)
 
 
 def test_query_blocks_equal_one_block(tiny_model, monkeypatch):
@@ -144,3 +199,30 @@ def test_one_million_tokens_exact(long_model):
     # The whole context: 1,048,560 prompt tokens prefilled with two chunk sizes, then 16 greedy tokens to 2^20.
     # Hours on a 2-core CPU (scripts/bench_long.py measures the same path and prints progress).
     _chunked_then_greedy(long_model, MAX_POS - 16, (4096, 8192 + 77))
+
+
+def test_bench_long_exactness_check(long_model, capsys):
+    # scripts/bench_long.py --exact at a small length (the full-length command is in docs/design.md): the engine's
+    # chunk-700 run vs a chunk-1024 prefill, then the greedy tokens recomputed by prefill. Both verdicts PASS;
+    # given wrong logits or a wrong token, the same check FAILs.
+    threads = torch.get_num_threads()
+    try:
+        assert bench_long.main(["--length", "2048", "--chunk", "700", "--segment", "1024", "--exact", "1024",
+                                "--decode-contexts", "", "--decode-steps", "4", "--threads", "1",
+                                "--mmap-threshold", "0", "--hugetlb", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "(PASS: fp32" in out and out.count(": PASS") == 1 and "FAIL" not in out
+    n, max_seq = 300, 400
+    prompt = _ids(n, seed=9)[0].tolist()
+    cache = long_model.new_cache(1, max_seq)
+    a = _prefill(long_model, cache, torch.tensor([prompt]), 0, 128)
+    toks = [int(a.argmax())]
+    for k in range(2):  # greedy by one-token chunks on the chunk-128 cache
+        logits = long_model(torch.tensor([toks[-1:]]), cache, torch.zeros(1, dtype=torch.int64), n + k)
+        toks.append(int(logits[0, -1].argmax()))
+    assert bench_long.exact(long_model, prompt, a, toks, max_seq, 77, 1 << 16)
+    assert not bench_long.exact(long_model, prompt, a + 1e-3, toks, max_seq, 77, 1 << 16)
+    assert not bench_long.exact(long_model, prompt, a, toks[:-1] + [(toks[-1] + 1) % 512], max_seq, 77, 1 << 16)
+    assert "FAIL" in capsys.readouterr().out
