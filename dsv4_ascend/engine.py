@@ -18,6 +18,7 @@ from .cache import KVCache
 from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
 from .logits_process import LogitRules
 from .model import Transformer
+from .prefix_cache import BoundaryStore, PrefixCache
 from .sampling import SamplingBatch, SamplingParams
 from .scheduler import Chunk, Plan, Request, Scheduler
 
@@ -29,12 +30,14 @@ class CapacityError(ValueError):
 
 
 def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq_len: int,
-                  kv_fp8: bool = False, block_size: int | None = None) -> int:
+                  kv_fp8: bool = False, block_size: int | None = None, prefix_cache: bool = False) -> int:
     """Number of cache pages that fit in `budget_bytes` next to the per-slot state (window rings, compressor
-    rows). Raises CapacityError when not even one full-length sequence fits."""
+    rows); with `prefix_cache` each page also carries its boundary state (prefix_cache.BoundaryStore). Raises
+    CapacityError when not even one full-length sequence fits."""
     def size(pages: int) -> int:
-        return KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
-                       kv_fp8=kv_fp8, preassign=False, block_size=block_size).nbytes()
+        c = KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
+                    kv_fp8=kv_fp8, preassign=False, block_size=block_size)
+        return c.nbytes() + (pages * BoundaryStore.bytes_per_page(c) if prefix_cache else 0)
 
     fixed, per_page = size(1), size(2) - size(1)
     pages = 1 + (budget_bytes - fixed) // max(per_page, 1)
@@ -60,7 +63,7 @@ class Engine:
                  graph_compiler: str | None = None, speculative_tokens: int = 0,
                  graph_tuning: str = "default", max_num_batched_tokens: int | None = None,
                  max_prefill_seqs: int | None = None, reserve_full: bool = False,
-                 block_size: int | None = None, compile_prefill: bool = False) -> None:
+                 block_size: int | None = None, compile_prefill: bool = False, prefix_cache: bool = False) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
@@ -70,12 +73,14 @@ class Engine:
         max(2048, prefill_chunk)); `max_prefill_seqs`, `reserve_full`: see `Scheduler` (the single-user
         schedule is prefill_chunk budget, 1 prefill sequence, full reservation); `block_size`: cache page size.
         `compile_prefill`: prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller;
-        compiles on the first chunks, `graph_compiler` applies to it too)."""
+        compiles on the first chunks, `graph_compiler` applies to it too). `prefix_cache`: automatic prefix
+        caching (prefix_cache.py; prefill chunks then end at page boundaries)."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
         n_slots = max_slots + 1 if graph else max_slots
-        pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
+        pages = (plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8, block_size, prefix_cache)
+                 if cache_bytes else None)
         self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False,
                                      block_size=block_size)
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
@@ -101,8 +106,9 @@ class Engine:
 
             self.prefiller = GraphPrefiller(model, graph_compiler)
         budget = max(2048, prefill_chunk) if max_num_batched_tokens is None else max_num_batched_tokens
+        self.prefix = PrefixCache(self.cache, check_next=self.spec is not None) if prefix_cache else None
         self.scheduler = Scheduler(self.cache, max_slots, prefill_chunk, budget, speculative_tokens,
-                                   max_prefill_seqs, reserve_full)
+                                   max_prefill_seqs, reserve_full, self.prefix)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0, "steps": 0,
                       "batched_tokens": 0, "prefill_rows": 0, "decode_rows": 0, "preemptions": 0}
         self.last_step: dict[str, int] = {}
@@ -172,7 +178,7 @@ class Engine:
         (request, token) events in order; no work: no forward, no events."""
         plan = self.scheduler.schedule()
         for c in plan.prefill:
-            if c.start == 0:  # just admitted (or re-admitted after a preemption): the slot's rules state
+            if c.admitted:  # just admitted (or re-admitted after a preemption): the slot's rules state
                 self.rules.admit(c.req)  # [logit rules hook]
         events: list[tuple[Request, int]] = []
         decode_tokens = self.stats["decode_tokens"]
@@ -218,6 +224,8 @@ class Engine:
             if c.req.params.prompt_logprobs is not None:
                 self._prompt_logprobs(c.req, self.model.logits(streams[i, :lens[i]]), c.start)
             c.req.prefilled += len(c.tokens)
+        if self.prefix is not None and self.spec is None:
+            self._register([(c.req, c.req.context, c.start + len(c.tokens)) for c in chunks])
         emit = [i for i, c in enumerate(chunks) if c.last and not c.req.output]  # resumed ones have their token
         events = []
         if emit:
@@ -226,7 +234,18 @@ class Engine:
             events = self._emit([chunks[i].req for i in emit], self.model.logits(streams[rows, last]))
         if self.spec is not None:
             self._absorb_chunks(chunks, streams, slots)
+            if self.prefix is not None:  # the MTP rows of a boundary need the token after it: not a last chunk's
+                self._register([(c.req, c.req.context, c.start + len(c.tokens)) for c in chunks
+                                if not c.last and not c.req.finished])
         return events
+
+    def _register(self, ends: list[tuple[Request, list[int], int]]) -> None:
+        """Prefix caching: cache the page each sequence's cache just completed ((request, its tokens, tokens now
+        in its cache)), with the per-slot state at that boundary."""
+        bs = self.cache.block_size
+        for req, tokens, n in ends:
+            if n % bs == 0 and req.slot is not None:
+                self.prefix.register(req.slot, tokens, n, tokens[n] if n < len(tokens) else None)
 
     @staticmethod
     def _prompt_logprobs(req: Request, logits: Tensor, start: int) -> None:
@@ -312,6 +331,8 @@ class Engine:
         params = [r.params for r in reqs]
         result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs),
                                    adjust=self.rules.batch(reqs))  # [logit rules hook]
+        if self.prefix is not None:  # before _record releases finished sequences
+            self._register([(r, r.prompt + r.output, r.length) for r in reqs])
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         return self._record(reqs, result)
