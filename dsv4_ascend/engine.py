@@ -168,6 +168,15 @@ class Engine:
                 "main_steps_per_token": self.stats["decode_steps"] / max(self.stats["decode_tokens"], 1),
                 **st}
 
+    def prefix_stats(self) -> dict[str, float]:
+        """Prefix caching: prompt tokens looked up at admissions and served from the cache, the hit rate, pages
+        cached now, registered and evicted so far ({} when off)."""
+        if self.prefix is None:
+            return {}
+        st = self.prefix.stats
+        return {**st, "hit_rate": st["hit_tokens"] / max(st["query_tokens"], 1),
+                "cached_pages": self.prefix.cached_pages}
+
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

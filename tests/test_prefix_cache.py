@@ -19,7 +19,7 @@ from dsv4_ascend.prefix_cache import page_hashes
 from dsv4_ascend.sampling import SamplingParams
 
 TOL = 1e-5
-GREEDY = SamplingParams(temperature=0, max_tokens=20, logprobs=3)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, logprobs=3)
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -112,13 +112,13 @@ def test_hits_are_exact_graph(tiny_model):
     _scenario(tiny_model, "graph")
 
 
-@pytest.mark.parametrize("mode", ["eager", "mtp"])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("mtp", marks=pytest.mark.slow)])
 def test_preemption_and_eviction_keep_exactness(tiny_model, mode):
-    # 12 pages of 16 tokens: six requests over three shared 40-token prefixes, 4 slots, 30 tokens each: sequences
+    # 12 pages of 16 tokens: six requests over three shared 40-token prefixes, 6 slots, 24 tokens each: sequences
     # grow into each other (preemption) and new pages push out cached ones (eviction), in between hits.
     heads = [_prompt(40, 20 + i) for i in range(3)]
     prompts = [heads[i % 3] + _prompt(6 + i, 30 + i) for i in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=30, logprobs=3)
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
     small = _engine(tiny_model, mode, True, cache_bytes=_bytes_for_pages(tiny_model, mode, 12))
     assert small.cache.num_blocks - 1 == 12
     first = [small.add_request(p, params) for p in prompts[:3]]
@@ -164,3 +164,41 @@ def test_page_hashes_chain_the_prefix():
     assert len(set(h)) == 4 and page_hashes(t[:32], 16, 2) == h[:2]
     u = [t[0] + 1] + t[1:]  # a change in page 0 changes every later page's hash
     assert not set(page_hashes(u, 16, 4)) & set(h)
+
+
+def test_server_reports_cached_tokens_and_hit_metrics(served_tiny):
+    """`dsv4 serve` (prefix caching on by default): a repeated 300-token prompt reports 256 cached tokens and the
+    /metrics counters move; --no-prefix-cache reports 0 and gives the same text and logprobs."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from dsv4_ascend import cli
+    from dsv4_ascend.server import BackgroundServer, create_app
+    from dsv4_ascend.server.run import build_engine
+
+    model, tok, ckpt = served_tiny
+    prompt = _prompt(300, 11)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    results = {}
+    for flags in ([], ["--no-prefix-cache"]):
+        args = cli._build_parser().parse_args(["serve", "--model", str(ckpt), "--dtype", "float32", "--max-slots",
+                                               "2", "--max-seq-len", "512", *flags])
+        engine = build_engine(args, model)
+        assert (engine.prefix is None) == bool(flags)
+        srv = BackgroundServer(create_app(engine, tok, served_model_name="tiny")).start()
+        try:
+            got = [httpx.post(srv.url + "/v1/completions", json=body, timeout=120).json() for _ in range(2)]
+            metrics = httpx.get(srv.url + "/metrics", timeout=120).text
+        finally:
+            srv.stop(60)
+        results[bool(flags)] = got
+        cached = [g["usage"]["prompt_tokens_details"]["cached_tokens"] for g in got]
+        assert cached == ([0, 0] if flags else [0, 256])
+        if not flags:
+            assert "dsv4_prefix_cache_hit_tokens_total 256.0" in metrics
+            assert "dsv4_prefix_cache_query_tokens_total 600.0" in metrics
+            assert "dsv4_prefix_cache_hit_rate 0.4266" in metrics  # 256 / 600
+    on, off = results[False], results[True]
+    for a, b in zip(on, off):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]
+        la, lb = a["choices"][0]["logprobs"]["token_logprobs"], b["choices"][0]["logprobs"]["token_logprobs"]
+        assert max(abs(x - y) for x, y in zip(la, lb)) <= TOL
