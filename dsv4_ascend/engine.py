@@ -18,7 +18,7 @@ from .cache import KVCache
 from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
 from .logits_process import LogitRules
 from .model import Transformer
-from .prefix_cache import BoundaryStore, PrefixCache
+from .prefix_cache import RECORD_SHARE, PrefixCache, default_records
 from .sampling import SamplingBatch, SamplingParams
 from .scheduler import Chunk, Plan, Request, Scheduler
 
@@ -30,14 +30,12 @@ class CapacityError(ValueError):
 
 
 def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq_len: int,
-                  kv_fp8: bool = False, block_size: int | None = None, prefix_cache: bool = False) -> int:
+                  kv_fp8: bool = False, block_size: int | None = None) -> int:
     """Number of cache pages that fit in `budget_bytes` next to the per-slot state (window rings, compressor
-    rows); with `prefix_cache` each page also carries its boundary state (prefix_cache.BoundaryStore). Raises
-    CapacityError when not even one full-length sequence fits."""
+    rows). Raises CapacityError when not even one full-length sequence fits."""
     def size(pages: int) -> int:
-        c = KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
-                    kv_fp8=kv_fp8, preassign=False, block_size=block_size)
-        return c.nbytes() + (pages * BoundaryStore.bytes_per_page(c) if prefix_cache else 0)
+        return KVCache(model.cfg, max_slots, max_seq_len, model.dtype, "meta", len(model.mtp), num_blocks=pages,
+                       kv_fp8=kv_fp8, preassign=False, block_size=block_size).nbytes()
 
     fixed, per_page = size(1), size(2) - size(1)
     pages = 1 + (budget_bytes - fixed) // max(per_page, 1)
@@ -63,7 +61,8 @@ class Engine:
                  graph_compiler: str | None = None, speculative_tokens: int = 0,
                  graph_tuning: str = "default", max_num_batched_tokens: int | None = None,
                  max_prefill_seqs: int | None = None, reserve_full: bool = False,
-                 block_size: int | None = None, compile_prefill: bool = False, prefix_cache: bool = False) -> None:
+                 block_size: int | None = None, compile_prefill: bool = False, prefix_cache: bool = False,
+                 prefix_records: int | None = None) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
@@ -74,13 +73,15 @@ class Engine:
         schedule is prefill_chunk budget, 1 prefill sequence, full reservation); `block_size`: cache page size.
         `compile_prefill`: prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller;
         compiles on the first chunks, `graph_compiler` applies to it too). `prefix_cache`: automatic prefix
-        caching (prefix_cache.py; prefill chunks then end at page boundaries)."""
+        caching (prefix_cache.py; prefill chunks then end at page boundaries); its boundary records take
+        `RECORD_SHARE` of `cache_bytes` (or that share of the cache memory next to the default pages), or
+        `prefix_records` records if given."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
         n_slots = max_slots + 1 if graph else max_slots
-        pages = (plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8, block_size, prefix_cache)
-                 if cache_bytes else None)
+        page_bytes = int(cache_bytes * (1 - RECORD_SHARE)) if cache_bytes and prefix_cache else cache_bytes
+        pages = plan_capacity(model, page_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
         self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False,
                                      block_size=block_size)
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
@@ -106,7 +107,10 @@ class Engine:
 
             self.prefiller = GraphPrefiller(model, graph_compiler)
         budget = max(2048, prefill_chunk) if max_num_batched_tokens is None else max_num_batched_tokens
-        self.prefix = PrefixCache(self.cache, check_next=self.spec is not None) if prefix_cache else None
+        self.prefix = None
+        if prefix_cache:
+            records = prefix_records or default_records(self.cache, cache_bytes and cache_bytes - page_bytes)
+            self.prefix = PrefixCache(self.cache, records, check_next=self.spec is not None)
         self.scheduler = Scheduler(self.cache, max_slots, prefill_chunk, budget, speculative_tokens,
                                    max_prefill_seqs, reserve_full, self.prefix)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0, "steps": 0,
@@ -175,7 +179,7 @@ class Engine:
             return {}
         st = self.prefix.stats
         return {**st, "hit_rate": st["hit_tokens"] / max(st["query_tokens"], 1),
-                "cached_pages": self.prefix.cached_pages}
+                "cached_pages": self.prefix.cached_pages, "records": self.prefix.records}
 
     @property
     def has_work(self) -> bool:

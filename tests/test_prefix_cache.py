@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv4_ascend.engine import Engine
-from dsv4_ascend.prefix_cache import page_hashes
+from dsv4_ascend.prefix_cache import RECORD_SHARE, page_hashes
 from dsv4_ascend.sampling import SamplingParams
 
 TOL = 1e-5
@@ -32,6 +32,8 @@ MODES = {"eager": {}, "mtp": {"speculative_tokens": 2},
 
 def _engine(model, mode: str, prefix: bool, **kw) -> Engine:
     args = dict(max_slots=6, max_seq_len=128, eos_token_id=-1, prefill_chunk=24, block_size=16, **MODES[mode])
+    if prefix and "cache_bytes" not in kw:
+        args["prefix_records"] = 64  # a record for every page boundary these tests reach
     if mode == "graph":
         torch._dynamo.reset()
     return Engine(model, prefix_cache=prefix, **{**args, **kw})
@@ -119,7 +121,8 @@ def test_preemption_and_eviction_keep_exactness(tiny_model, mode):
     heads = [_prompt(40, 20 + i) for i in range(3)]
     prompts = [heads[i % 3] + _prompt(6 + i, 30 + i) for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
-    small = _engine(tiny_model, mode, True, cache_bytes=_bytes_for_pages(tiny_model, mode, 12))
+    # 6 boundary records (the budget's own share would hold one of these fp32 records of window-8 rings)
+    small = _engine(tiny_model, mode, True, cache_bytes=_bytes_for_pages(tiny_model, mode, 12), prefix_records=6)
     assert small.cache.num_blocks - 1 == 12
     first = [small.add_request(p, params) for p in prompts[:3]]
     for _ in small.run():
@@ -127,7 +130,8 @@ def test_preemption_and_eviction_keep_exactness(tiny_model, mode):
     rest = [small.add_request(p, params) for p in prompts[3:]]
     for _ in small.run():
         pass
-    assert small.stats["preemptions"] > 0 and small.prefix.stats["evicted_pages"] > 0
+    st = small.prefix.stats
+    assert small.stats["preemptions"] > 0 and st["evicted_pages"] > 0 and st["evicted_records"] > 0
     assert any(r.cached_tokens for r in rest)
     for got, want in zip(first + rest, _reference(tiny_model, mode, prompts, params)):
         _same(got, want)
@@ -141,7 +145,7 @@ def _bytes_for_pages(model, mode: str, pages: int) -> int:
     while lo < hi:  # the smallest budget plan_capacity turns into pages + 1 blocks
         mid = (lo + hi) // 2
         try:
-            n = plan_capacity(model, mid, 6, 128, block_size=16, prefix_cache=True)
+            n = plan_capacity(model, int(mid * (1 - RECORD_SHARE)), 6, 128, block_size=16)
         except ValueError:
             n = 0
         lo, hi = (mid + 1, hi) if n < pages + 1 else (lo, mid)
@@ -202,3 +206,17 @@ def test_server_reports_cached_tokens_and_hit_metrics(served_tiny):
         assert a["choices"][0]["text"] == b["choices"][0]["text"]
         la, lb = a["choices"][0]["logprobs"]["token_logprobs"], b["choices"][0]["logprobs"]["token_logprobs"]
         assert max(abs(x - y) for x, y in zip(la, lb)) <= TOL
+
+
+def test_pages_without_a_record_serve_as_middle_pages(tiny_model):
+    # One boundary record: after a (50 tokens + 10 generated: pages end at 16, 32, 48) only the boundary 48 keeps
+    # it, so c (shares 49 tokens) hits 48 through the record-less pages 0 and 1; c's own boundary 64 then takes
+    # the record, and b (shares 40 tokens) hits nothing.
+    a = _prompt(50, 12)
+    c, b = a[:49] + _prompt(9, 13), a[:40] + _prompt(10, 14)
+    eng = _engine(tiny_model, "eager", True, prefix_records=1)
+    got = [eng.generate([p], GREEDY)[0] for p in (a, c, b)]
+    assert [r.cached_tokens for r in got] == [0, 48, 0]
+    assert eng.prefix.stats["evicted_records"] >= 3
+    for r, want in zip(got, _reference(tiny_model, "eager", [a, c, b])):
+        _same(r, want)
