@@ -345,7 +345,8 @@ class Engine:
         result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs),
                                    adjust=self.rules.batch(reqs))  # [logit rules hook]
         if self.prefix is not None:  # before _record releases finished sequences
-            self._register([(r, r.prompt + r.output, r.length) for r in reqs])
+            bs = self.cache.block_size
+            self._register([(r, r.prompt + r.output, r.length) for r in reqs if r.length % bs == 0])
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         return self._record(reqs, result)

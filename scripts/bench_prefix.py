@@ -180,12 +180,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{'yes' if p.same else 'NO'}")
     print("\nboundary record (per-slot state at a page end) per token of its page, next to the page's own entries;"
           " model dtype bf16 except tiny:")
+    shown: set = set()
     for name, cfg, dtype in (("tiny (fp32)", model.cfg, torch.float32), ("v4-flash", preset("v4-flash"), torch.bfloat16),
                              ("v4-pro", preset("v4-pro"), torch.bfloat16)):
-        for bs in ([None] + [b for b in blocks if name.startswith("tiny")]):
+        for bs in dict.fromkeys([None] + [b for b in blocks if name.startswith("tiny")]):
             block, page, extra = bytes_per_token(cfg, bs, dtype)
-            print(f"  {name:<12} block {block:>4}: paged entries {page:>9.1f} B/token, boundary state "
-                  f"{extra:>9.1f} B/token ({100 * extra / page:.0f}% more)")
+            if (name, block) in shown:
+                continue
+            shown.add((name, block))
+            print(f"  {name:<12} block {block:>4}: paged entries {page:>9.1f} B/token, a boundary record "
+                  f"{extra:>9.1f} B per token of its page ({100 * extra / page:.0f}% more)")
     print(f"total {time.perf_counter() - t_start:.1f} s")
     return 0
 
