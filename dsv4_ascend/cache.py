@@ -12,6 +12,7 @@ values and the rope dims in the model dtype, packed per row in the byte layout o
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -327,7 +328,10 @@ class KVCache:
 
     Pages (`num_blocks` of `block_size` tokens) are handed to sequences by `allocate`/`free`; physical page 0
     is never handed out and absorbs writes of unused rows. With `preassign=True` every slot gets pages for
-    `max_seq_len` tokens up front (the simple no-engine path).
+    `max_seq_len` tokens up front (the simple no-engine path). Prefix caching (prefix_cache.py) shares full pages
+    read-only between slots (`share`, a count of holders per page) and keeps a page whose last holder left when
+    `retain(page)` says so: such pages are free for `allocate`, which takes them last, least recently used first
+    (`on_evict(page)` tells the owner of their content).
     """
 
     def __init__(self, cfg: ModelConfig, max_slots: int, max_seq_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -355,6 +359,10 @@ class KVCache:
                                   self.block_table, scatter, c8_write) for m in ratios]
         self._free = list(range(self.num_blocks - 1, 0, -1))
         self._owned: dict[int, list[int]] = {}
+        self._refs: dict[int, int] = {}  # page -> slots holding it (> 1: a shared prefix page)
+        self.retained: OrderedDict[int, None] = OrderedDict()  # free pages kept for their content, LRU first
+        self.retain: Callable[[int], bool] | None = None
+        self.on_evict: Callable[[int], None] | None = None
         if preassign:
             for s in range(max_slots):
                 self.allocate(s, self.max_seq_len)
@@ -365,7 +373,12 @@ class KVCache:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages `allocate` can hand out: never used or released, plus retained ones (evicted on demand)."""
+        return len(self._free) + len(self.retained)
+
+    def pages_of(self, slot: int) -> list[int]:
+        """Physical pages `slot` holds, in token order."""
+        return list(self._owned.get(slot, ()))
 
     def owned_tokens(self, slot: int) -> int:
         """Tokens the pages `slot` holds now cover."""
@@ -377,15 +390,43 @@ class KVCache:
             raise CacheFullError(f"{tokens} tokens exceed max_seq_len {self.max_seq_len}")
         owned = self._owned.setdefault(slot, [])
         need = self.pages_for(tokens) - len(owned)
-        if need > len(self._free):
-            raise CacheFullError(f"need {need} more cache pages for slot {slot}, {len(self._free)} free")
+        if need > self.free_pages:
+            raise CacheFullError(f"need {need} more cache pages for slot {slot}, {self.free_pages} free")
         for _ in range(max(need, 0)):
-            owned.append(self._free.pop())
+            if self._free:
+                page = self._free.pop()
+            else:  # evict the least recently used retained page
+                page = self.retained.popitem(last=False)[0]
+                if self.on_evict is not None:
+                    self.on_evict(page)
+            self._refs[page] = 1
+            owned.append(page)
         self.block_table[slot, : len(owned)] = torch.tensor(owned, dtype=torch.int64)
 
+    def share(self, slot: int, pages: list[int]) -> None:
+        """Give `slot`, which holds no page, the filled pages `pages` as its first ones (read-only: the sequence
+        writes only past them)."""
+        if self._owned.get(slot):
+            raise ValueError(f"slot {slot} already holds pages; shared pages must come first")
+        for page in pages:
+            self.retained.pop(page, None)
+            self._refs[page] = self._refs.get(page, 0) + 1
+        self._owned[slot] = list(pages)
+        if pages:
+            self.block_table[slot, : len(pages)] = torch.tensor(pages, dtype=torch.int64)
+
     def free(self, slot: int) -> None:
-        """Return a finished sequence's pages."""
-        self._free.extend(reversed(self._owned.pop(slot, [])))
+        """Return a finished sequence's pages: a page no other slot holds becomes free, or retained (its last
+        page first in eviction order, so a cached prefix loses its tail before its head)."""
+        for page in reversed(self._owned.pop(slot, [])):
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            del self._refs[page]
+            if self.retain is not None and self.retain(page):
+                self.retained[page] = None
+            else:
+                self._free.append(page)
         self.block_table[slot].zero_()
 
     # -- size -------------------------------------------------------------------------------------------------

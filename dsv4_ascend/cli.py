@@ -421,6 +421,9 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV-cache budget in GiB (default: every slot can hold max-seq-len tokens)")
     v.add_argument("--kv-fp8", action="store_true", help="store the paged KV cache in FP8")
+    v.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off automatic prefix caching (on by default: prompts that start with a cached "
+                        "prefix of whole cache pages skip computing it; see docs/design.md, 'Prefix caching')")
     v.add_argument("--max-queue", type=int, default=512, help="requests waiting for a slot before 503s")
     v.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")

@@ -18,6 +18,7 @@ from .cache import KVCache
 from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
 from .logits_process import LogitRules
 from .model import Transformer
+from .prefix_cache import RECORD_SHARE, PrefixCache, default_records
 from .sampling import SamplingBatch, SamplingParams
 from .scheduler import Chunk, Plan, Request, Scheduler
 
@@ -60,7 +61,8 @@ class Engine:
                  graph_compiler: str | None = None, speculative_tokens: int = 0,
                  graph_tuning: str = "default", max_num_batched_tokens: int | None = None,
                  max_prefill_seqs: int | None = None, reserve_full: bool = False,
-                 block_size: int | None = None, compile_prefill: bool = False) -> None:
+                 block_size: int | None = None, compile_prefill: bool = False, prefix_cache: bool = False,
+                 prefix_records: int | None = None) -> None:
         """`cache_bytes`: KV-cache memory budget (default: enough pages for every slot at max_seq_len).
         `graph`: run decode as captured graphs, one per batch bucket (compiled at start); `graph_compiler`
         overrides the torch.compile backend (e.g. "aot_eager" to trace without code generation).
@@ -70,12 +72,16 @@ class Engine:
         max(2048, prefill_chunk)); `max_prefill_seqs`, `reserve_full`: see `Scheduler` (the single-user
         schedule is prefill_chunk budget, 1 prefill sequence, full reservation); `block_size`: cache page size.
         `compile_prefill`: prefill chunks run with the backend's per-token ops compiled (graph_mode.GraphPrefiller;
-        compiles on the first chunks, `graph_compiler` applies to it too)."""
+        compiles on the first chunks, `graph_compiler` applies to it too). `prefix_cache`: automatic prefix
+        caching (prefix_cache.py; prefill chunks then end at page boundaries); its boundary records take
+        `RECORD_SHARE` of `cache_bytes` (or that share of the cache memory next to the default pages), or
+        `prefix_records` records if given."""
         self.model = model
         self.device = model.embed.weight.device
         # Graph mode reserves one extra slot for the rows that pad a batch up to its bucket.
         n_slots = max_slots + 1 if graph else max_slots
-        pages = plan_capacity(model, cache_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
+        page_bytes = int(cache_bytes * (1 - RECORD_SHARE)) if cache_bytes and prefix_cache else cache_bytes
+        pages = plan_capacity(model, page_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
         self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False,
                                      block_size=block_size)
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
@@ -101,8 +107,12 @@ class Engine:
 
             self.prefiller = GraphPrefiller(model, graph_compiler)
         budget = max(2048, prefill_chunk) if max_num_batched_tokens is None else max_num_batched_tokens
+        self.prefix = None
+        if prefix_cache:
+            records = prefix_records or default_records(self.cache, cache_bytes and cache_bytes - page_bytes)
+            self.prefix = PrefixCache(self.cache, records, check_next=self.spec is not None)
         self.scheduler = Scheduler(self.cache, max_slots, prefill_chunk, budget, speculative_tokens,
-                                   max_prefill_seqs, reserve_full)
+                                   max_prefill_seqs, reserve_full, self.prefix)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "decode_steps": 0, "requests": 0, "steps": 0,
                       "batched_tokens": 0, "prefill_rows": 0, "decode_rows": 0, "preemptions": 0}
         self.last_step: dict[str, int] = {}
@@ -162,6 +172,15 @@ class Engine:
                 "main_steps_per_token": self.stats["decode_steps"] / max(self.stats["decode_tokens"], 1),
                 **st}
 
+    def prefix_stats(self) -> dict[str, float]:
+        """Prefix caching: prompt tokens looked up at admissions and served from the cache, the hit rate, pages
+        cached now, registered and evicted so far ({} when off)."""
+        if self.prefix is None:
+            return {}
+        st = self.prefix.stats
+        return {**st, "hit_rate": st["hit_tokens"] / max(st["query_tokens"], 1),
+                "cached_pages": self.prefix.cached_pages, "records": self.prefix.records}
+
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -172,7 +191,7 @@ class Engine:
         (request, token) events in order; no work: no forward, no events."""
         plan = self.scheduler.schedule()
         for c in plan.prefill:
-            if c.start == 0:  # just admitted (or re-admitted after a preemption): the slot's rules state
+            if c.admitted:  # just admitted (or re-admitted after a preemption): the slot's rules state
                 self.rules.admit(c.req)  # [logit rules hook]
         events: list[tuple[Request, int]] = []
         decode_tokens = self.stats["decode_tokens"]
@@ -218,6 +237,8 @@ class Engine:
             if c.req.params.prompt_logprobs is not None:
                 self._prompt_logprobs(c.req, self.model.logits(streams[i, :lens[i]]), c.start)
             c.req.prefilled += len(c.tokens)
+        if self.prefix is not None and self.spec is None:
+            self._register([(c.req, c.req.context, c.start + len(c.tokens)) for c in chunks])
         emit = [i for i, c in enumerate(chunks) if c.last and not c.req.output]  # resumed ones have their token
         events = []
         if emit:
@@ -226,7 +247,18 @@ class Engine:
             events = self._emit([chunks[i].req for i in emit], self.model.logits(streams[rows, last]))
         if self.spec is not None:
             self._absorb_chunks(chunks, streams, slots)
+            if self.prefix is not None:  # the MTP rows of a boundary need the token after it: not a last chunk's
+                self._register([(c.req, c.req.context, c.start + len(c.tokens)) for c in chunks
+                                if not c.last and not c.req.finished])
         return events
+
+    def _register(self, ends: list[tuple[Request, list[int], int]]) -> None:
+        """Prefix caching: cache the page each sequence's cache just completed ((request, its tokens, tokens now
+        in its cache)), with the per-slot state at that boundary."""
+        bs = self.cache.block_size
+        for req, tokens, n in ends:
+            if n % bs == 0 and req.slot is not None:
+                self.prefix.register(req.slot, tokens, n, tokens[n] if n < len(tokens) else None)
 
     @staticmethod
     def _prompt_logprobs(req: Request, logits: Tensor, start: int) -> None:
@@ -312,6 +344,9 @@ class Engine:
         params = [r.params for r in reqs]
         result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs),
                                    adjust=self.rules.batch(reqs))  # [logit rules hook]
+        if self.prefix is not None:  # before _record releases finished sequences
+            bs = self.cache.block_size
+            self._register([(r, r.prompt + r.output, r.length) for r in reqs if r.length % bs == 0])
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         return self._record(reqs, result)

@@ -12,6 +12,11 @@ recompute preemption): its slot and pages are freed and it goes back to the fron
 prompt and the tokens it already generated again (they are never emitted twice). The oldest sequence is never
 preempted for a newer one, and any one request fits the cache alone (refused at `Engine.add_request` otherwise),
 so the oldest always progresses: no deadlock.
+With prefix caching (`prefix`, prefix_cache.PrefixCache) an admitted request first takes the cached pages of the
+longest cached prefix of its context (read-only, shared) and starts its prefill after them; prefill chunks end at
+page boundaries, so the cache holds a whole number of pages after a chunk and the engine can record each page's
+boundary state. Cached pages no sequence holds count as free: they are evicted (least recently used) before any
+running sequence is preempted.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cache import KVCache
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 
 __all__ = ["Request", "Chunk", "Plan", "Scheduler"]
@@ -50,6 +56,7 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     context: list[int] = field(default_factory=list)  # what the prefill writes: the prompt (+ output[:-1] after a
     preemptions: int = 0                              # preemption: the last output token is the pending one)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at its (first) admission
 
     def __post_init__(self) -> None:
         self.context = self.context or list(self.prompt)
@@ -75,6 +82,7 @@ class Chunk:
     req: Request
     start: int
     tokens: list[int]
+    admitted: bool = False  # the request got its slot this step (start > 0 after a prefix-cache hit)
 
     @property
     def last(self) -> bool:
@@ -105,10 +113,11 @@ class Scheduler:
     """Token-budget scheduling over the cache's slots and pages; owns the waiting queue and the running list."""
 
     def __init__(self, cache: KVCache, max_slots: int, prefill_chunk: int, max_num_batched_tokens: int,
-                 spec_tokens: int = 0, max_prefill_seqs: int | None = None, reserve_full: bool = False) -> None:
+                 spec_tokens: int = 0, max_prefill_seqs: int | None = None, reserve_full: bool = False,
+                 prefix: PrefixCache | None = None) -> None:
         """`max_prefill_seqs`: most sequences that get a prefill chunk per step (None: as many as the budget
         allows); `reserve_full`: give a request pages for prompt + max_tokens when it is admitted (no growth,
-        no preemption: the single-user schedule, kept for comparison)."""
+        no preemption: the single-user schedule, kept for comparison); `prefix`: the prefix cache (None: off)."""
         for name, v in (("prefill_chunk", prefill_chunk), ("max_num_batched_tokens", max_num_batched_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, found {v}")
@@ -120,6 +129,7 @@ class Scheduler:
         self.spec_tokens = spec_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.reserve_full = reserve_full
+        self.prefix = prefix
         self.max_slots = max_slots
         self.free_slots: deque[int] = deque(range(max_slots))
         self.waiting: deque[Request] = deque()
@@ -141,21 +151,41 @@ class Scheduler:
                 plan.prefill.append(Chunk(req, req.prefilled, req.context[req.prefilled:req.prefilled + n]))
         while self.waiting and self.free_slots and not plan.preempted:
             req = self.waiting[0]
-            n = self._chunk_len(req, plan)
-            if not n or self._admission_pages(req) > self.cache.free_pages:
+            hit = self._cached_prefix(req)
+            start = len(hit) * self.cache.block_size
+            n = self._chunk_len(req, plan, start)
+            taken = sum(p in self.cache.retained for p in hit)  # cached pages no one holds count as free ones
+            if not n or self._admission_pages(req) - len(hit) + taken > self.cache.free_pages:
                 break  # first come, first served: later requests wait behind this one
             self.waiting.popleft()
             req.slot = self.free_slots.popleft()
             bisect.insort(self.running, req, key=lambda r: r.id)
-            self.cache.allocate(req.slot, self._full(req) if self.reserve_full else n)
-            plan.prefill.append(Chunk(req, 0, req.context[:n]))
+            if self.prefix is not None:
+                req.prefilled = self.prefix.attach(req.slot, hit)
+                self.prefix.count(len(req.context), start)
+                if not req.preemptions:
+                    req.cached_tokens = start
+            self.cache.allocate(req.slot, self._full(req) if self.reserve_full else start + n)
+            plan.prefill.append(Chunk(req, start, req.context[start:start + n], admitted=True))
         return plan
 
-    def _chunk_len(self, req: Request, plan: Plan) -> int:
-        """Tokens of req's next prefill chunk that fit this step (0: none)."""
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached pages a waiting request can start from (none for prompt logprobs: every prompt position's
+        logits are computed)."""
+        if self.prefix is None or req.params.prompt_logprobs is not None:
+            return []
+        return self.prefix.lookup(req.context)
+
+    def _chunk_len(self, req: Request, plan: Plan, start: int | None = None) -> int:
+        """Tokens of req's next prefill chunk (from `start`, default req.prefilled) that fit this step (0: none);
+        with prefix caching it ends at the next page boundary."""
         if self.max_prefill_seqs is not None and len(plan.prefill) >= self.max_prefill_seqs:
             return 0
-        return max(0, min(self.prefill_chunk, len(req.context) - req.prefilled, self.budget - plan.tokens))
+        start = req.prefilled if start is None else start
+        n = min(self.prefill_chunk, len(req.context) - start, self.budget - plan.tokens)
+        if self.prefix is not None:
+            n = min(n, self.cache.block_size - start % self.cache.block_size)
+        return max(0, n)
 
     def _full(self, req: Request) -> int:
         return min(len(req.prompt) + req.params.max_tokens + self.spec_tokens, self.cache.max_seq_len)

@@ -172,11 +172,16 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             for job in jobs:
                 worker.abort(job)
             raise
-        return [(job, Output(tokenizer, job.params.stop)) for job in jobs]
+        outs = [Output(tokenizer, job.params.stop) for job in jobs]
+        for out, (i, _) in zip(outs, seqs):
+            out.prompt_index = i
+        return list(zip(jobs, outs))
 
     def apply(job: Job, out: Output, item: tuple) -> list | None:
         """One worker event applied to `out`: the token records it adds ([] for the finish), None for nothing."""
         if item[0] == "tokens":
+            if job.req is not None:  # set at admission, before the first token
+                out.cached_tokens = job.req.cached_tokens
             batch = []
             for t in item[1]:
                 if out.finish is not None:
@@ -233,12 +238,15 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         return out.finish or "stop"  # "stop" (EOS, stop token or stop string), "length", "abort"
 
     def usage(parsed: Parsed, outs: list[Output]) -> dict:
-        """Usage so far: each prompt counted once, the tokens of the choices returned; no prompt token is served
-        from a cache yet (no prefix caching), so cached_tokens is 0."""
+        """Usage so far: each prompt counted once, the tokens of the choices returned; cached_tokens: per prompt,
+        the prompt tokens its sequences took from the prefix cache (the fewest, when it has several)."""
         p = sum(len(x.ids) for x in parsed.prompts)
         n = sum(len(out.tokens) for out in outs)
+        cached: dict[int, int] = {}
+        for out in outs:
+            cached[out.prompt_index] = min(cached.get(out.prompt_index, out.cached_tokens), out.cached_tokens)
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
-                "prompt_tokens_details": {"cached_tokens": 0}}
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     def response_id(request: HTTPRequest, prefix: str) -> str:
         return f"{prefix}-{request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex}"  # the header passed _Gate

@@ -34,6 +34,9 @@ class Metrics:
         "dsv4_preemptions_total": "Running sequences preempted (pages freed, recomputed later) for lack of pages.",
         "dsv4_spec_draft_tokens_total": "MTP draft tokens verified.",
         "dsv4_spec_accepted_tokens_total": "MTP draft tokens accepted.",
+        "dsv4_prefix_cache_query_tokens_total": "Prompt tokens looked up in the prefix cache at admission "
+                                                "(re-admissions after preemption included).",
+        "dsv4_prefix_cache_hit_tokens_total": "Prompt tokens served from the prefix cache (not computed).",
     }
     HISTOGRAMS = {
         "dsv4_time_to_first_token_seconds": ("Time from request arrival to its first generated token.", TTFT_BUCKETS),
@@ -53,6 +56,8 @@ class Metrics:
         "dsv4_cache_tokens_used": "Tokens written to the KV cache by running requests (prompt + generated).",
         "dsv4_requests_running": "Requests holding a cache slot.",
         "dsv4_requests_waiting": "Requests queued for a cache slot.",
+        "dsv4_prefix_cache_hit_rate": "Prefix-cache hit tokens / query tokens since the start.",
+        "dsv4_prefix_cache_pages": "KV-cache pages holding a cached prefix (held by requests or free to evict).",
     }
 
     def __init__(self) -> None:

@@ -132,7 +132,8 @@ def build_engine(args, model) -> Engine:
                   speculative_tokens=getattr(args, "speculative_tokens", 0), graph=getattr(args, "graph", False),
                   graph_tuning=getattr(args, "graph_tuning", "default"),
                   compile_prefill=getattr(args, "compile_prefill", False),
-                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None))
+                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+                  prefix_cache=not getattr(args, "no_prefix_cache", False))
 
 
 def build_server(args, engine: Engine | None = None, path=None, worker_class=None) -> DrainingServer:

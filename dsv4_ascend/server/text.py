@@ -70,6 +70,8 @@ class Output:
         self.finish: str | None = None
         self.stop_hit = False
         self.prompt_logprobs: list | None = None  # [None | (logprob, rank, top)] when the request asked for them
+        self.prompt_index = 0   # which prompt of the request this sequence completes
+        self.cached_tokens = 0  # its prompt tokens served from the prefix cache
 
     def push(self, token: int, logprob: float, top: dict | None) -> None:
         if self.finish is None:

@@ -65,6 +65,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last engine failure, for logs and /health
         self._spec_seen = (0, 0)          # MTP (proposed, accepted) already counted in the metrics
+        self._prefix_seen = (0, 0)        # prefix cache (query, hit) tokens already counted in the metrics
         self._update_gauges()
 
     # -- called from any thread -------------------------------------------------------------------------------
@@ -245,6 +246,12 @@ class EngineWorker:
             m.inc("dsv4_spec_draft_tokens_total", spec["proposed"] - self._spec_seen[0])
             m.inc("dsv4_spec_accepted_tokens_total", spec["accepted"] - self._spec_seen[1])
             self._spec_seen = (spec["proposed"], spec["accepted"])
+        prefix = self.engine.prefix_stats() if hasattr(self.engine, "prefix_stats") else {}
+        if prefix:
+            m.inc("dsv4_prefix_cache_query_tokens_total", prefix["query_tokens"] - self._prefix_seen[0])
+            m.inc("dsv4_prefix_cache_hit_tokens_total", prefix["hit_tokens"] - self._prefix_seen[1])
+            self._prefix_seen = (prefix["query_tokens"], prefix["hit_tokens"])
+            m.set_gauges(dsv4_prefix_cache_hit_rate=prefix["hit_rate"], dsv4_prefix_cache_pages=prefix["cached_pages"])
 
     def _update_gauges(self) -> None:
         eng, cache = self.engine, self.engine.cache
