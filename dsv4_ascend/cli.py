@@ -58,6 +58,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per engine step: every decoding sequence's token(s), then prefill chunks of as many "
                         "prompts as fit (default max(2048, prefill chunk))")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV-cache page size in tokens, a multiple of every compress ratio (default: 256 rounded up "
+                        "to one); also the prefix cache's hit granularity: smaller pages hit more of a shared prompt "
+                        "but cut prefill into more chunks when prefix caching is on")
     p.add_argument("--graph", action="store_true",
                    help="decode with captured graphs (torch.compile / torchair), compiled at start")
     p.add_argument("--graph-tuning", default="default", choices=["default", "max"],
@@ -87,6 +91,8 @@ def _check_flags(args, sampling: bool = True) -> None:
     need(args.speculative_tokens >= 0, f"--speculative-tokens must be >= 0, found {args.speculative_tokens}")
     need(getattr(args, "max_num_batched_tokens", None) is None or args.max_num_batched_tokens >= 1,
          f"--max-num-batched-tokens must be >= 1, found {getattr(args, 'max_num_batched_tokens', None)}")
+    need(getattr(args, "block_size", None) is None or args.block_size >= 1,
+         f"--block-size must be >= 1, found {getattr(args, 'block_size', None)}")
     if hasattr(args, "max_slots"):  # dsv4 serve
         need(args.max_slots >= 1, f"--max-slots must be >= 1 (got {args.max_slots}): no request could ever be "
                                   "served")
@@ -214,7 +220,8 @@ def _engine(model, args, **kw):
 
     return Engine(model, max_seq_len=args.max_seq_len, speculative_tokens=args.speculative_tokens,
                   graph=args.graph, graph_tuning=args.graph_tuning, compile_prefill=args.compile_prefill,
-                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None), **kw)
+                  max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+                  block_size=getattr(args, "block_size", None), **kw)
 
 
 def _load(args):

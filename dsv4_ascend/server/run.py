@@ -111,7 +111,8 @@ def check_serve_flags(args) -> list[str]:
     for flag, value, least in (("--max-slots", args.max_slots, 1), ("--max-seq-len", args.max_seq_len, 2),
                                ("--prefill-chunk", args.prefill_chunk, 1), ("--max-queue", args.max_queue, 0),
                                ("--max-num-batched-tokens", 1 if getattr(args, "max_num_batched_tokens", None) is None
-                                else args.max_num_batched_tokens, 1)):
+                                else args.max_num_batched_tokens, 1),
+                               ("--block-size", 1 if getattr(args, "block_size", None) is None else args.block_size, 1)):
         if value < least:  # checked before any weight is read
             raise SystemExit(f"dsv4 serve: {flag} must be >= {least} (got {value}): no request could ever be served"
                              if flag in ("--max-slots", "--max-seq-len") else
@@ -133,7 +134,7 @@ def build_engine(args, model) -> Engine:
                   graph_tuning=getattr(args, "graph_tuning", "default"),
                   compile_prefill=getattr(args, "compile_prefill", False),
                   max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
-                  prefix_cache=not getattr(args, "no_prefix_cache", False))
+                  prefix_cache=not getattr(args, "no_prefix_cache", False), block_size=getattr(args, "block_size", None))
 
 
 def build_server(args, engine: Engine | None = None, path=None, worker_class=None) -> DrainingServer:
