@@ -1,0 +1,93 @@
+"""The captured MTP verify (graph_mode.GraphVerifier): one graph per bucket, its rollback leaves the cache as the
+eager verify's commit does, and the engine in graph mode with MTP emits the tokens of eager and of solo runs.
+
+The graphs compile with "aot_eager" (dynamo + AOTAutograd, no code generation): the capture is what is tested,
+and it is fast.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4_ascend.engine import Engine
+from dsv4_ascend.graph_mode import GraphVerifier
+from dsv4_ascend.sampling import SamplingParams
+
+from test_speculative import _oracle, _prompt, _valid_state
+
+
+def _rings(model, cache, slots: list[int]) -> list[torch.Tensor]:
+    """The raw window-ring and compressor-ring rows of `slots` in every main layer (what rollback restores)."""
+    out = []
+    for lc in cache.layers[:model.cfg.num_hidden_layers]:
+        out.append(lc.window.data[slots])
+        out += [st.state[[s + 1 for s in slots]] for st in (lc.comp, lc.index_comp) if st is not None]
+    return out
+
+
+def test_rollback_equals_eager_commit(tiny_model):
+    # Three rows at different positions (one pad row fills bucket 4), each keeping its own prefix; the rejected
+    # tokens sit inside CSA (4) and HCA (8) windows and close some, and overwrite window-ring rows (window 8).
+    m, n = tiny_model, 3
+    toks = [_prompt(40, 20 + s) for s in range(3)]
+    before, keep = [13, 6, 29], [1, 4, 3]
+    eager, graph = m.new_cache(4, 64), m.new_cache(4, 64)
+    for b in range(3):
+        for c in (eager, graph):
+            m(torch.tensor([toks[b][:before[b]]]), c, torch.tensor([b]), 0)
+    ids = torch.tensor([t[p:p + n + 1] for t, p in zip(toks, before)])
+    slots = torch.arange(3)
+    torch._dynamo.reset()
+    ver = GraphVerifier(m, graph, pad_slot=3, buckets=[4], n_tokens=n, compiler="aot_eager")
+    logits, streams, rollback = ver.verify(ids, torch.tensor(before), slots)
+    x, commit = m.prefill_streams(ids, eager, slots, before, defer=True)
+    # Same ops, other shapes (a [4, 4] batch, entry pools read to max_seq_len, the decode-path MoE): fp32 rounding.
+    assert torch.allclose(logits, m.logits(x), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(streams, x, atol=1e-4, rtol=1e-4)
+    commit(keep)
+    written = _rings(m, graph, [0, 1, 2])
+    rollback(torch.tensor(keep))
+    for g, e, w in zip(_rings(m, graph, [0, 1, 2]), _rings(m, eager, [0, 1, 2]), written):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(w, e, atol=1e-5, rtol=1e-5)  # the verify did overwrite rows; rollback undid them
+    for b in range(3):
+        for g, e in zip(_valid_state(m, graph, b, before[b] + keep[b]), _valid_state(m, eager, b, before[b] + keep[b])):
+            assert torch.allclose(g.float(), e.float(), atol=1e-5, rtol=1e-5)
+    nxt = torch.tensor([[t[p + k]] for t, p, k in zip(toks, before, keep)])
+    pos = torch.tensor([p + k for p, k in zip(before, keep)])
+    assert torch.allclose(m.decode(nxt, pos, graph, slots), m.decode(nxt, pos, eager, slots), atol=1e-4, rtol=1e-4)
+    assert ver.compiles == 1
+    with pytest.raises(ValueError, match="4 tokens per row"):
+        ver.verify(ids[:, :3], torch.tensor(before), slots)
+    with pytest.raises(ValueError, match="rings of at least 9 rows; sliding_window has 8"):
+        GraphVerifier(m, graph, pad_slot=3, buckets=[4], n_tokens=8, compiler="aot_eager")
+
+
+def test_graph_mtp_engine_equals_eager_and_solo(tiny_model, monkeypatch):
+    # Oracle drafts (every 3rd one wrong) so rounds accept 0..3 drafts; 3 requests join at different steps
+    # (buckets 1, 2, 4 with a pad row in use), prompts across the window / CSA / HCA boundaries.
+    prompts = [_prompt(n, 30 + i) for i, n in enumerate([9, 17, 30])]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    solo = [Engine(tiny_model, max_slots=1, max_seq_len=64, eos_token_id=-1).generate([p], params)[0].output
+            for p in prompts]
+
+    def run(graph: bool) -> tuple[list[list[int]], Engine]:
+        torch._dynamo.reset()
+        eng = Engine(tiny_model, max_slots=3, max_seq_len=64, eos_token_id=-1, speculative_tokens=3,
+                     prefill_chunk=8, max_num_batched_tokens=24, graph=graph, graph_buckets=[1, 2, 4],
+                     graph_compiler="aot_eager")
+        warm = eng.spec.graph.compiles if graph else 0
+        reqs = [eng.add_request(p, params) for p in prompts]
+        _oracle(monkeypatch, eng, {r.id: p + s for r, p, s in zip(reqs, prompts, solo)}, wrong_every=3)
+        while eng.has_work:
+            eng.step()
+        if graph:
+            assert warm == 3 and eng.spec.graph.compiles == warm  # one graph per bucket, none after warm-up
+        monkeypatch.undo()
+        return [r.output for r in reqs], eng
+
+    eager, _ = run(False)
+    graph, eng = run(True)
+    assert graph == eager == solo
+    st = eng.spec_stats()
+    assert 0.3 < st["acceptance_rate"] < 1.0 and st["rounds"] > st["verify_steps"]
