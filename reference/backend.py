@@ -265,6 +265,11 @@ class ReferenceBackend(Backend):
         flat = ids.reshape(-1)
 
         def pick(w: Tensor, s: Tensor | None) -> Tensor:  # [T*k, out, in] in dt
+            if s is not None and flat.shape[0] > w.shape[0]:
+                # More (token, expert) pairs than experts (a batched decode step): dequantise each expert once,
+                # then gather (the same values: dequantisation is per weight block). Shape-only choice.
+                every = torch.arange(w.shape[0], device=flat.device)
+                return dequantize_weight(w, _select_rows(s, every), dt).index_select(0, flat)
             return dequantize_weight(w.index_select(0, flat), None if s is None else _select_rows(s, flat), dt)
 
         xin = x
