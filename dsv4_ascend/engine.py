@@ -86,7 +86,10 @@ class Engine:
 
             buckets = graph_buckets or default_buckets(max_slots)
             self.decoder = GraphDecoder(model, self.cache, max_slots, buckets, graph_compiler, tuning=graph_tuning)
-            if speculative_tokens:  # decode rows run as MTP verify rounds: the verify is the captured step
+            # Decode rows run as MTP verify rounds: the verify is the captured step. Not over ranks (expert
+            # parallel): a verify's rows x (n+1) tokens exceed the static EP capacity (max_slots rows per call),
+            # and the exact EP path reads counts on the host, so there it stays eager as the ranks pair it.
+            if speculative_tokens and getattr(model, "expert_parallel", None) is None:
                 verifier = GraphVerifier(model, self.cache, max_slots, buckets, speculative_tokens, graph_compiler,
                                          tuning=graph_tuning)
                 verifier.warmup()

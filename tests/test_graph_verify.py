@@ -2,7 +2,8 @@
 eager verify's commit does, and the engine in graph mode with MTP emits the tokens of eager and of solo runs.
 
 The default tests capture with dynamo's "eager" backend (the whole forward traced as one graph, fullgraph: no
-graph break, run op by op: fast); the engine test under `-m slow` also runs AOTAutograd ("aot_eager").
+graph break, run op by op: fast); the engine test under `-m slow` also runs AOTAutograd ("aot_eager") and the
+product's CPU path (inductor, C++ wrapper).
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_rollback_equals_eager_commit(tiny_model, backend):
         GraphVerifier(m, graph, pad_slot=3, buckets=[4], n_tokens=8, compiler="aot_eager")
 
 
-@pytest.mark.parametrize("compiler", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow),
+                                      pytest.param(None, marks=pytest.mark.slow, id="inductor")])
 def test_graph_mtp_engine_equals_eager_and_solo(tiny_model, monkeypatch, compiler):
     # Oracle drafts (every 3rd one wrong) so rounds accept 0..3 drafts; 3 requests join at different steps
     # (1, 2 or 3 rows in bucket 4: pad rows in every step), prompts across the window / CSA / HCA boundaries.
