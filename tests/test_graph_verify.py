@@ -73,12 +73,14 @@ def test_rollback_equals_eager_commit(tiny_model, backend):
 @pytest.mark.parametrize("compiler", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow),
                                       pytest.param(None, marks=pytest.mark.slow, id="inductor")])
 def test_graph_mtp_engine_equals_eager_and_solo(tiny_model, monkeypatch, compiler):
-    # Oracle drafts (every 3rd one wrong) so rounds accept 0..3 drafts; 3 requests join at different steps
-    # (1, 2 or 3 rows in bucket 4: pad rows in every step), prompts across the window / CSA / HCA boundaries.
-    prompts = [_prompt(n, 30 + i) for i, n in enumerate([9, 17, 30])]
-    params = SamplingParams(temperature=0, max_tokens=12)
-    solo = [Engine(tiny_model, max_slots=1, max_seq_len=64, eos_token_id=-1).generate([p], params)[0].output
-            for p in prompts]
+    # Oracle drafts (every 3rd one wrong) so rounds accept 0..3 drafts; 3 greedy requests join at different steps
+    # (1, 2 or 3 rows in bucket 4: pad rows in every step), prompts across the window / CSA / HCA boundaries; a
+    # 4th, seeded sampled request waits for a slot (its drafts follow the acceptance rule: graph equals eager).
+    prompts = [_prompt(n, 30 + i) for i, n in enumerate([9, 17, 30, 12])]
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    params = [greedy] * 3 + [SamplingParams(temperature=0.8, top_k=40, seed=7, max_tokens=12)]
+    solo = [Engine(tiny_model, max_slots=1, max_seq_len=64, eos_token_id=-1).generate([p], greedy)[0].output
+            for p in prompts[:3]] + [[]]
 
     def run(graph: bool) -> tuple[list[list[int]], Engine]:
         torch._dynamo.reset()
@@ -86,7 +88,7 @@ def test_graph_mtp_engine_equals_eager_and_solo(tiny_model, monkeypatch, compile
                      prefill_chunk=8, max_num_batched_tokens=24, graph=graph, graph_buckets=[4],
                      graph_compiler=compiler)
         warm = eng.spec.graph.compiles if graph else 0
-        reqs = [eng.add_request(p, params) for p in prompts]
+        reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         _oracle(monkeypatch, eng, {r.id: p + s for r, p, s in zip(reqs, prompts, solo)}, wrong_every=3)
         while eng.has_work:
             eng.step()
@@ -97,6 +99,6 @@ def test_graph_mtp_engine_equals_eager_and_solo(tiny_model, monkeypatch, compile
 
     eager, _ = run(False)
     graph, eng = run(True)
-    assert graph == eager == solo
+    assert graph == eager and graph[:3] == solo[:3] and len(graph[3]) == 12
     st = eng.spec_stats()
     assert 0.3 < st["acceptance_rate"] < 1.0 and st["rounds"] > st["verify_steps"]
