@@ -263,21 +263,34 @@ def mtp_section(args, model) -> None:
     on = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1, speculative_tokens=args.spec)
     rng = torch.Generator().manual_seed(2)
     orig = speculative.Speculator.propose
+    current = [on]  # the engine being run
 
     def oracle(self, slots, logits, x, pos, params_, states):
         orig(self, slots, logits, x, pos, params_, states)  # the MTP block's work stays in the timing
-        owner = {id(r.spec): r for r in on.running}
+        owner = {id(r.spec): r for r in current[0].running}
         for p, st in zip(pos, states):
             tr = truth[tuple(owner[id(st)].prompt)]
             right = torch.rand(self.n, generator=rng) < args.oracle_p
             st.drafts = [(tr[p + 2 + i] if p + 2 + i < len(tr) else 0) if right[i] else
                          ((tr[p + 2 + i] + 1) % vocab if p + 2 + i < len(tr) else 1) for i in range(self.n)]
 
+    graph = None
+    if args.mtp_graph:  # the verify as a captured graph (graph_mode.GraphVerifier), one bucket of 8 rows
+        t = time.perf_counter()
+        graph = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1, speculative_tokens=args.spec,
+                       graph=True, graph_buckets=[8])
+        compile_s = time.perf_counter() - t
     speculative.Speculator.propose = oracle
     try:
         t = time.perf_counter()
         got = on.generate(prompts, params)
         wall_on = time.perf_counter() - t
+        if graph is not None:
+            current[0] = graph
+            rng.manual_seed(2)  # the same oracle drafts
+            t = time.perf_counter()
+            got_graph = graph.generate(prompts, params)
+            wall_graph = time.perf_counter() - t
     finally:
         speculative.Speculator.propose = orig
     assert [r.output for r in got] == [r.output for r in ref], "MTP changed greedy output"
@@ -293,6 +306,12 @@ def mtp_section(args, model) -> None:
           f"{on.stats['decode_steps'] / on.stats['decode_tokens']:.3f} (off: "
           f"{off.stats['decode_steps'] / off.stats['decode_tokens']:.3f}); wall {wall_on:.2f} s, "
           f"{tokens / wall_on:.1f} tok/s")
+    if graph is not None:
+        same = [r.output for r in got_graph] == [r.output for r in ref]
+        print(f"MTP on, captured verify (graph mode, inductor, compile {compile_s:.0f} s): "
+              f"{graph.stats['decode_steps']} verify forwards for {graph.stats['decode_tokens']} tokens (acceptance "
+              f"{graph.spec_stats()['acceptance_rate']:.2f}), outputs {'identical' if same else 'DIFFERENT'}; "
+              f"wall {wall_graph:.2f} s, {tokens / wall_graph:.1f} tok/s")
 
 
 def memory_section(args, model) -> None:
@@ -376,6 +395,8 @@ def main() -> int:
     ap.add_argument("--spec", type=int, default=3, help="MTP drafts per step (mtp section)")
     ap.add_argument("--oracle-p", type=float, default=0.7, help="chance an oracle draft is right")
     ap.add_argument("--mtp-tokens", type=int, default=48)
+    ap.add_argument("--mtp-graph", action="store_true",
+                    help="mtp: also run MTP with the verify captured (graph mode; compiles first, minutes on CPU)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.02, help="memory section KV budget (GiB)")
     ap.add_argument("--memory-steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
