@@ -86,17 +86,26 @@ class Engine:
                                      block_size=block_size)
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
         self.decoder: Decoder = EagerDecoder(model, self.cache)
+        verifier = None
         if graph:
-            from dsv4_ascend.graph_mode import GraphDecoder, default_buckets
+            from dsv4_ascend.graph_mode import GraphDecoder, GraphVerifier, default_buckets
 
-            self.decoder = GraphDecoder(model, self.cache, max_slots, graph_buckets or default_buckets(max_slots),
-                                        graph_compiler, tuning=graph_tuning)
-            self.decoder.warmup()
+            buckets = graph_buckets or default_buckets(max_slots)
+            self.decoder = GraphDecoder(model, self.cache, max_slots, buckets, graph_compiler, tuning=graph_tuning)
+            # Decode rows run as MTP verify rounds: the verify is the captured step. Not over ranks (expert
+            # parallel): a verify's rows x (n+1) tokens exceed the static EP capacity (max_slots rows per call),
+            # and the exact EP path reads counts on the host, so there it stays eager as the ranks pair it.
+            if speculative_tokens and getattr(model, "expert_parallel", None) is None:
+                verifier = GraphVerifier(model, self.cache, max_slots, buckets, speculative_tokens, graph_compiler,
+                                         tuning=graph_tuning)
+                verifier.warmup()
+            else:
+                self.decoder.warmup()
         self.spec = None
         if speculative_tokens:
             from .speculative import Speculator
 
-            self.spec = Speculator(model, self.cache, speculative_tokens)
+            self.spec = Speculator(model, self.cache, speculative_tokens, verifier)
         self.prefill_chunk = prefill_chunk
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         # [logit rules hook] per-slot penalty / bias state on the device and grammar matchers (logits_process)

@@ -49,6 +49,7 @@ class Step:
     defer: list | None = None      # prefill: leave the cache untouched, collect commit(k) callbacks instead
     used: Tensor | None = None     # ragged prefill: valid tokens per row [B]
     end: int | None = None         # prefill: host bound, every position < end
+    sync_free: bool = False        # prefill without host reads (a captured MTP verify): the decode-path MoE
     _rope: dict = field(default_factory=dict)
     attn_shared: dict = field(default_factory=dict)  # KVView.shared: the backend's per-step attention tensors
 
@@ -360,7 +361,8 @@ class Block(nn.Module):
         h, post, comb = self._hc("attn", x)
         x = self.backend.hc_post(self.attn(self.attn_norm(h), step), x, post, comb)
         h, post, comb = self._hc("ffn", x)
-        return self.backend.hc_post(self.ffn(self.ffn_norm(h), step.input_ids, step.decode), x, post, comb)
+        return self.backend.hc_post(self.ffn(self.ffn_norm(h), step.input_ids, step.decode or step.sync_free), x,
+                                    post, comb)
 
 
 class HcHead:

@@ -14,6 +14,7 @@ One round for a sequence whose cache holds positions [0, L) and whose next token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -22,7 +23,15 @@ from .cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams, probabilities
 
-__all__ = ["Speculator", "SpecState", "accept_drafts"]
+__all__ = ["Speculator", "SpecState", "CapturedVerify", "accept_drafts"]
+
+
+class CapturedVerify(Protocol):
+    """A verify forward that writes the cache and undoes rejected positions (graph_mode.GraphVerifier)."""
+
+    def verify(self, ids: Tensor, start: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], None]]:
+        """(logits [B,n+1,V], streams [B,n+1,n_hc,D], rollback(k [B]))."""
+        ...
 
 
 @dataclass
@@ -59,7 +68,9 @@ class Speculator:
     verifies every row's drafts (a ragged prefill: each row at its own position), each row commits its own
     accepted prefix."""
 
-    def __init__(self, model: Transformer, cache: KVCache, n_tokens: int) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, n_tokens: int, graph: CapturedVerify | None = None
+                 ) -> None:
+        """`graph`: run the verify forward as a captured graph (graph mode); None: eagerly, writes deferred."""
         if not model.mtp:
             raise ValueError("speculative decoding needs the model's MTP block (num_nextn_predict_layers >= 1 and "
                              "mtp.* weights loaded)")
@@ -69,6 +80,7 @@ class Speculator:
         self.cache = cache
         self.n = n_tokens
         self.mtp_layer = cache.layers[model.cfg.num_hidden_layers]
+        self.graph = graph
         self.stats = {"rounds": 0, "proposed": 0, "accepted": 0, "verify_steps": 0}
 
     def _batch(self, rows: list[list[int]]) -> tuple[Tensor, list[int]]:
@@ -124,9 +136,15 @@ class Speculator:
         streams [B, n+1, n_hc, D] (row b's first len(tokens[b]) positions are the committed ones).
         """
         ids, _ = self._batch([[t] + st.drafts for t, st in zip(pending, states)])
-        x, commit = self.model.prefill_streams(ids, self.cache, slots, lengths if len(lengths) > 1 else lengths[0],
-                                               defer=True)
-        logits = self.model.logits(x)
+        if self.graph is not None:  # every row has its n drafts (propose made them): a fixed [B, n+1] batch
+            logits, x, rollback = self.graph.verify(ids, torch.tensor(lengths, device=ids.device), slots)
+
+            def commit(k: list[int]) -> None:
+                rollback(torch.tensor(k, device=ids.device))
+        else:
+            x, commit = self.model.prefill_streams(ids, self.cache, slots,
+                                                   lengths if len(lengths) > 1 else lengths[0], defer=True)
+            logits = self.model.logits(x)
         pred = logits.argmax(-1).tolist()  # the one host read of the verify (greedy rows decide from it)
         out = []
         for b, (sp, st) in enumerate(zip(params, states)):

@@ -20,7 +20,7 @@ from dsv4_ascend.logits_process import AdjustBatch
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.sampling import SamplingBatch, SamplingParams, sample
 
-__all__ = ["GRAPH_TUNING", "GraphDecoder", "default_buckets"]
+__all__ = ["GRAPH_TUNING", "BucketGraphs", "GraphDecoder", "bucket_for", "default_buckets"]
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -30,6 +30,14 @@ def default_buckets(max_batch: int) -> list[int]:
         out.append(b)
         b *= 2
     return out + [max_batch]
+
+
+def bucket_for(buckets: list[int], n: int) -> int:
+    """The smallest bucket (sorted) that holds n rows."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"batch of {n} exceeds the largest graph bucket {buckets[-1]}")
 
 
 GRAPH_TUNING = ("default", "max")
@@ -95,6 +103,57 @@ def scale_bytes(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.view(torch.uint8) for name, p in model.named_parameters() if p.dtype == torch.float8_e8m0fnu}
 
 
+class BucketGraphs:
+    """`fn` compiled whole (fullgraph, static shapes) with the device's graph backend, one graph per batch bucket;
+    counts compilations. Shared by the decode step and the MTP verify (graph_mode.verify)."""
+
+    def __init__(self, fn: Callable, model: Transformer, n_buckets: int, compiler: str | Callable | None = None,
+                 cpp_wrapper: bool = True, skip_guards: bool = True, tuning: str = "default") -> None:
+        device = model.embed.weight.device
+        if getattr(model, "expert_parallel", None) is not None:
+            # torch 2.13: inductor's C++ wrapper cannot call the functional collectives of the static EP path
+            # (custom_op_wrapper: "arg type Any is not yet supported"); the Python wrapper can.
+            cpp_wrapper = False
+        backend, mode = _compiler_backend(device, cpp_wrapper, tuning)
+        inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        if compiler is None and getattr(model.backend, "emulated", False) and device.type == "cpu":
+            # The torch_npu emulator is a correctness model, not a fast path: capture it whole (dynamo +
+            # AOTAutograd) without C++ code generation, which also has no CPU code for its e8m0 scale dtypes.
+            compiler = "aot_eager"
+        # Inductor (CPU C++ code generation) gets the e8m0 weight scales as uint8 views (see scale_bytes).
+        self.scale_bytes = scale_bytes(model) if compiler is None and device.type != "npu" else {}
+        if compiler is not None:
+            inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
+            mode = None
+        self.compiles = 0
+        self.skip_guards = skip_guards
+        self.ready: set[int] = set()  # buckets whose graph exists
+
+        def counting(gm, example_inputs):
+            self.compiles += 1
+            return inner(gm, example_inputs)
+
+        # One graph per bucket (static shapes); allow every bucket to stay cached.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * n_buckets)
+        opts = {"fullgraph": True, "dynamic": False, "backend": counting}
+        if mode:
+            opts = {"fullgraph": True, "dynamic": False, "mode": mode}  # inductor + CUDA graphs
+        self._compiled = torch.compile(fn, **opts)
+
+    def __call__(self, bucket: int, *args):
+        """Run (compiling on a bucket's first call) with the inputs of one bucket."""
+        with torch.no_grad():
+            if self.skip_guards and bucket in self.ready:
+                # Every input is fixed per bucket (shapes, dtypes, the model's weights and cache buffers), so
+                # after a bucket compiled only the guards that tell buckets apart are evaluated: checking every
+                # weight tensor's guards on each call costs ~1 ms/step on CPU.
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self._compiled(*args)
+            out = self._compiled(*args)
+            self.ready.add(bucket)
+            return out
+
+
 class _Decode(nn.Module):
     """`model.decode` as a module's forward, so `torch.func.functional_call` can swap parameters for one call."""
 
@@ -123,44 +182,21 @@ class GraphDecoder:
         self.buckets = sorted(set(buckets))
         self.device = model.embed.weight.device
         self._decode = _Decode(model, cache)
-        if getattr(model, "expert_parallel", None) is not None:
-            # torch 2.13: inductor's C++ wrapper cannot call the functional collectives of the static EP path
-            # (custom_op_wrapper: "arg type Any is not yet supported"); the Python wrapper can.
-            cpp_wrapper = False
-        backend, mode = _compiler_backend(self.device, cpp_wrapper, tuning)
-        inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
-        if compiler is None and getattr(model.backend, "emulated", False) and self.device.type == "cpu":
-            # The torch_npu emulator is a correctness model, not a fast path: capture it whole (dynamo +
-            # AOTAutograd) without C++ code generation, which also has no CPU code for its e8m0 scale dtypes.
-            compiler = "aot_eager"
-        # Inductor (CPU C++ code generation) gets the e8m0 weight scales as uint8 views (see scale_bytes).
-        self._scale_bytes = scale_bytes(model) if compiler is None and self.device.type != "npu" else {}
-        if compiler is not None:
-            inner = torch._dynamo.lookup_backend(compiler) if isinstance(compiler, str) else compiler
-            mode = None
-        self.compiles = 0
-        self.skip_guards = skip_guards
+        self.graphs = BucketGraphs(self._step, model, len(self.buckets), compiler, cpp_wrapper, skip_guards, tuning)
         # Token choice: torch.cond for all-greedy batches where a data-dependent branch is free (CPU); CUDA
         # graphs and torchair capture sampling unconditionally instead. torch_npu documents
         # npu_top_k_top_p_sample as eager-only, so a captured NPU step samples in plain torch.
         self._greedy_rows = None if self.device.type == "cpu" else False
         self._sample = sample if self.device.type == "npu" else model.backend.sample
-        self._ready: set[int] = set()  # buckets whose graph exists
         # Logit adjustments are graph inputs ([bucket, V] rows and per-row scalars, see logits_process); steps
         # without any pass these neutral ones, and the compiled step skips the work on their `active` flag (CPU:
         # torch.cond) or applies them as exact no-ops (elsewhere).
         self._neutral: dict[int, AdjustBatch] = {}
 
-        def counting(gm, example_inputs):
-            self.compiles += 1
-            return inner(gm, example_inputs)
-
-        # One graph per bucket (static shapes); allow every bucket to stay cached.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets))
-        opts = {"fullgraph": True, "dynamic": False, "backend": counting}
-        if mode:
-            opts = {"fullgraph": True, "dynamic": False, "mode": mode}  # inductor + CUDA graphs
-        self._compiled = torch.compile(self._step, **opts)
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled so far (one per bucket once warm)."""
+        return self.graphs.compiles
 
     def _step(self, ids: Tensor, pos: Tensor, slots: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
               seed: Tensor, scales: dict[str, Tensor], adjust: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,10 +207,7 @@ class GraphDecoder:
         return tokens, logprobs, logits
 
     def bucket_for(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"batch of {n} exceeds the largest graph bucket {self.buckets[-1]}")
+        return bucket_for(self.buckets, n)
 
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
              max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
@@ -198,18 +231,9 @@ class GraphDecoder:
         elif pad:
             adjust = adjust.padded(bucket)
         args = (padded(ids, 0), padded(positions, 0), padded(slots, self.pad_slot), padded(sb.temperature, 0.0),
-                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0), self._scale_bytes,
+                padded(sb.top_k, 0), padded(sb.top_p, 1.0), padded(sb.seed, 0), self.graphs.scale_bytes,
                 tuple(t.contiguous() for t in adjust.tensors()))
-        with torch.no_grad():
-            if self.skip_guards and bucket in self._ready:
-                # Every input is fixed per bucket (shapes, dtypes, the model's weights and cache buffers), so
-                # after a bucket compiled only the guards that tell buckets apart are evaluated: checking every
-                # weight tensor's guards on each call costs ~1 ms/step on CPU.
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    out = self._compiled(*args)
-            else:
-                out = self._compiled(*args)
-                self._ready.add(bucket)
+        out = self.graphs(bucket, *args)
         return StepResult(*(o[:n] for o in out))
 
     def warmup(self, progress: bool = True) -> None:

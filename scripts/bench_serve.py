@@ -171,16 +171,18 @@ def serve_section(args, model, tok) -> None:
     prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(64)]
     levels = [int(x) for x in args.concurrency.split(",")]
     rows = []
-    for name in ("before", "after"):
-        engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
-                        prefill_chunk=args.prefill_chunk, **schedule(name, args.prefill_chunk, args.budget))
-        app = create_app(engine, tok, served_model_name="bench")
-        with BackgroundServer(app) as srv:
-            asyncio.run(level(srv.url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
-            for c in levels:
-                n = args.requests or max(4, 2 * c)
-                rows.append((name, asyncio.run(level(srv.url, c, n, args.max_tokens, prompts, "bench", args.timeout)),
-                             dict(engine.stats)))
+    # --repeats: before and after alternate, so load from other processes on a shared machine hits both alike
+    for _ in range(args.repeats):
+        for name in ("before", "after"):
+            engine = Engine(model, max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                            prefill_chunk=args.prefill_chunk, **schedule(name, args.prefill_chunk, args.budget))
+            app = create_app(engine, tok, served_model_name="bench")
+            with BackgroundServer(app) as srv:
+                asyncio.run(level(srv.url, 1, 2, 4, prompts, "bench", args.timeout))  # warm-up
+                for c in levels:
+                    n = args.requests or max(4, 2 * c)
+                    rows.append((name, asyncio.run(level(srv.url, c, n, args.max_tokens, prompts, "bench",
+                                                         args.timeout)), dict(engine.stats)))
     plen = statistics.mean(len(tok.encode(p)) + 1 for p in prompts)
     print(f"\n== serve: {args.max_slots} slots, prompt ~{plen:.0f} tokens, {args.max_tokens} tokens/request "
           f"(greedy, ignore_eos), prefill chunk {args.prefill_chunk}, budget after {args.budget}; client "
@@ -194,6 +196,12 @@ def serve_section(args, model, tok) -> None:
         print(f"{name:>6} {r['c']:>4} {r['requests']:>5} {r['tokens']:>7} {r['wall']:>7.2f} {r['tps']:>7.1f} | "
               f"{pct(t, 50):>11.1f} {pct(t, 90):>7.1f} {pct(t, 99):>7.1f} | {pct(p, 50):>11.1f} {pct(p, 99):>7.1f} | "
               f"{st['batched_tokens'] / max(st['steps'], 1):>8.1f}")
+    if args.repeats > 1:
+        for c in levels:
+            best = {name: max(r["tps"] for n, r, _ in rows if n == name and r["c"] == c)
+                    for name in ("before", "after")}
+            print(f"conc {c}: best of {args.repeats} tok/s before {best['before']:.1f}, after {best['after']:.1f}: "
+                  f"{best['after'] / best['before']:.2f}x")
 
 
 def _drive(engine, prompts: list[list[int]], params) -> dict:
@@ -255,21 +263,34 @@ def mtp_section(args, model) -> None:
     on = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1, speculative_tokens=args.spec)
     rng = torch.Generator().manual_seed(2)
     orig = speculative.Speculator.propose
+    current = [on]  # the engine being run
 
     def oracle(self, slots, logits, x, pos, params_, states):
         orig(self, slots, logits, x, pos, params_, states)  # the MTP block's work stays in the timing
-        owner = {id(r.spec): r for r in on.running}
+        owner = {id(r.spec): r for r in current[0].running}
         for p, st in zip(pos, states):
             tr = truth[tuple(owner[id(st)].prompt)]
             right = torch.rand(self.n, generator=rng) < args.oracle_p
             st.drafts = [(tr[p + 2 + i] if p + 2 + i < len(tr) else 0) if right[i] else
                          ((tr[p + 2 + i] + 1) % vocab if p + 2 + i < len(tr) else 1) for i in range(self.n)]
 
+    graph = None
+    if args.mtp_graph:  # the verify as a captured graph (graph_mode.GraphVerifier), one bucket of 8 rows
+        t = time.perf_counter()
+        graph = Engine(model, max_slots=8, max_seq_len=seq, eos_token_id=-1, speculative_tokens=args.spec,
+                       graph=True, graph_buckets=[8])
+        compile_s = time.perf_counter() - t
     speculative.Speculator.propose = oracle
     try:
         t = time.perf_counter()
         got = on.generate(prompts, params)
         wall_on = time.perf_counter() - t
+        if graph is not None:
+            current[0] = graph
+            rng.manual_seed(2)  # the same oracle drafts
+            t = time.perf_counter()
+            got_graph = graph.generate(prompts, params)
+            wall_graph = time.perf_counter() - t
     finally:
         speculative.Speculator.propose = orig
     assert [r.output for r in got] == [r.output for r in ref], "MTP changed greedy output"
@@ -285,6 +306,12 @@ def mtp_section(args, model) -> None:
           f"{on.stats['decode_steps'] / on.stats['decode_tokens']:.3f} (off: "
           f"{off.stats['decode_steps'] / off.stats['decode_tokens']:.3f}); wall {wall_on:.2f} s, "
           f"{tokens / wall_on:.1f} tok/s")
+    if graph is not None:
+        same = [r.output for r in got_graph] == [r.output for r in ref]
+        print(f"MTP on, captured verify (graph mode, inductor, compile {compile_s:.0f} s): "
+              f"{graph.stats['decode_steps']} verify forwards for {graph.stats['decode_tokens']} tokens (acceptance "
+              f"{graph.spec_stats()['acceptance_rate']:.2f}), outputs {'identical' if same else 'DIFFERENT'}; "
+              f"wall {wall_graph:.2f} s, {tokens / wall_graph:.1f} tok/s")
 
 
 def memory_section(args, model) -> None:
@@ -362,10 +389,14 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens after (default 2048)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="serve: run before and after alternately this many times (best of each reported)")
     ap.add_argument("--long-requests", type=int, default=8)
     ap.add_argument("--spec", type=int, default=3, help="MTP drafts per step (mtp section)")
     ap.add_argument("--oracle-p", type=float, default=0.7, help="chance an oracle draft is right")
     ap.add_argument("--mtp-tokens", type=int, default=48)
+    ap.add_argument("--mtp-graph", action="store_true",
+                    help="mtp: also run MTP with the verify captured (graph mode; compiles first, minutes on CPU)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.02, help="memory section KV budget (GiB)")
     ap.add_argument("--memory-steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")

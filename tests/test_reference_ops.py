@@ -701,11 +701,12 @@ def _assert_clamp_active(x, w1, w3, ids):
     assert (g > LIMIT).any() and (u > LIMIT).any() and (u < -LIMIT).any() and (g.abs() < LIMIT).any()
 
 
-@pytest.mark.parametrize("t,sync_free", [(3, False), (10, False), (10, True)],
-                         ids=["gathered", "grouped", "gathered-sync-free"])
+@pytest.mark.parametrize("t,sync_free", [(3, False), (10, False), (3, True), (10, True)],
+                         ids=["gathered", "grouped", "gathered-sync-free", "dense-sync-free"])
 def test_experts_vs_naive_loop(t, sync_free):
     n_exp, k, d = 8, 2, 16
-    # t*k < n_exp (or sync_free, the decode flag) takes the gathered path, otherwise the grouped path
+    # t*k < n_exp takes the gathered path, otherwise the grouped path, or with sync_free (the decode flag) the
+    # dense one (every expert on every token)
     assert (t * k < n_exp) == (t == 3)
     w1, w2, w3 = _expert_weights(100)
     x = randn(t, d, seed=101)
