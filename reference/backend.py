@@ -22,6 +22,9 @@ _ATTN_QUERY_BLOCK = 256
 _ATTN_PREFILL_ELEMENTS = 1 << 24
 
 
+# rope: the sign of the sine term per pair element ((a, b) -> (a cos - b sin, b cos + a sin)).
+_PAIR_SIGN = torch.tensor([-1.0, 1.0])
+
 dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
 
 
@@ -42,9 +45,11 @@ class ReferenceBackend(Backend):
         return y.to(x.dtype)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap(x) * (-sin, sin): the same products and one
+        # rounded sum each (a + (-p) == a - p exactly), in 6 kernels instead of the pairwise form's 12.
         xf = x.float().unflatten(-1, (-1, 2))
-        a, b = xf[..., 0], xf[..., 1]
-        y = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        sin2 = sin.unsqueeze(-1) * _PAIR_SIGN.to(sin.device)  # [..., r/2, 2] = (-sin, sin)
+        y = (xf * cos.unsqueeze(-1)).add_(xf.flip(-1) * sin2)
         return y.flatten(-2).to(x.dtype)
 
     # ---- GEMMs -----------------------------------------------------------------------------------------------
@@ -59,9 +64,11 @@ class ReferenceBackend(Backend):
 
     def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """Per-group projection: x [..., G, Kg] with weight [G*N, Kg] -> [..., G, N]."""
-        g = x.shape[-2]
-        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, x.shape[-1])
-        return torch.einsum("...gk,gnk->...gn", x, w)
+        g, k = x.shape[-2], x.shape[-1]
+        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, k)
+        # one bmm over the groups (what einsum does, without its per-call path planning)
+        y = torch.bmm(x.reshape(-1, g, k).transpose(0, 1), w.transpose(1, 2))  # [G, M, N]
+        return y.transpose(0, 1).reshape(*x.shape[:-1], w.shape[1])
 
     def _act_quant_dequant(self, x: Tensor) -> Tensor:
         return quant.act_quant_dequant(x, 128)
@@ -77,25 +84,32 @@ class ReferenceBackend(Backend):
         n = x.shape[-2]
         xf = x.float()  # once: the mix and the pre-weighted sum both read it (bf16: one [B,S,n,D] upcast, not two)
         mix = self._hc_mix(xf, fn, norm_eps)
-        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
-        post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
-        comb = torch.softmax(comb, dim=-1) + hc_eps
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        # Sinkhorn: alternate row / column normalisation. In place into preallocated sums: the same kernels in
-        # the same order (bit-identical), but decode runs ~100 of these tiny ops per call and eager dispatch
-        # overhead dominates them (-35% time measured).
-        rows = comb.new_empty((*comb.shape[:-1], 1))
-        cols = comb.new_empty((*comb.shape[:-2], 1, n))
+        # mix * (scale[0] x n, scale[1] x n, scale[2] x n*n) + base: the three products and sums in one op each
+        z = (mix * scale.float().repeat_interleave(mix.new_tensor([n, n, n * n], dtype=torch.int64),
+                                                    output_size=mix.shape[-1])).add_(base)
+        gates = torch.sigmoid(z[..., :2 * n])
+        pre, post = gates[..., :n] + hc_eps, gates[..., n:] * 2
+        comb = torch.softmax(z[..., 2 * n:].unflatten(-1, (n, n)), dim=-1).add_(hc_eps)
+        # Sinkhorn: alternate row / column normalisation, comb / (sum + eps), for iters - 1 more sweeps after the
+        # first column sweep. Each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1; sums of n
+        # exact products, in the same order as torch.sum's: bit-identical here, tests/test_reference_ops.py) and
+        # the normalisation one in-place div: 2 kernels per sweep instead of 3. Decode runs 8 calls per step of
+        # these tiny ops, where eager dispatch dominates.
+        t = comb.numel() // (n * n)
+        c = comb.view(t, n, n)
+        e = c.new_full((1, 1, 1), hc_eps)
+        ones_col, ones_row = c.new_ones(1, n, 1).expand(t, n, 1), c.new_ones(1, 1, n).expand(t, 1, n)
+        rows, cols = c.new_empty((t, n, 1)), c.new_empty((t, 1, n))
+        c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         for _ in range(iters - 1):
-            comb.div_(torch.sum(comb, -1, keepdim=True, out=rows).add_(hc_eps))
-            comb.div_(torch.sum(comb, -2, keepdim=True, out=cols).add_(hc_eps))
+            c.div_(torch.baddbmm(e, c, ones_col, out=rows))
+            c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         h = (pre.unsqueeze(-1) * xf).sum(-2)
         return h.to(x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-        out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("...ij,...id->...jd", comb, x.float())
-        return out.to(f.dtype)
+        mixed = torch.matmul(comb.transpose(-1, -2), x.float())  # [..., j, d] = sum_i comb[i, j] x[i]
+        return mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)).to(f.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
                 hc_eps: float) -> Tensor:
@@ -119,10 +133,10 @@ class ReferenceBackend(Backend):
         n = keys.shape[1]
         if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
             dt = q.dtype
-            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu()
+            scores = _scores(q, keys.to(dt)).relu()
             scores = (scores * weights.to(dt).unsqueeze(-1)).sum(2).float()
         else:
-            scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
+            scores = _scores(q.float(), keys.float()).relu()
             scores = (scores * weights.float().unsqueeze(-1)).sum(2)
         visible = torch.arange(n, device=q.device) < n_visible.unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -142,11 +156,11 @@ class ReferenceBackend(Backend):
         n, d = kv.shape[1], kv.shape[2]
         flat = (idx.clamp(min=0) + n * torch.arange(b, device=kv.device).view(b, 1, 1)).reshape(-1)
         keys = kv.reshape(b * n, d).index_select(0, flat).view(*idx.shape, d).float()  # [B,S,K,d] (row copies)
-        logits = torch.einsum("bshd,bskd->bshk", q.float(), keys) * scale
+        logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scale)  # [B,S,H,K]
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
         probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
-        return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+        return torch.matmul(probs, keys).to(q.dtype)
 
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
@@ -280,6 +294,12 @@ class ReferenceBackend(Backend):
         if shared is not None:
             y = y + shared.float()
         return y.to(dt)
+
+
+def _scores(q: Tensor, keys: Tensor) -> Tensor:
+    """q [B,S,H,d] . keys [B,N,d] -> [B,S,H,N] as one bmm."""
+    b, s, h, d = q.shape
+    return torch.bmm(q.reshape(b, s * h, d), keys.transpose(1, 2)).view(b, s, h, -1)
 
 
 def _select_rows(t: Tensor, rows: Tensor) -> Tensor:
