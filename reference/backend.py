@@ -91,10 +91,16 @@ class ReferenceBackend(Backend):
         pre, post = gates[..., :n] + hc_eps, gates[..., n:] * 2
         comb = torch.softmax(z[..., 2 * n:].unflatten(-1, (n, n)), dim=-1).add_(hc_eps)
         # Sinkhorn: alternate row / column normalisation, comb / (sum + eps), for iters - 1 more sweeps after the
-        # first column sweep. Each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1; sums of n
-        # exact products, in the same order as torch.sum's: bit-identical here, tests/test_reference_ops.py) and
-        # the normalisation one in-place div: 2 kernels per sweep instead of 3. Decode runs 8 calls per step of
-        # these tiny ops, where eager dispatch dominates.
+        # first column sweep. Eager: each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1: sums of
+        # n exact products; they matched torch.sum's bit for bit on the machine measured, docs/design.md
+        # "Performance") and the normalisation one in-place div: 2 kernels per sweep instead of 3. Decode runs 8
+        # calls per step of these tiny ops, where eager dispatch dominates.
+        if torch.compiler.is_compiling():  # a fusing compiler: plain sums fuse into one kernel (baddbmm would not)
+            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+            for _ in range(iters - 1):
+                comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+                comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+            return (pre.unsqueeze(-1) * xf).sum(-2).to(x.dtype), post, comb
         t = comb.numel() // (n * n)
         c = comb.view(t, n, n)
         e = c.new_full((1, 1, 1), hc_eps)
@@ -108,7 +114,11 @@ class ReferenceBackend(Backend):
         return h.to(x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-        mixed = torch.matmul(comb.transpose(-1, -2), x.float())  # [..., j, d] = sum_i comb[i, j] x[i]
+        xf = x.float()
+        if torch.compiler.is_compiling():  # the n-term sum as one fused elementwise kernel, not a bmm of n x n
+            mixed = (comb.unsqueeze(-1) * xf.unsqueeze(-2)).sum(-3)
+        else:
+            mixed = torch.matmul(comb.transpose(-1, -2), xf)  # [..., j, d] = sum_i comb[i, j] x[i]
         return mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)).to(f.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
@@ -184,11 +194,12 @@ class ReferenceBackend(Backend):
         while blk > 1 and blk * b * (h * (blk + win + n_ent + n_pick) + n_pick * d) > _ATTN_PREFILL_ELEMENTS:
             blk //= 2
         out = []
+        qf, slab = q.float(), slab.float()  # once: the blocks' bands overlap by win-1 rows
         for lo in range(0, s, blk):
             hi = min(lo + blk, s)
             n = hi - lo
-            qb = q[:, lo:hi].float().reshape(b, n * h, d)
-            kw = slab[:, lo:hi + win - 1].float()  # positions start+lo-win+1 .. start+hi-1
+            qb = qf[:, lo:hi].reshape(b, n * h, d)
+            kw = slab[:, lo:hi + win - 1]  # positions start+lo-win+1 .. start+hi-1
             rel = torch.arange(kw.shape[1], device=dev) - torch.arange(n, device=dev).view(-1, 1)
             first = view.start + lo - win + 1  # position of band row 0
             band = (rel >= 0) & (rel < win) & (first + torch.arange(kw.shape[1], device=dev) >= 0)
