@@ -20,19 +20,33 @@ __all__ = ["Backend", "RunOptions", "fp32_linear"]
 
 # Elements of one query block's attention temporaries in `Backend.attend` (all batch rows): 64 MiB in fp32.
 _ATTN_ELEMENTS = 1 << 24
+# Weight elements upcast at a time by `fp32_linear` (2 MiB in fp32: the block stays in cache for its GEMM).
+_UPCAST_ELEMENTS = 1 << 19
 
 
 def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T in fp32 (fp32 products and sums) for weights of any float dtype: logits and router scores.
 
-    Eager upcasts both operands. Compiled on CPU with one row (the batch-1 decode step), the same dot products
-    are written as a multiply + sum, which inductor fuses into one reduction that reads the weight in its stored
-    dtype: upcasting first would write (and re-read) an fp32 copy of the whole weight on every step.
+    A weight in another dtype is upcast in blocks of rows (`_UPCAST_ELEMENTS`), each multiplied into its slice of
+    the output while it is still in cache: no fp32 copy of the whole weight is written and re-read per call (the
+    vocabulary head: 4 bytes x V x D per decode step). The products and sums are those of the whole-weight GEMM.
+    Compiled on CPU with one row (the batch-1 decode step), the same dot products are written as a multiply + sum,
+    which inductor fuses into one reduction that reads the weight in its stored dtype.
     """
-    if (weight.dtype != torch.float32 and torch.compiler.is_compiling() and weight.device.type == "cpu"
-            and x.numel() == x.shape[-1]):
-        return (x.float().unsqueeze(-2) * weight).sum(-1)
-    return torch.nn.functional.linear(x.float(), weight.float())
+    if weight.dtype == torch.float32:
+        return torch.nn.functional.linear(x.float(), weight)
+    if torch.compiler.is_compiling():
+        if weight.device.type == "cpu" and x.numel() == x.shape[-1]:
+            return (x.float().unsqueeze(-2) * weight).sum(-1)
+        return torch.nn.functional.linear(x.float(), weight.float())
+    rows = max(1, _UPCAST_ELEMENTS // weight.shape[-1])
+    if weight.shape[0] <= rows:
+        return torch.nn.functional.linear(x.float(), weight.float())
+    xf = x.float().reshape(-1, x.shape[-1])
+    out = xf.new_empty(xf.shape[0], weight.shape[0])
+    for i in range(0, weight.shape[0], rows):
+        torch.mm(xf, weight[i:i + rows].float().t(), out=out[:, i:i + rows])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ _ATTN_PREFILL_ELEMENTS = 1 << 24
 _INDEXER_KEY_ELEMENTS = 1 << 20
 
 
+# rope: the sign of the sine term per pair element ((a, b) -> (a cos - b sin, b cos + a sin)).
+_PAIR_SIGN = torch.tensor([-1.0, 1.0])
+
 dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
 # Sync-free experts run every expert on every token (`_experts_dense`) when the batch has at least one pick per
 # expert and there are at most this many experts per pick: the extra multiply-adds (E/k per useful one) cost less
@@ -48,9 +51,11 @@ class ReferenceBackend(Backend):
         return y.to(x.dtype)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap(x) * (-sin, sin): the same products and one
+        # rounded sum each (a + (-p) == a - p exactly), in 6 kernels instead of the pairwise form's 12.
         xf = x.float().unflatten(-1, (-1, 2))
-        a, b = xf[..., 0], xf[..., 1]
-        y = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        sin2 = sin.unsqueeze(-1) * _PAIR_SIGN.to(sin.device)  # [..., r/2, 2] = (-sin, sin)
+        y = (xf * cos.unsqueeze(-1)).add_(xf.flip(-1) * sin2)
         return y.flatten(-2).to(x.dtype)
 
     # ---- GEMMs -----------------------------------------------------------------------------------------------
@@ -65,9 +70,11 @@ class ReferenceBackend(Backend):
 
     def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """Per-group projection: x [..., G, Kg] with weight [G*N, Kg] -> [..., G, N]."""
-        g = x.shape[-2]
-        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, x.shape[-1])
-        return torch.einsum("...gk,gnk->...gn", x, w)
+        g, k = x.shape[-2], x.shape[-1]
+        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, k)
+        # one bmm over the groups (what einsum does, without its per-call path planning)
+        y = torch.bmm(x.reshape(-1, g, k).transpose(0, 1), w.transpose(1, 2))  # [G, M, N]
+        return y.transpose(0, 1).reshape(*x.shape[:-1], w.shape[1])
 
     def _act_quant_dequant(self, x: Tensor) -> Tensor:
         return quant.act_quant_dequant(x, 128)
@@ -83,25 +90,46 @@ class ReferenceBackend(Backend):
         n = x.shape[-2]
         xf = x.float()  # once: the mix and the pre-weighted sum both read it (bf16: one [B,S,n,D] upcast, not two)
         mix = self._hc_mix(xf, fn, norm_eps)
-        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
-        post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
-        comb = torch.softmax(comb, dim=-1) + hc_eps
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        # Sinkhorn: alternate row / column normalisation. In place into preallocated sums: the same kernels in
-        # the same order (bit-identical), but decode runs ~100 of these tiny ops per call and eager dispatch
-        # overhead dominates them (-35% time measured).
-        rows = comb.new_empty((*comb.shape[:-1], 1))
-        cols = comb.new_empty((*comb.shape[:-2], 1, n))
+        # mix * (scale[0] x n, scale[1] x n, scale[2] x n*n) + base: the three products and sums in one op each
+        z = (mix * scale.float().repeat_interleave(mix.new_tensor([n, n, n * n], dtype=torch.int64),
+                                                    output_size=mix.shape[-1])).add_(base)
+        gates = torch.sigmoid(z[..., :2 * n])
+        pre, post = gates[..., :n] + hc_eps, gates[..., n:] * 2
+        comb = torch.softmax(z[..., 2 * n:].unflatten(-1, (n, n)), dim=-1).add_(hc_eps)
+        # Sinkhorn: alternate row / column normalisation, comb / (sum + eps), for iters - 1 more sweeps after the
+        # first column sweep. Eager: each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1: sums of
+        # n exact products; they matched torch.sum's bit for bit on the machine measured, docs/design.md
+        # "Performance") and the normalisation one in-place div: 2 kernels per sweep instead of 3. Decode runs 8
+        # calls per step of these tiny ops, where eager dispatch dominates.
+        if torch.compiler.is_compiling():
+            # A fusing compiler: each sum as a chain of n - 1 adds (the order torch.sum takes for n = 4 here), so
+            # every sweep is pointwise per token and the whole loop fuses into one kernel (a reduction per sweep
+            # measured 5x slower under inductor on CPU; baddbmm would not fuse at all).
+            comb = _col_normalise(comb, hc_eps)
+            for _ in range(iters - 1):
+                comb = _col_normalise(_row_normalise(comb, hc_eps), hc_eps)
+            return (pre.unsqueeze(-1) * xf).sum(-2).to(x.dtype), post, comb
+        t = comb.numel() // (n * n)
+        c = comb.view(t, n, n)
+        e = c.new_full((1, 1, 1), hc_eps)
+        ones_col, ones_row = c.new_ones(1, n, 1).expand(t, n, 1), c.new_ones(1, 1, n).expand(t, 1, n)
+        rows, cols = c.new_empty((t, n, 1)), c.new_empty((t, 1, n))
+        c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         for _ in range(iters - 1):
-            comb.div_(torch.sum(comb, -1, keepdim=True, out=rows).add_(hc_eps))
-            comb.div_(torch.sum(comb, -2, keepdim=True, out=cols).add_(hc_eps))
+            c.div_(torch.baddbmm(e, c, ones_col, out=rows))
+            c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         h = (pre.unsqueeze(-1) * xf).sum(-2)
         return h.to(x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-        out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("...ij,...id->...jd", comb, x.float())
-        return out.to(f.dtype)
+        xf = x.float()
+        if torch.compiler.is_compiling():  # the n-term sum as one fused pointwise kernel, not a bmm of n x n
+            mixed = comb[..., 0, :, None] * xf[..., 0, None, :]
+            for i in range(1, comb.shape[-2]):
+                mixed = mixed + comb[..., i, :, None] * xf[..., i, None, :]
+        else:
+            mixed = torch.einsum("...ij,...id->...jd", comb, xf)  # [..., j, d] = sum_i comb[i, j] x[i]
+        return mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)).to(f.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
                 hc_eps: float) -> Tensor:
@@ -151,9 +179,9 @@ class ReferenceBackend(Backend):
         traffic: N = 262,144 CSA entries at 1M tokens)."""
         if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
             dt = q.dtype
-            scores = torch.einsum("bshd,bnd->bshn", q, keys.to(dt)).relu_()
+            scores = _scores(q, keys.to(dt)).relu_()
             return scores.mul_(weights.to(dt).unsqueeze(-1)).sum(2).float()
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu_()
+        scores = _scores(q.float(), keys.float()).relu_()
         return scores.mul_(weights.float().unsqueeze(-1)).sum(2)
 
     def _indexer_pick(self, scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
@@ -175,11 +203,11 @@ class ReferenceBackend(Backend):
         n, d = kv.shape[1], kv.shape[2]
         flat = (idx.clamp(min=0) + n * torch.arange(b, device=kv.device).view(b, 1, 1)).reshape(-1)
         keys = kv.reshape(b * n, d).index_select(0, flat).view(*idx.shape, d).float()  # [B,S,K,d] (row copies)
-        logits = torch.einsum("bshd,bskd->bshk", q.float(), keys) * scale
+        logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scale)  # [B,S,H,K]
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
         probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
-        return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+        return torch.matmul(probs, keys).to(q.dtype)
 
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
@@ -203,11 +231,12 @@ class ReferenceBackend(Backend):
         while blk > 1 and blk * b * (h * (blk + win + n_ent + n_pick) + n_pick * d) > _ATTN_PREFILL_ELEMENTS:
             blk //= 2
         out = []
+        qf, slab = q.float(), slab.float()  # once: the blocks' bands overlap by win-1 rows
         for lo in range(0, s, blk):
             hi = min(lo + blk, s)
             n = hi - lo
-            qb = q[:, lo:hi].float().reshape(b, n * h, d)
-            kw = slab[:, lo:hi + win - 1].float()  # positions start+lo-win+1 .. start+hi-1
+            qb = qf[:, lo:hi].reshape(b, n * h, d)
+            kw = slab[:, lo:hi + win - 1]  # positions start+lo-win+1 .. start+hi-1
             rel = torch.arange(kw.shape[1], device=dev) - torch.arange(n, device=dev).view(-1, 1)
             first = view.start + lo - win + 1  # position of band row 0
             band = (rel >= 0) & (rel < win) & (first + torch.arange(kw.shape[1], device=dev) >= 0)
@@ -346,6 +375,28 @@ class ReferenceBackend(Backend):
         if shared is not None:
             y = y + shared.float()
         return y.to(dt)
+
+
+def _row_normalise(c: Tensor, eps: float) -> Tensor:
+    """c / (row sum + eps) for c [..., n, n], the sum as n - 1 pointwise adds."""
+    s = c[..., 0]
+    for j in range(1, c.shape[-1]):
+        s = s + c[..., j]
+    return c / (s.unsqueeze(-1) + eps)
+
+
+def _col_normalise(c: Tensor, eps: float) -> Tensor:
+    """c / (column sum + eps) for c [..., n, n], the sum as n - 1 pointwise adds."""
+    s = c[..., 0, :]
+    for i in range(1, c.shape[-2]):
+        s = s + c[..., i, :]
+    return c / (s.unsqueeze(-2) + eps)
+
+
+def _scores(q: Tensor, keys: Tensor) -> Tensor:
+    """q [B,S,H,d] . keys [B,N,d] -> [B,S,H,N] as one bmm."""
+    b, s, h, d = q.shape
+    return torch.bmm(q.reshape(b, s * h, d), keys.transpose(1, 2)).view(b, s, h, -1)
 
 
 def _select_rows(t: Tensor, rows: Tensor) -> Tensor:

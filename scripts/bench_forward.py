@@ -35,8 +35,14 @@ def main() -> None:
     ap.add_argument("--logits", default="last", choices=["last", "all"], help="logits computed (default last)")
     ap.add_argument("--hf-max-seq", type=int, default=8192, help="skip transformers above this length")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall: perf_counter; cpu: this "
+                    "process's CPU time (time.process_time), which a loaded shared machine does not inflate "
+                    "(meaningful with --threads 1)")
+    ap.add_argument("--no-warmup", action="store_true", help="no untimed first run per length (long prompts: the "
+                    "first timed run gives the compared logits; compiled ops are still compiled before timing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     from dsv4_ascend.config import ModelConfig, preset
     from dsv4_ascend.graph_mode import GraphPrefiller
@@ -53,7 +59,7 @@ def main() -> None:
     native.pop("expert_dtype", None)
     cfg = ModelConfig.from_dict(native)
     print(f"config={args.preset} batch={args.batch} threads={args.threads} logits={args.logits} "
-          f"repeats={args.repeats} (median); interleaved: ours eager, ours compiled, transformers per repeat")
+          f"repeats={args.repeats} (median) clock={args.clock}; interleaved: ours eager, ours compiled, transformers per repeat")
     for dname in dtypes:
         dtype = getattr(torch, dname)
         hf, sd = build_hf_model(native, seed=0, dtype=dtype)
@@ -81,13 +87,14 @@ def main() -> None:
             run = dict(impls)
             if not args.skip_hf and s <= args.hf_max_seq:
                 run["transformers"] = hf_run
-            outs = {name: fn(ids) for name, fn in run.items()}  # warm-up (and the logits compared below)
+            outs = {} if args.no_warmup else {name: fn(ids) for name, fn in run.items()}  # warm-up (+ logits)
             times: dict[str, list[float]] = {name: [] for name in run}
             for _ in range(args.repeats):
                 for name, fn in run.items():
-                    t0 = time.perf_counter()
-                    fn(ids)
-                    times[name].append(time.perf_counter() - t0)
+                    t0 = clock()
+                    out = fn(ids)
+                    times[name].append(clock() - t0)
+                    outs.setdefault(name, out)
             n = args.batch * s
             base = statistics.median(times["transformers"]) if "transformers" in times else None
             for name, ts in times.items():

@@ -875,6 +875,41 @@ def test_fp32_linear_compiled_one_row_form_equals_upcast():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_fp32_linear_blocked_upcast_equals_whole_upcast():
+    """A bf16 weight with more rows than one upcast block goes through fp32_linear's blocked path (row blocks
+    upcast and multiplied into slices of the output): same fp32 dot products as upcasting the whole weight."""
+    from dsv4_ascend import backend as B
+
+    g = torch.Generator().manual_seed(1)
+    d = 256
+    w = torch.randn(B._UPCAST_ELEMENTS // d * 2 + 37, d, generator=g).bfloat16()  # 2 full blocks + a partial
+    assert w.shape[0] > B._UPCAST_ELEMENTS // d
+    for lead in ((1, 1), (2, 3)):
+        x = torch.randn(*lead, d, generator=g).bfloat16()
+        want = F.linear(x.float(), w.float())
+        got = B.fp32_linear(x, w)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # bf16 x bf16 products are exact in fp32; only the summation order of 256 fp32 terms may differ.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # every column: a misplaced block fails
+
+
+def test_hc_ops_compiled_forms_equal_eager():
+    """hc_pre / hc_post under a compiler take their fusable forms (Sinkhorn and the stream mix as pointwise
+    n-term sums instead of baddbmm / einsum); traced here with the eager backend (the same kernels, so only the
+    formulation differs) they must give what the eager forms give."""
+    x, fn, base, scale = _hc_inputs(60, b=2, s=5)
+    pre = torch.compile(BE.hc_pre, backend="eager", fullgraph=True)
+    post = torch.compile(BE.hc_post, backend="eager", fullgraph=True)
+    want = BE.hc_pre(x, fn, base, scale, 20, EPS, HC_EPS)
+    got = pre(x, fn, base, scale, 20, EPS, HC_EPS)
+    # Same fp32 operations; the n = 4 term sums may be added in another order: ~1e-7 relative per sweep.
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-6, atol=1e-6)
+    f = randn(2, 5, 8, seed=61)
+    torch.testing.assert_close(post(f, x, want[1], want[2]), BE.hc_post(f, x, want[1], want[2]),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_indexer_topk_deepseek_numerics_round_scores_like_deepseek():
     """numerics='deepseek', bf16: each q.k rounded to bf16, relu, times the bf16 weight (rounded), head sum (fp32
     accumulation, rounded once), as DeepSeek's bf16 einsum / mul / sum do. Inputs with 3 significant bits make
