@@ -120,7 +120,7 @@ def _stop(procs: list[subprocess.Popen]) -> list[str]:
 
 
 def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
-    url, procs = _start_ranks(tiny)
+    url, procs = _start_ranks(tiny, "--block-size", "16")  # 16-token pages: a short repeated prompt hits
     try:
         _wait_healthy(url, procs)
         got = _complete_all(url)
@@ -133,6 +133,13 @@ def test_two_ranks_serve_like_one_process_and_fail_fast(tiny):
                                                                   "max_tokens": 100, "temperature": 0}) as r:
             next(r.iter_lines())
         assert _complete_all(url, PROMPTS[:1]) == got[:1]
+        # The same 16+-token prompt three times: some rank gets it twice and serves its first page from the prefix
+        # cache; rank 0 reports the owning rank's hit in usage (it was 0 for requests another rank ran).
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        cached = [client.completions.create(model="tiny", prompt="The sea is calm tonight. " * 6, max_tokens=2,
+                                            temperature=0).usage.prompt_tokens_details.cached_tokens
+                  for _ in range(3)]
+        assert cached[0] == 0 and max(cached) >= 16 and all(c % 16 == 0 for c in cached), cached
         # Rank 1 dies mid-stream: the stream fails, the endpoint answers 503, rank 0 exits with status 1.
         failed: dict = {}
 

@@ -72,7 +72,7 @@ class RankLoop:
 
     def round(self, control: Control) -> list[tuple]:
         """Admit, abort, step in lockstep; returns this rank's events: (id, "started"), (id, "error", exc),
-        (id, "tokens", ids, logprobs, top_logprobs | None, finish_reason | None)."""
+        (id, "tokens", ids, logprobs, top_logprobs | None, finish_reason | None, cached_tokens)."""
         eng, events = self.engine, []
         for rid, rank, prompt, params in control.new:
             if rank != self.rank:
@@ -93,7 +93,8 @@ class RankLoop:
             n = self.sent.get(rid, 0)
             if len(req.output) > n or req.finished:
                 tops = req.top_logprobs[n:] if req.params.logprobs else None
-                events.append((rid, "tokens", req.output[n:], req.logprobs[n:], tops, req.finish_reason))
+                events.append((rid, "tokens", req.output[n:], req.logprobs[n:], tops, req.finish_reason,
+                               req.cached_tokens))
                 self.sent[rid] = len(req.output)
             if req.finished:
                 del self.reqs[rid]
@@ -186,8 +187,9 @@ class RankedWorker(EngineWorker):
             del self._jobs[ev[0]]
             self._finish(job, ("error", ev[2]))
         else:
-            _, _, ids, lps, tops, reason = ev
+            _, _, ids, lps, tops, reason, cached = ev
             req = job.req
+            req.cached_tokens = cached  # the owning rank's prefix-cache hit (usage.prompt_tokens_details)
             req.output += ids
             req.logprobs += lps
             if tops is not None:
