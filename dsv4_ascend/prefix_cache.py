@@ -27,12 +27,16 @@ __all__ = ["BoundaryStore", "PrefixCache", "page_hashes", "RECORD_SHARE", "defau
 RECORD_SHARE = 0.2  # fraction of the KV-cache memory given to boundary records by default
 
 
+def _chain(parent: bytes, ids: list[int]) -> bytes:
+    """Hash of a page: its parent page's hash and its own token ids."""
+    return hashlib.blake2b(parent + array("q", ids).tobytes(), digest_size=16).digest()
+
+
 def page_hashes(tokens: list[int], block_size: int, pages: int) -> list[bytes]:
     """Chain hashes of the first `pages` full pages of `tokens` (each covers every token before its page's end)."""
     out, h = [], b""
     for i in range(pages):
-        ids = array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()
-        h = hashlib.blake2b(h + ids, digest_size=16).digest()
+        h = _chain(h, tokens[i * block_size:(i + 1) * block_size])
         out.append(h)
     return out
 
@@ -174,8 +178,12 @@ class PrefixCache:
         """`slot`'s cache holds exactly `tokens[:boundary]` (boundary a page end): cache its page before the
         boundary, with a record of the slot's state now. A cached prefix keeps its page (this slot hit it, or
         another slot computed it first); it gets a record again if it had lost its own."""
-        i = boundary // self.block_size - 1
-        h = page_hashes(tokens, self.block_size, i + 1)[-1]
+        i, bs = boundary // self.block_size - 1, self.block_size
+        # The parent is this slot's previous page, registered when the slot passed it or shared by a hit: extend
+        # its hash (re-hashing the whole prefix at every page end would be quadratic in a long sequence).
+        parent = self.hash_of.get(self.cache.pages_of(slot)[i - 1]) if i else b""
+        h = (_chain(parent, tokens[i * bs:boundary]) if parent is not None
+             else page_hashes(tokens, bs, i + 1)[-1])
         page = self.page_of.get(h)
         if page is None:
             page = self.cache.pages_of(slot)[i]
