@@ -8,31 +8,50 @@ has a unique answer.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
-__all__ = ["stable_topk", "order_keys"]
+__all__ = ["stable_topk", "stable_topk_visible", "order_keys"]
+
+# stable_topk_visible's threshold sample: the first N // _SAMPLE_SHARE entries of each row.
+_SAMPLE_SHARE = 8
 
 _EXACT = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in fp32
 
 
-def order_keys(scores: Tensor) -> Tensor:
+def order_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
     """int64 keys [..., N] of float scores [..., N]: key i > key j iff score i > score j, or they are equal
-    (+0 == -0) and i < j. NaN is not supported.
+    (+0 == -0) and i < j. NaN is not supported. i is the position in the last dim, or `index` [..., N] (int,
+    0 <= index < 2^31, distinct within a row) when given.
 
     The fp32 bit pattern (sign-magnitude) becomes a two's-complement integer of the same order (negative
     values: magnitude bits flipped; the IEEE 754 total order on non-NaN values), in the high 32 bits; the
-    low 32 bits hold N-1-index.
+    low 32 bits hold N-1-i (2^31-1-index with `index`).
     """
     if scores.dtype not in _EXACT:
         raise ValueError(f"order_keys: scores must be float32/bfloat16/float16, found {scores.dtype}")
     n = scores.shape[-1]
-    if n > 1 << 32:
-        raise ValueError(f"order_keys: N={n} indices do not fit the key's low 32 bits")
+    if n > 1 << 31:
+        raise ValueError(f"order_keys: N={n} indices do not fit the key's low 31 bits")
+    if index is None:
+        rev = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int32)
+    elif index.shape != scores.shape:
+        raise ValueError(f"order_keys: index must have the scores' shape {tuple(scores.shape)}, "
+                         f"found {tuple(index.shape)}")
+    else:
+        rev = ((1 << 31) - 1 - index).to(torch.int32)
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0 -> +0 (round to nearest), so they compare equal
-    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative: -1 - magnitude (monotone); non-negative: unchanged
-    rev = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    return bits.to(torch.int64).mul_(1 << 32).add_(rev)
+    flip = (bits >> 31).bitwise_and_(0x7FFFFFFF)  # negative: -1 - magnitude (monotone); non-negative: unchanged
+    if sys.byteorder != "little" or torch.compiler.is_compiling():  # compiled: one fused kernel either way
+        return (bits ^ flip).to(torch.int64).mul_(1 << 32).add_(rev)
+    # Eager, little-endian: an int64 is (low int32, high int32) in memory, so the two words are written in place
+    # (two strided passes instead of widening, shifting and adding over int64).
+    keys = torch.empty(*scores.shape, 2, device=scores.device, dtype=torch.int32)
+    torch.bitwise_xor(bits, flip, out=keys[..., 1])
+    keys[..., 0].copy_(rev)
+    return keys.view(torch.int64).squeeze(-1)
 
 
 def stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -48,3 +67,44 @@ def stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return scores[..., :0], torch.zeros(*scores.shape[:-1], 0, dtype=torch.int64, device=scores.device)
     picks = order_keys(scores).topk(k, dim=-1).indices
     return scores.gather(-1, picks), picks
+
+
+def stable_topk_visible(scores: Tensor, n_visible: Tensor, k: int) -> Tensor | None:
+    """Indices [..., k] of `stable_topk(scores[..., :n_visible], k)` per row (scores [..., N], n_visible [...]),
+    found through an exact threshold with host reads and a loop over rows (eager use where host reads are free,
+    e.g. CPU prefill); None where it does not apply: some row sees fewer than k of its first N // _SAMPLE_SHARE
+    entries.
+
+    The k-th largest score of a subset of a row is a lower bound on the row's k-th largest, so every entry of
+    the row's top k scores at least tau, the k-th largest of its first min(min(n_visible), N // _SAMPLE_SHARE)
+    entries (visible to every row). The candidates are the entries > tau and, when those are fewer than k,
+    the first k - (their count) entries equal to tau (ties go to the lower index); only they are packed into
+    `order_keys` (the same keys as `stable_topk`) and go through `torch.topk`: a compare and a `nonzero` over
+    [R, N] instead of the mask, the key passes and a top-k over N.
+    """
+    n = scores.shape[-1]
+    if k == 0 or scores.numel() == 0:
+        return None
+    flat, nv = scores.reshape(-1, n), n_visible.reshape(-1)
+    lo = min(int(nv.min()), n // _SAMPLE_SHARE)  # host read
+    if lo < k:
+        return None
+    tau = flat[:, :lo].topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [R, 1]
+    row, col = (flat > tau).nonzero(as_tuple=True)  # row-major: each row's entries > tau in column order
+    visible = nv.tolist()  # host read
+    if col.numel() and min(visible) < n:
+        keep = col < nv[row]
+        row, col = row[keep], col[keep]
+    out = []
+    for r, cols in enumerate(col.split(torch.bincount(row, minlength=flat.shape[0]).tolist())):  # host read
+        need = k - cols.numel()
+        if need > 0:  # the first `need` entries equal to tau (there are enough: the sample's top k are >= tau)
+            m = min(visible[r], 8 * k)
+            while True:  # a prefix first: in a row whose top k is one tied value they come early
+                ties = (flat[r, :m] == tau[r]).nonzero().view(-1)
+                if ties.numel() >= need or m == visible[r]:
+                    break
+                m = min(visible[r], 8 * m)
+            cols = torch.cat([cols, ties[:need]])
+        out.append(cols[order_keys(flat[r, cols], cols).topk(k).indices])
+    return torch.stack(out).view(*scores.shape[:-1], k)

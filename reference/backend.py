@@ -12,7 +12,7 @@ from torch import Tensor
 from dsv4_ascend import quant
 from dsv4_ascend.attention_view import KVView, PagedRows
 from dsv4_ascend.backend import Backend, RunOptions
-from dsv4_ascend.topk import stable_topk
+from dsv4_ascend.topk import stable_topk, stable_topk_visible
 
 __all__ = ["ReferenceBackend", "dequantize_weight"]
 
@@ -22,6 +22,13 @@ _ATTN_QUERY_BLOCK = 256
 _ATTN_PREFILL_ELEMENTS = 1 << 24
 # Key elements read per block by `indexer_topk_paged` (4 MiB in fp32): bounded, cache-sized copies.
 _INDEXER_KEY_ELEMENTS = 1 << 20
+# Indexer entries scored per GEMM (columns of one tile): a 1M-context prefill block's [8 queries, 2 heads, tile]
+# fp32 GEMM output is then 1 MiB, still in cache for relu, head weights and the head sum.
+_INDEXER_TILE = 1 << 14
+# Entries from which eager CPU prefill picks through `stable_topk_visible` (its loop over query rows costs more
+# than it saves on short rows: small preset at 32K, 8,192 entries, top 32: 28 vs 22 ms per 128-query block; the
+# `long` preset at 32,768 entries, top 512: 19 vs 34 ms per 64-query block, CPU time).
+_INDEXER_PREFILTER_ENTRIES = 1 << 14
 
 
 # rope: the sign of the sine term per pair element ((a, b) -> (a cos - b sin, b cos + a sin)).
@@ -150,14 +157,23 @@ class ReferenceBackend(Backend):
         return (torch.softmax(score, dim=2) * kv).sum(2)
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
-        return self._indexer_pick(self._indexer_scores(q, weights, keys), n_visible, k)
+        scores = self._indexer_scores(q, weights, keys)
+        # Prefill chunks in eager mode on CPU (host reads are free there): the exact threshold pre-filter, no mask
+        # pass (`topk.stable_topk_visible`); decode (`indexer_topk_paged`), compiled graphs and accelerators: the
+        # sync-free masked top-k below. Both give the same picks.
+        if (scores.shape[-1] >= _INDEXER_PREFILTER_ENTRIES and scores.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            picks = stable_topk_visible(scores, n_visible, min(k, scores.shape[-1]))
+            if picks is not None:
+                return picks
+        return self._indexer_pick(scores, n_visible, k)
 
     def indexer_topk_paged(self, q: Tensor, weights: Tensor, keys: PagedRows, n_visible: Tensor, k: int) -> Tensor:
         """No copy of all N keys (decode at 1M tokens: N = 262,144). When a row's page table spans at least half
         of the store's pages (a long sequence): one GEMM over every stored key, then each row's N scores
-        gathered through its table; else page block by page block (_INDEXER_KEY_ELEMENTS per block read). Each
-        score is the dot product `indexer_topk` computes. An `indexer_topk` replaced by a subclass or on the
-        instance: the default (reads all keys, calls it)."""
+        gathered through its table, whole pages at a time; else page block by page block (_INDEXER_KEY_ELEMENTS
+        per block read). Each score is the dot product `indexer_topk` computes. An `indexer_topk` replaced by a
+        subclass or on the instance: the default (reads all keys, calls it)."""
         if getattr(self.indexer_topk, "__func__", None) is not ReferenceBackend.indexer_topk:
             return super().indexer_topk_paged(q, weights, keys, n_visible, k)
         per, data = keys.per_page, keys.store.tensors()[0]
@@ -165,8 +181,10 @@ class ReferenceBackend(Backend):
         if not keys.store.fp8 and data.shape[0] <= 2 * keys.table.shape[1]:  # work B*R <= 2*B*N
             every = self._indexer_scores(q.reshape(1, b * s, h, d), weights.reshape(1, b * s, h),
                                          data.view(1, -1, data.shape[-1])).view(b, s, -1)
-            rows = (keys.table.unsqueeze(-1) * per + torch.arange(per, device=q.device)).flatten(1)[:, :keys.n]
-            scores = every.gather(2, rows.unsqueeze(1).expand(b, s, keys.n))  # rows: store row of entry w
+            # Each row's pages in table order: whole pages of `per` scores (one index per page, not per entry).
+            n_pages = data.shape[0]
+            page = (torch.arange(b * s, device=q.device).view(b, s, 1) * n_pages + keys.table.unsqueeze(1))
+            scores = every.view(b * s * n_pages, per).index_select(0, page.flatten()).view(b, s, -1)[..., :keys.n]
         else:
             step = max(per, _INDEXER_KEY_ELEMENTS // keys.store.width // per * per)
             scores = torch.cat([self._indexer_scores(q, weights, keys.read(lo, min(lo + step, keys.n)))
@@ -174,15 +192,25 @@ class ReferenceBackend(Backend):
         return self._indexer_pick(scores, n_visible, k)
 
     def _indexer_scores(self, q: Tensor, weights: Tensor, keys: Tensor) -> Tensor:
-        """fp32 scores [B,S,N] = sum_h weights[h] relu(q[h].keys[w]): one GEMM [S*H, d] x [d, N] per batch row
-        (einsum -> bmm); relu and the head weights in place (the [S,H,N] fp32 scores are the bulk of the memory
-        traffic: N = 262,144 CSA entries at 1M tokens)."""
+        """fp32 scores [B,S,N] = sum_h weights[h] relu(q[h].keys[w]): GEMMs [S*H, d] x [d, tile] per batch row
+        (bmm); relu and the head weights in place (the [S,H,N] fp32 scores are the bulk of the memory traffic:
+        N = 262,144 CSA entries at 1M tokens)."""
         if self.options.deepseek:  # DeepSeek's rounding: q.k, relu, * weights and the head sum each in q.dtype
             dt = q.dtype
             scores = _scores(q, keys.to(dt)).relu_()
             return scores.mul_(weights.to(dt).unsqueeze(-1)).sum(2).float()
-        scores = _scores(q.float(), keys.float()).relu_()
-        return scores.mul_(weights.float().unsqueeze(-1)).sum(2)
+        # Entries in tiles of _INDEXER_TILE: each [B,S,H,tile] GEMM output is relu'd, weighted and summed over
+        # the heads while it is still in cache (the same values: column tiles do not change a GEMM's dot products
+        # on this CPU, `tests/test_long_context.py::test_indexer_score_tiles_equal_whole`).
+        q, keys, w = q.float(), keys.float(), weights.float().unsqueeze(-1)
+        n = keys.shape[1]
+        if n <= _INDEXER_TILE or torch.compiler.is_compiling():  # compiled: no strided `out=` (dynamo)
+            return _scores(q, keys).relu_().mul_(w).sum(2)
+        out = q.new_empty(q.shape[0], q.shape[1], n)
+        for lo in range(0, n, _INDEXER_TILE):
+            hi = min(lo + _INDEXER_TILE, n)
+            torch.sum(_scores(q, keys[:, lo:hi]).relu_().mul_(w), 2, out=out[..., lo:hi])
+        return out
 
     def _indexer_pick(self, scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
         """Top-k entries of fp32 scores [B,S,N] among w < n_visible [B,S] (modified in place); -1 past them."""

@@ -22,7 +22,7 @@ from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.sampling import SamplingParams
 from dsv4_ascend.tiny import random_weights
-from dsv4_ascend.topk import order_keys, stable_topk
+from dsv4_ascend.topk import order_keys, stable_topk, stable_topk_visible
 from dsv4_ascend.weights import assign_tensors
 
 TOL = 1e-4
@@ -106,6 +106,76 @@ def test_stable_topk_large_rows_and_half_precision():
     assert torch.equal(idx, torch.sort(b.float(), dim=-1, descending=True, stable=True).indices[..., :100])
     with pytest.raises(ValueError, match="float64"):
         order_keys(torch.zeros(3, dtype=torch.float64))
+
+
+def test_order_keys_with_explicit_index():
+    # Candidates carry their row positions: keys order as (score desc, index asc) over those positions.
+    s = torch.tensor([[1.0, -0.0, 0.0, 1.0, float("-inf"), -2.0]])
+    idx = torch.tensor([[9, 4, 2, 3, 0, 7]])
+    order = order_keys(s, idx).argsort(-1, descending=True)
+    assert idx.gather(-1, order).tolist() == [[3, 9, 2, 4, 7, 0]]  # 1 (3, 9), +-0 (2, 4), -2, -inf
+    with pytest.raises(ValueError, match="index must have the scores' shape"):
+        order_keys(s, idx[:, :3])
+
+
+def test_stable_topk_visible_equals_masked_stable_topk():
+    # The threshold pre-filter (host reads, CPU prefill) must pick exactly what the masked sync-free top-k picks:
+    # integer scores (ties at the threshold everywhere), rows whose top k is one tied value (all <= 0, as relu
+    # zeros under a negative head weight give), +-0, random visible counts; None only when the sample is short.
+    g = torch.Generator().manual_seed(6)
+    used = 0
+    for trial in range(300):
+        n = int(torch.randint(1, 5000, (1,), generator=g))
+        k = int(torch.randint(0, min(n // 8, 300) + 1, (1,), generator=g))
+        rows = int(torch.randint(1, 5, (1,), generator=g))
+        s = torch.randint(-3, 4, (rows, n), generator=g).float() if trial % 2 else torch.randn(rows, n, generator=g)
+        if trial % 5 == 0:
+            s = s.clamp(max=0) * torch.randn(rows, n, generator=g).sign().abs()  # 0, -0 ties at the top
+        nv = torch.randint(n // 2, n + 1, (rows,), generator=g) if trial % 3 else torch.full((rows,), n)
+        got = stable_topk_visible(s, nv, k)
+        masked = s.masked_fill(torch.arange(n) >= nv.unsqueeze(-1), float("-inf"))
+        if got is None:
+            assert k == 0 or min(int(nv.min()), n // 8) < k
+            continue
+        used += 1
+        assert torch.equal(got, stable_topk(masked, k)[1]), (trial, n, k)
+    assert used > 200
+    assert stable_topk_visible(torch.zeros(2, 3, 0), torch.zeros(2, 3, dtype=torch.int64), 0) is None  # no entries
+    big = torch.randint(0, 50, (3, 1 << 18), generator=g).float()  # the 1M shape: ~5,000 copies of each value
+    big[2] = torch.randn(1 << 18, generator=g)  # no ties: entries > tau lie past its visible 70,000 too
+    nv = torch.tensor([1 << 18, (1 << 18) - 5, 70000])  # one row sees all: the others' tails are still masked
+    ref = stable_topk(big.masked_fill(torch.arange(1 << 18) >= nv.unsqueeze(-1), float("-inf")), 512)[1]
+    assert torch.equal(stable_topk_visible(big, nv, 512), ref)
+
+
+@pytest.mark.parametrize("s", [1, 8])
+def test_indexer_score_tiles_equal_whole(monkeypatch, s):
+    # ReferenceBackend._indexer_scores scores the entries in column tiles (_INDEXER_TILE); the fp32 scores must
+    # be bit-identical to one GEMM over all of them (decode: 1 query x 2 heads; prefill blocks: 8 x 2), since
+    # the picks near ties depend on every bit. Random fp32 values: no tie hides a difference.
+    g = torch.Generator().manual_seed(9)
+    q, keys, w = torch.randn(1, s, 2, 32, generator=g), torch.randn(1, 5000, 32, generator=g), torch.randn(1, s, 2)
+    whole = ref_backend_mod._scores(q, keys).relu_().mul_(w.unsqueeze(-1)).sum(2)
+    monkeypatch.setattr(ref_backend_mod, "_INDEXER_TILE", 1024)  # 4 whole tiles and a partial one
+    assert torch.equal(ReferenceBackend()._indexer_scores(q, w, keys), whole)
+
+
+def test_indexer_topk_prefilter_equals_sync_free_pick(monkeypatch):
+    # ReferenceBackend.indexer_topk on CPU (eager) takes the pre-filter; its picks equal the sync-free masked
+    # top-k (_indexer_pick, what decode and compiled graphs run) on the same scores. Integer inputs: exact
+    # scores with ties; negative head weights: rows whose best scores are relu zeros.
+    g = torch.Generator().manual_seed(8)
+    b, s, h, d, n, k = 2, 6, 2, 8, 6000, 512
+    q = torch.randint(-2, 3, (b, s, h, d), generator=g).float()
+    keys = torch.randint(-2, 3, (b, n, d), generator=g).float()
+    w = torch.randint(-2, 3, (b, s, h), generator=g).float()
+    w[0, 0] = -1.0  # every score <= 0: the top k are zeros, lower index first
+    n_visible = torch.tensor([[6000, 5999, 4100, 5000, 6000, 4097], [4096, 6000, 5555, 4500, 6000, 5800]])
+    be = ReferenceBackend()
+    monkeypatch.setattr(ref_backend_mod, "_INDEXER_PREFILTER_ENTRIES", 4096)  # n = 6000 takes the pre-filter
+    assert stable_topk_visible(be._indexer_scores(q, w, keys), n_visible, k) is not None  # and it applies
+    ref = be._indexer_pick(be._indexer_scores(q, w, keys), n_visible, k)
+    assert torch.equal(be.indexer_topk(q, w, keys, n_visible, k), ref)
 
 
 @pytest.mark.parametrize("integer", [False, True])
