@@ -4,11 +4,11 @@ A prefill chunk's shapes depend on its length and, through the cache (compressed
 chunk closes), on its start position; the routed experts group tokens by a host read of their counts. A whole-
 forward graph would recompile per start or break per layer. What is compiled instead is the set of backend ops
 whose inputs are per-token activations and weights (`PREFILL_OPS`: mHC pre/post/head with their Sinkhorn loop,
-RMSNorm, RoPE, the shared expert): each is one graph with symbolic sizes, shared by every layer (weights are
-graph inputs) and every chunk length, so no chunk recompiles after the first calls. In eager mode these ops are
-chains of small elementwise kernels (the Sinkhorn normalisation alone is ~80 per call); compiled they fuse.
-GEMMs, the cache reads/writes, the compressor, the indexer top-k, attention and the grouped experts run as in
-eager (`docs/design.md`, performance section).
+the shared expert, RoPE (its pairwise form when compiled: inductor's flip kernel is slow) and RMSNorm): each is
+one graph with symbolic sizes, shared by every layer (weights are graph inputs) and every chunk length, so no
+chunk recompiles after the first calls. In eager mode these ops are chains of small elementwise kernels (the
+Sinkhorn normalisation alone is ~80 per call); compiled they fuse. GEMMs, the cache reads/writes, the compressor,
+the indexer top-k, attention and the grouped experts run as in eager (`docs/design.md`, performance section).
 
 Backends: inductor on CPU and CUDA; torchair's NPU backend on Ascend (wired, not run here); the emulated Ascend
 backend (a correctness model) traces with "aot_eager", as `GraphDecoder` does.
@@ -27,7 +27,7 @@ from dsv4_ascend.model import Transformer
 __all__ = ["PREFILL_OPS", "GraphPrefiller"]
 
 # Backend ops compiled for prefill: inputs [B, S, ...] activations and weights only (no cache, no host reads).
-PREFILL_OPS = ("hc_pre", "hc_post", "hc_head", "swiglu_mlp")
+PREFILL_OPS = ("hc_pre", "hc_post", "hc_head", "swiglu_mlp", "rope", "rms_norm")
 
 
 def _prefill_compiler(device: torch.device) -> str | Callable:

@@ -8,7 +8,8 @@ runs ours (eager), ours (compiled) and transformers back to back, so machine loa
 median per implementation is reported. Threads are pinned (unpinned runs on small shared machines vary by orders
 of magnitude). `--logits last` (the default) computes the last position's logits only, as a prefill that hands
 its first token to decode does (transformers: logits_to_keep=1); `--logits all` computes all of them.
-transformers is skipped above `--hf-max-seq` (it is quadratic in the sequence).
+transformers is skipped above `--hf-max-seq` (it is quadratic in the sequence); `--only transformers` / `--only ours`
+times one side alone (a long transformers run in the background, compared with ours from another run).
 """
 from __future__ import annotations
 
@@ -35,12 +36,19 @@ def main() -> None:
     ap.add_argument("--logits", default="last", choices=["last", "all"], help="logits computed (default last)")
     ap.add_argument("--hf-max-seq", type=int, default=8192, help="skip transformers above this length")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--only", default=None, choices=["ours", "transformers"], help="run only ours (eager, and "
+                    "compiled with --compiled) or only transformers, e.g. to time transformers once at a long "
+                    "length in the background")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall: perf_counter; cpu: this "
                     "process's CPU time (time.process_time), which a loaded shared machine does not inflate "
                     "(meaningful with --threads 1)")
     ap.add_argument("--no-warmup", action="store_true", help="no untimed first run per length (long prompts: the "
                     "first timed run gives the compared logits; compiled ops are still compiled before timing)")
     args = ap.parse_args()
+    if args.only == "transformers" and (args.compiled or args.skip_hf):
+        ap.error("--only transformers runs transformers alone: drop --compiled / --skip-hf")
+    if args.only == "ours":
+        args.skip_hf = True
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -65,7 +73,7 @@ def main() -> None:
         hf, sd = build_hf_model(native, seed=0, dtype=dtype)
         ours = Transformer(cfg, ReferenceBackend(), dtype, n_mtp=0)
         assign_tensors(ours, sd.items())
-        impls = {"ours eager": lambda ids: ours(ids, last_only=last)}
+        impls = {} if args.only == "transformers" else {"ours eager": lambda ids: ours(ids, last_only=last)}
         if args.compiled:
             pre = GraphPrefiller(ours)
             impls["ours compiled"] = lambda ids: pre(ids, ours.new_cache(ids.shape[0], ids.shape[1]),
@@ -99,10 +107,13 @@ def main() -> None:
             base = statistics.median(times["transformers"]) if "transformers" in times else None
             for name, ts in times.items():
                 t = statistics.median(ts)
-                diff = (outs[name][:, -1].float() - outs["ours eager"][:, -1].float()).abs().max().item()
+                diff = ""
+                if "ours eager" in outs:
+                    d = (outs[name][:, -1].float() - outs["ours eager"][:, -1].float()).abs().max().item()
+                    diff = f"  last-logits max-abs-diff vs ours eager {d:.2e}"
                 ratio = f"  {base / t:5.2f}x transformers" if base and name != "transformers" else ""
-                print(f"[{dname}] seq {s:>6} {name:14s}: {n / t:9.1f} tok/s ({t * 1e3:8.0f} ms){ratio}  "
-                      f"last-logits max-abs-diff vs ours eager {diff:.2e}")
+                print(f"[{dname}] seq {s:>6} {name:14s}: {n / t:9.1f} tok/s ({t * 1e3:8.0f} ms){ratio}{diff}",
+                      flush=True)
 
 
 if __name__ == "__main__":

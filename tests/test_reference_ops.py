@@ -768,6 +768,47 @@ def test_experts_fp8_weights(t):
     torch.testing.assert_close(out.double(), _experts_loop(x, weights, ids, d1, d2, d3, LIMIT), rtol=1e-5, atol=1e-6)
 
 
+def _experts_grouped_per_expert(x, weights, ids, w1, w2, w3, s1, s2, s3, limit, shared):
+    """The grouped (prefill) experts path as it was before its elementwise ops were batched: one `_swiglu` and
+    one fp32 index_add_ per expert."""
+    t, k = ids.shape
+    order = torch.argsort(ids.flatten(), stable=True)
+    counts = torch.bincount(ids.flatten(), minlength=w1.shape[0]).tolist()
+    tok = order // k
+    xs, ws = x[tok], weights.flatten()[order]
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            sl = slice(start, start + c)
+            y = BE._swiglu(xs[sl], w1[e], w2[e], w3[e], None if s1 is None else s1[e], None if s2 is None else s2[e],
+                           None if s3 is None else s3[e], limit, ws[sl])
+            out.index_add_(0, tok[sl], y.float())
+            start += c
+    return (out + shared.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_experts_grouped_batched_elementwise_equals_per_expert_form(dtype, fmt):
+    """The grouped path runs the SwiGLU's elementwise ops once over every (token, expert) row and one index_add_:
+    bit-equal to one `_swiglu` + index_add_ per expert (the same per-element ops, the same fp32 accumulation
+    order per token), with experts no token picks, plain and FP4 weights."""
+    n_exp, k, d, i_dim, t = 8, 2, 64, 32, 40
+    w1, w2, w3 = _expert_weights(140, n_exp, d, i_dim)
+    s1 = s2 = s3 = None
+    if fmt == "fp4":
+        (w1, s1), (w2, s2), (w3, s3) = quant.quantize_fp4(w1), quant.quantize_fp4(w2), quant.quantize_fp4(w3)
+    else:
+        w1, w2, w3 = w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    x = randn(t, d, seed=141, scale=2.0).to(dtype)
+    weights, ids = _routing(142, t, n_exp - 2, k)  # experts 6 and 7 get no token
+    shared = randn(t, d, seed=143).to(dtype)
+    got = BE.experts(x, weights, ids, w1, w2, w3, s1, s2, s3, LIMIT, shared=shared)
+    want = _experts_grouped_per_expert(x, weights, ids, w1, w2, w3, s1, s2, s3, LIMIT, shared)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_swiglu_mlp_vs_loop():
     d, i_dim = 16, 12
     w1, w2, w3 = (w[0] for w in _expert_weights(130, 1, d, i_dim))
@@ -908,6 +949,22 @@ def test_hc_ops_compiled_forms_equal_eager():
     f = randn(2, 5, 8, seed=61)
     torch.testing.assert_close(post(f, x, want[1], want[2]), BE.hc_post(f, x, want[1], want[2]),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_rope_compiled_form_equals_eager_bit_for_bit():
+    """rope under a compiler takes its pairwise form (a cos - b sin, b cos + a sin, stacked); traced with the eager
+    backend (the same kernels) it must give the eager form's x cos + swap(x) (-sin, sin) bit for bit, in fp32 and
+    bf16, on a strided slice (the rope tail of q) and a contiguous tensor: the same products, one rounded sum each
+    (a + (-p) == a - p exactly)."""
+    rope = torch.compile(BE.rope, backend="eager", fullgraph=True)
+    for dt in (torch.float32, torch.bfloat16):
+        q = randn(2, 7, 3, 24, seed=62).to(dt)
+        ang = randn(2, 7, 1, 4, seed=63)
+        for x, cos, sin in ((q[..., -8:], ang.cos(), ang.sin()), (q[:, :, 0, :8].contiguous(), ang[:, :, 0].cos(),
+                                                                  ang[:, :, 0].sin())):
+            got, want = rope(x, cos, sin), BE.rope(x, cos, sin)
+            assert got.dtype == want.dtype == dt
+            assert torch.equal(got, want)
 
 
 def test_indexer_topk_deepseek_numerics_round_scores_like_deepseek():
