@@ -265,3 +265,35 @@ def test_prefill_working_set_estimate(long_model):
     assert big["per-chunk activations"] == parts["per-chunk activations"]
     assert small["per-chunk activations"] == 2 * parts["per-chunk activations"]
     assert parts["largest block"] == backend_mod._ATTN_ELEMENTS * 4
+
+
+def test_hca_decode_equals_gathered_attention(long_model, monkeypatch):
+    # The reference's HCA decode path (ring rows by index + one GEMM over every entry, masked by visibility)
+    # against the default attend (all K = win + entries gathered, then sparse_attention), two rows decoding 5
+    # steps from positions 90 (no HCA entry visible yet) and 1,148 (8 entries; the 9th becomes visible at 1,151).
+    # fp32: the two sum the same terms in another order (~1e-7 relative); 1e-5 on logits leaves room for that.
+    m = long_model
+    ref = ReferenceBackend
+    taken = []
+    monkeypatch.setattr(ref, "_hca_decode", staticmethod(lambda *a: taken.append(1) or _HCA_DECODE(*a)))
+    lens = (90, 1148)
+    caches = [m.new_cache(2, 1280) for _ in range(2)]
+    for c in caches:
+        for slot, n in enumerate(lens):
+            m(_ids(n, seed=5 + slot), c, torch.tensor([slot]), 0, last_only=True)
+    slots, tok = torch.arange(2), torch.tensor([[7], [9]])
+    for k in range(5):
+        pos = torch.tensor(lens) + k
+        fast = m.decode(tok, pos, caches[0], slots, max_len=int(pos.max()) + 1)
+        be = m.layers[0].attn.backend
+        be.sparse_attention = lambda *a: ref.sparse_attention(be, *a)  # not the class's own: the default attend
+        try:
+            plain = m.decode(tok, pos, caches[1], slots, max_len=int(pos.max()) + 1)
+        finally:
+            del be.sparse_attention
+        assert (fast - plain).abs().max().item() <= 1e-5
+        tok = fast[:, -1].argmax(-1, keepdim=True)
+    assert len(taken) == 5  # one HCA layer, every step
+
+
+_HCA_DECODE = ReferenceBackend._hca_decode
