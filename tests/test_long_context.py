@@ -214,6 +214,7 @@ def test_bench_long_exactness_check(long_model, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "(PASS: fp32" in out and out.count(": PASS") == 1 and "FAIL" not in out
+    assert "predicted peak RSS: " in out.split("1. prefill")[0] and "peak / predicted = " in out  # before, after
     n, max_seq = 300, 400
     prompt = _ids(n, seed=9)[0].tolist()
     cache = long_model.new_cache(1, max_seq)
