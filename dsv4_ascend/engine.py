@@ -51,7 +51,7 @@ def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq
 
 def prefill_working_set(model: Transformer, chunk: int, context: int) -> dict[str, int]:
     """Estimated peak bytes, beyond the KV cache, of prefilling one `chunk` at `context` tokens with the reference
-    backend's per-block budgets, by part (docs/design.md, "Long context"); sum the values for the total."""
+    backend's per-block budgets and glibc's mmap threshold at 4 MiB, by part (docs/design.md, "Long context")."""
     cfg, e = model.cfg, torch.empty(0, dtype=model.dtype).element_size()
     # Per token of the chunk: the CSA picks (int64, index_topk each) and ~two live copies of the widest vectors.
     width = (cfg.hc_mult * cfg.hidden_size + cfg.num_attention_heads * cfg.head_dim
