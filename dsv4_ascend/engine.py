@@ -14,15 +14,16 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .backend import _ATTN_ELEMENTS
 from .cache import KVCache
 from .decode_step import Decoder, EagerDecoder, StepResult, all_greedy, next_tokens
 from .logits_process import LogitRules
-from .model import Transformer
+from .model import _INDEXER_SCORES, Transformer
 from .prefix_cache import RECORD_SHARE, PrefixCache, default_records
 from .sampling import SamplingBatch, SamplingParams
 from .scheduler import Chunk, Plan, Request, Scheduler
 
-__all__ = ["Request", "Engine", "CapacityError", "plan_capacity"]
+__all__ = ["Request", "Engine", "CapacityError", "plan_capacity", "prefill_working_set"]
 
 
 class CapacityError(ValueError):
@@ -46,6 +47,25 @@ def plan_capacity(model: Transformer, budget_bytes: int, max_slots: int, max_seq
                             f"{probe.block_size} tokens; one sequence of max_seq_len {max_seq_len} needs "
                             f"{probe.pages_per_seq} (plus {fixed / 2**20:.1f} MiB of per-slot state)")
     return int(pages)
+
+
+def prefill_working_set(model: Transformer, chunk: int, context: int) -> dict[str, int]:
+    """Estimated peak bytes, beyond the KV cache, of prefilling one `chunk` at `context` tokens with the reference
+    backend's per-block budgets and glibc's mmap threshold at 4 MiB, by part (docs/design.md, "Long context")."""
+    cfg, e = model.cfg, torch.empty(0, dtype=model.dtype).element_size()
+    # Per token of the chunk: the CSA picks (int64, index_topk each) and ~two live copies of the widest vectors.
+    width = (cfg.hc_mult * cfg.hidden_size + cfg.num_attention_heads * cfg.head_dim
+             + cfg.index_n_heads * cfg.index_head_dim + cfg.q_lora_rank)
+    per_chunk = chunk * (8 * cfg.index_topk * (4 in cfg.layer_ratios) + 2 * e * width)
+    # The compressed keys one layer reads whole: CSA's indexer keys, HCA's entries (grows with the context).
+    keys = max([context // m * (cfg.index_head_dim if m == 4 else cfg.head_dim) * e for m in cfg.layer_ratios if m]
+               or [0])
+    # The indexer's block: [blk, heads, N] fp32 scores, head-weighted [blk, N] fp32 and their int64 top-k keys.
+    indexer = (_INDEXER_SCORES * 4 * (cfg.index_n_heads + 3) // cfg.index_n_heads) if 4 in cfg.layer_ratios else 0
+    return {"per-chunk activations": per_chunk,
+            "allocator-retained heap": per_chunk,  # glibc keeps the small blocks' high-water mark resident
+            "largest block": max(_ATTN_ELEMENTS * 4, indexer + keys),  # attention: keys + logits + probs <= budget
+            "request token list": 8 * context}
 
 
 class Engine:

@@ -249,6 +249,8 @@ class ReferenceBackend(Backend):
         one host-known start for every row, or a `sparse_attention` replaced by a subclass or on the instance (it
         is what the default calls): the default."""
         own = getattr(self.sparse_attention, "__func__", None) is ReferenceBackend.sparse_attention
+        if view.chunk is None and own and view.ratio and view.picks is None and q.shape[1] == 1:
+            return self._hca_decode(q, view, sink, scale)
         if view.chunk is None or not isinstance(view.start, int) or not own:
             return super().attend(q, view, sink, scale)
         b, s, h, d = q.shape
@@ -294,6 +296,26 @@ class ReferenceBackend(Backend):
                 o += torch.einsum("bqhk,bqkd->bqhd", probs[..., nw:nw + n_pick], keys).reshape(b, n * h, d)
             out.append(o.view(b, n, h, d))
         return torch.cat(out, dim=1).to(q.dtype)
+
+    @staticmethod
+    def _hca_decode(q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
+        """Decode step over an HCA layer: the ring's window rows gathered by index, every entry by one GEMM masked
+        by visibility, one softmax with the sink. The default gathers a [K, d] copy of all context/128 entries."""
+        b, _, h, d = q.shape
+        pos = view.positions[:, 0]
+        rows = view.window.window_rows(pos)  # [B, win], -1 before position 0
+        ring = view.window.read(view.slots)  # [B, ring, d]
+        kw = ring.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)).float()
+        ent = view.entry_pool().float()  # [B, N, d]
+        qf = q.float().view(b, h, d)
+        vis = torch.arange(ent.shape[1], device=q.device) < ((pos + 1) // view.ratio).unsqueeze(-1)  # [B, N]
+        logits = [(qf @ kw.transpose(1, 2)).mul_(scale).masked_fill_((rows < 0).unsqueeze(1), float("-inf")),
+                  (qf @ ent.transpose(1, 2)).mul_(scale).masked_fill_(~vis.unsqueeze(1), float("-inf")),
+                  sink.float().view(1, h, 1).expand(b, h, 1)]
+        probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+        win = rows.shape[1]
+        out = probs[..., :win] @ kw + probs[..., win:-1] @ ent
+        return out.view(b, 1, h, d).to(q.dtype)
 
     # ---- MoE -------------------------------------------------------------------------------------------------
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,

@@ -7,10 +7,9 @@ Reports, with progress while it runs:
 1. prefill tokens/s of every `--segment` tokens of the prompt (does prefill slow down as the context grows?);
 2. decode step time (median of `--decode-steps` greedy steps) after prompts of each `--decode-contexts` length and
    after the whole prompt;
-3. KV-cache bytes allocated (and per token) and the process's peak RSS against the prediction
-   `RSS before the engine + cache bytes planned by engine.plan_capacity + working set`, the working set taken as
-   measured over the first segment plus the one term that grows with the context (docs/design.md, "Long
-   context"), and against an analytic bound from the per-block budgets;
+3. KV-cache bytes allocated (and per token) and the process's peak RSS against the prediction printed before the
+   prefill: `RSS before the engine + cache bytes planned by engine.plan_capacity (resident from allocation) +
+   engine.prefill_working_set(chunk, length)` (docs/design.md, "Long context");
 4. optional exactness check at the end of the prompt (--exact CHUNK_B): the prompt prefilled again, through the
    model, in chunks of CHUNK_B into a second cache: its last-position fp32 logits must equal the main run's, and the
    main run's greedy tokens must equal recomputing those positions by one prefill chunk (exit status 1 if not);
@@ -35,26 +34,6 @@ from torch import Tensor
 def _rss_mib() -> float:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _working_set_bytes(cfg, chunk: int, context: int) -> int:
-    """Bound on prefill temporaries of one chunk, for the reference backend in fp32 (docs/design.md).
-
-    Per-block budgets (independent of the context): the indexer's [blk, heads, N] scores and the attention's
-    [blk, K, d] gathered keys + logits, each alive a few times over (einsum output, relu, weighted sum / mask,
-    top-k; keys, logits, probabilities). Per chunk: activations and projections, a few fp32 copies of the
-    [chunk, hc_mult, hidden] streams. The one part that grows with the context: each CSA layer reads the
-    indexer keys of all context/4 entries into one contiguous tensor (index_head_dim values each)."""
-    import dsv4_ascend.backend as backend_mod
-    import dsv4_ascend.model as model_mod
-
-    f32 = 4
-    blocks = 4 * model_mod._INDEXER_SCORES * f32 + 3 * backend_mod._ATTN_ELEMENTS * f32
-    widest = max(cfg.num_attention_heads * cfg.head_dim, cfg.hc_mult * cfg.hidden_size,
-                 cfg.index_n_heads * cfg.index_head_dim, cfg.index_topk * 2)
-    per_chunk = 8 * chunk * widest * f32
-    keys = context // 4 * cfg.index_head_dim * f32
-    return blocks + per_chunk + keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="1 (default): run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the script re-executes "
                          "itself once to set it), so mmap'd blocks use transparent huge pages: 512x fewer page "
                          "faults (at 1M tokens a 4 KiB-page fault per fresh temporary halved prefill speed)")
+    ap.add_argument("--trim", type=int, choices=(0, 1), default=1,
+                    help="1 (default): glibc malloc_trim(0) after every engine step, so the heap's free pages go "
+                         "back to the system. Without it the heap of blocks under the mmap threshold grew from 127 "
+                         "to 240 MiB resident between 500K and 660K tokens of a 1M run (freed blocks the next, "
+                         "slightly larger ones do not fit) while live tensors stayed bounded (docs/design.md)")
     args = ap.parse_args(argv)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if args.hugetlb and "glibc.malloc.hugetlb" not in tunables:
@@ -110,18 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--exact must be a chunk size other than --chunk ({args.chunk}), or 0; found {args.exact}")
     if args.mmap_threshold < 0:
         ap.error(f"--mmap-threshold must be >= 0, found {args.mmap_threshold}")
-    if args.mmap_threshold:
+    libc = None
+    if args.mmap_threshold or args.trim:
         import ctypes
 
-        if not ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold):  # M_MMAP_THRESHOLD = -3 (malloc.h)
-            ap.error(f"mallopt(M_MMAP_THRESHOLD, {args.mmap_threshold}) failed (not glibc?); pass --mmap-threshold 0")
+        libc = ctypes.CDLL("libc.so.6")
+    if args.mmap_threshold and not libc.mallopt(-3, args.mmap_threshold):  # M_MMAP_THRESHOLD = -3 (malloc.h)
+        ap.error(f"mallopt(M_MMAP_THRESHOLD, {args.mmap_threshold}) failed (not glibc?); pass --mmap-threshold 0")
     contexts = [int(c) for c in args.decode_contexts.split(",") if c.strip()]
     probes = [int(c) for c in args.probe.split(",") if c.strip()]
     torch.set_num_threads(args.threads)
 
     from dsv4_ascend.cache import KVCache
     from dsv4_ascend.config import preset
-    from dsv4_ascend.engine import Engine, plan_capacity
+    from dsv4_ascend.engine import Engine, plan_capacity, prefill_working_set
     from dsv4_ascend.model import Transformer
     from dsv4_ascend.reference import ReferenceBackend
     from dsv4_ascend.sampling import SamplingParams
@@ -148,18 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     rss0 = _rss_mib()
     eng = Engine(model, max_slots=1, max_seq_len=max_seq, prefill_chunk=args.chunk, eos_token_id=-1, cache_bytes=need)
     cache_bytes = eng.cache.nbytes()
-    ws = _working_set_bytes(cfg, args.chunk, max_seq)
-    predicted = rss0 + (need + ws) / 2**20
+    rss_engine = _rss_mib()
+    ws = prefill_working_set(model, args.chunk, max_seq)
+    predicted = rss0 + (need + sum(ws.values())) / 2**20
+
     def meta_cache(pages: int) -> KVCache:
         return KVCache(cfg, 1, max_seq, torch.float32, "meta", 0, num_blocks=pages, preassign=False)
 
     paged_per_token = (meta_cache(2).nbytes() - meta_cache(1).nbytes()) / meta_cache(1).block_size
     print(f"KV cache: planned {need / 2**20:.1f} MiB ({pages} pages of {eng.cache.block_size} tokens), allocated "
           f"{cache_bytes / 2**20:.1f} MiB = {cache_bytes / max_seq:.1f} B/token of context "
-          f"(paged part {paged_per_token:.1f} B/token); RSS before the engine "
-          f"{rss0:.0f} MiB; working-set bound {ws / 2**20:.0f} MiB", flush=True)
-
-    early: list[tuple[int, float]] = []  # (tokens, peak RSS MiB) after the first segment
+          f"(paged part {paged_per_token:.1f} B/token); RSS before the engine {rss0:.0f} MiB, after it "
+          f"{rss_engine:.0f} MiB (the cache is resident from allocation: torch.zeros writes every page)", flush=True)
+    print(f"predicted peak RSS: {predicted:.0f} MiB = RSS before the engine {rss0:.0f} + planned cache "
+          f"{need / 2**20:.1f} + prefill working set at {max_seq} tokens "
+          f"({', '.join(f'{k} {v / 2**20:.1f}' for k, v in ws.items())})", flush=True)
 
     def run(n: int, report_segments: bool) -> tuple[list[tuple[float, float]], list[int], Tensor | None]:
         """Prefill prompt[:n] through the engine, then `steps` greedy decode steps; returns the decode step times
@@ -175,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             was_prefilling = req.prefilled < n
             t, c = time.perf_counter(), time.process_time()
             eng.step()
+            if libc is not None and args.trim:
+                libc.malloc_trim(0)  # return the heap's free pages (glibc keeps them resident otherwise)
             dt, dc = time.perf_counter() - t, time.process_time() - c
             if was_prefilling and req.prefilled == n:
                 del model.logits  # the prompt's last logits are seen[-1]; decode steps are not recorded
@@ -186,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  prefill {seg_start:>8}..{req.prefilled:>8}: {seg_tokens / (now - t_seg):8.1f} tok/s, "
                       f"{seg_tokens / (cpu - c_seg):8.1f} tok/CPU-s  (elapsed {now - t0:7.1f} s, peak RSS "
                       f"{_rss_mib():.0f} MiB)", flush=True)
-                if not seg_done:
-                    early.append((req.prefilled, _rss_mib()))
                 seg_done, seg_start, t_seg, c_seg = req.prefilled // args.segment, req.prefilled, now, cpu
         return times, req.output, seen[-1][0] if seen else None
 
@@ -206,18 +195,10 @@ def main(argv: list[str] | None = None) -> int:
              for i in (0, 1)]
     print(f"  t({length}) / t({lo}) = {ratio[0]:.2f} wall, {ratio[1]:.2f} CPU  (goal <= 2)")
     peak = _rss_mib()
-    # The working set measured over the first segment (peak RSS then, less the RSS before the engine and the cache
-    # pages written so far) plus the one part that grows with the context (the indexer keys read per CSA call).
-    n1, rss1 = early[0]
-    grow = (_working_set_bytes(cfg, args.chunk, max_seq) - _working_set_bytes(cfg, args.chunk, n1)) / 2**20
-    ws1 = rss1 - rss0 - cache_bytes * n1 / max_seq / 2**20
-    pred1 = rss0 + need / 2**20 + ws1 + grow
-    print(f"\n3. memory (main run): peak RSS {peak:.0f} MiB")
-    print(f"  predicted from the first {n1} tokens: {pred1:.0f} MiB (RSS before the engine {rss0:.0f} + planned cache "
-          f"{need / 2**20:.1f} + working set measured then {ws1:.0f} + growth of the indexer-key read {grow:.1f}); "
-          f"peak / predicted = {peak / pred1:.3f} (goal within 10%)")
-    print(f"  analytic bound: {predicted:.0f} MiB (RSS before the engine + cache + working-set bound "
-          f"{ws / 2**20:.0f}); peak / bound = {peak / predicted:.3f}", flush=True)
+    print(f"\n3. memory (main run): peak RSS {peak:.0f} MiB, predicted {predicted:.0f} MiB before the prefill: "
+          f"peak / predicted = {peak / predicted:.3f} (goal within 10%); working set seen "
+          f"{peak - rss_engine:.0f} MiB (peak - RSS after the engine), predicted {sum(ws.values()) / 2**20:.0f}",
+          flush=True)
 
     eng = None  # frees the main run's cache: the exactness check and the probes allocate their own
     ok = exact(model, prompt, last_logits, out, max_seq, args.exact, args.segment) if args.exact else True

@@ -17,7 +17,7 @@ import dsv4_ascend.reference.backend as ref_backend_mod
 from dsv4_ascend.attention_view import PagedRows
 from dsv4_ascend.cache import RowStore
 from dsv4_ascend.config import preset
-from dsv4_ascend.engine import Engine
+from dsv4_ascend.engine import Engine, prefill_working_set
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.sampling import SamplingParams
@@ -284,6 +284,7 @@ def test_bench_long_exactness_check(long_model, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "(PASS: fp32" in out and out.count(": PASS") == 1 and "FAIL" not in out
+    assert "predicted peak RSS: " in out.split("1. prefill")[0] and "peak / predicted = " in out  # before, after
     n, max_seq = 300, 400
     prompt = _ids(n, seed=9)[0].tolist()
     cache = long_model.new_cache(1, max_seq)
@@ -296,3 +297,74 @@ def test_bench_long_exactness_check(long_model, capsys):
     assert not bench_long.exact(long_model, prompt, a + 1e-3, toks, max_seq, 77, 1 << 16)
     assert not bench_long.exact(long_model, prompt, a, toks[:-1] + [(toks[-1] + 1) % 512], max_seq, 77, 1 << 16)
     assert "FAIL" in capsys.readouterr().out
+
+
+def _live_peak_bytes(fn) -> int:
+    """Peak bytes of torch CPU tensors alive at once while fn() runs, above those alive before (the profiler's
+    allocation and free events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def test_prefill_working_set_estimate(long_model):
+    # engine.prefill_working_set against the torch tensors really alive in one prefill chunk (2,048 tokens at
+    # 4,096: the attention blocks fill their _ATTN_ELEMENTS budget). Its tensor parts (per-chunk activations, the
+    # largest block, the keys read whole) must cover the live peak, and not by more than 2x (measured 0.73 of
+    # it), so the estimate the benchmark predicts peak RSS with stays tight; the allocator-retained heap and the
+    # request's token list are not torch tensors. Only the keys grow with the context, by entries x width.
+    cfg, chunk, ctx = long_model.cfg, 2048, 4096
+    cache = long_model.new_cache(1, 2 * ctx)
+    slot = torch.zeros(1, dtype=torch.int64)
+    _prefill(long_model, cache, _ids(ctx, seed=3), 0, chunk)
+    ids = _ids(chunk, seed=4)
+    live = _live_peak_bytes(lambda: long_model(ids, cache, slot, ctx, last_only=True))
+    parts = prefill_working_set(long_model, chunk, ctx + chunk)
+    tensors = parts["per-chunk activations"] + parts["largest block"]
+    assert tensors / 2 <= live <= tensors, (live / 2**20, {k: v / 2**20 for k, v in parts.items()})
+    big, small = prefill_working_set(long_model, chunk, MAX_POS), prefill_working_set(long_model, 2 * chunk, ctx)
+    keys = MAX_POS // 4 * cfg.index_head_dim * 4  # the CSA indexer keys, fp32, read whole at 1M
+    assert big["largest block"] == model_mod._INDEXER_SCORES * 4 * (cfg.index_n_heads + 3) // cfg.index_n_heads + keys
+    assert big["per-chunk activations"] == parts["per-chunk activations"]
+    assert small["per-chunk activations"] == 2 * parts["per-chunk activations"]
+    assert parts["largest block"] == backend_mod._ATTN_ELEMENTS * 4
+
+
+def test_hca_decode_equals_gathered_attention(long_model, monkeypatch):
+    # The reference's HCA decode path (ring rows by index + one GEMM over every entry, masked by visibility)
+    # against the default attend (all K = win + entries gathered, then sparse_attention), two rows decoding 5
+    # steps from positions 90 (no HCA entry visible yet) and 1,148 (8 entries; the 9th becomes visible at 1,151).
+    # fp32: the two sum the same terms in another order (~1e-7 relative); 1e-5 on logits leaves room for that.
+    m = long_model
+    ref = ReferenceBackend
+    taken = []
+    monkeypatch.setattr(ref, "_hca_decode", staticmethod(lambda *a: taken.append(1) or _HCA_DECODE(*a)))
+    lens = (90, 1148)
+    caches = [m.new_cache(2, 1280) for _ in range(2)]
+    for c in caches:
+        for slot, n in enumerate(lens):
+            m(_ids(n, seed=5 + slot), c, torch.tensor([slot]), 0, last_only=True)
+    slots, tok = torch.arange(2), torch.tensor([[7], [9]])
+    for k in range(5):
+        pos = torch.tensor(lens) + k
+        fast = m.decode(tok, pos, caches[0], slots, max_len=int(pos.max()) + 1)
+        be = m.layers[0].attn.backend
+        be.sparse_attention = lambda *a: ref.sparse_attention(be, *a)  # not the class's own: the default attend
+        try:
+            plain = m.decode(tok, pos, caches[1], slots, max_len=int(pos.max()) + 1)
+        finally:
+            del be.sparse_attention
+        assert (fast - plain).abs().max().item() <= 1e-5
+        tok = fast[:, -1].argmax(-1, keepdim=True)
+    assert len(taken) == 5  # one HCA layer, every step
+
+
+_HCA_DECODE = ReferenceBackend._hca_decode
