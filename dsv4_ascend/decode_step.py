@@ -107,9 +107,15 @@ class EagerDecoder:
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
              max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
         """`max_len` (host-known, optional): every row's length after this token is at most this; compressed
-        entries are read only up to it (whole pages), so a few distinct shapes occur."""
-        logits = self.model.decode(ids, positions, self.cache, slots, max_len=max_len)[:, -1]
-        sb = SamplingBatch.of(params, logits.device)
-        tokens, logprobs = next_tokens(logits, sb, positions + 1, self.model.backend.sample, all_greedy(params),
-                                       adjust)
+        entries are read only up to it (whole pages), so a few distinct shapes occur.
+
+        The whole step (model, logit rules, sampling) runs under `torch.inference_mode`: no autograd or view
+        tracking per op (the batch-1 step is ~2,900 tiny ops, docs/design.md "Performance"). Cache and rule state
+        are normal tensors updated in place, which inference mode allows; the returned tensors are inference
+        tensors, read (not updated in place) by the engine."""
+        with torch.inference_mode():
+            logits = self.model.decode(ids, positions, self.cache, slots, max_len=max_len)[:, -1]
+            sb = SamplingBatch.of(params, logits.device)
+            tokens, logprobs = next_tokens(logits, sb, positions + 1, self.model.backend.sample,
+                                           all_greedy(params), adjust)
         return StepResult(tokens, logprobs, logits)

@@ -139,8 +139,8 @@ class ReferenceBackend(Backend):
             mixed = comb[..., 0, :, None] * xf[..., 0, None, :]
             for i in range(1, comb.shape[-2]):
                 mixed = mixed + comb[..., i, :, None] * xf[..., i, None, :]
-        else:
-            mixed = torch.einsum("...ij,...id->...jd", comb, xf)  # [..., j, d] = sum_i comb[i, j] x[i]
+        else:  # [..., j, d] = sum_i comb[i, j] x[i]: one bmm (einsum's result bit for bit, fewer permutes)
+            mixed = torch.matmul(comb.transpose(-1, -2), xf)
         return mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)).to(f.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
@@ -160,6 +160,29 @@ class ReferenceBackend(Backend):
             kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)
             score = torch.cat([score[:, :-1, :, :d], score[:, 1:, :, d:]], dim=2)
         return (torch.softmax(score, dim=2) * kv).sum(2)
+
+    def compressor(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_weight: Tensor, norm_eps: float,
+                   state: Tensor, blocks: Tensor, start: Tensor, cos: Tensor, sin: Tensor, ratio: int,
+                   used: int | Tensor | None = None) -> Tensor:
+        """Decode (one token per row, state ring = the window(s) one entry reads): the composite's values with
+        fewer ops (write the token's row first, then read the ring rows of its window: the rows of positions
+        after the token are stale there, but the composite masks them too, kv 0 and score -inf, exactly).
+        Anything else: the composite (`Backend.compressor`)."""
+        m, ring, c = ratio, state.shape[1], wkv.shape[0]
+        overlap = c == 2 * norm_weight.shape[0]
+        if x.shape[1] != 1 or used is not None or ring != (1 + overlap) * m:
+            return super().compressor(x, wkv, wgate, ape, norm_weight, norm_eps, state, blocks, start, cos, sin,
+                                      ratio, used)
+        xf = x.float()  # [B,1,D]: the composite's GEMMs on the same [B,1,D] operands
+        new = torch.cat([self.linear(xf, wkv), self.linear(xf, wgate) + ape[start % m].unsqueeze(1)], -1)
+        state[blocks, start % ring] = new[:, 0]
+        vpos = ((start // m - int(overlap)) * m).unsqueeze(1) + torch.arange(ring, device=x.device)  # [B, ring]
+        rows = state[blocks.unsqueeze(1), vpos % ring]  # [B, ring, 2c]: the ring in position order
+        drop = ((vpos < 0) | (vpos > start.unsqueeze(1))).unsqueeze(-1)
+        kv, score = rows[..., :c].masked_fill(drop, 0.0), rows[..., c:].masked_fill(drop, float("-inf"))
+        e = self.rms_norm(self.compress(kv, score, m, overlap).to(x.dtype), norm_weight, norm_eps)
+        r = 2 * cos.shape[-1]
+        return torch.cat([e[..., :-r], self.rope(e[..., -r:], cos, sin)], dim=-1)
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         scores = self._indexer_scores(q, weights, keys)

@@ -46,6 +46,10 @@ def main() -> None:
                     "(perf_counter) or this process's CPU time (time.process_time; a loaded shared machine does not "
                     "inflate it; meaningful with --threads 1)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the transformers comparison")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the comparison, print the N costliest aten ops of one decode step, ours (eager engine) "
+                         "next to transformers (torch.profiler, self CPU time; generate(new) minus generate(1), per "
+                         "step)")
     ap.add_argument("--graph", action="store_true", help="also time our engine with graph-mode decode (compiles)")
     ap.add_argument("--graph-tuning", default="default", choices=["default", "max"],
                     help="graph compile tuning: 'max' = frozen weights + autotuned GEMMs (longer compile)")
@@ -167,6 +171,44 @@ def main() -> None:
               f"({best['hf'] / best['graph']:.2f}x)")
     print(f"  transformers 5.23          : {n / med['hf']:8.1f} tok/s ({n / best['hf']:8.1f})  (goals: eager >= 2x, "
           "graph >= 5x)")
+    if args.profile:
+        _print_profile({"ours": ours_generate, "transformers": hf_generate}, args.new_tokens, args.profile)
+
+
+def _op_table(run, new: int, repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """{aten op: (calls, self CPU us)} of run(new) under torch.profiler; per op the minimum time of `repeats` runs
+    (the profiler's clock is wall time, which a loaded shared machine inflates unevenly)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    table: dict[str, tuple[float, float]] = {}
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(new)
+        for e in prof.key_averages():
+            if e.key.startswith("aten::"):
+                t = min(e.self_cpu_time_total, table.get(e.key, (0, float("inf")))[1])
+                table[e.key] = (e.count, t)
+    return table
+
+
+def _print_profile(runs: dict, new_tokens: int, top: int) -> None:
+    """Per decode step: generate(new_tokens) minus generate(1) (same prompt, same prefill), divided by the steps."""
+    steps = new_tokens - 1
+    per = {}
+    for name, run in runs.items():
+        full, one = _op_table(run, new_tokens), _op_table(run, 1)
+        per[name] = {k: ((c - one.get(k, (0, 0))[0]) / steps, (t - one.get(k, (0, 0))[1]) / steps)
+                     for k, (c, t) in full.items()}
+    a, b = per["ours"], per["transformers"]
+    print(f"\n4. aten ops per decode step (torch.profiler: calls, nested ones included; self time, min of 3 runs, "
+          f"profiler overhead included; {steps} steps)")
+    for name, d in per.items():
+        print(f"  {name}: {sum(c for c, _ in d.values()):8.0f} ops, {sum(t for _, t in d.values()) / 1e3:7.2f} ms "
+              "self CPU")
+    print(f"  {'op':28s} {'ours calls':>10s} {'ours ms':>8s} {'hf calls':>9s} {'hf ms':>7s}")
+    for k in sorted(set(a) | set(b), key=lambda k: -max(a.get(k, (0, 0))[1], b.get(k, (0, 0))[1]))[:top]:
+        (ca, ta), (cb, tb) = a.get(k, (0, 0)), b.get(k, (0, 0))
+        print(f"  {k:28s} {ca:10.0f} {ta / 1e3:8.3f} {cb:9.0f} {tb / 1e3:7.3f}")
 
 
 if __name__ == "__main__":
