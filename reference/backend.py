@@ -408,7 +408,7 @@ class ReferenceBackend(Backend):
         stacked experts, weights dequantised once), each token's output the routing-weighted sum, unpicked
         experts weighted by an exact 0. No data-dependent shapes, and no per-(token, expert) copy of the weights
         (the gathered path's index_select: tiny, 32 decode rows: 33 of a 90 ms step)."""
-        dt, (t, k), n_exp = x.dtype, ids.shape, w1.shape[0]
+        dt, t, n_exp = x.dtype, ids.shape[0], w1.shape[0]
         every = torch.arange(n_exp, device=ids.device)
         dense = torch.zeros(t, n_exp, dtype=torch.float32, device=x.device).scatter_add_(1, ids, weights.float())
 
