@@ -354,13 +354,15 @@ class ReferenceBackend(Backend):
         return w * route_scale, ids
 
     def _swiglu(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1, s2, s3, limit: float,
-                weight: Tensor | None = None) -> Tensor:
-        g = self.linear(x, w1, s1).float().clamp(max=limit)
-        u = self.linear(x, w3, s3).float().clamp(-limit, limit)
+                weight: Tensor | None = None, mm=None) -> Tensor:
+        """Clamped SwiGLU; `mm(x, w, s)` (default `self.linear`) is the matmul, e.g. the grouped experts'."""
+        mm = self.linear if mm is None else mm
+        g = mm(x, w1, s1).float().clamp(max=limit)
+        u = mm(x, w3, s3).float().clamp(-limit, limit)
         h = F.silu(g) * u
         if weight is not None:  # routing weight before the down projection, in fp32 (DeepSeek's order)
             h = h * weight.unsqueeze(-1)
-        return self.linear(h.to(x.dtype), w2, s2)
+        return mm(h.to(x.dtype), w2, s2)
 
     def swiglu_mlp(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1: Tensor | None, s2: Tensor | None,
                    s3: Tensor | None, limit: float) -> Tensor:
@@ -391,14 +393,11 @@ class ReferenceBackend(Backend):
         def per_expert(inp: Tensor, w: Tensor, s: Tensor | None) -> Tensor:  # each group through its expert
             return torch.cat([self.linear(inp[sl], w[e], None if s is None else s[e]) for e, sl in groups])
 
-        # `_swiglu`'s elementwise ops once over every row (each element's ops as there; one chain of ~8 kernels
-        # instead of one per expert), then one fp32 index_add_ in expert order: each token's sum is accumulated
-        # in the same order as one index_add_ per expert did (tests/test_reference_ops.py).
-        g = per_expert(xs, w1, s1).float().clamp(max=limit)
-        u = per_expert(xs, w3, s3).float().clamp(-limit, limit)
-        h = (F.silu(g) * u * ws.unsqueeze(-1)).to(x.dtype)  # routing weight before the down projection (fp32)
+        # `_swiglu`'s elementwise ops once over every row (one chain of ~8 kernels instead of one per expert),
+        # then one fp32 index_add_ in expert order: each token's sum is accumulated in the same order as one
+        # index_add_ per expert did (tests/test_reference_ops.py).
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        out.index_add_(0, tok, per_expert(h, w2, s2).float())
+        out.index_add_(0, tok, self._swiglu(xs, w1, w2, w3, s1, s2, s3, limit, ws, mm=per_expert).float())
         if shared is not None:  # DeepSeek's order: the routed experts, then the shared one, on the fp32 sum
             out += shared.float()
         return out.to(x.dtype)
