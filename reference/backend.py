@@ -185,6 +185,13 @@ class ReferenceBackend(Backend):
         return torch.cat([e[..., :-r], self.rope(e[..., -r:], cos, sin)], dim=-1)
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
+        n = keys.shape[1]
+        if keys.device.type == "cpu" and not torch.compiler.is_compiling() and n > k:
+            # Causal (eager CPU prefill, host reads free): no query of this block sees an entry past the largest
+            # n_visible, so those are not scored (a prefill's upper triangle: half of the [S, S/4] pairs). Each
+            # score is the same dot product (column tiles do not change it, `_indexer_scores`), so the picks are
+            # the same (tests/test_prefill_attention.py); at least min(k, N) columns keep the output's width.
+            keys = keys[:, :max(k, min(n, int(n_visible.max())))]  # host read
         scores = self._indexer_scores(q, weights, keys)
         # Prefill chunks in eager mode on CPU (host reads are free there): the exact threshold pre-filter, no mask
         # pass (`topk.stable_topk_visible`); decode (`indexer_topk_paged`), compiled graphs and accelerators: the
@@ -277,12 +284,12 @@ class ReferenceBackend(Backend):
         if view.chunk is None or not isinstance(view.start, int) or not own:
             return super().attend(q, view, sink, scale)
         b, s, h, d = q.shape
-        win, dev = view.win, q.device
+        win, dev, m = view.win, q.device, view.ratio
         slab = view.window_slab()
-        hca = view.ratio > 0 and view.picks is None
+        hca = m > 0 and view.picks is None
         ent = view.entry_pool().float() if hca else None
         n_ent = ent.shape[1] if hca else 0
-        n_pick = view.picks.shape[-1] if view.ratio and not hca else 0
+        n_pick = view.picks.shape[-1] if m and not hca else 0
         # Query block ~ the window: the band holds blk+win-1 keys per query (<= 2x the win it needs, as GEMMs);
         # halved until the block's logits and gathered picks fit _ATTN_PREFILL_ELEMENTS.
         blk = min(s, max(win, 16))
@@ -293,30 +300,45 @@ class ReferenceBackend(Backend):
         for lo in range(0, s, blk):
             hi = min(lo + blk, s)
             n = hi - lo
+            nw = n + win - 1
             qb = qf[:, lo:hi].reshape(b, n * h, d)
             kw = slab[:, lo:hi + win - 1]  # positions start+lo-win+1 .. start+hi-1
-            rel = torch.arange(kw.shape[1], device=dev) - torch.arange(n, device=dev).view(-1, 1)
-            first = view.start + lo - win + 1  # position of band row 0
-            band = (rel >= 0) & (rel < win) & (first + torch.arange(kw.shape[1], device=dev) >= 0)
-            logits = [(qb @ kw.transpose(1, 2)).view(b, n, h, -1).mul_(scale).masked_fill_(
-                ~band.view(1, n, 1, -1), float("-inf"))]
-            if hca:  # entry w is visible to query t iff w < (t+1)//m
-                vis = torch.arange(n_ent, device=dev) < ((view.positions[:, lo:hi] + 1) // view.ratio).unsqueeze(-1)
-                logits.append((qb @ ent.transpose(1, 2)).view(b, n, h, -1).mul_(scale).masked_fill_(
-                    ~vis.unsqueeze(2), float("-inf")))
+            # HCA, causal: query t sees entries w < (t+1)//m; the block's queries (t = start+lo .. start+hi-1) see
+            # at most n_all, each at least n_some. Entries past n_all are skipped (not computed and masked); only
+            # columns n_some..n_all-1 need a mask.
+            n_all = min(n_ent, (view.start + hi) // m) if hca else 0
+            n_some = min(n_all, (view.start + lo + 1) // m) if hca else 0
+            # One logits buffer [window band | entries or picks | sink]: the GEMMs write their columns in place
+            # (no concatenation copy), one softmax reads it.
+            lg = qb.new_empty(b, n * h, nw + n_all + n_pick + 1)
+            torch.bmm(qb, kw.transpose(1, 2), out=lg[..., :nw])
+            if hca:
+                torch.bmm(qb, ent[:, :n_all].transpose(1, 2), out=lg[..., nw:nw + n_all])
             elif n_pick:
                 keys, valid = view.picked_entries(lo, hi)
                 keys = keys.float()
-                logits.append((torch.einsum("bqhd,bqkd->bqhk", qb.view(b, n, h, d), keys) * scale).masked_fill_(
-                    ~valid.unsqueeze(2), float("-inf")))
-            logits.append(sink.float().view(1, 1, h, 1).expand(b, n, h, 1))
-            probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
-            nw = kw.shape[1]
-            o = probs[..., :nw].reshape(b, n * h, nw) @ kw
-            if hca:
-                o += probs[..., nw:nw + n_ent].reshape(b, n * h, n_ent) @ ent
+                torch.bmm(qb.reshape(b * n, h, d), keys.reshape(b * n, n_pick, d).transpose(1, 2),
+                          out=lg.view(b * n, h, -1)[..., nw:nw + n_pick])
+            lg4 = lg.view(b, n, h, -1)
+            lg4[..., :-1].mul_(scale)
+            rel = torch.arange(nw, device=dev) - torch.arange(n, device=dev).view(-1, 1)
+            first = view.start + lo - win + 1  # position of band row 0
+            band = (rel >= 0) & (rel < win) & (first + torch.arange(nw, device=dev) >= 0)
+            lg4[..., :nw].masked_fill_(~band.view(1, n, 1, -1), float("-inf"))
+            if hca and n_some < n_all:
+                vis = (torch.arange(n_some, n_all, device=dev)
+                       < ((view.positions[:, lo:hi] + 1) // m).unsqueeze(-1))  # [B, n, n_all - n_some]
+                lg4[..., nw + n_some:nw + n_all].masked_fill_(~vis.unsqueeze(2), float("-inf"))
             elif n_pick:
-                o += torch.einsum("bqhk,bqkd->bqhd", probs[..., nw:nw + n_pick], keys).reshape(b, n * h, d)
+                lg4[..., nw:nw + n_pick].masked_fill_(~valid.unsqueeze(2), float("-inf"))
+            lg4[..., -1] = sink.float().view(1, 1, h)
+            probs = torch.softmax(lg, dim=-1)
+            o = probs[..., :nw] @ kw
+            if hca:
+                o += probs[..., nw:nw + n_all] @ ent[:, :n_all]
+            elif n_pick:
+                o += torch.bmm(probs.view(b * n, h, -1)[..., nw:nw + n_pick], keys.reshape(b * n, n_pick, d)).view(
+                    b, n * h, d)
             out.append(o.view(b, n, h, d))
         return torch.cat(out, dim=1).to(q.dtype)
 
