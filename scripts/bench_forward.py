@@ -66,8 +66,11 @@ def main() -> None:
     native.pop("quantization_config", None)
     native.pop("expert_dtype", None)
     cfg = ModelConfig.from_dict(native)
+    names = ([] if args.only == "transformers" else ["ours eager"] + ["ours compiled"] * args.compiled) + \
+        ([] if args.skip_hf else ["transformers"])
+    order = f"interleaved per repeat: {', '.join(names)}" if len(names) > 1 else f"only {names[0]}"
     print(f"config={args.preset} batch={args.batch} threads={args.threads} logits={args.logits} "
-          f"repeats={args.repeats} (median) clock={args.clock}; interleaved: ours eager, ours compiled, transformers per repeat")
+          f"repeats={args.repeats} (median) clock={args.clock}; {order}")
     for dname in dtypes:
         dtype = getattr(torch, dname)
         hf, sd = build_hf_model(native, seed=0, dtype=dtype)
