@@ -186,7 +186,7 @@ class ReferenceBackend(Backend):
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         n = keys.shape[1]
-        if keys.device.type == "cpu" and not torch.compiler.is_compiling() and n > k:
+        if keys.device.type == "cpu" and not torch.compiler.is_compiling() and n > k and n_visible.numel():
             # Causal (eager CPU prefill, host reads free): no query of this block sees an entry past the largest
             # n_visible, so those are not scored (a prefill's upper triangle: half of the [S, S/4] pairs). Each
             # score is the same dot product (column tiles do not change it, `_indexer_scores`), so the picks are
