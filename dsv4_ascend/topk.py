@@ -21,6 +21,7 @@ _SAMPLE_SHARE = 8
 _EXACT = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in fp32
 # order_keys' high word of -inf: the fp32 bits 0xFF800000 with the magnitude bits flipped, as an int32.
 _NEG_INF_HIGH = (0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)
+_NEG_INF_HIGH_CPU = torch.tensor(_NEG_INF_HIGH, dtype=torch.int32)
 
 
 def order_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
@@ -76,8 +77,9 @@ def stable_topk_masked(scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
     [..., N] float32, n_visible [...]), -1 where the pick's score is -inf. Sync-free; `scores` is modified.
 
     Eager, little-endian: the keys `order_keys` builds from the masked scores, in fewer passes over N. The mask
-    compares the keys' index word (N-1-w < N-n_visible), and masked entries get -inf's high word as they are
-    written; a pick is -inf iff its key's high word is. Compiled or big-endian: mask, then `stable_topk`.
+    compares the keys' index word (w >= n_visible iff N-1-w < N-n_visible), masked entries get -inf's high word
+    as the high words are written, and a pick is -inf iff its key's high word is. Compiled or big-endian: mask,
+    then `stable_topk`.
     """
     n = scores.shape[-1]
     k = min(k, n)
@@ -94,8 +96,7 @@ def stable_topk_masked(scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
     bits = scores.add_(0.0).view(torch.int32)  # + 0.0: -0 -> +0, as in order_keys
     bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))  # order_keys' high word, in place
     keys = torch.empty(*scores.shape, 2, device=scores.device, dtype=torch.int32)  # (low, high) int32 words
-    torch.where(hidden, torch.tensor(_NEG_INF_HIGH, dtype=torch.int32, device=scores.device), bits,
-                out=keys[..., 1])
+    torch.where(hidden, _NEG_INF_HIGH_CPU, bits, out=keys[..., 1])  # a CPU scalar: no copy to the device
     keys[..., 0].copy_(rev)
     top = keys.view(torch.int64).squeeze(-1).topk(k, dim=-1)
     return torch.where(top.values < (_NEG_INF_HIGH + 1) << 32, -1, top.indices)
