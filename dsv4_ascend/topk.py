@@ -13,12 +13,15 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["stable_topk", "stable_topk_visible", "order_keys"]
+__all__ = ["stable_topk", "stable_topk_masked", "stable_topk_visible", "order_keys"]
 
 # stable_topk_visible's threshold sample: the first N // _SAMPLE_SHARE entries of each row.
 _SAMPLE_SHARE = 8
 
 _EXACT = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable in fp32
+# order_keys' high word of -inf: the fp32 bits 0xFF800000 with the magnitude bits flipped, as an int32.
+_NEG_INF_HIGH = (0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)
+_NEG_INF_HIGH_CPU = torch.tensor(_NEG_INF_HIGH, dtype=torch.int32)
 
 
 def order_keys(scores: Tensor, index: Tensor | None = None) -> Tensor:
@@ -67,6 +70,36 @@ def stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return scores[..., :0], torch.zeros(*scores.shape[:-1], 0, dtype=torch.int64, device=scores.device)
     picks = order_keys(scores).topk(k, dim=-1).indices
     return scores.gather(-1, picks), picks
+
+
+def stable_topk_masked(scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
+    """Indices [..., min(k, N)] of `stable_topk(scores masked to -inf at w >= n_visible, min(k, N))` (scores
+    [..., N] float32, n_visible [...]), -1 where the pick's score is -inf. Sync-free; `scores` is modified.
+
+    Eager, little-endian: the keys `order_keys` builds from the masked scores, in fewer passes over N. The mask
+    compares the keys' index word (w >= n_visible iff N-1-w < N-n_visible), masked entries get -inf's high word
+    as the high words are written, and a pick is -inf iff its key's high word is. Compiled or big-endian: mask,
+    then `stable_topk`.
+    """
+    n = scores.shape[-1]
+    k = min(k, n)
+    if scores.dtype != torch.float32:
+        raise ValueError(f"stable_topk_masked: scores must be float32, found {scores.dtype}")
+    if sys.byteorder != "little" or torch.compiler.is_compiling():
+        scores.masked_fill_(torch.arange(n, device=scores.device) >= n_visible.unsqueeze(-1), float("-inf"))
+        vals, order = stable_topk(scores, k)
+        return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
+    if n > 1 << 31:
+        raise ValueError(f"stable_topk_masked: N={n} indices do not fit the key's low 31 bits")
+    rev = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int32)
+    hidden = rev < (n - n_visible).to(torch.int32).unsqueeze(-1)  # w >= n_visible
+    bits = scores.add_(0.0).view(torch.int32)  # + 0.0: -0 -> +0, as in order_keys
+    bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))  # order_keys' high word, in place
+    keys = torch.empty(*scores.shape, 2, device=scores.device, dtype=torch.int32)  # (low, high) int32 words
+    torch.where(hidden, _NEG_INF_HIGH_CPU, bits, out=keys[..., 1])  # a CPU scalar: no copy to the device
+    keys[..., 0].copy_(rev)
+    top = keys.view(torch.int64).squeeze(-1).topk(k, dim=-1)
+    return torch.where(top.values < (_NEG_INF_HIGH + 1) << 32, -1, top.indices)
 
 
 def stable_topk_visible(scores: Tensor, n_visible: Tensor, k: int) -> Tensor | None:

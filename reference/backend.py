@@ -12,7 +12,7 @@ from torch import Tensor
 from dsv4_ascend import quant
 from dsv4_ascend.attention_view import KVView, PagedRows
 from dsv4_ascend.backend import Backend, RunOptions
-from dsv4_ascend.topk import stable_topk, stable_topk_visible
+from dsv4_ascend.topk import stable_topk_masked, stable_topk_visible
 
 __all__ = ["ReferenceBackend", "dequantize_weight"]
 
@@ -23,8 +23,11 @@ _ATTN_PREFILL_ELEMENTS = 1 << 24
 # Key elements read per block by `indexer_topk_paged` (4 MiB in fp32): bounded, cache-sized copies.
 _INDEXER_KEY_ELEMENTS = 1 << 20
 # Indexer entries scored per GEMM (columns of one tile): a 1M-context prefill block's [8 queries, 2 heads, tile]
-# fp32 GEMM output is then 1 MiB, still in cache for relu, head weights and the head sum.
+# fp32 GEMM output is then 1 MiB, still in cache for relu, head weights and the head sum. Fewer query rows (decode:
+# 1 query x 2 heads) take wider tiles, up to _INDEXER_TILE_ELEMENTS outputs: 16 tiles of 2 x 16,384 cost 0.25 ms
+# more than 4 of 2 x 65,536 per decode step at 1M tokens (per-op overhead; CPU time, 1 thread).
 _INDEXER_TILE = 1 << 14
+_INDEXER_TILE_ELEMENTS = 1 << 17
 # Entries from which eager CPU prefill picks through `stable_topk_visible` (its loop over query rows costs more
 # than it saves on short rows: small preset at 32K, 8,192 entries, top 32: 28 vs 22 ms per 128-query block; the
 # `long` preset at 32,768 entries, top 512: 19 vs 34 ms per 64-query block, CPU time).
@@ -239,21 +242,19 @@ class ReferenceBackend(Backend):
         # on this CPU, `tests/test_long_context.py::test_indexer_score_tiles_equal_whole`).
         q, keys, w = q.float(), keys.float(), weights.float().unsqueeze(-1)
         n = keys.shape[1]
-        if n <= _INDEXER_TILE or torch.compiler.is_compiling():  # compiled: no strided `out=` (dynamo)
+        tile = max(_INDEXER_TILE, _INDEXER_TILE_ELEMENTS // (q.shape[0] * q.shape[1] * q.shape[2]))
+        if n <= tile or torch.compiler.is_compiling():  # compiled: no strided `out=` (dynamo)
             return _scores(q, keys).relu_().mul_(w).sum(2)
         out = q.new_empty(q.shape[0], q.shape[1], n)
-        for lo in range(0, n, _INDEXER_TILE):
-            hi = min(lo + _INDEXER_TILE, n)
+        for lo in range(0, n, tile):
+            hi = min(lo + tile, n)
             torch.sum(_scores(q, keys[:, lo:hi]).relu_().mul_(w), 2, out=out[..., lo:hi])
         return out
 
     def _indexer_pick(self, scores: Tensor, n_visible: Tensor, k: int) -> Tensor:
         """Top-k entries of fp32 scores [B,S,N] among w < n_visible [B,S] (modified in place); -1 past them."""
-        n = scores.shape[-1]
-        scores.masked_fill_(torch.arange(n, device=scores.device) >= n_visible.unsqueeze(-1), float("-inf"))
         # Higher score first, then lower index: one tie-break everywhere (= a stable descending sort's first k).
-        vals, order = stable_topk(scores, min(k, n))
-        return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
+        return stable_topk_masked(scores, n_visible, k)
 
     def sparse_attention(self, q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         s = q.shape[1]

@@ -22,7 +22,8 @@ from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
 from dsv4_ascend.sampling import SamplingParams
 from dsv4_ascend.tiny import random_weights
-from dsv4_ascend.topk import order_keys, stable_topk, stable_topk_visible
+import dsv4_ascend.topk as topk_mod
+from dsv4_ascend.topk import order_keys, stable_topk, stable_topk_masked, stable_topk_visible
 from dsv4_ascend.weights import assign_tensors
 
 TOL = 1e-4
@@ -118,6 +119,45 @@ def test_order_keys_with_explicit_index():
         order_keys(s, idx[:, :3])
 
 
+def _masked_pick(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The decode pick before stable_topk_masked: mask to -inf, stable_topk, -1 where the pick is -inf."""
+    n = scores.shape[-1]
+    masked = scores.masked_fill(torch.arange(n) >= n_visible.unsqueeze(-1), float("-inf"))
+    vals, order = stable_topk(masked, min(k, n))
+    return torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
+
+
+@pytest.mark.parametrize("compiled_form", [False, True])
+def test_stable_topk_masked_equals_mask_then_stable_topk(monkeypatch, compiled_form):
+    # The fused decode pick (mask folded into the keys' high word, -inf read off the keys) must give the old
+    # form's picks bit for bit: integer scores (ties), +-0, -inf in visible entries, rows seeing nothing, all or
+    # fewer than k, k > N; also its compiled form (mask, then stable_topk) and the 1M shape (2^18 entries).
+    if compiled_form:
+        monkeypatch.setattr(topk_mod.torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(300):
+        n = int(torch.randint(0, 3000, (1,), generator=g))
+        k = int(torch.randint(0, 700, (1,), generator=g))
+        shape = (int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)))
+        s = torch.randint(-3, 4, (*shape, n), generator=g).float() if trial % 2 else torch.randn(*shape, n,
+                                                                                                generator=g)
+        if trial % 5 == 0:
+            s = s.clamp(max=0) * torch.randn(*shape, n, generator=g).sign()  # 0 and -0 ties at the top
+        if trial % 7 == 0:
+            s = torch.where(torch.rand(*shape, n, generator=g) < 0.5, float("-inf"), s)  # visible -inf scores
+        nv = torch.randint(0, n + 1, shape, generator=g)
+        nv[0, 0] = n if trial % 3 else 0
+        ref = _masked_pick(s, nv, k)
+        got = stable_topk_masked(s.clone(), nv, k)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), (trial, n, k)
+    big = torch.randint(0, 50, (1, 2, 1 << 18), generator=g).float()  # ~5,000 copies of each value
+    big[0, 1] = torch.randn(1 << 18, generator=g)
+    nv = torch.tensor([[(1 << 18) - 3, 70000]])
+    assert torch.equal(stable_topk_masked(big.clone(), nv, 512), _masked_pick(big, nv, 512))
+    with pytest.raises(ValueError, match="float32"):
+        stable_topk_masked(torch.zeros(1, 4, dtype=torch.bfloat16), torch.tensor([4]), 2)
+
+
 def test_stable_topk_visible_equals_masked_stable_topk():
     # The threshold pre-filter (host reads, CPU prefill) must pick exactly what the masked sync-free top-k picks:
     # integer scores (ties at the threshold everywhere), rows whose top k is one tied value (all <= 0, as relu
@@ -148,15 +188,17 @@ def test_stable_topk_visible_equals_masked_stable_topk():
     assert torch.equal(stable_topk_visible(big, nv, 512), ref)
 
 
-@pytest.mark.parametrize("s", [1, 8])
-def test_indexer_score_tiles_equal_whole(monkeypatch, s):
-    # ReferenceBackend._indexer_scores scores the entries in column tiles (_INDEXER_TILE); the fp32 scores must
-    # be bit-identical to one GEMM over all of them (decode: 1 query x 2 heads; prefill blocks: 8 x 2), since
-    # the picks near ties depend on every bit. Random fp32 values: no tie hides a difference.
+@pytest.mark.parametrize("s, elements", [(1, 2048), (8, 2048), (1, 6144)])
+def test_indexer_score_tiles_equal_whole(monkeypatch, s, elements):
+    # ReferenceBackend._indexer_scores scores the entries in column tiles (_INDEXER_TILE, wider for fewer query
+    # rows: _INDEXER_TILE_ELEMENTS); the fp32 scores must be bit-identical to one GEMM over all of them (decode:
+    # 1 query x 2 heads; prefill blocks: 8 x 2), since the picks near ties depend on every bit. Random fp32
+    # values: no tie hides a difference.
     g = torch.Generator().manual_seed(9)
     q, keys, w = torch.randn(1, s, 2, 32, generator=g), torch.randn(1, 5000, 32, generator=g), torch.randn(1, s, 2)
     whole = ref_backend_mod._scores(q, keys).relu_().mul_(w.unsqueeze(-1)).sum(2)
-    monkeypatch.setattr(ref_backend_mod, "_INDEXER_TILE", 1024)  # 4 whole tiles and a partial one
+    monkeypatch.setattr(ref_backend_mod, "_INDEXER_TILE", 1024)  # 4 whole tiles of 1024 and a partial one,
+    monkeypatch.setattr(ref_backend_mod, "_INDEXER_TILE_ELEMENTS", elements)  # or (1, 6144) 1 of 3072 + 1928
     assert torch.equal(ReferenceBackend()._indexer_scores(q, w, keys), whole)
 
 
