@@ -189,7 +189,8 @@ class ReferenceBackend(Backend):
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         n = keys.shape[1]
-        if keys.device.type == "cpu" and not torch.compiler.is_compiling() and n > k and n_visible.numel():
+        eager_cpu = keys.device.type == "cpu" and not torch.compiler.is_compiling()
+        if eager_cpu and q.shape[1] > 1 and n > k and n_visible.numel():  # a decode step (one query) keeps N
             # Causal (eager CPU prefill, host reads free): no query of this block sees an entry past the largest
             # n_visible, so those are not scored (a prefill's upper triangle: half of the [S, S/4] pairs). Each
             # score is the same dot product (column tiles do not change it, `_indexer_scores`), so the picks are
@@ -199,8 +200,7 @@ class ReferenceBackend(Backend):
         # Prefill chunks in eager mode on CPU (host reads are free there): the exact threshold pre-filter, no mask
         # pass (`topk.stable_topk_visible`); decode (`indexer_topk_paged`), compiled graphs and accelerators: the
         # sync-free masked top-k below. Both give the same picks.
-        if (scores.shape[-1] >= _INDEXER_PREFILTER_ENTRIES and scores.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
+        if eager_cpu and scores.shape[-1] >= _INDEXER_PREFILTER_ENTRIES:
             picks = stable_topk_visible(scores, n_visible, min(k, scores.shape[-1]))
             if picks is not None:
                 return picks
