@@ -115,7 +115,11 @@ class EagerDecoder:
         tensors, read (not updated in place) by the engine."""
         with torch.inference_mode():
             logits = self.model.decode(ids, positions, self.cache, slots, max_len=max_len)[:, -1]
-            sb = SamplingBatch.of(params, logits.device)
-            tokens, logprobs = next_tokens(logits, sb, positions + 1, self.model.backend.sample,
-                                           all_greedy(params), adjust)
+            greedy_rows = all_greedy(params)
+            if greedy_rows and adjust is None:  # what next_tokens returns here, without building the batch's tensors
+                tokens, logprobs = greedy(logits)
+            else:
+                sb = SamplingBatch.of(params, logits.device)
+                tokens, logprobs = next_tokens(logits, sb, positions + 1, self.model.backend.sample, greedy_rows,
+                                               adjust)
         return StepResult(tokens, logprobs, logits)

@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .layers import Linear, RMSNorm, WeightFormats, param as _param
 from .moe import Expert, Gate, MoE, RoutedExperts
 from .rope import RopeTable, apply_rope_tail
+from .scalar_consts import scalar
 
 # The layers (layers.py) and the MoE (moe.py) are re-exported: the model's public names live here.
 __all__ = ["WeightFormats", "Linear", "RMSNorm", "Step", "Gate", "Expert", "RoutedExperts", "MoE", "Transformer"]
@@ -74,6 +75,15 @@ class Step:
             self._rope[table.name] = table.cos_sin(self.positions)
         return self._rope[table.name]
 
+    def head_cos_sin(self, table: RopeTable) -> tuple[Tensor, Tensor, Tensor]:
+        """(cos, sin, -sin) with a heads axis ([B,S,1,r/2]) for q and the output's inverse rotation, computed once
+        per step (not per layer)."""
+        key = (table.name, "heads")
+        if key not in self._rope:
+            cos, sin = self.cos_sin(table)
+            self._rope[key] = (cos.unsqueeze(2), sin.unsqueeze(2), -sin.unsqueeze(2))
+        return self._rope[key]
+
 
 class Compressor(nn.Module):
     """Softmax-pools kv of every `ratio` tokens into one entry (CSA: overlapping windows of 2*ratio), through the
@@ -103,7 +113,10 @@ class Compressor(nn.Module):
         the first `used` tokens take part (commit of a verified prefix; per row [B] in a ragged batch)."""
         m = self.ratio
         n = -(-x.shape[1] // m)
-        cos, sin = table.cos_sin(((start // m).unsqueeze(1) + torch.arange(n, device=x.device)) * m)
+        if n == 1:  # one window (decode): the same integer positions with fewer ops
+            cos, sin = table.cos_sin((start // m * m).unsqueeze(1))
+        else:
+            cos, sin = table.cos_sin(((start // m).unsqueeze(1) + torch.arange(n, device=x.device)) * m)
         state, blocks = (st.state, st.blocks(slots)) if write else st.scratch(slots)
         e = self.backend.compressor(x, self.wkv.weight, self.wgate.weight, self.ape, self.norm.weight, self.norm.eps,
                                     state, blocks, start, cos, sin, m, used)
@@ -111,6 +124,8 @@ class Compressor(nn.Module):
         # Rows of windows still open are garbage (NaN in the emulator); decode stores its row anyway, and attention
         # kernels weigh masked rows by 0, so store zeros there (0 * NaN would poison the output).
         closed = (start % m + (x.shape[1] if used is None else used)) // m  # [B] windows closed
+        if n == 1:
+            return torch.where((closed > 0).view(-1, 1, 1), e, scalar(0.0))
         return torch.where((torch.arange(n, device=x.device) < closed.unsqueeze(1)).unsqueeze(-1), e, 0.0)
 
 
@@ -307,7 +322,8 @@ class Attention(nn.Module):
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
         q = be.rms_norm(q, None, self.eps)
-        q = apply_rope_tail(be, q, cos.unsqueeze(2), sin.unsqueeze(2))
+        cos_h, sin_h, neg_sin_h = step.head_cos_sin(self.table)
+        q = apply_rope_tail(be, q, cos_h, sin_h)
         # win kv
         kv = self.kv_norm(self.wkv(x))
         kv = simulate_kv_qat(be, apply_rope_tail(be, kv, cos, sin), self.rope_dim)
@@ -328,7 +344,7 @@ class Attention(nn.Module):
             else:
                 lc.window.write_chunk(step.slots, step.start, kv)
         # o
-        o = apply_rope_tail(be, o, cos.unsqueeze(2), -sin.unsqueeze(2))  # inverse RoPE at the query position
+        o = apply_rope_tail(be, o, cos_h, neg_sin_h)  # inverse RoPE at the query position
         z = be.grouped_linear(o.reshape(b, s, self.groups, -1), self.wo_a.weight, self.wo_a.scale)
         return self.wo_b(z.flatten(2))
 

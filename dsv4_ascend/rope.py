@@ -50,7 +50,7 @@ class RopeTable:
                                              cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow))
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        inv = self.inv_freq.to(positions.device)
+        inv = self.inv_freq if self.inv_freq.device == positions.device else self.inv_freq.to(positions.device)
         angles = positions.to(torch.float32).unsqueeze(-1) * inv
         return angles.cos(), angles.sin()
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.compiler import is_compiling  # bound once: `torch.compiler` is a lazy attribute, ~1.4 us a lookup
 
 from dsv4_ascend import quant
 from dsv4_ascend.attention_view import KVView, PagedRows
 from dsv4_ascend.backend import Backend, RunOptions
+from dsv4_ascend.scalar_consts import cast, scalar
 from dsv4_ascend.topk import stable_topk_masked, stable_topk_visible
 
 __all__ = ["ReferenceBackend", "dequantize_weight"]
@@ -34,8 +36,14 @@ _INDEXER_TILE_ELEMENTS = 1 << 17
 _INDEXER_PREFILTER_ENTRIES = 1 << 14
 
 
-# rope: the sign of the sine term per pair element ((a, b) -> (a cos - b sin, b cos + a sin)).
-_PAIR_SIGN = torch.tensor([-1.0, 1.0])
+# rope: the sign of the sine term per pair element ((a, b) -> (a cos - b sin, b cos + a sin)), per device.
+_PAIR_SIGN = {torch.device("cpu"): torch.tensor([-1.0, 1.0])}
+
+
+def _pair_sign(device: torch.device) -> Tensor:
+    if device not in _PAIR_SIGN:
+        _PAIR_SIGN[device] = _PAIR_SIGN[torch.device("cpu")].to(device)
+    return _PAIR_SIGN[device]
 
 dequantize_weight = quant.dequantize  # one home for the formats: dsv4_ascend.quant
 # Sync-free experts run every expert on every token (`_experts_dense`) when the batch has at least one pick per
@@ -55,28 +63,28 @@ class ReferenceBackend(Backend):
     # ---- elementwise -----------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + scalar(eps))
         if weight is not None:
             y = weight.float() * y
-        return y.to(x.dtype)
+        return cast(y, x.dtype)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # (a, b) -> (a cos - b sin, b cos + a sin) as x * cos + swap(x) * (-sin, sin): the same products and one
         # rounded sum each (a + (-p) == a - p exactly), in 6 kernels instead of the pairwise form's 12.
         xf = x.float().unflatten(-1, (-1, 2))
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # Compiled (prefill): the pairwise form, one fused kernel; inductor's flip kernel measured ~10x slower
             # than this one at [1, 512, 8, 64]. The same products and sums, so bit-equal to the eager form.
             a, b = xf[..., 0], xf[..., 1]
             return torch.stack((a * cos - b * sin, b * cos + a * sin), -1).flatten(-2).to(x.dtype)
-        sin2 = sin.unsqueeze(-1) * _PAIR_SIGN.to(sin.device)  # [..., r/2, 2] = (-sin, sin)
+        sin2 = sin.unsqueeze(-1) * _pair_sign(sin.device)  # [..., r/2, 2] = (-sin, sin)
         y = (xf * cos.unsqueeze(-1)).add_(xf.flip(-1) * sin2)
-        return y.flatten(-2).to(x.dtype)
+        return cast(y.flatten(-2), x.dtype)
 
     # ---- GEMMs -----------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         if scale is None:
-            return F.linear(x, weight.to(x.dtype))
+            return F.linear(x, cast(weight, x.dtype))
         w = dequantize_weight(weight, scale, torch.float32 if self.options.deepseek else x.dtype)
         if self.options.deepseek:
             # DeepSeek's FP8 GEMM: activations quantised per 1x128 block, fp32 accumulation, output in x.dtype.
@@ -86,7 +94,7 @@ class ReferenceBackend(Backend):
     def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """Per-group projection: x [..., G, Kg] with weight [G*N, Kg] -> [..., G, N]."""
         g, k = x.shape[-2], x.shape[-1]
-        w = dequantize_weight(weight, scale, x.dtype).view(g, -1, k)
+        w = (cast(weight, x.dtype) if scale is None else dequantize_weight(weight, scale, x.dtype)).view(g, -1, k)
         # one bmm over the groups (what einsum does, without its per-call path planning)
         y = torch.bmm(x.reshape(-1, g, k).transpose(0, 1), w.transpose(1, 2))  # [G, M, N]
         return y.transpose(0, 1).reshape(*x.shape[:-1], w.shape[1])
@@ -97,7 +105,7 @@ class ReferenceBackend(Backend):
     # ---- mHC -------------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         xf = x.flatten(-2).float()  # callers pass x already in fp32: no copy
-        rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+        rinv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + scalar(norm_eps))
         return (xf @ fn.float().t()) * rinv  # DeepSeek's order (project, then scale); HF normalises first
 
     def hc_pre(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, norm_eps: float,
@@ -105,46 +113,55 @@ class ReferenceBackend(Backend):
         n = x.shape[-2]
         xf = x.float()  # once: the mix and the pre-weighted sum both read it (bf16: one [B,S,n,D] upcast, not two)
         mix = self._hc_mix(xf, fn, norm_eps)
-        # The gates as three separate contiguous ops: one fused sigmoid over a strided [.., 2n] view rounds some
-        # values one fp32 ulp differently (vectorised vs scalar kernels), and the per-op parity check
-        # (`dsv4 parity --per-op`) compares these outputs bit for bit with the emulated npu_hc_pre.
-        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
-        post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb = torch.softmax((mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)), dim=-1).add_(hc_eps)
-        # Sinkhorn: alternate row / column normalisation, comb / (sum + eps), for iters - 1 more sweeps after the
-        # first column sweep. Eager: each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1: sums of
-        # n exact products; they matched torch.sum's bit for bit on the machine measured, docs/design.md
-        # "Performance") and the normalisation one in-place div: 2 kernels per sweep instead of 3. Decode runs 8
-        # calls per step of these tiny ops, where eager dispatch dominates.
-        if torch.compiler.is_compiling():
-            # A fusing compiler: each sum as a chain of n - 1 adds (the order torch.sum takes for n = 4 here), so
-            # every sweep is pointwise per token and the whole loop fuses into one kernel (a reduction per sweep
-            # measured 5x slower under inductor on CPU; baddbmm would not fuse at all).
+        if is_compiling():
+            # The gates as three separate contiguous ops: one fused sigmoid over a strided [.., 2n] view rounds
+            # some values one fp32 ulp differently (vectorised vs scalar kernels), and the per-op parity check
+            # (`dsv4 parity --per-op`) compares these outputs bit for bit with the emulated npu_hc_pre.
+            pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
+            post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
+            comb = torch.softmax((mix[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)),
+                                 dim=-1).add_(hc_eps)
+            # Sinkhorn under a fusing compiler: each sum as a chain of n - 1 adds (the order torch.sum takes for
+            # n = 4 here), so every sweep is pointwise per token and the whole loop fuses into one kernel (a
+            # reduction per sweep measured 5x slower under inductor on CPU; baddbmm would not fuse at all).
             comb = _col_normalise(comb, hc_eps)
             for _ in range(iters - 1):
                 comb = _col_normalise(_row_normalise(comb, hc_eps), hc_eps)
             return (pre.unsqueeze(-1) * xf).sum(-2).to(x.dtype), post, comb
-        t = comb.numel() // (n * n)
+        # Eager (decode: 8 calls per step of tiny ops, where dispatch dominates, docs/design.md "Performance"):
+        # the three gates' scale and bias as one multiply and one add over all (2+n)n mixes (elementwise, so the
+        # same roundings as per gate), then each gate's slice made contiguous before its sigmoid: the kernel
+        # sees the same contiguous operand as the per-gate form (a strided view would round some values one ulp
+        # differently, vectorised vs scalar loops; the per-op parity check compares these outputs bit for bit
+        # with the emulated npu_hc_pre).
+        sv, e, ones_col, ones_row = _hc_consts(scale, n, comb_rows=mix.numel() // mix.shape[-1], eps=hc_eps)
+        z = (mix * scale.index_select(0, sv)).add_(base)
+        pre = torch.sigmoid(z[..., :n].contiguous()).add_(scalar(hc_eps))
+        post = torch.sigmoid(z[..., n:2 * n].contiguous()).mul_(scalar(2.0))
+        comb = torch.softmax(z[..., 2 * n:].unflatten(-1, (n, n)), dim=-1).add_(scalar(hc_eps))
+        # Sinkhorn: alternate row / column normalisation, comb / (sum + eps), for iters - 1 more sweeps after the
+        # first column sweep. Each (sum + eps) is one baddbmm against a ones vector (eps + comb @ 1: sums of n
+        # exact products; they matched torch.sum's bit for bit on the machine measured, docs/design.md
+        # "Performance") and the normalisation one in-place div: 2 kernels per sweep instead of 3.
+        t = ones_col.shape[0]
         c = comb.view(t, n, n)
-        e = c.new_full((1, 1, 1), hc_eps)
-        ones_col, ones_row = c.new_ones(1, n, 1).expand(t, n, 1), c.new_ones(1, 1, n).expand(t, 1, n)
         rows, cols = c.new_empty((t, n, 1)), c.new_empty((t, 1, n))
         c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         for _ in range(iters - 1):
             c.div_(torch.baddbmm(e, c, ones_col, out=rows))
             c.div_(torch.baddbmm(e, ones_row, c, out=cols))
         h = (pre.unsqueeze(-1) * xf).sum(-2)
-        return h.to(x.dtype), post, comb
+        return cast(h, x.dtype), post, comb
 
     def hc_post(self, f: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         xf = x.float()
-        if torch.compiler.is_compiling():  # the n-term sum as one fused pointwise kernel, not a bmm of n x n
+        if is_compiling():  # the n-term sum as one fused pointwise kernel, not a bmm of n x n
             mixed = comb[..., 0, :, None] * xf[..., 0, None, :]
             for i in range(1, comb.shape[-2]):
                 mixed = mixed + comb[..., i, :, None] * xf[..., i, None, :]
         else:  # [..., j, d] = sum_i comb[i, j] x[i]: one bmm (einsum's result bit for bit, fewer permutes)
             mixed = torch.matmul(comb.transpose(-1, -2), xf)
-        return mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)).to(f.dtype)
+        return cast(mixed.add_(post.unsqueeze(-1) * f.float().unsqueeze(-2)), f.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
                 hc_eps: float) -> Tensor:
@@ -189,7 +206,7 @@ class ReferenceBackend(Backend):
 
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         n = keys.shape[1]
-        eager_cpu = keys.device.type == "cpu" and not torch.compiler.is_compiling()
+        eager_cpu = keys.device.type == "cpu" and not is_compiling()
         if eager_cpu and q.shape[1] > 1 and n > k and n_visible.numel():  # a decode step (one query) keeps N
             # Causal (eager CPU prefill, host reads free): no query of this block sees an entry past the largest
             # n_visible, so those are not scored (a prefill's upper triangle: half of the [S, S/4] pairs). Each
@@ -243,7 +260,7 @@ class ReferenceBackend(Backend):
         q, keys, w = q.float(), keys.float(), weights.float().unsqueeze(-1)
         n = keys.shape[1]
         tile = max(_INDEXER_TILE, _INDEXER_TILE_ELEMENTS // (q.shape[0] * q.shape[1] * q.shape[2]))
-        if n <= tile or torch.compiler.is_compiling():  # compiled: no strided `out=` (dynamo)
+        if n <= tile or is_compiling():  # compiled: no strided `out=` (dynamo)
             return _scores(q, keys).relu_().mul_(w).sum(2)
         out = q.new_empty(q.shape[0], q.shape[1], n)
         for lo in range(0, n, tile):
@@ -263,15 +280,14 @@ class ReferenceBackend(Backend):
                                                     idx[:, i:i + _ATTN_QUERY_BLOCK], sink, scale)
                               for i in range(0, s, _ATTN_QUERY_BLOCK)], dim=1)
         b = q.shape[0]
-        valid = idx >= 0
         n, d = kv.shape[1], kv.shape[2]
-        flat = (idx.clamp(min=0) + n * torch.arange(b, device=kv.device).view(b, 1, 1)).reshape(-1)
+        flat = (idx.clamp(min=0) + torch.arange(0, b * n, n, device=kv.device).view(b, 1, 1)).reshape(-1)
         keys = kv.reshape(b * n, d).index_select(0, flat).view(*idx.shape, d).float()  # [B,S,K,d] (row copies)
-        logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scale)  # [B,S,H,K]
-        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scalar(scale))  # [B,S,H,K]
+        logits = logits.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
         sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
         probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
-        return torch.matmul(probs, keys).to(q.dtype)
+        return cast(torch.matmul(probs, keys), q.dtype)
 
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
@@ -355,13 +371,14 @@ class ReferenceBackend(Backend):
         ent = view.entry_pool().float()  # [B, N, d]
         qf = q.float().view(b, h, d)
         vis = torch.arange(ent.shape[1], device=q.device) < ((pos + 1) // view.ratio).unsqueeze(-1)  # [B, N]
-        logits = [(qf @ kw.transpose(1, 2)).mul_(scale).masked_fill_((rows < 0).unsqueeze(1), float("-inf")),
-                  (qf @ ent.transpose(1, 2)).mul_(scale).masked_fill_(~vis.unsqueeze(1), float("-inf")),
+        sc = scalar(scale)
+        logits = [(qf @ kw.transpose(1, 2)).mul_(sc).masked_fill_((rows < 0).unsqueeze(1), float("-inf")),
+                  (qf @ ent.transpose(1, 2)).mul_(sc).masked_fill_(~vis.unsqueeze(1), float("-inf")),
                   sink.float().view(1, h, 1).expand(b, h, 1)]
         probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
         win = rows.shape[1]
         out = probs[..., :win] @ kw + probs[..., win:-1] @ ent
-        return out.view(b, 1, h, d).to(q.dtype)
+        return cast(out.view(b, 1, h, d), q.dtype)
 
     # ---- MoE -------------------------------------------------------------------------------------------------
     def route(self, logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, k: int,
@@ -374,7 +391,7 @@ class ReferenceBackend(Backend):
             ids = biased.topk(k, dim=-1).indices
         w = scores.gather(-1, ids)
         w = w / w.sum(-1, keepdim=True)
-        return w * route_scale, ids
+        return w * scalar(route_scale), ids
 
     def _swiglu(self, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, s1, s2, s3, limit: float,
                 weight: Tensor | None = None, mm=None) -> Tensor:
@@ -467,7 +484,9 @@ class ReferenceBackend(Backend):
                 # then gather (the same values: dequantisation is per weight block). Shape-only choice.
                 every = torch.arange(w.shape[0], device=flat.device)
                 return dequantize_weight(w, _select_rows(s, every), dt).index_select(0, flat)
-            return dequantize_weight(w.index_select(0, flat), None if s is None else _select_rows(s, flat), dt)
+            if s is None:
+                return cast(w.index_select(0, flat), dt)
+            return dequantize_weight(w.index_select(0, flat), _select_rows(s, flat), dt)
 
         xin = x
         if self.options.deepseek and s1 is not None:
@@ -513,3 +532,28 @@ def _select_rows(t: Tensor, rows: Tensor) -> Tensor:
     if t.dtype == torch.float8_e8m0fnu:
         return quant.e8m0_to_float(t.view(torch.uint8).index_select(0, rows))
     return t.index_select(0, rows)
+
+
+
+# Eager hc_pre's constant operands per (n, rows, device, eps): the gate-scale index and the Sinkhorn sums' eps and
+# ones vectors. Read-only, so sharing them is safe; only small row counts (decode batches) are kept.
+_HC_CONSTS: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+_HC_CONSTS_MAX_ROWS = 256
+
+
+def _hc_consts(scale: Tensor, n: int, comb_rows: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(gate-scale index [(2+n)n]: 0 for the n pre mixes, 1 for the n post, 2 for the n*n comb; eps [1,1,1];
+    ones [rows,n,1]; ones [rows,1,n]), fp32 on scale's device. Normal tensors (not inference tensors), so
+    prefill outside inference mode may read them too."""
+    key = (n, comb_rows, scale.device, eps)
+    got = _HC_CONSTS.get(key)
+    if got is None:
+        with torch.inference_mode(False):
+            dev = scale.device
+            sv = torch.tensor([0] * n + [1] * n + [2] * n * n, device=dev)
+            one = torch.ones((), device=dev)
+            got = (sv, torch.full((1, 1, 1), eps, device=dev), one.expand(comb_rows, n, 1),
+                   one.expand(comb_rows, 1, n))
+        if comb_rows <= _HC_CONSTS_MAX_ROWS:
+            _HC_CONSTS[key] = got
+    return got

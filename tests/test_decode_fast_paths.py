@@ -85,3 +85,96 @@ def test_eager_decode_step_runs_in_inference_mode(tiny_model):
     assert out.logits.is_inference() and out.tokens.is_inference()
     assert not any(t.is_inference() for lc in cache.layers for t in lc.tensors())
     tiny_model.prefill(torch.tensor([[int(out.tokens[0])]]), cache, torch.tensor([0]), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (8, 1), (1, 7), (3, 33), (1, 256)])
+@pytest.mark.parametrize("inference", [False, True])
+def test_hc_pre_eager_equals_emulated_npu_hc_pre(lead, dtype, inference):
+    """The eager hc_pre (gates' scale and bias as one multiply + one add, each gate's slice made contiguous
+    before its sigmoid, cached Sinkhorn operands, cached 0-dim scalars) equals the emulated npu_hc_pre bit for
+    bit at decode and prefill shapes, inside and outside inference mode (the cached operands serve both)."""
+    from dsv4_ascend.ops.emulator import npu_hc_pre
+
+    g = _gen(11)
+    n, d = 4, 256
+    fn = torch.randn((2 + n) * n, n * d, generator=g) / 8
+    base, scale = torch.randn((2 + n) * n, generator=g) / 2, torch.rand(3, generator=g) + 0.5
+    x = torch.randn(*lead, n, d, generator=g).to(dtype)
+    with torch.inference_mode(inference):
+        got = BE.hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6)
+    want = npu_hc_pre(x, fn, scale, base, hc_mult=n, hc_sinkhorn_iters=20, norm_eps=1e-6, hc_eps=1e-6)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_scalar_operand_equals_python_number(dtype):
+    """`scalar(v)` (a cached 0-dim fp32 / int64 tensor) in an op gives what the Python number gives, dtype and
+    bits: it neither promotes the other operand nor rounds v differently (eps 1e-6, a head_dim ** -0.5 scale)."""
+    from dsv4_ascend.scalar_consts import cast, scalar
+
+    x = torch.randn(3, 5, 64, generator=_gen(12)).to(dtype)
+    for v in (1e-6, 192 ** -0.5, 2.0, float("-inf")):
+        for a, b in ((x + scalar(v), x + v), (x * scalar(v), x * v), (x.float().clone().add_(scalar(v)), x.float() + v)):
+            assert a.dtype == b.dtype and torch.equal(a, b), v
+    p = torch.arange(-40, 40)
+    for m in (4, 16):
+        assert torch.equal(p // scalar(m, torch.int64), p // m) and (p // scalar(m, torch.int64)).dtype == torch.int64
+    assert cast(x, dtype) is x and cast(x, torch.float32).dtype == torch.float32
+    with torch.inference_mode():
+        assert not scalar(3.5).is_inference()  # created outside inference mode, usable in both
+
+
+def test_compressor_one_window_positions_and_mask_equal_general_form():
+    """Compressor.forward's one-window form (decode): the window's rope position start // m * m and the closed
+    mask `closed > 0` are the general form's ((start // m) + arange(1)) * m and arange(1) < closed."""
+    start = torch.arange(0, 200)
+    for m in (4, 16, 128):
+        general = ((start // m).unsqueeze(1) + torch.arange(1)) * m
+        assert torch.equal((start // m * m).unsqueeze(1), general)
+        closed = (start % m + 1) // m
+        assert torch.equal((closed > 0).view(-1, 1, 1), (torch.arange(1) < closed.unsqueeze(1)).unsqueeze(-1))
+
+
+def _sparse_attention_before(q, kv, idx, sink, scale):
+    """ReferenceBackend.sparse_attention as it was (row offsets as n * arange(b), mask as ~(idx >= 0))."""
+    b = q.shape[0]
+    valid = idx >= 0
+    n, d = kv.shape[1], kv.shape[2]
+    flat = (idx.clamp(min=0) + n * torch.arange(b).view(b, 1, 1)).reshape(-1)
+    keys = kv.reshape(b * n, d).index_select(0, flat).view(*idx.shape, d).float()
+    logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scale)
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    sink_col = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
+    probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs, keys).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,s", [(1, 1), (3, 1), (2, 5)])
+def test_sparse_attention_equals_previous_form(b, s, dtype):
+    g = _gen(13)
+    h, d, n, k = 4, 32, 40, 9
+    q = torch.randn(b, s, h, d, generator=g).to(dtype)
+    kv = torch.randn(b, n, d, generator=g).to(dtype)
+    idx = torch.randint(-1, n, (b, s, k), generator=g)
+    sink = torch.randn(h, generator=g)
+    assert torch.equal(BE.sparse_attention(q, kv, idx, sink, d ** -0.5), _sparse_attention_before(q, kv, idx, sink,
+                                                                                                  d ** -0.5))
+
+
+def test_eager_greedy_step_equals_next_tokens(tiny_model):
+    """An all-greedy step without logit rules calls `greedy` directly: the tokens and logprobs `next_tokens`
+    gives for the same logits."""
+    from dsv4_ascend.decode_step import next_tokens
+    from dsv4_ascend.sampling import SamplingBatch
+
+    cache = tiny_model.new_cache(2, 64)
+    tiny_model.prefill(torch.tensor([[3, 5, 7, 11], [2, 4, 6, 8]]), cache, torch.tensor([0, 1]), 0)
+    params = [SamplingParams(temperature=0)] * 2
+    pos = torch.tensor([4, 4])
+    out = EagerDecoder(tiny_model, cache).step(torch.tensor([[2], [9]]), pos, torch.tensor([0, 1]), params)
+    tokens, logprobs = next_tokens(out.logits, SamplingBatch.of(params, out.logits.device), pos + 1,
+                                   tiny_model.backend.sample, True)
+    assert torch.equal(out.tokens, tokens) and torch.equal(out.logprobs, logprobs)
