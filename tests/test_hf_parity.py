@@ -45,3 +45,39 @@ def test_greedy_generation_matches_transformers():
     eng = Engine(ours, max_slots=1, max_seq_len=64, eos_token_id=-1)
     got = eng.generate([prompt[0].tolist()], SamplingParams(temperature=0, max_tokens=30))[0].output
     assert got == want
+
+
+def _pair_from(native: dict, ours_cfg: dict | None = None, seed: int = 0):
+    """transformers' model of `native` and ours built from `ours_cfg` (default: the same dict), same weights."""
+    hf, sd = build_hf_model(native, seed=seed)
+    ours = Transformer(ModelConfig.from_dict(ours_cfg or native), ReferenceBackend(), torch.float32, n_mtp=0)
+    assign_tensors(ours, sd.items(), source="transformers state dict")
+    return hf, ours
+
+
+def test_config_without_rope_scaling_is_plain_rope_as_in_transformers():
+    """No `rope_scaling` in config.json: transformers uses plain RoPE on the compress table; we applied the
+    released models' YaRN (factor 16) anyway, and logits differed by ~0.1."""
+    native = {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}
+    assert ModelConfig.from_dict(native).rope_factor == 1.0
+    hf, ours = _pair_from(native)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
+
+
+def test_config_saved_by_transformers_reads_back():
+    """A config.json written by transformers (folded `layer_types` / `rope_parameters` names), with and without
+    YaRN, builds the same model as the native one: logits equal transformers'."""
+    from dsv4_ascend.hf_oracle import hf_config_from_native
+
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    for native in (TINY_NATIVE_CFG, {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}):
+        saved = hf_config_from_native(native).to_dict()
+        assert "compress_ratios" not in saved and "rope_parameters" in saved
+        mine, theirs = ModelConfig.from_dict(native), ModelConfig.from_dict(saved)
+        assert (theirs.compress_ratios[:theirs.num_hidden_layers], theirs.num_hash_layers, theirs.rope_factor,
+                theirs.rope_original_max_position, theirs.qk_rope_head_dim) == \
+            (mine.layer_ratios, mine.num_hash_layers, mine.rope_factor, mine.rope_original_max_position,
+             mine.qk_rope_head_dim)
+        hf, ours = _pair_from(native, saved)
+        assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
