@@ -119,3 +119,19 @@ def test_seeded_random_configs_ragged_prefill_then_decode_match_transformers(cas
         out = ours.decode(tok, torch.tensor([n + t for n in lengths]), cache, slots)[:, 0]
         for i, n in enumerate(lengths):
             assert (out[i] - want[i][n + t]).abs().max().item() <= TOL, (case, i, t)
+
+
+def test_transformers_save_pretrained_directory_loads_and_matches(tmp_path):
+    """What `DeepseekV4ForCausalLM.save_pretrained` writes loads as is: its config (folded names, "dtype": null, no
+    rope_scaling here), its tensor names (`model.` prefix, native leaves, but the attention's kv_norm saved as
+    `attn.norm`: transformers' inverse of its `.norm.` -> `.kv_norm.` rename) and no MTP block (transformers has
+    none). Was: 'model.layers.0.attn.norm.weight' is unexpected, then 53 missing mtp.* tensors."""
+    from dsv4_ascend.loading import load_model
+
+    native = {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}
+    hf, _ = build_hf_model(native, seed=2)
+    hf.save_pretrained(tmp_path)
+    ours, _ = load_model(str(tmp_path), dtype="float32", progress=False)
+    assert len(ours.mtp) == 0
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(6))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
