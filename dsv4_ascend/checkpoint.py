@@ -318,6 +318,8 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     scan = scan_checkpoint(model_dir)
     cfg = scan.config
     fmt = WeightFormats.from_config(cfg, dequantize=weights == "bf16")
+    if n_mtp is None and scan.spelling != "native" and not any(n.startswith("mtp.") for n in scan.tensors):
+        n_mtp = 0  # transformers' DeepseekV4ForCausalLM has no MTP block, so what it saves has none either
     n_mtp = cfg.num_nextn_predict_layers if n_mtp is None else n_mtp
     meta = Transformer(cfg, Backend(), dtype, fmt, device="meta", n_mtp=n_mtp, expert_range=expert_range)
     targets_meta = {n: (t.dtype, tuple(t.shape)) for n, t in meta.checkpoint_tensors()}

@@ -91,6 +91,10 @@ def native_name(key: str) -> str:
         leaf = "ffn." + leaf[len("mlp."):]
     if leaf.endswith(".e_score_correction_bias"):
         leaf = leaf[: -len("e_score_correction_bias")] + "bias"
+    if leaf.startswith("attn.norm."):
+        # transformers' save_pretrained writes self_attn.kv_norm as `attn.norm` (its inverse of the `.norm.` ->
+        # `.kv_norm.` rename); no native tensor has that name.
+        leaf = "attn.kv_norm." + leaf[len("attn.norm."):]
     return f"{kind}.{i}.{leaf}"
 
 

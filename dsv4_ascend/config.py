@@ -207,27 +207,41 @@ class ModelConfig:
             out["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
         if "qk_rope_head_dim" not in d and "partial_rotary_factor" in d and "head_dim" in d:
             out["qk_rope_head_dim"] = int(round(d["partial_rotary_factor"] * d["head_dim"]))
+        # No YaRN unless the config asks for it: a config.json without `rope_scaling` (or transformers' folded
+        # `rope_parameters` whose "compress" entry has rope_type "default") means plain RoPE on the compress table,
+        # as transformers reads it; factor 1 is exactly that (rope.rope_inv_freq). The dataclass default (16) is
+        # the released models' value, for configs built in code.
         rp = d.get("rope_parameters")
         if isinstance(rp, dict) and "main" in rp:
             out.setdefault("rope_theta", rp["main"].get("rope_theta", 10000.0))
             c = rp.get("compress", {})
             if "rope_theta" in c:
                 out["compress_rope_theta"] = c["rope_theta"]
+            yarn = c.get("rope_type", c.get("type", "default")) == "yarn"
+            if not yarn:
+                out["rope_factor"] = 1.0
             for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
                              "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
                              ("beta_slow", "rope_beta_slow")):
-                if src in c:
+                if src in c and yarn:
                     out[dst] = c[src]
+        elif "rope_parameters" not in d and d.get("rope_scaling") is None:
+            out["rope_factor"] = 1.0
         rs = d.get("rope_scaling")
+        if rs is not None and not isinstance(rs, dict):
+            raise ConfigError(f"config key 'rope_scaling': must be an object (or null), found {rs!r}"[:300])
         if isinstance(rs, dict):
-            if rs.get("type", rs.get("rope_type", "yarn")) != "yarn":
-                raise ConfigError(f"config key 'rope_scaling.type': allowed values ['yarn']; found {rs.get('type')!r}")
+            kind = rs.get("type", rs.get("rope_type", "yarn"))
+            if kind != "yarn":
+                raise ConfigError(f"config key 'rope_scaling.type': allowed values ['yarn']; found {kind!r}")
             for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
                              "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
                              ("beta_slow", "rope_beta_slow")):
                 if src in rs:
                     out[dst] = rs[src]
         qc = d.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise ConfigError(f"config key 'quantization_config': must be an object (or absent), found {qc!r}"[:300])
         if qc is None:
             out["quant_method"] = None
             if "expert_dtype" not in d:
@@ -236,7 +250,7 @@ class ModelConfig:
             out["quant_method"] = qc.get("quant_method")
             if "expert_dtype" not in d and "expert_dtype" in qc:
                 out["expert_dtype"] = qc["expert_dtype"]
-        if "dtype" in d and "torch_dtype" not in d:
+        if d.get("dtype") is not None and "torch_dtype" not in d:  # transformers writes "dtype": null when unset
             out["torch_dtype"] = d["dtype"]
         for k, v in d.items():
             if k in names and k not in out:
@@ -253,9 +267,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         for k in ("rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow", "quant_method"):
             d.pop(k)
-        d["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor, "beta_fast": self.rope_beta_fast,
-                             "beta_slow": self.rope_beta_slow,
-                             "original_max_position_embeddings": self.rope_original_max_position}
+        if self.rope_factor > 1:  # else plain RoPE: no rope_scaling key (from_dict reads that back as factor 1)
+            d["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor, "beta_fast": self.rope_beta_fast,
+                                 "beta_slow": self.rope_beta_slow,
+                                 "original_max_position_embeddings": self.rope_original_max_position}
         if self.quant_method is not None:
             d["quantization_config"] = {"quant_method": self.quant_method, "fmt": "e4m3",
                                         "activation_scheme": "dynamic", "scale_fmt": "ue8m0",

@@ -22,6 +22,7 @@ HF has no MTP block: the MTP entry of ``compress_ratios`` is dropped and no ``mt
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -71,7 +72,7 @@ _NATIVE_ONLY_KEYS = {"compress_ratios", "quantization_config", "expert_dtype", "
 
 def hf_config_from_native(native_cfg: dict[str, Any]) -> DeepseekV4Config:
     """The transformers config of a model given in the official native config.json names."""
-    cfg = dict(native_cfg)
+    cfg = copy.deepcopy(native_cfg)  # transformers edits nested dicts (rope_scaling) in place
     if cfg.get("quantization_config") is not None:
         raise ValueError("hf_oracle builds unquantised models; drop 'quantization_config' from the config")
     n_layers = int(cfg["num_hidden_layers"])

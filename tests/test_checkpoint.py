@@ -437,7 +437,9 @@ BREAKS = [_break_missing, _break_unexpected, _break_shape, _break_dtype, _break_
           _break_hidden_size, _break_quant_config, _break_merged_hf_experts, _break_nan_e8m0_scale,
           _break_inf_float_scale, _break_nan_fp8_weight, _break_wrong_shard, _config_value("rms_norm_eps", 0),
           _config_value("rope_theta", -1.0), _config_value("rope_theta", "abc"), _config_value("hc_eps", "1e-6"),
-          _config_value("compress_rope_theta", 0), _config_value("hidden_size", "64")]
+          _config_value("compress_rope_theta", 0), _config_value("hidden_size", "64"),
+          _config_value("rope_scaling", "yarn"), _config_value("quantization_config", "fp8")]  # were: ignored / an
+# AttributeError text ("'str' object has no attribute 'get'") not naming the key
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda f: f.__name__[len("_break_"):])

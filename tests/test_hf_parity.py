@@ -1,10 +1,11 @@
 """Cross-implementation parity: our reference backend vs transformers' DeepseekV4ForCausalLM (tiny, fp32)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsv4_ascend.config import ModelConfig
-from dsv4_ascend.hf_oracle import TINY_NATIVE_CFG, build_hf_model, hf_generate_greedy, hf_logits
+from dsv4_ascend.hf_oracle import TINY_NATIVE_CFG, build_hf_model, hf_cached_logits, hf_generate_greedy, hf_logits
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.model import Transformer
 from dsv4_ascend.reference import ReferenceBackend
@@ -45,3 +46,92 @@ def test_greedy_generation_matches_transformers():
     eng = Engine(ours, max_slots=1, max_seq_len=64, eos_token_id=-1)
     got = eng.generate([prompt[0].tolist()], SamplingParams(temperature=0, max_tokens=30))[0].output
     assert got == want
+
+
+def _pair_from(native: dict, ours_cfg: dict | None = None, seed: int = 0):
+    """transformers' model of `native` and ours built from `ours_cfg` (default: the same dict), same weights."""
+    hf, sd = build_hf_model(native, seed=seed)
+    ours = Transformer(ModelConfig.from_dict(ours_cfg or native), ReferenceBackend(), torch.float32, n_mtp=0)
+    assign_tensors(ours, sd.items(), source="transformers state dict")
+    return hf, ours
+
+
+def test_config_without_rope_scaling_is_plain_rope_as_in_transformers():
+    """No `rope_scaling` in config.json: transformers uses plain RoPE on the compress table; we applied the
+    released models' YaRN (factor 16) anyway, and logits differed by ~0.1."""
+    native = {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}
+    assert ModelConfig.from_dict(native).rope_factor == 1.0
+    hf, ours = _pair_from(native)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
+
+
+def test_config_saved_by_transformers_reads_back():
+    """A config.json written by transformers (folded `layer_types` / `rope_parameters` names), with and without
+    YaRN, builds the same model as the native one: logits equal transformers'."""
+    from dsv4_ascend.hf_oracle import hf_config_from_native
+
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    for native in (TINY_NATIVE_CFG, {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}):
+        saved = hf_config_from_native(native).to_dict()
+        assert "compress_ratios" not in saved and "rope_parameters" in saved
+        mine, theirs = ModelConfig.from_dict(native), ModelConfig.from_dict(saved)
+        assert (theirs.compress_ratios[:theirs.num_hidden_layers], theirs.num_hash_layers, theirs.rope_factor,
+                theirs.rope_original_max_position, theirs.qk_rope_head_dim) == \
+            (mine.layer_ratios, mine.num_hash_layers, mine.rope_factor, mine.rope_original_max_position,
+             mine.qk_rope_head_dim)
+        hf, ours = _pair_from(native, saved)
+        assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
+
+
+# Seeded random tiny configs (a bounded sample of /work-style fuzzing, kept small for the default suite): layer
+# mixes incl. all-SWA / all-CSA / HCA-only, hash layers 0..n, hc_mult 1/2, index_topk above the entry count,
+# windows shorter and longer than the prompt; a ragged batch (rows of different lengths) prefilled together, then
+# decoded together across compression boundaries, each row against transformers' cached run of that row alone.
+FUZZ = [
+    dict(num_hidden_layers=2, compress_ratios=[0, 0, 0], num_hash_layers=0, hc_mult=1, sliding_window=4),
+    dict(num_hidden_layers=2, compress_ratios=[4, 4, 0], num_hash_layers=2, hc_mult=2, index_topk=64,
+         sliding_window=16, o_groups=1),
+    dict(num_hidden_layers=3, compress_ratios=[8, 4, 8, 0], num_hash_layers=1, hc_mult=2, index_topk=1,
+         sliding_window=128, num_experts_per_tok=1),
+]
+
+
+# Case 0 runs by default (10 s at load 16 on a 2-core box); cases 1-2 took 5-6x longer there: slow.
+@pytest.mark.parametrize("case", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(FUZZ)))])
+def test_seeded_random_configs_ragged_prefill_then_decode_match_transformers(case):
+    native = {**TINY_NATIVE_CFG, "num_attention_heads": 4, **FUZZ[case]}
+    hf, ours = _pair_from(native, seed=case)
+    lengths, steps = [13, 6, 9][: case + 2], 10
+    g = torch.Generator().manual_seed(case)
+    rows = [torch.randint(2, 512, (1, n + steps), generator=g) for n in lengths]
+    want = [hf_cached_logits(hf, r, [n] + [1] * steps)[0] for r, n in zip(rows, lengths)]
+    b = len(rows)
+    cache, slots = ours.new_cache(b, max(lengths) + steps), torch.arange(b)
+    ids = torch.zeros(b, max(lengths), dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        ids[i, :n] = r[0, :n]
+    logits, _, _ = ours.prefill(ids, cache, slots, [0] * b, lengths=lengths)
+    for i, n in enumerate(lengths):
+        assert (logits[i, :n] - want[i][:n]).abs().max().item() <= TOL, (case, i)
+    for t in range(steps):
+        tok = torch.stack([r[0, n + t] for r, n in zip(rows, lengths)]).view(b, 1)
+        out = ours.decode(tok, torch.tensor([n + t for n in lengths]), cache, slots)[:, 0]
+        for i, n in enumerate(lengths):
+            assert (out[i] - want[i][n + t]).abs().max().item() <= TOL, (case, i, t)
+
+
+def test_transformers_save_pretrained_directory_loads_and_matches(tmp_path):
+    """What `DeepseekV4ForCausalLM.save_pretrained` writes loads as is: its config (folded names, "dtype": null, no
+    rope_scaling here), its tensor names (`model.` prefix, native leaves, but the attention's kv_norm saved as
+    `attn.norm`: transformers' inverse of its `.norm.` -> `.kv_norm.` rename) and no MTP block (transformers has
+    none). Was: 'model.layers.0.attn.norm.weight' is unexpected, then 53 missing mtp.* tensors."""
+    from dsv4_ascend.loading import load_model
+
+    native = {k: v for k, v in TINY_NATIVE_CFG.items() if k != "rope_scaling"}
+    hf, _ = build_hf_model(native, seed=2)
+    hf.save_pretrained(tmp_path)
+    ours, _ = load_model(str(tmp_path), dtype="float32", progress=False)
+    assert len(ours.mtp) == 0
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(6))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL

@@ -331,6 +331,8 @@ BAD = [  # (endpoint, body changes, param named in the error)
     ("chat/completions", {"chat_template_kwargs": {"thinking": 1}}, "chat_template_kwargs.thinking"),
     ("chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("chat/completions", {"stream_options": 1}, "stream_options"),
+    ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # was ignored without stream
+    ("chat/completions", {"stream_options": {"include_usage": False}, "stream": False}, "stream_options"),
     ("chat/completions", {"temperature": None, "top_p": -0.5}, "top_p"),
 ]
 
@@ -349,6 +351,9 @@ def test_bad_requests_get_400_naming_the_field(server):
         for raw in (b"{bad json", b'{"model": "tiny",', b"\xff\xfe", b"[1, 2]", b""):  # malformed bodies
             err = _err(h.post("completions", content=raw, headers={"content-type": "application/json"}))
             assert err["param"] is None and err["type"] == "invalid_request_error"
+        # A batch whose second prompt does not fit the context: the error names that prompt (was: no index).
+        err = _err(h.post("completions", json={**base["completions"], "prompt": [[5] * 10, [5] * (SEQ + 1)]}))
+        assert err["param"] == "prompt" and err["message"].startswith("prompt[1]: the prompt is"), err
         _err(h.get("completions"), 405)
         assert _err(h.get("nope"), 404)["type"] == "not_found_error"
     # Through the official client: a typed error carrying the same body.

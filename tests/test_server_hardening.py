@@ -399,6 +399,15 @@ def test_a_server_that_can_serve_nothing_refuses_to_start(served_tiny, tmp_path)
         build_server(args)
     with pytest.raises(SystemExit, match="--max-seq-len must be >= 2"):
         build_server(argparse.Namespace(**{**vars(args), "max_slots": 1, "max_seq_len": 1}))
+    # A port out of range failed in uvicorn's bind (OverflowError) after the weights were read; a KV budget of 0
+    # was taken as "no budget" and a negative one failed after loading.
+    ok = {**vars(args), "max_slots": 1}
+    for key, value, want in (("port", 70000, "--port must be in"), ("port", -1, "--port must be in"),
+                             ("kv_cache_gib", 0.0, "--kv-cache-gib must be a positive"),
+                             ("kv_cache_gib", -1.0, "--kv-cache-gib must be a positive"),
+                             ("kv_cache_gib", float("nan"), "--kv-cache-gib must be a positive")):
+        with pytest.raises(SystemExit, match=want):
+            build_server(argparse.Namespace(**{**ok, key: value}))
 
 
 def test_dsv4_serve_with_max_slots_0_exits_with_one_line(tmp_path):

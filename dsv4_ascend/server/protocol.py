@@ -232,10 +232,16 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
         fields["guided"] = _compiled(guided[1], guided[0], s)
     # Prompt logprobs are computed once, at the larger top-N that echo (logprobs) and prompt_logprobs ask for.
     want = [v for v in (req.logprobs if req.echo else None, req.prompt_logprobs) if v is not None]
-    prompts = []
-    for x in req.prompts():
-        ids, text = _completion_prompt(x, s, tok)
-        fitted = _fit(s, len(ids), "prompt", "max_tokens", req.max_tokens, 16)
+    prompts, batch = [], req.prompts()
+    for i, x in enumerate(batch):
+        try:
+            ids, text = _completion_prompt(x, s, tok)
+            fitted = _fit(s, len(ids), "prompt", "max_tokens", req.max_tokens, 16)
+        except APIError as e:
+            if len(batch) > 1:  # name the prompt of the batch that does not fit
+                e.message = f"prompt[{i}]: {e.message}"
+                e.args = (e.message,)
+            raise
         params = _params(fitted, {**fields, "prompt_logprobs": max(want) if want else None})
         prompts.append(Prompt(ids, params, text))
     stream, include, continuous = _stream_flags(req)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import threading
 import time
@@ -119,6 +120,12 @@ def check_serve_flags(args) -> list[str]:
                              f"dsv4 serve: {flag} must be >= {least} (got {value})")
     if args.drain_timeout < 0:
         raise SystemExit(f"dsv4 serve: --drain-timeout must be >= 0 (got {args.drain_timeout})")
+    port = getattr(args, "port", 0)
+    if not 0 <= port <= 65535:  # else uvicorn's bind fails with an OverflowError, after the weights were read
+        raise SystemExit(f"dsv4 serve: --port must be in [0, 65535] (got {port})")
+    budget = getattr(args, "kv_cache_gib", None)
+    if budget is not None and not (math.isfinite(budget) and budget > 0):  # 0 was taken as "no budget"
+        raise SystemExit(f"dsv4 serve: --kv-cache-gib must be a positive number of GiB (got {budget})")
     origins = allowed_origins(getattr(args, "allowed_origins", None))
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="[dsv4] %(levelname)s %(message)s")

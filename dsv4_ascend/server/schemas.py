@@ -174,6 +174,9 @@ class SamplingFields(_Strict):
             if len(kinds) != 1:
                 raise fail("structured_outputs", "'structured_outputs' must set exactly one of json, json_object, "
                            f"regex, choice, grammar (got {', '.join(kinds) or 'none'})")
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
+            # OpenAI and vLLM answer 400 too; accepting it would silently drop include_usage.
+            raise fail("stream_options", "'stream_options' applies only with 'stream': true")
         if self.min_tokens and self.max_completion() is not None and self.min_tokens > self.max_completion():
             raise fail("min_tokens", f"'min_tokens' ({self.min_tokens}) must be <= max_tokens "
                        f"({self.max_completion()})")
