@@ -721,7 +721,7 @@ def test_experts_vs_naive_loop(t, sync_free):
 
 def test_experts_unused_experts_and_repeated_tokens():
     # grouped path with experts that receive no token and an expert chosen by every token
-    t, n_exp, k, d = 6, 8, 2, 16
+    t, k, d = 6, 2, 16
     w1, w2, w3 = _expert_weights(110)
     x = randn(t, d, seed=111)
     ids = torch.tensor([[3, 0], [0, 5], [3, 0], [0, 1], [5, 0], [0, 3]])

@@ -34,7 +34,7 @@ from ..parallel import ParallelContext
 from ..sampling import SamplingParams
 from .metrics import Metrics
 from .protocol import APIError
-from .worker import EngineWorker, Job
+from .worker import EngineWorker
 
 __all__ = ["Control", "RankLoop", "RankedWorker", "rank_plan", "serve_ranks_main", "FAIL_GRACE_S", "HEARTBEAT_S"]
 
