@@ -185,3 +185,36 @@ def test_lm_eval_style_scoring_request(server, served_tiny):
         lps = ch["logprobs"]["token_logprobs"]
         assert len(lps) == len(ids) + 1 and lps[0] is None
         assert lps[1:-1] == pytest.approx(_direct(model, ids)[0].tolist(), abs=TOL)
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_alone(server, served_tiny):
+    """max_tokens 0 with echo (OpenAI's legacy scoring request, which vLLM also answers): the prompt alone, its
+    logprobs the model's own, no completion token (the engine samples one: it is dropped), streamed and not;
+    without echo it is a 400 naming max_tokens. It used to be refused whatever echo said."""
+    srv, _ = server
+    model, tok, _ = served_tiny
+    c = _client(srv)
+    prompts = [[tok.bos_id] + tok.encode_text(t) for t in ("The sky is clear", "Paris is a city on the river")]
+    r = c.completions.create(model=NAME, prompt=prompts, echo=True, logprobs=1, max_tokens=0, temperature=0, n=2)
+    assert len(r.choices) == 4 and r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == sum(map(len, prompts))
+    for ch in r.choices:
+        ids = prompts[ch.index // 2]
+        assert ch.text == tok.decode(ids, skip_special_tokens=True) and ch.finish_reason == "length"
+        lp = ch.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(_direct(model, ids)[0].tolist(), abs=TOL)
+
+    text = "The quick brown fox"
+    ids = [tok.bos_id] + tok.encode_text(text)
+    chunks = list(c.completions.create(model=NAME, prompt=text, echo=True, logprobs=1, max_tokens=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(x.choices[0].text for x in chunks if x.choices) == text
+    streamed = [v for x in chunks if x.choices and x.choices[0].logprobs for v in x.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(_direct(model, ids)[0].tolist(), abs=TOL)
+    assert [x.choices[0].finish_reason for x in chunks if x.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == len(ids)
+
+    r = httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": text, "max_tokens": 0},
+                   timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

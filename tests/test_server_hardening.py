@@ -270,6 +270,9 @@ def test_404_for_unknown_models_encodes(server):
     ("chat/completions", {"logits_processors": ["x"]}), ("completions", {"allowed_token_ids": [1]}),
     ("chat/completions", {"functions": [{"name": "f"}]}), ("chat/completions", {"function_call": "auto"}),
     ("chat/completions", {"echo": True}), ("chat/completions", {"prompt_logprobs": 1}),
+    # OpenAI's newer fields that would change the answer (were accepted and ignored)
+    ("chat/completions", {"modalities": ["text", "audio"]}), ("chat/completions", {"verbosity": "low"}),
+    ("chat/completions", {"include_reasoning": False}), ("completions", {"verbosity": "high"}),
 ])
 def test_unimplemented_parameters_are_refused(server, endpoint, change):
     srv, _, _ = server
@@ -282,8 +285,22 @@ def test_unimplemented_parameters_are_refused(server, endpoint, change):
 def test_neutral_values_of_unimplemented_parameters_still_work(server):
     srv, _, _ = server
     body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "min_p": 0,
-            "tool_choice": "auto", "response_format": {"type": "text"}}
+            "tool_choice": "auto", "response_format": {"type": "text"}, "modalities": ["text"],
+            "verbosity": "medium", "include_reasoning": True, "store": False, "metadata": {"k": "v"},
+            "service_tier": "auto", "user": "u"}
     assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=TIMEOUT).status_code == 200
+
+
+@pytest.mark.parametrize("change,param", [
+    ({"thinking": {"type": "enabled", "budget_tokens": 5}}, "thinking"),  # a thinking budget is not implemented
+    ({"chat_template_kwargs": {"thinking": True, "reasoning_effort": "max"}}, "chat_template_kwargs"),
+])
+def test_unread_keys_of_thinking_switches_are_refused(server, change, param):
+    """Keys the server does not read inside `thinking` / `chat_template_kwargs` were silently dropped."""
+    srv, _, _ = server
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **change}
+    err = _err(httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=TIMEOUT))
+    assert err["param"] == param
 
 
 # ------------------------------------------------------------------------------ user text is never a control token

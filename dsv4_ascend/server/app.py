@@ -172,7 +172,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             for job in jobs:
                 worker.abort(job)
             raise
-        outs = [Output(tokenizer, job.params.stop) for job in jobs]
+        outs = [Output(tokenizer, job.params.stop, 0 if parsed.echo_only else None) for job in jobs]
         for out, (i, _) in zip(outs, seqs):
             out.prompt_index = i
         return list(zip(jobs, outs))
@@ -186,8 +186,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             for t in item[1]:
                 if out.finish is not None:
                     break
-                out.push(*t)
-                batch.append(t)
+                if out.push(*t):
+                    batch.append(t)
             if out.stop_hit:
                 worker.abort(job)  # frees the slot; the engine may have run a token or two ahead
             return batch
@@ -432,14 +432,18 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         offsets = [0] * len(seqs)  # best_of == n when streaming: sequence k is choice k
         opened = [not (parsed.echo or parsed.prompt_logprobs is not None)] * len(seqs)
 
+        def opening(k: int) -> list[dict]:
+            """The prompt part (echo, prompt_logprobs), first and once, after the prefill computed it."""
+            if opened[k]:
+                return []
+            opened[k] = True
+            text, lp, extra = prefix(k, seqs[k][1])
+            offsets[k] = len(text)
+            return [head([{"index": k, "text": text, "logprobs": lp, "finish_reason": None, **extra}])]
+
         def on_batch(k: int, batch: list) -> list[dict]:
             out = seqs[k][1]
-            chunks = []
-            if batch and not opened[k]:  # the prompt part comes first, once the prefill has computed it
-                opened[k] = True
-                text, lp, extra = prefix(k, out)
-                offsets[k] = len(text)
-                chunks.append(head([{"index": k, "text": text, "logprobs": lp, "finish_reason": None, **extra}]))
+            chunks = opening(k)
             piece = out.take()
             lp = fmt.completion(batch, offsets[k], top_n) if top_n is not None and batch else None
             offsets[k] += sum(len(tok_text(t)[0]) for t, _, _ in batch)
@@ -448,7 +452,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             return chunks
 
         def on_finish(k: int, reason: str) -> list[dict]:
-            return [head([{"index": k, "text": seqs[k][1].take(), "logprobs": None, "finish_reason": reason}])]
+            return [*opening(k),
+                    head([{"index": k, "text": seqs[k][1].take(), "logprobs": None, "finish_reason": reason}])]
 
         def tail() -> list[dict]:
             return [{**head([]), "usage": usage(parsed, [out for _, out in seqs])}] if parsed.include_usage else []

@@ -64,6 +64,7 @@ class Parsed:
     best_of: int = 1            # choices generated per prompt (the n with the highest cumulative logprob are kept)
     echo: bool = False          # completions: the prompt text (and its logprobs) precede each choice's text
     prompt_logprobs: int | None = None  # vLLM's field: each choice also carries its prompt tokens' logprobs
+    echo_only: bool = False     # completions max_tokens 0 with echo: the engine runs one token, none is returned
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -242,11 +243,13 @@ def parse_completion_request(body: dict, s: Settings, tok) -> Parsed:
                 e.message = f"prompt[{i}]: {e.message}"
                 e.args = (e.message,)
             raise
-        params = _params(fitted, {**fields, "prompt_logprobs": max(want) if want else None})
+        # max_tokens 0: the prefill alone computes the prompt logprobs, but the engine always samples a token.
+        params = _params(max(fitted, 1), {**fields, "prompt_logprobs": max(want) if want else None})
         prompts.append(Prompt(ids, params, text))
     stream, include, continuous = _stream_flags(req)
     return Parsed(prompts[0].ids, prompts[0].params, stream, include, req.logprobs, continuous_usage=continuous,
-                  prompts=prompts, n=n, best_of=best_of, echo=bool(req.echo), prompt_logprobs=req.prompt_logprobs)
+                  prompts=prompts, n=n, best_of=best_of, echo=bool(req.echo), prompt_logprobs=req.prompt_logprobs,
+                  echo_only=req.max_tokens == 0)
 
 
 def _messages(msgs: list[dict]) -> list[dict]:

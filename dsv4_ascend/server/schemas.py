@@ -10,6 +10,7 @@ inputs (prompt ids, SamplingParams, constraints); what needs the tokenizer (the 
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, field_validator, model_validator
@@ -47,10 +48,11 @@ class _Closed(_Strict):
 
 
 # Accepted by other OpenAI-compatible servers but not implemented here: refused unless unset (or neutral).
+# OpenAI's `modalities` / `verbosity` and vLLM's `include_reasoning` change the answer: only their defaults pass.
 _UNSUPPORTED = ("guided_decoding_backend", "guided_whitespace_pattern", "functions", "function_call",
                 "use_beam_search", "logits_processors", "allowed_token_ids", "structural_tag", "prediction", "audio",
-                "web_search_options")
-_NEUTRAL = {"use_beam_search": False}
+                "web_search_options", "modalities", "verbosity", "include_reasoning")
+_NEUTRAL = {"use_beam_search": False, "modalities": ["text"], "verbosity": "medium", "include_reasoning": True}
 
 
 def _refuse_unsupported(body: Any, also: dict[str, tuple] = {}) -> None:  # noqa: B006 (read only)
@@ -59,8 +61,9 @@ def _refuse_unsupported(body: Any, also: dict[str, tuple] = {}) -> None:  # noqa
         return
     for name in _UNSUPPORTED:
         v = body.get(name)
-        if v is not None and not (name in _NEUTRAL and v is _NEUTRAL[name]):
-            raise fail(name, f"'{name}' is not supported by this server (leave it unset)")
+        if v is not None and not (name in _NEUTRAL and type(v) is type(_NEUTRAL[name]) and v == _NEUTRAL[name]):
+            neutral = f" or {json.dumps(_NEUTRAL[name])}" if name in _NEUTRAL else ""
+            raise fail(name, f"'{name}' is not supported by this server (leave it unset{neutral})")
     for name, (neutral, why) in also.items():
         v = body.get(name)
         if v is not None and not any(v is x or (type(v) is type(x) and v == x) for x in neutral):
@@ -199,6 +202,7 @@ class CompletionRequest(SamplingFields):
                       one_error("must be a non-empty string, a non-empty array of token ids, or a non-empty array "
                                  "of those (not mixed with bare token ids)")] = Field(
         description="a string (plain text after BOS), token ids (as is), or a list of those (one choice each)")
+    max_tokens: Int | None = Field(None, ge=0, description="0 (with echo): the prompt alone, with its logprobs")
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="top-N logprobs per token (prompt tokens too with echo)")
     echo: bool | None = Field(None, description="the prompt (and its logprobs) precede each choice")
@@ -223,6 +227,8 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _choices(self) -> CompletionRequest:
         n, best_of = self.n or 1, self.best_of
+        if self.max_tokens == 0 and not self.echo:  # vLLM and OpenAI's legacy API: 0 scores the echoed prompt
+            raise fail("max_tokens", "'max_tokens': 0 needs 'echo': true (it returns the prompt alone)")
         if best_of is not None and best_of < n:
             raise fail("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
         if self.stream and best_of is not None and best_of > n:
@@ -271,11 +277,15 @@ class ResponseFormat(_Strict):
         return self
 
 
-class Thinking(_Strict):
+class Thinking(_Closed):
+    """DeepSeek's `{"type": "enabled" | "disabled"}`; other keys (a `budget_tokens`) are not implemented: refused."""
+
     type: Literal["enabled", "disabled"]
 
 
-class ChatTemplateKwargs(_Strict):
+class ChatTemplateKwargs(_Closed):
+    """The template switches this server reads; any other key would be silently unused: refused."""
+
     thinking: bool | None = None
     enable_thinking: bool | None = None
 
@@ -300,7 +310,7 @@ class ChatInputs(_Strict):
     tool_choice: Annotated[Literal["none", "auto", "required"] | ToolChoiceFunction | None, one_error(
         "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}")] = None
     thinking: Annotated[bool | Thinking | None, one_error(
-        "must be a boolean (or {\"type\": \"enabled\" | \"disabled\"})")] = None
+        "must be a boolean or {\"type\": \"enabled\" | \"disabled\"} (no other keys)")] = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     reasoning_effort: Literal["high", "max"] | None = None
 

@@ -60,8 +60,9 @@ def _holdback(text: str, markers: tuple[str, ...]) -> int:
 class Output:
     """A request's generated text as the handler builds it: incremental detokenization with stop strings."""
 
-    def __init__(self, tok, stops: tuple[str, ...]) -> None:
+    def __init__(self, tok, stops: tuple[str, ...], keep: int | None = None) -> None:
         self.dec = tok.stream_decoder(skip_special_tokens=True)
+        self.keep = keep        # tokens kept at most (None: all; 0: completions' echo-only max_tokens 0)
         self.stops = stops
         self.maxstop = max((len(s) for s in stops), default=0)
         self.text = ""
@@ -73,10 +74,13 @@ class Output:
         self.prompt_index = 0   # which prompt of the request this sequence completes
         self.cached_tokens = 0  # its prompt tokens served from the prefix cache
 
-    def push(self, token: int, logprob: float, top: dict | None) -> None:
-        if self.finish is None:
-            self.tokens.append((token, logprob, top))
-            self._add(self.dec.push(token))
+    def push(self, token: int, logprob: float, top: dict | None) -> bool:
+        """Add a generated token; False when it is not kept (finished, or over `keep`)."""
+        if self.finish is not None or (self.keep is not None and len(self.tokens) >= self.keep):
+            return False
+        self.tokens.append((token, logprob, top))
+        self._add(self.dec.push(token))
+        return True
 
     def _add(self, piece: str) -> None:
         if not piece:
