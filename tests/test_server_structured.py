@@ -165,11 +165,19 @@ def test_vllm_guided_fields_refused_clearly(client):
              ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
              ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
              ({"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
-             ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": "x"}, "bad_words")]
+             ({"bad_words": ["  "]}, "bad_words"), ({"bad_words": "x"}, "bad_words"),
+             # a trailing lone backslash: llguidance's regex_to_lark dropped it ("a\\" was enforced as "a")
+             ({"guided_regex": "a\\"}, "guided_regex"), ({"structured_outputs": {"regex": "\\"}}, "structured_outputs")]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=NAME, messages=MSGS, extra_body={"max_tokens": 4, **extra})
         assert err.value.body["param"] == param, (extra, err.value.body)
+
+
+def test_escaped_backslashes_in_a_regex_still_work(client):
+    r = client.completions.create(model=NAME, prompt="x", max_tokens=4, temperature=0,
+                                  extra_body={"guided_regex": "a\\\\"})  # the regex a\\ : "a" then a backslash
+    assert r.choices[0].text == "a\\" and r.choices[0].finish_reason == "stop"
 
 
 def test_bad_words_as_strings(client, served_tiny):

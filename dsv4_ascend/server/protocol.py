@@ -151,6 +151,9 @@ def _vllm_spec(kind: str, v: Any, thinking: bool, tok) -> GuidedSpec:
         return GuidedSpec("json_schema", schema=schema, thinking=thinking, tokenizer=tok)
     if kind == "choice":
         return GuidedSpec("choice", choices=tuple(v), thinking=thinking, tokenizer=tok)
+    if kind == "regex" and (len(v) - len(v.rstrip("\\"))) % 2:
+        # llguidance's regex_to_lark drops a trailing lone backslash ("a\\" became "a"); Rust's regex refuses it.
+        raise ValueError("the regex ends in an incomplete escape (a lone backslash)")
     return GuidedSpec(kind, text=v, thinking=thinking, tokenizer=tok)
 
 
