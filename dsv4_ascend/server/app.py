@@ -147,7 +147,13 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         """Submit every sequence of the request (prompts x best_of) and wait until all are admitted; the first
         refusal aborts the others and answers for the request."""
         seqs = parsed.sequences()
-        if worker.pending + len(seqs) > settings.max_queue + worker.max_slots:
+        room = settings.max_queue + worker.max_slots
+        if len(seqs) > room:  # a 503 would be retried forever: this request can never be queued
+            param = "n" if parsed.best_of == parsed.n else "best_of"
+            param = "prompt" if len(parsed.prompts) > 1 and parsed.best_of == 1 else param
+            raise APIError(f"the request needs {len(seqs)} sequences (prompts x {param}); this server queues at "
+                           f"most {room} (--max-queue + --max-slots)", param)
+        if worker.pending + len(seqs) > room:
             raise APIError("the server is overloaded; retry later", None, 503, "server_error")
         if not worker.alive:
             raise APIError("the engine is not running", None, 503, "server_error")
