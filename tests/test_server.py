@@ -520,7 +520,8 @@ def test_engine_failure_and_overload(served_tiny, monkeypatch):
                 err = _err(h.post("completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 2}), 503)
                 assert "overloaded" in err["message"]
             # more sequences than the server can ever queue: a 400 naming the field, not a 503 retried forever
-            for body, param in [({"n": 2}, "n"), ({"n": 1, "best_of": 2}, "best_of"), ({"prompt": ["a", "b"]}, "prompt")]:
+            cases = [({"n": 2}, "n"), ({"n": 1, "best_of": 2}, "best_of"), ({"prompt": ["a", "b"]}, "prompt")]
+            for body, param in cases:
                 err = _err(h.post("completions", json={"model": NAME, "prompt": "Hi", "max_tokens": 2, **body}))
                 assert err["param"] == param and "at most 1" in err["message"]
             err = _err(h.post("chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "Hi"}],
