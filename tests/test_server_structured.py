@@ -95,7 +95,7 @@ def test_bad_constraints_are_400s_naming_the_field(client):
              ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
              ({"tool_choice": "required"}, "tool_choice"),
              ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-             ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
+             ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # no tools (with tools: tool_stream)
              ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
              ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
              ({"min_p": 1.5}, "min_p"), ({"presence_penalty": 2.5}, "presence_penalty")]

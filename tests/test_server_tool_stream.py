@@ -218,6 +218,17 @@ def test_streamed_chat_tool_calls_reassemble_to_the_non_streamed(served_tiny, th
             final = s.get_final_completion().choices[0].message
         assert [(tc.function.name, tc.function.arguments) for tc in final.tool_calls] == [
             (x["function"]["name"], x["function"]["arguments"]) for x in got]
+
+        # parallel_tool_calls false under tool_choice "auto": the first call only, as vLLM answers (was a 400)
+        one = c.chat.completions.create(parallel_tool_calls=False, **kw).choices[0]
+        assert one.finish_reason == "tool_calls" and one.message.content == msg.content
+        assert [(tc.function.name, tc.function.arguments) for tc in one.message.tool_calls] == [
+            (got[0]["function"]["name"], got[0]["function"]["arguments"])]
+        with c.chat.completions.stream(parallel_tool_calls=False, **kw) as s:
+            final = s.get_final_completion().choices[0]
+        assert final.finish_reason == "tool_calls"
+        assert [(tc.function.name, tc.function.arguments) for tc in final.message.tool_calls] == [
+            (got[0]["function"]["name"], got[0]["function"]["arguments"])]
     finally:
         srv.stop(30)
 

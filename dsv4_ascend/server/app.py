@@ -473,7 +473,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
         seqs = await start(parsed, "messages")  # choice k is sequence k (seed + k)
         outs = [out for _, out in seqs]
         rid, now = response_id(request, "chatcmpl"), int(time.time())
-        replies = [ChatReply(parsed.thinking, parsed.tools, call_id) for _ in seqs]
+        replies = [ChatReply(parsed.thinking, parsed.tools, call_id, parsed.single_tool_call) for _ in seqs]
 
         if not parsed.stream:
             batches = await collect(request, seqs)

@@ -65,6 +65,7 @@ class Parsed:
     echo: bool = False          # completions: the prompt text (and its logprobs) precede each choice's text
     prompt_logprobs: int | None = None  # vLLM's field: each choice also carries its prompt tokens' logprobs
     echo_only: bool = False     # completions max_tokens 0 with echo: the engine runs one token, none is returned
+    single_tool_call: bool = False  # chat parallel_tool_calls false: only the first tool call is returned
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -306,7 +307,7 @@ def parse_chat_request(body: dict, s: Settings, tok) -> Parsed:
     stream, include, continuous = _stream_flags(req)
     n = req.n or 1
     return Parsed(prompt, _params(max_tokens, fields), stream, include, logprobs, thinking, bool(tools), continuous,
-                  n=n, best_of=n)
+                  n=n, best_of=n, single_tool_call=req.parallel_tool_calls is False)
 
 
 def _chat_segments(s: Settings, req: sc.ChatInputs, thinking: bool) -> list[tuple[str, bool]]:

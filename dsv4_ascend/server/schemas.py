@@ -376,9 +376,10 @@ class ChatCompletionRequest(ChatInputs, SamplingFields):
             raise fail("top_logprobs", "'top_logprobs' needs 'logprobs': true")
         self._check_tools()
         forced = self.forced_tool()[0]
-        if self.parallel_tool_calls is False and not forced:
-            raise fail("parallel_tool_calls", "'parallel_tool_calls': false is enforced only with tool_choice "
-                       "\"required\" or a named function")
+        if self.parallel_tool_calls is False and not self.tools:
+            # OpenAI refuses it without tools too; with tools: a forced call is one call (grammar), under "auto"
+            # the calls after the first are dropped, as vLLM does.
+            raise fail("parallel_tool_calls", "'parallel_tool_calls': false applies only with 'tools'")
         rf = self.response_format
         if forced and rf is not None and rf.type != "text":
             raise fail("tool_choice", "'tool_choice' forcing a tool call cannot be combined with a JSON "

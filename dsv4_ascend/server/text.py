@@ -130,13 +130,14 @@ class ThinkSplit:
 
 class ChatReply:
     """One chat choice's text as OpenAI message deltas: reasoning until </think> (thinking mode), then content, with
-    DeepSeek's DSML tool calls as `tool_calls` when the request has tools. The non-streamed message is the same
+    DeepSeek's DSML tool calls as `tool_calls` when the request has tools (the first only with `single`). The non-streamed message is the same
     deltas for the whole text at once, so both answers have the same final structure (dsml_stream)."""
 
-    def __init__(self, thinking: bool, tools: bool, new_id: Callable[[], str]) -> None:
+    def __init__(self, thinking: bool, tools: bool, new_id: Callable[[], str], single: bool = False) -> None:
         self.thinking = thinking
         self.split = ThinkSplit(thinking)
         self.calls = ToolCallStream(new_id) if tools else None
+        self.single = single  # parallel_tool_calls false: calls after the first are dropped (as vLLM does)
 
     def delta(self, piece: str, final: bool) -> dict[str, Any]:
         """The message delta for the next piece of text ({} when it holds nothing yet); `final` flushes."""
@@ -152,7 +153,9 @@ class ChatReply:
             if "content" in part:
                 d["content"] = d.get("content", "") + part["content"]
             else:
-                d.setdefault("tool_calls", []).extend(part["tool_calls"])
+                kept = [c for c in part["tool_calls"] if not self.single or c["index"] == 0]
+                if kept:
+                    d.setdefault("tool_calls", []).extend(kept)
         return d
 
     def finish_reason(self, reason: str) -> str:
