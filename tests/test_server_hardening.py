@@ -343,6 +343,27 @@ def test_a_body_that_stops_arriving_times_out(server):
         assert s.recv(1) == b""  # and the connection is closed, not held
 
 
+def test_a_client_gone_before_its_body_arrived_is_no_server_error(server, caplog):
+    """It was counted as a 500 in /metrics, with a traceback logged as an unhandled error; now a 499 (nginx's
+    "client closed request", sent to nobody)."""
+    srv, _, _ = server
+    key = 'dsv4_http_requests_total{code="%s",path="/v1/completions"}'
+    before = _metrics(srv)
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\":")
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while _metrics(srv).get(key % 499, 0) < before.get(key % 499, 0) + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = _metrics(srv)
+    assert after.get(key % 499, 0) == before.get(key % 499, 0) + 2
+    assert after.get(key % 500, 0) == before.get(key % 500, 0)
+    assert "unhandled error" not in caplog.text
+    assert httpx.post(srv.url + "/v1/completions", json=GREEDY, timeout=TIMEOUT).status_code == 200
+
+
 def test_post_with_a_trailing_slash_is_not_redirected(server):
     srv, _, _ = server
     resp = httpx.post(srv.url + "/v1/completions/", json=GREEDY, timeout=TIMEOUT, follow_redirects=False)

@@ -25,6 +25,7 @@ try:
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as _err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"`dsv4 serve` needs FastAPI and uvicorn: pip install 'dsv4-ascend[serve]' ({_err})") from None
 
@@ -139,6 +140,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             raw = await asyncio.wait_for(read_body(request), state.body_timeout)
         except asyncio.TimeoutError:
             raise APIError(f"the request body did not arrive within {state.body_timeout:g} s", None, 408) from None
+        except ClientDisconnect:  # not a server error (it was a logged 500): nginx's 499, sent to nobody
+            raise APIError("the client disconnected before its request body arrived", None, 499) from None
         # JSON parsing, validation and tokenisation are CPU-bound: off the event loop, so streams keep flowing.
         body = await asyncio.to_thread(parse_body, raw)
         return await asyncio.to_thread(parser, body, settings, tokenizer)
