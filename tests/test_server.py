@@ -329,7 +329,7 @@ BAD = [  # (endpoint, body changes, param named in the error)
     ("chat/completions", {"logprobs": 1}, "logprobs"),
     ("chat/completions", {"thinking": "yes"}, "thinking"),
     ("chat/completions", {"chat_template_kwargs": {"thinking": 1}}, "chat_template_kwargs.thinking"),
-    ("chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("chat/completions", {"reasoning_effort": "none"}, "reasoning_effort"),
     ("chat/completions", {"stream_options": 1}, "stream_options"),
     ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # was ignored without stream
     ("chat/completions", {"stream_options": {"include_usage": False}, "stream": False}, "stream_options"),

@@ -91,7 +91,7 @@ UNSUPPORTED = {"guided_decoding_backend": ['"xgrammar"'], "use_beam_search": ["t
 CHAT_ONLY = {"tool_choice": ['"required"', '{"type": "function", "function": {"name": "f"}}', "1", "true", '"x"'],
              "response_format": ['{"type": "xml"}', '{"type": "json_schema", "json_schema": {}}', "5"],
              "top_logprobs": ["21", HUGE, "1e400"], "logprobs": [x for x in LITERALS if x not in ("true", "false")],
-             "reasoning_effort": ['"low"', "1"], "n": ["0", "129"], "echo": ["true"], "prompt_logprobs": ["1"],
+             "reasoning_effort": ['"minimal"', "1"], "n": ["0", "129"], "echo": ["true"], "prompt_logprobs": ["1"],
              "messages": ['[{"role": "user", "content": "\\ud800"}]', "[]", '[{"role": "x", "content": "a"}]',
                           '[{"role": "user", "content": "\\udc00"}]', '"hi"'],
              "tools": ['[{"type": "function", "function": {"name": "\\ud83d"}}]', '[{"type": "function"}]', "7"]}

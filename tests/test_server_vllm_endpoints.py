@@ -85,6 +85,23 @@ def test_tokenize_gives_the_ids_the_generation_endpoints_feed_the_engine(server,
             assert ids[-2:] == opener and bare["tokens"] == ids[:-2]
 
 
+def test_reasoning_effort_maps_as_deepseeks_api(server, served_tiny):
+    """DeepSeek's API takes low / medium (-> high) and xhigh (-> max) too (api-docs.deepseek.com, thinking mode);
+    they were 400s. The prompt is the template's for the mapped effort, on /tokenize and on the chat route."""
+    _, tok, _ = served_tiny
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
+        for given, used in [("low", "high"), ("medium", "high"), ("high", "high"), ("xhigh", "max"), ("max", "max")]:
+            want = tok.encode_segments(encode_message_segments(MSGS, thinking=True, reasoning_effort=used))
+            body = {"messages": MSGS, "thinking": True, "reasoning_effort": given}
+            assert h.post("/tokenize", json=body).json()["tokens"] == want, given
+            if used == "high":  # the max preamble does not fit this server's context
+                r = c.chat.completions.create(model=NAME, messages=MSGS, max_tokens=1, reasoning_effort=given,
+                                              extra_body={"thinking": True})
+                assert r.usage.prompt_tokens == len(want)
+        assert want != tok.encode_segments(encode_message_segments(MSGS, thinking=True))  # max adds its preamble
+
+
 def test_detokenize_inverts_tokenize(server, served_tiny):
     _, tok, _ = served_tiny
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
@@ -121,7 +138,7 @@ def test_detokenize_inverts_tokenize(server, served_tiny):
     ("/tokenize", {"messages": MSGS, "continue_final_message": True}, "continue_final_message"),
     ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("/tokenize", {"messages": []}, "messages"),
-    ("/tokenize", {"messages": MSGS, "reasoning_effort": "low"}, "reasoning_effort"),
+    ("/tokenize", {"messages": MSGS, "reasoning_effort": "none"}, "reasoning_effort"),
     ("/tokenize", {"messages": MSGS, "tools": "x"}, "tools"),
     ("/tokenize", {"prompt": "a", "model": 3}, "model"),
 ])

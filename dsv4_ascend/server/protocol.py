@@ -314,7 +314,7 @@ def _chat_segments(s: Settings, req: sc.ChatInputs, thinking: bool) -> list[tupl
     """The prompt as (text, is_control) segments, refused by length before tokenising when it cannot fit."""
     try:
         segments = encode_message_segments(_messages(req.messages), thinking=thinking,
-                                           reasoning_effort=req.reasoning_effort, tools=req.chat_tools())
+                                           reasoning_effort=req.effort(), tools=req.chat_tools())
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         msg = str(exc)
         param = "tools" if msg.startswith("tools") else "messages"

@@ -312,7 +312,8 @@ class ChatInputs(_Strict):
     thinking: Annotated[bool | Thinking | None, one_error(
         "must be a boolean or {\"type\": \"enabled\" | \"disabled\"} (no other keys)")] = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    reasoning_effort: Literal["high", "max"] | None = None
+    reasoning_effort: Literal["low", "medium", "high", "xhigh", "max"] | None = Field(
+        None, description="DeepSeek's: high or max; low and medium mean high, xhigh max (as DeepSeek's API maps them)")
 
     @field_validator("messages", check_fields=False)
     @classmethod
@@ -328,6 +329,11 @@ class ChatInputs(_Strict):
         if isinstance(v, Thinking):
             return v.type == "enabled"
         return bool(v)
+
+    def effort(self) -> str | None:
+        """The template's reasoning_effort (None, "high" or "max"), mapped as DeepSeek's API documents its thinking
+        mode (https://api-docs.deepseek.com/guides/thinking_mode): low and medium -> high, xhigh -> max."""
+        return {"low": "high", "medium": "high", "xhigh": "max"}.get(self.reasoning_effort, self.reasoning_effort)
 
     def forced_tool(self) -> tuple[bool, str | None]:
         """(whether tool_choice forces a call, the function it names or None)."""
