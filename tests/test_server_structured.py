@@ -121,6 +121,26 @@ def test_logit_bias_and_min_tokens_through_the_server(client, served_tiny):
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "stop"
 
 
+def test_stop_strings_wait_for_min_tokens(client, served_tiny):
+    """As vLLM does, stop strings are looked for once min_tokens tokens are out: they ended the output before."""
+    _, tok, _ = served_tiny
+    word = tok.encode_text(" the")[0]
+    text = tok.decode([word])
+    kw = dict(model=NAME, prompt="The capital", max_tokens=10, temperature=0, logit_bias={str(word): 100},
+              stop=[text])
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == ("", 1, "stop")
+    for stream in (False, True):
+        r = client.completions.create(stream=stream, extra_body={"min_tokens": 3}, **kw)
+        if stream:
+            chunks = list(r)
+            got = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            got = r.choices[0].text, r.choices[0].finish_reason
+            assert r.usage.completion_tokens == 3
+        assert got == (text * 2, "stop")  # the third token completes the first stop string looked for
+
+
 # ------------------------------------------------------------------------- vLLM's structured-output parameters
 
 GBNF = 'root ::= "yes" | "no" | "maybe"'

@@ -181,7 +181,8 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
             for job in jobs:
                 worker.abort(job)
             raise
-        outs = [Output(tokenizer, job.params.stop, 0 if parsed.echo_only else None) for job in jobs]
+        outs = [Output(tokenizer, job.params.stop, 0 if parsed.echo_only else None, job.params.min_tokens)
+                for job in jobs]
         for out, (i, _) in zip(outs, seqs):
             out.prompt_index = i
         return list(zip(jobs, outs))

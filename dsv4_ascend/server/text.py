@@ -60,9 +60,10 @@ def _holdback(text: str, markers: tuple[str, ...]) -> int:
 class Output:
     """A request's generated text as the handler builds it: incremental detokenization with stop strings."""
 
-    def __init__(self, tok, stops: tuple[str, ...], keep: int | None = None) -> None:
+    def __init__(self, tok, stops: tuple[str, ...], keep: int | None = None, min_tokens: int = 0) -> None:
         self.dec = tok.stream_decoder(skip_special_tokens=True)
         self.keep = keep        # tokens kept at most (None: all; 0: completions' echo-only max_tokens 0)
+        self.min_tokens = min_tokens  # stop strings are looked for once this many tokens are out (as vLLM does)
         self.stops = stops
         self.maxstop = max((len(s) for s in stops), default=0)
         self.text = ""
@@ -87,6 +88,8 @@ class Output:
             return
         start = max(0, len(self.text) - self.maxstop + 1)
         self.text += piece
+        if len(self.tokens) < self.min_tokens:
+            return
         hits = [k for k in (self.text.find(s, start) for s in self.stops) if k >= 0]
         if hits:
             self.text = self.text[:min(hits)]
