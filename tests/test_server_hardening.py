@@ -305,6 +305,29 @@ def test_unread_keys_of_thinking_switches_are_refused(server, change, param):
 
 # ------------------------------------------------------------------------------ user text is never a control token
 
+def test_speculative_server_names_the_field_it_cannot_apply(served_tiny):
+    """Under MTP drafting the engine refuses logit adjustments; the 400 named 'prompt' before, now the field."""
+    model, tok, _ = served_tiny
+    app = create_app(Engine(model, max_slots=2, max_seq_len=SEQ, speculative_tokens=1), tok, served_model_name=NAME)
+    srv = BackgroundServer(app).start()
+    try:
+        chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        for endpoint, base, change in [
+                ("completions", GREEDY, {"presence_penalty": 0.5}), ("completions", GREEDY, {"min_tokens": 1}),
+                ("completions", GREEDY, {"logit_bias": {"5": 1}}), ("completions", GREEDY, {"guided_regex": "a"}),
+                ("completions", GREEDY, {"repetition_penalty": 1.2}), ("completions", GREEDY, {"bad_words": ["x"]}),
+                ("chat/completions", chat, {"response_format": {"type": "json_object"}}),
+                ("chat/completions", chat, {"min_p": 0.1})]:
+            err = _err(httpx.post(f"{srv.url}/v1/{endpoint}", json={**base, **change}, timeout=TIMEOUT))
+            assert err["param"] == next(iter(change)) and "speculative" in err["message"], err
+        neutral = {"presence_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "min_tokens": 0,
+                   "response_format": {"type": "text"}, "tool_choice": "none"}
+        assert httpx.post(f"{srv.url}/v1/chat/completions", json={**chat, **neutral}, timeout=TIMEOUT).status_code \
+            == 200
+    finally:
+        srv.stop(60)
+
+
 def test_user_text_never_becomes_control_tokens(server, served_tiny):
     srv, _, _ = server
     _, tok, _ = served_tiny

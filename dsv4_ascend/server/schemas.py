@@ -95,6 +95,9 @@ class StructuredOutputs(_Closed):
 
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# What makes `SamplingParams.adjusted` true (refused under speculative decoding), as request fields.
+_ADJUSTING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens",
+              "bad_words", *_GUIDED, "response_format", "tool_choice")
 Word = Annotated[str, Field(min_length=1)]
 
 
@@ -183,6 +186,21 @@ class SamplingFields(_Strict):
         if self.min_tokens and self.max_completion() is not None and self.min_tokens > self.max_completion():
             raise fail("min_tokens", f"'min_tokens' ({self.min_tokens}) must be <= max_tokens "
                        f"({self.max_completion()})")
+        return self
+
+    @model_validator(mode="after")
+    def _speculative(self, info: ValidationInfo) -> SamplingFields:
+        """Under MTP drafting the engine refuses logit adjustments; name the field (it was a 400 naming 'prompt')."""
+        s = settings_of(info)
+        if s is None or not s.speculative:
+            return self
+        for name in _ADJUSTING:
+            v = getattr(self, name, None)
+            if name == "response_format" and v is not None and v.type == "text":
+                continue
+            if (v not in (None, False, 0, {}, [], "auto", "none") and not (name == "repetition_penalty" and v == 1)):
+                raise fail(name, f"'{name}' is not supported with speculative decoding (this server runs "
+                           "--speculative-tokens)")
         return self
 
     def max_completion(self) -> int | None:

@@ -26,6 +26,7 @@ class Settings:
     max_token_chars: int        # no token covers more characters (bounds tokens from below before tokenising)
     api_key: str | None = None
     max_queue: int = 512
+    speculative: bool = False   # MTP drafting: the engine's verify step samples without logit adjustments
 
 
 def fail(param: str, message: str, kind: str = "invalid_field") -> PydanticCustomError:
