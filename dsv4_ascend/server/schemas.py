@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, field_validator, model_validator
 from pydantic.json_schema import models_json_schema
 
-from .validation import (Int, Settings, TokenId, check_ids, fail, one_error, served_model, settings_of, validate,
-                         whole, within_context)
+from .validation import (Int, Settings, TokenId, check_ids, fail, no_adjustment_when_speculative, one_error,
+                         served_model, settings_of, validate, whole, within_context)
 
 __all__ = ["Settings", "validate", "CompletionRequest", "ChatCompletionRequest", "TokenizeRequest",
            "DetokenizeRequest", "CompletionResponse", "ChatCompletionResponse", "ErrorResponse", "ModelCard",
@@ -95,9 +95,6 @@ class StructuredOutputs(_Closed):
 
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-# What makes `SamplingParams.adjusted` true (refused under speculative decoding), as request fields.
-_ADJUSTING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens",
-              "bad_words", *_GUIDED, "response_format", "tool_choice")
 Word = Annotated[str, Field(min_length=1)]
 
 
@@ -190,18 +187,7 @@ class SamplingFields(_Strict):
 
     @model_validator(mode="after")
     def _speculative(self, info: ValidationInfo) -> SamplingFields:
-        """Under MTP drafting the engine refuses logit adjustments; name the field (it was a 400 naming 'prompt')."""
-        s = settings_of(info)
-        if s is None or not s.speculative:
-            return self
-        for name in _ADJUSTING:
-            v = getattr(self, name, None)
-            if name == "response_format" and v is not None and v.type == "text":
-                continue
-            if (v not in (None, False, 0, {}, [], "auto", "none") and not (name == "repetition_penalty" and v == 1)):
-                raise fail(name, f"'{name}' is not supported with speculative decoding (this server runs "
-                           "--speculative-tokens)")
-        return self
+        return no_adjustment_when_speculative(self, info)
 
     def max_completion(self) -> int | None:
         """The completion-length limit the request gives (None: the server's default)."""

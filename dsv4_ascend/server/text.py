@@ -133,8 +133,9 @@ class ThinkSplit:
 
 class ChatReply:
     """One chat choice's text as OpenAI message deltas: reasoning until </think> (thinking mode), then content, with
-    DeepSeek's DSML tool calls as `tool_calls` when the request has tools (the first only with `single`). The non-streamed message is the same
-    deltas for the whole text at once, so both answers have the same final structure (dsml_stream)."""
+    DeepSeek's DSML tool calls as `tool_calls` when the request has tools (the first only with `single`). The
+    non-streamed message is the same deltas for the whole text at once, so both answers have the same final
+    structure (dsml_stream)."""
 
     def __init__(self, thinking: bool, tools: bool, new_id: Callable[[], str], single: bool = False) -> None:
         self.thinking = thinking

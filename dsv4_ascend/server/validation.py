@@ -13,7 +13,7 @@ from pydantic_core import PydanticCustomError
 from .body import APIError, printable
 
 __all__ = ["Settings", "validate", "fail", "settings_of", "Int", "TokenId", "one_error", "whole", "check_ids",
-           "served_model", "within_context"]
+           "served_model", "within_context", "no_adjustment_when_speculative"]
 
 
 @dataclass
@@ -119,6 +119,28 @@ def within_context(v: int | None, info: ValidationInfo) -> int | None:
         raise fail(info.field_name, f"'{info.field_name}' must be at most {s.max_seq_len} (the context), got "
                    f"{v if v < 10**30 else 'a huge integer'}")
     return v
+
+
+# The request fields that make `SamplingParams.adjusted` true, and their values that do not.
+_ADJUSTING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens",
+              "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+              "response_format", "tool_choice")
+
+
+def no_adjustment_when_speculative(req: Any, info: ValidationInfo) -> Any:
+    """`req` unless the server drafts with MTP and it asks for a logit adjustment, which the engine's verify step
+    cannot apply: then an error naming the field (the engine's refusal named 'prompt')."""
+    s = settings_of(info)
+    if s is None or not s.speculative:
+        return req
+    for name in _ADJUSTING:
+        v = getattr(req, name, None)
+        if name == "response_format" and v is not None and v.type == "text":
+            continue
+        if v not in (None, False, 0, {}, [], "auto", "none") and not (name == "repetition_penalty" and v == 1):
+            raise fail(name, f"'{name}' is not supported with speculative decoding (this server runs "
+                       "--speculative-tokens)")
+    return req
 
 
 def whole(v: Any, handler, info: ValidationInfo) -> Any:
