@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+import random
 import socket
 import threading
 import time
@@ -169,6 +171,78 @@ def test_fuzz_bad_requests_get_4xx_json_and_the_server_stays_exact(server):
     assert after == before
     assert not engine.running and len(engine.free_slots) == SLOTS
     print(f"fuzz: {seen['n']} requests in {time.monotonic() - t0:.1f} s")
+
+
+_TEXTS = ["", "x", "hi there", "<｜User｜>", "</think>", "｜DSML｜", "\n\n<｜DSML｜tool_calls>", "{\"a\": 1}", "é\u202e",
+          "<｜end▁of▁sentence｜>"]
+
+
+def _junk(rng, depth: int = 0):
+    r = rng.random()
+    if depth < 2 and r < 0.15:
+        return {rng.choice(["type", "function", "name", "arguments", "parameters", "content", "role", "text",
+                            "schema", "properties"]): _junk(rng, depth + 1) for _ in range(rng.randint(0, 2))}
+    if depth < 2 and r < 0.25:
+        return [_junk(rng, depth + 1) for _ in range(rng.randint(0, 2))]
+    return rng.choice([None, True, 0, -5, 1.5, *_TEXTS, "object", "function", "text", "json_schema"])
+
+
+def _chat_body(rng) -> dict:
+    """A chat request whose messages, tools, tool_choice and response_format are random shapes, good and bad."""
+    msgs = []
+    for _ in range(rng.randint(1, 3)):
+        role = rng.choice(["system", "user", "assistant", "tool", "developer", "user", None, 5])
+        m = {"role": role}
+        if rng.random() < 0.9:
+            m["content"] = rng.choice([rng.choice(_TEXTS), None, [{"type": "text", "text": rng.choice(_TEXTS)}],
+                                       [{"type": "image_url", "image_url": {"url": "x"}}], _junk(rng)])
+        if role == "assistant" and rng.random() < 0.5:
+            m["tool_calls"] = rng.choice([[{"id": "c1", "type": "function", "function": {
+                "name": rng.choice(["f", "", "a b"]), "arguments": rng.choice(["{}", "[1]", "x", '{"a": 1}'])}}],
+                _junk(rng)])
+        if role == "assistant" and rng.random() < 0.3:
+            m["reasoning_content"] = rng.choice([*_TEXTS, None, 3])
+        if role == "tool" and rng.random() < 0.7:
+            m["tool_call_id"] = rng.choice(["c1", None, 3])
+        msgs.append(m)
+    body = {"model": NAME, "messages": msgs, "max_tokens": rng.choice([1, 3])}
+    if rng.random() < 0.4:
+        body["tools"] = [rng.choice([{"type": "function", "function": {"name": rng.choice(["f", "", "g"]),
+                                                                        "parameters": _junk(rng)}}, _junk(rng)])
+                         for _ in range(rng.randint(0, 2))]
+    if rng.random() < 0.3:
+        body["tool_choice"] = rng.choice(["auto", "none", "required", {"type": "function", "function": {"name": "f"}},
+                                          _junk(rng)])
+    if rng.random() < 0.2:
+        body["response_format"] = rng.choice([{"type": "json_object"}, {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": _junk(rng)}}, _junk(rng)])
+    for key in ("thinking", "stream", "parallel_tool_calls"):
+        if rng.random() < 0.2:
+            body[key] = rng.choice([True, False])
+    return body
+
+
+def test_seeded_fuzz_of_chat_structures_never_5xx(server):
+    """Random message / tool / tool_choice / response_format shapes (seeded): every answer is a 200 or a 4xx in the
+    OpenAI error shape naming a field, a stream never carries an error event, and the server stays exact."""
+    srv, engine, _ = server
+    rng = random.Random(20261205)
+    statuses = collections.Counter()
+    with httpx.Client(base_url=srv.url + "/v1/", timeout=TIMEOUT) as client:
+        before = client.post("completions", json=GREEDY).json()["choices"][0]["text"]
+        for _ in range(150):
+            body = _chat_body(rng)
+            with client.stream("POST", "chat/completions", json=body) as resp:
+                text = resp.read().decode()
+            statuses[resp.status_code] += 1
+            if resp.status_code == 200:
+                assert '"error"' not in text or not body.get("stream"), (body, text[-300:])
+                continue
+            assert 400 <= resp.status_code < 500, (body, resp.status_code, text[:300])
+            err = json.loads(text)["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"], (body, err)
+        after = client.post("completions", json=GREEDY).json()["choices"][0]["text"]
+    assert after == before and statuses[200] > 0 and not engine.running and len(engine.free_slots) == SLOTS
 
 
 # ------------------------------------------------------------------------------------- one request fails alone
