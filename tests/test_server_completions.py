@@ -75,8 +75,11 @@ def test_echo_logprobs_equal_the_models_own_streamed_and_not(server, served_tiny
     assert lp.token_logprobs[1:len(ids)] == pytest.approx(want.tolist(), abs=TOL)
     assert lp.token_logprobs[len(ids):] == pytest.approx(ref.logprobs, abs=TOL)
     for i, top in enumerate(lp.top_logprobs[1:len(ids)]):  # the prompt's top-2 are the model's top-2
-        assert sorted(top.values(), reverse=True) == pytest.approx(rows[i].topk(2).values.tolist()[:len(top)],
-                                                                   abs=TOL)
+        # (and, as OpenAI's legacy format promises, the prompt token itself: up to logprobs + 1 entries)
+        want = rows[i].topk(2).values.tolist() + [lp.token_logprobs[i + 1]]
+        assert max(top.values()) == pytest.approx(want[0], abs=TOL) and len(top) <= 3
+        assert all(min(abs(v - w) for w in want) < TOL for v in top.values())
+        assert top[lp.tokens[i + 1]] >= lp.token_logprobs[i + 1] - 1e-6  # ids sharing a text keep the best
     assert lp.text_offset[:2] == [0, 0] and lp.text_offset[len(ids)] == len(prompt)  # BOS prints as nothing
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 3
 
@@ -89,6 +92,19 @@ def test_echo_logprobs_equal_the_models_own_streamed_and_not(server, served_tiny
     # echo without logprobs: the prompt text only; token-id prompts echo their decoded text
     r = c.completions.create(model=NAME, prompt=ids, echo=True, max_tokens=3, temperature=0)
     assert r.choices[0].text == prompt + gen_text and r.choices[0].logprobs is None
+
+
+def test_top_logprobs_always_hold_the_chosen_token(server, served_tiny):
+    """OpenAI's legacy completions: "the API will always return the logprob of the sampled token, so there may be up
+    to logprobs+1 elements" (vLLM too); logprobs 0 gave {} and a sampled token outside the top-N was missing."""
+    srv, _ = server
+    c = _client(srv)
+    for n in (0, 1):
+        r = c.completions.create(model=NAME, prompt="The quick brown fox", max_tokens=8, temperature=1.0, seed=3,
+                                 logprobs=n, echo=True)
+        lp = r.choices[0].logprobs
+        for tok_text, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+            assert 1 <= len(top) <= n + 1 and top[tok_text] >= value - 1e-6  # ids sharing a text keep the best
 
 
 def test_vllm_prompt_logprobs_field(server, served_tiny):

@@ -15,12 +15,15 @@ class LogprobFormat:
         self.tok = tok
         self.text = tok_text
 
-    def _top(self, top: dict[int, float] | None, n: int) -> dict[str, float]:
+    def _top(self, top: dict[int, float] | None, n: int, token: int, logprob: float) -> dict[str, float]:
+        """The top-n, then the token itself when not among them: OpenAI's legacy format "always returns the logprob
+        of the sampled token" (up to n + 1 entries), and vLLM answers the same."""
         entry: dict[str, float] = {}
         for i, (t, v) in enumerate((top or {}).items()):
             if i >= n:
                 break
             entry.setdefault(self.text(t)[0], v)  # ids sharing a text keep the best logprob
+        entry.setdefault(self.text(token)[0], logprob)
         return entry
 
     def completion(self, batch: list, offset: int, top_n: int) -> dict:
@@ -30,7 +33,7 @@ class LogprobFormat:
             s = self.text(t)[0]
             tokens.append(s)
             lps.append(lp)
-            tops.append(self._top(top, top_n))
+            tops.append(self._top(top, top_n, t, lp))
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -50,7 +53,7 @@ class LogprobFormat:
         for t, piece, entry in zip(ids, pieces, prompt_lps):
             out["tokens"].append(self.text(t)[0])
             out["token_logprobs"].append(None if entry is None else entry[0])
-            out["top_logprobs"].append(None if entry is None else self._top(entry[2], top_n))
+            out["top_logprobs"].append(None if entry is None else self._top(entry[2], top_n, t, entry[0]))
             out["text_offset"].append(offset)
             offset += len(piece)
         return text, out
