@@ -296,7 +296,8 @@ class ReferenceBackend(Backend):
 
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
-        one against every HCA entry (masked by visibility) or a gather of the block's CSA picks; one softmax with
+        one against every HCA entry (masked by visibility) or, CSA, against every entry masked to the block's picks
+        while the block sees few entries (`_CSA_DENSE_ENTRIES_PER_PICK`), else a gather of its picks; one softmax with
         the sink. No per-query copy of window keys (the gathered form copies [S, K, d]). Decode, a view without
         one host-known start for every row, or a `sparse_attention` replaced by a subclass or on the instance (it
         is what the default calls): the default."""
