@@ -22,6 +22,11 @@ __all__ = ["ReferenceBackend", "dequantize_weight"]
 _ATTN_QUERY_BLOCK = 256
 # Elements of one prefill query block's attention temporaries (logits + gathered CSA picks): 64 MiB in fp32.
 _ATTN_PREFILL_ELEMENTS = 1 << 24
+# CSA prefill attention: a query block that can see at most this many entries per pick (its causal bound over
+# the top-k) multiplies every visible entry by GEMM and masks all but its picks, instead of gathering [n, k, d]
+# picked keys per query (a copy, then a batch of tiny per-query products): small preset, 512 tokens (128 entries,
+# top 32), see docs/design.md "Performance".
+_CSA_DENSE_ENTRIES_PER_PICK = 4
 # Key elements read per block by `indexer_topk_paged` (4 MiB in fp32): bounded, cache-sized copies.
 _INDEXER_KEY_ELEMENTS = 1 << 20
 # Indexer entries scored per GEMM (columns of one tile): a 1M-context prefill block's [8 queries, 2 heads, tile]
@@ -291,7 +296,8 @@ class ReferenceBackend(Backend):
 
     def attend(self, q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
         """Prefill: per block of queries, one GEMM against the block's contiguous window band (`window_slab`),
-        one against every HCA entry (masked by visibility) or a gather of the block's CSA picks; one softmax with
+        one against every HCA entry (masked by visibility) or, CSA, against every entry masked to the block's picks
+        while the block sees few entries (`_CSA_DENSE_ENTRIES_PER_PICK`), else a gather of its picks; one softmax with
         the sink. No per-query copy of window keys (the gathered form copies [S, K, d]). Decode, a view without
         one host-known start for every row, or a `sparse_attention` replaced by a subclass or on the instance (it
         is what the default calls): the default."""
@@ -307,31 +313,45 @@ class ReferenceBackend(Backend):
         ent = view.entry_pool().float() if hca else None
         n_ent = ent.shape[1] if hca else 0
         n_pick = view.picks.shape[-1] if m and not hca else 0
+        # CSA blocks that see at most n_dense entries (their causal bound) take every one of them by GEMM, masked
+        # to their picks (`_CSA_DENSE_ENTRIES_PER_PICK`): entries 0..n_dense-1, read once, as the picks read them.
+        n_dense = min((view.start + s) // m, _CSA_DENSE_ENTRIES_PER_PICK * n_pick) if n_pick else 0
+        if n_dense and (view.start + min(s, max(win, 16))) // m <= n_dense:  # the first block is dense
+            dense = (view.entry_rows[:, :n_dense] if view.entry_rows is not None
+                     else PagedRows(view.entries, view.block_table, n_dense).read())
+            ent, n_ent = dense.float(), n_dense
         # Query block ~ the window: the band holds blk+win-1 keys per query (<= 2x the win it needs, as GEMMs);
         # halved until the block's logits and gathered picks fit _ATTN_PREFILL_ELEMENTS.
         blk = min(s, max(win, 16))
         while blk > 1 and blk * b * (h * (blk + win + n_ent + n_pick) + n_pick * d) > _ATTN_PREFILL_ELEMENTS:
             blk //= 2
         out = []
-        qf, slab = q.float(), slab.float()  # once: the blocks' bands overlap by win-1 rows
+        qf = q.float()  # once: the blocks' bands overlap by win-1 rows
+        # The slab in fp32 with one zero row after it: each band takes n + win rows (its last one masked), so a
+        # block of 64 queries over a 64-window has 128 key columns, not 127 (an even width: the logits GEMM
+        # measured ~25% faster, docs/design.md "Performance").
+        slab = torch.cat([slab.float(), slab.new_zeros(b, 1, d, dtype=torch.float32)], 1)
         for lo in range(0, s, blk):
             hi = min(lo + blk, s)
             n = hi - lo
-            nw = n + win - 1
+            nw = n + win
             qb = qf[:, lo:hi].reshape(b, n * h, d)
-            kw = slab[:, lo:hi + win - 1]  # positions start+lo-win+1 .. start+hi-1
+            kw = slab[:, lo:hi + win]  # positions start+lo-win+1 .. start+hi (the last one: a masked zero row)
             # HCA, causal: query t sees entries w < (t+1)//m; the block's queries (t = start+lo .. start+hi-1) see
             # at most n_all, each at least n_some. Entries past n_all are skipped (not computed and masked); only
             # columns n_some..n_all-1 need a mask.
-            n_all = min(n_ent, (view.start + hi) // m) if hca else 0
+            # CSA: a block whose picks all lie below n_dense takes the dense form (entries masked to its picks).
+            picked = n_pick and ent is not None and (view.start + hi) // m <= n_ent
+            n_all = min(n_ent, (view.start + hi) // m) if hca or picked else 0
             n_some = min(n_all, (view.start + lo + 1) // m) if hca else 0
+            n_gather = 0 if picked else n_pick
             # One logits buffer [window band | entries or picks | sink]: the GEMMs write their columns in place
             # (no concatenation copy), one softmax reads it.
-            lg = qb.new_empty(b, n * h, nw + n_all + n_pick + 1)
+            lg = qb.new_empty(b, n * h, nw + n_all + n_gather + 1)
             torch.bmm(qb, kw.transpose(1, 2), out=lg[..., :nw])
-            if hca:
+            if n_all:
                 torch.bmm(qb, ent[:, :n_all].transpose(1, 2), out=lg[..., nw:nw + n_all])
-            elif n_pick:
+            elif n_gather:
                 keys, valid = view.picked_entries(lo, hi)
                 keys = keys.float()
                 torch.bmm(qb.reshape(b * n, h, d), keys.reshape(b * n, n_pick, d).transpose(1, 2),
@@ -346,14 +366,19 @@ class ReferenceBackend(Backend):
                 vis = (torch.arange(n_some, n_all, device=dev)
                        < ((view.positions[:, lo:hi] + 1) // m).unsqueeze(-1))  # [B, n, n_all - n_some]
                 lg4[..., nw + n_some:nw + n_all].masked_fill_(~vis.unsqueeze(2), float("-inf"))
-            elif n_pick:
+            elif picked:  # every column but the block's valid picks (distinct top-k entries; -1 = none)
+                p = view.picks[:, lo:hi]
+                sel = torch.zeros(b, n, n_all + 1, dtype=torch.bool, device=dev)
+                sel.scatter_(2, torch.where(p >= 0, p, n_all), True)
+                lg4[..., nw:nw + n_all].masked_fill_(~sel[..., :n_all].unsqueeze(2), float("-inf"))
+            elif n_gather:
                 lg4[..., nw:nw + n_pick].masked_fill_(~valid.unsqueeze(2), float("-inf"))
             lg4[..., -1] = sink.float().view(1, 1, h)
             probs = torch.softmax(lg, dim=-1)
             o = probs[..., :nw] @ kw
-            if hca:
+            if n_all:
                 o += probs[..., nw:nw + n_all] @ ent[:, :n_all]
-            elif n_pick:
+            elif n_gather:
                 o += torch.bmm(probs.view(b * n, h, -1)[..., nw:nw + n_pick], keys.reshape(b * n, n_pick, d)).view(
                     b, n * h, d)
             out.append(o.view(b, n, h, d))

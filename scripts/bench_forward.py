@@ -10,6 +10,9 @@ of magnitude). `--logits last` (the default) computes the last position's logits
 its first token to decode does (transformers: logits_to_keep=1); `--logits all` computes all of them.
 transformers is skipped above `--hf-max-seq` (it is quadratic in the sequence); `--only transformers` / `--only ours`
 times one side alone (a long transformers run in the background, compared with ours from another run).
+`--gemms` also times the GEMMs alone: every mm / bmm / addmm / baddbmm / grouped mm of one eager forward of ours and
+of transformers is recorded (with its operands) and replayed on its own; ours' GEMMs with fp32 operands are replayed
+once more with the operands in bf16 (what they would cost at the bf16 rate, e.g. with a bf16 x bf16 -> fp32 GEMM).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def main() -> None:
@@ -44,6 +48,8 @@ def main() -> None:
                     "(meaningful with --threads 1)")
     ap.add_argument("--no-warmup", action="store_true", help="no untimed first run per length (long prompts: the "
                     "first timed run gives the compared logits; compiled ops are still compiled before timing)")
+    ap.add_argument("--gemms", action="store_true", help="also time the GEMMs of one eager forward alone (ours and "
+                    "transformers), and ours' fp32 GEMMs with bf16 operands")
     args = ap.parse_args()
     if args.only == "transformers" and (args.compiled or args.skip_hf):
         ap.error("--only transformers runs transformers alone: drop --compiled / --skip-hf")
@@ -117,6 +123,62 @@ def main() -> None:
                 ratio = f"  {base / t:5.2f}x transformers" if base and name != "transformers" else ""
                 print(f"[{dname}] seq {s:>6} {name:14s}: {n / t:9.1f} tok/s ({t * 1e3:8.0f} ms){ratio}{diff}",
                       flush=True)
+            if args.gemms:
+                for name in [k for k in run if k != "ours compiled"]:
+                    calls = _record_gemms(lambda: run[name](ids))
+                    reps = max(1, args.repeats)
+                    t = statistics.median(_replay(calls, clock) for _ in range(reps))
+                    f32 = [c for c in calls if _fp32_operands(c)]
+                    line = f"{t * 1e3:.1f} ms ({len(calls)} calls)"
+                    if f32 and name == "ours eager":
+                        t32 = statistics.median(_replay(f32, clock) for _ in range(reps))
+                        t16 = statistics.median(_replay(f32, clock, torch.bfloat16) for _ in range(reps))
+                        line += (f"; of which fp32-operand GEMMs {t32 * 1e3:.1f} ms ({len(f32)} calls), "
+                                 f"{t16 * 1e3:.1f} ms with bf16 operands")
+                    print(f"[{dname}] seq {s:>6} {name:14s}: GEMMs alone {line}", flush=True)
+
+
+_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+          torch.ops.aten.baddbmm.default, torch.ops.aten.mm.out, torch.ops.aten.bmm.out,
+          torch.ops.aten._grouped_mm.default}
+_CASTABLE = _GEMMS - {torch.ops.aten._grouped_mm.default}
+
+
+class _GemmRecorder(TorchDispatchMode):
+    """Records (op, operands cloned, kwargs) of every GEMM dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _GEMMS:
+            clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.calls.append((func, [clone(a) for a in args], {k: clone(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def _record_gemms(fn) -> list:
+    with _GemmRecorder() as rec:
+        fn()
+    return rec.calls
+
+
+def _fp32_operands(call) -> bool:
+    func, a, _ = call
+    return func in _CASTABLE and any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in a)
+
+
+def _replay(calls: list, clock, dtype: torch.dtype | None = None) -> float:
+    """Time of running the recorded GEMMs once each (operands cast to `dtype` when given)."""
+    cast = (lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) if dtype else \
+        (lambda v: v)
+    ops = [(f, [cast(t) for t in a], {n: cast(v) for n, v in k.items()}) for f, a, k in calls]
+    t0 = clock()
+    for f, a, k in ops:
+        f(*a, **k)
+    return clock() - t0
 
 
 if __name__ == "__main__":

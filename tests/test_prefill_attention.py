@@ -7,6 +7,7 @@ import torch
 
 from dsv4_ascend.backend import RunOptions
 from dsv4_ascend.reference import ReferenceBackend
+from dsv4_ascend.reference import backend as reference_backend
 
 
 @pytest.mark.parametrize("dtype,numerics", [(torch.float32, "exact"), (torch.bfloat16, "exact"),
@@ -43,12 +44,16 @@ def _prefill_logits(model, ids: torch.Tensor, chunks: tuple[int, ...]) -> torch.
     return torch.cat(out, 1)
 
 
-def test_prefill_attend_equals_gathered_default(tiny_model):
+@pytest.mark.parametrize("dense_per_pick", [0, 4, 1000])
+def test_prefill_attend_equals_gathered_default(tiny_model, monkeypatch, dense_per_pick):
     # ReferenceBackend.attend (prefill: query blocks, one logits buffer, HCA entries past the block's last visible
     # one skipped) against the default attend (every key of every query gathered, masked, `sparse_attention`), on
     # chunked prefills whose starts and ends fall inside and on window (8), CSA (4) and HCA (8) boundaries, 16-query
     # blocks that straddle HCA entries. fp32: the softmax and the value GEMM sum the same non-zero terms in another
     # order (~1e-7 relative); 1e-5 on logits of magnitude ~5 leaves room for that, not for a wrong mask.
+    # CSA blocks (top 4 here): every block gathers its picks (0), blocks seeing <= 16 entries take the dense form
+    # and later ones gather (4: the chunk at 43 changes form between its blocks), every block is dense (1000).
+    monkeypatch.setattr(reference_backend, "_CSA_DENSE_ENTRIES_PER_PICK", dense_per_pick)
     m = tiny_model
     ids = torch.randint(2, 512, (2, 120), generator=torch.Generator().manual_seed(4))
     chunks = (37, 3, 64, 16)
