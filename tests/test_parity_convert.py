@@ -234,6 +234,20 @@ def test_convert_errors(tiny, a3, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("flags,want", [
+    # were: 0 / -1 silently meant 1-byte shards (one file per tensor), nan a "cannot convert float NaN" error
+    (["--target", "a3", "--shard-size", "0"], "--shard-size must be a positive number of GiB, found 0.0"),
+    (["--target", "a3", "--shard-size", "-1"], "--shard-size must be a positive number of GiB, found -1.0"),
+    (["--target", "a3", "--shard-size", "nan"], "--shard-size must be a positive number of GiB, found nan"),
+    # was: recorded as weight_format NZ in a 950 copy, whose loader never reads it
+    (["--target", "950", "--nz"], "nz (--nz) applies to the a3 target's int8 weights"),
+])
+def test_convert_flags_refused_before_writing(tiny, tmp_path, capsys, flags, want):
+    assert main(["convert", str(tiny), str(tmp_path / "x"), "--quiet", *flags]) == 2
+    assert want in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_int4_pack_layout():
     # independent: op-plugin's convert_to_int4_pack, word i = sum_j (v[8i+j] & 0xF) << 4j, as unsigned 32-bit
     q = torch.randint(-8, 8, (3, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
