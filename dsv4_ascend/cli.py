@@ -451,7 +451,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=512, help="requests waiting for a slot before 503s")
     v.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
-    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info: also one access-log line per request)")
     v.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="serve over N ranks on this node (DP attention, EP MoE), started through torch's launcher "
                         "(torchrun --standalone); for several nodes run `torchrun ... -m dsv4_ascend.cli serve` "

@@ -373,3 +373,15 @@ def test_chat_says_when_it_drops_turns(ckpt, tmp_path):
     err = p.stderr.decode()
     assert p.returncode == 0 and "Traceback" not in err, err
     assert "dropped the oldest" in err and "input: not valid UTF-8 text" in err
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    """`dsv4 CMD --help` explains every flag (was: serve's --log-level had none); make-tiny has its own parser."""
+    import argparse
+
+    from dsv4_ascend.cli import _build_parser
+
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{cmd} {a.option_strings or a.dest}" for cmd, p in sub.choices.items() for a in p._actions
+            if a.help in (None, "", argparse.SUPPRESS) and cmd != "make-tiny"]
+    assert not bare, bare
