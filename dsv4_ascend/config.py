@@ -257,6 +257,10 @@ class ModelConfig:
                 out["expert_dtype"] = None
         else:
             out["quant_method"] = qc.get("quant_method")
+            for key, want in _FIXED_QUANT.items():  # the released format; the loader and kernels assume it
+                if key in qc and qc[key] != want:
+                    raise ConfigError(f"config key 'quantization_config.{key}': only {json.dumps(want)} is "
+                                      f"implemented (the released FP8 format); found {qc[key]!r}"[:300])
             if "expert_dtype" not in d and "expert_dtype" in qc:
                 out["expert_dtype"] = qc["expert_dtype"]
         if d.get("dtype") is not None and "torch_dtype" not in d:  # transformers writes "dtype": null when unset
@@ -298,6 +302,7 @@ class ModelConfig:
 # exactly one value of each (DeepSeek's inference code and transformers' DeepseekV4 model); any other value would
 # change the math, so it is refused rather than ignored.
 _FIXED_KEYS = {"hidden_act": "silu", "mlp_bias": False, "attention_bias": False, "num_key_value_heads": 1}
+_FIXED_QUANT = {"fmt": "e4m3", "weight_block_size": [128, 128]}  # what the FP8 weights are; the loader assumes it
 
 
 def _refuse_unimplemented(d: dict[str, Any]) -> None:

@@ -164,6 +164,10 @@ REFUSED = {
                               "'qk_rope_head_dim' (64) and 'partial_rotary_factor' (x head_dim 128 = 32) disagree"),
     "no_qk_rope_head_dim": ({"qk_rope_head_dim": None}, "config key 'qk_rope_head_dim': missing"),
     "no_layer_schedule": ({"compress_ratios": None}, "config key 'compress_ratios': missing"),
+    "fp8_block": ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+                  "config key 'quantization_config.weight_block_size': only [128, 128]"),
+    "fp8_format": ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}},
+                   "config key 'quantization_config.fmt': only \"e4m3\""),
 }
 
 
