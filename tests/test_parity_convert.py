@@ -248,6 +248,26 @@ def test_convert_flags_refused_before_writing(tiny, tmp_path, capsys, flags, wan
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("flags,want", [
+    # were checked after both models had loaded, or not at all: -1 decode steps died in torch.stack, a NaN
+    # --min-cosine failed every run, a bad --device gave torch's bare RuntimeError
+    (["--tokens", "0"], "--tokens must be >= 1, found 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be >= 0, found -1"),
+    (["--min-cosine", "nan"], "--min-cosine must be a number in [-1, 1], found nan"),
+    (["--min-top1", "2"], "--min-top1 must be a number in [0, 1], found 2.0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63 - 1], found -1"),
+    (["--device", "bogus"], "--device 'bogus': not a torch device"),
+])
+def test_parity_flags_refused_before_any_weight(tiny, tmp_path, capsys, flags, want):
+    d = tmp_path / "no-weights"  # config, index and tokenizer only: reading a weight would fail otherwise
+    d.mkdir()
+    for f in tiny.glob("*.json"):
+        shutil.copy(f, d / f.name)
+    assert main(["parity", "--model", str(d), *flags]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "shard" not in err, err
+
+
 def test_int4_pack_layout():
     # independent: op-plugin's convert_to_int4_pack, word i = sum_j (v[8i+j] & 0xF) << 4j, as unsigned 32-bit
     q = torch.randint(-8, 8, (3, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
