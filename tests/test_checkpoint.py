@@ -257,6 +257,14 @@ def test_make_tiny_main(tmp_path, capsys):
         make_tiny_main([str(out)])  # refuses to overwrite without --force
     assert make_tiny_main([str(out), "--force", "--shard-bytes", "100000"]) == 0
     assert len(list(out.glob("*.safetensors"))) > 3
+    # were: --shard-bytes 0 / -5 wrote one shard per tensor, --seed 2**64 a bare "Overflow" ValueError
+    for flags, want in ((["--shard-bytes", "0"], "--shard-bytes must be >= 1, found 0"),
+                        (["--seed", str(2**64)], "--seed must be in [0, 2**63 - 1]"),
+                        (["--seed", "-1"], "--seed must be in [0, 2**63 - 1], found -1")):
+        with pytest.raises(SystemExit):
+            make_tiny_main([str(tmp_path / "bad"), *flags])
+        assert want in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_progress_bar_goes_to_stderr(ckpt, capsys):
