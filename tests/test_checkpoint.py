@@ -556,3 +556,26 @@ def test_each_shard_is_unmapped_when_its_tensors_are_done(ckpt):
     assert mapped() == set()
     # while a later shard streams, the earlier ones are no longer mapped (only the current one is)
     assert len(shards) >= 2 and all(now <= {cur} for cur, now in seen), seen
+
+
+@pytest.mark.parametrize("name", ["v4-flash", "v4-pro"])
+def test_released_configs_build_on_meta_with_the_official_formats(name):
+    """The released configs (presets equal to the hub config.json files) read back from their native config.json
+    form and build on the meta device (no memory) with the tensors of docs/checkpoint-format.md §1: FP8 linears
+    with 128x128 e8m0 scales, MXFP4 experts packed two per byte with 1x32 scales, BF16 embeddings."""
+    from dsv4_ascend.backend import Backend
+    from dsv4_ascend.model import WeightFormats
+
+    cfg = preset(name)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    meta = Transformer(cfg, Backend(), torch.bfloat16, WeightFormats.from_config(cfg), device="meta")
+    got = {n: (t.dtype, tuple(t.shape)) for n, t in meta.checkpoint_tensors()}
+    d, q, inter = cfg.hidden_size, cfg.q_lora_rank, cfg.moe_intermediate_size
+    assert got["embed.weight"] == got["head.weight"] == (torch.bfloat16, (cfg.vocab_size, d))
+    assert got["layers.2.attn.wq_a.weight"] == (torch.float8_e4m3fn, (q, d))
+    assert got["layers.2.attn.wq_a.scale"] == (torch.float8_e8m0fnu, (q // 128, d // 128))
+    assert got["layers.3.ffn.experts.5.w1.weight"] == (torch.int8, (inter, d // 2))
+    assert got["layers.3.ffn.experts.5.w1.scale"] == (torch.float8_e8m0fnu, (inter, d // 32))
+    assert got["layers.0.ffn.gate.tid2eid"] == (torch.int64, (cfg.vocab_size, cfg.num_experts_per_tok))
+    assert any(n.startswith("mtp.0.") for n in got)
+    assert not any(n.startswith(f"layers.{cfg.num_hidden_layers}.") for n in got)
