@@ -321,7 +321,8 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     `expert_range=(first, end)`: this rank's routed experts (others are never read). `n_mtp`: MTP blocks to build
     (default: config's num_nextn_predict_layers). `progress`: a tqdm bar on stderr and a one-line summary.
     Every quantisation scale is checked for NaN/inf; `check_weights` also checks the FP8 weight bytes and the
-    float (BF16/F16/F32) tensors (FP4 has no NaN encoding); every hash-routing table for expert ids in range. Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
+    float (BF16/F16/F32) tensors (FP4 has no NaN encoding); every hash-routing table for expert ids in range.
+    Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
     Directories written by `dsv4 convert --target a3` are `converted.load_converted`'s; `loading.load_checkpoint`
     picks the right loader for any directory.
     """
