@@ -207,6 +207,13 @@ def plan_load(scan: CheckpointScan, targets: dict[str, tuple[torch.dtype, tuple[
             raise CheckpointError(f"{what(info, name)} is unexpected: the model built from {cfg_path} has no "
                                   "such parameter")
     missing = sorted(set(targets) - set(jobs))
+    for sname in missing:  # a plain float weight where an FP8 one (with its scale) is expected
+        w = scan.tensors.get(sname[: -len("scale")] + "weight") if sname.endswith(".scale") else None
+        if w is not None and w.dtype in FLOAT_DTYPES:
+            raise CheckpointError(f"{what(w, sname[: -len('scale')] + 'weight')} is {w.dtype} without the scale "
+                                  f"'{sname}' that {cfg_path} (quantization_config / expert_dtype) implies: a "
+                                  "dequantised copy, as DeepSeek's convert.py writes wo_a; load with weights='bf16' "
+                                  "(--weights bf16) to accept plain weights")
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{scan.source}: missing {len(missing)} tensors: {', '.join(missing[:5])}{more}; "
@@ -268,6 +275,17 @@ def plan_load(scan: CheckpointScan, targets: dict[str, tuple[torch.dtype, tuple[
 
 
 
+def _check_expert_ids(info: TensorInfo, ids: torch.Tensor, n_experts: int, cfg_path: Path) -> None:
+    """A hash layer's token -> expert table must name experts that exist (else the first prompt holding such a
+    token fails mid-run with an index error, or a negative id silently picks another expert)."""
+    bad = (ids < 0) | (ids >= n_experts)
+    if bool(bad.any()):
+        tok, k = (int(i) for i in torch.nonzero(bad)[0])
+        raise CheckpointError(f"{info.file}: tensor '{info.key}' routes token {tok} to expert {int(ids[tok, k])}, "
+                              f"outside [0, n_routed_experts={n_experts}) of {cfg_path} ({int(bad.sum())} such "
+                              "entries); config.json and weights disagree or the checkpoint is damaged")
+
+
 # ---- loading ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -302,8 +320,9 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
     weights="bf16": they are dequantised once, at load, to `dtype` (the name is the CLI's `--weights bf16`).
     `expert_range=(first, end)`: this rank's routed experts (others are never read). `n_mtp`: MTP blocks to build
     (default: config's num_nextn_predict_layers). `progress`: a tqdm bar on stderr and a one-line summary.
-    Every quantisation scale is checked for NaN/inf; `check_weights` also checks the FP8 weight bytes (FP4 has
-    no NaN encoding). Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
+    Every quantisation scale is checked for NaN/inf; `check_weights` also checks the FP8 weight bytes and the
+    float (BF16/F16/F32) tensors (FP4 has no NaN encoding); every hash-routing table for expert ids in range.
+    Raises CheckpointError (a WeightError) naming the file and tensor for any malformed input.
     Directories written by `dsv4 convert --target a3` are `converted.load_converted`'s; `loading.load_checkpoint`
     picks the right loader for any directory.
     """
@@ -342,8 +361,10 @@ def load_checkpoint(model_dir: str | Path, *, backend: Backend | None = None, dt
             where = str(info.file)
             if scale is not None:
                 check_values(job.scale.key, scale, str(job.scale.file), CheckpointError)
-            if name_is_scale or (check_weights and info.dtype == "F8_E4M3"):
+            if name_is_scale or (check_weights and info.dtype in ("F8_E4M3", *FLOAT_DTYPES)):
                 check_values(info.key, src, where, CheckpointError, raw_e8m0=name_is_scale)
+            if job.name.endswith(".tid2eid"):
+                _check_expert_ids(info, src, cfg.n_routed_experts, scan.config_path)
             if scale is not None:
                 dt = targets[job.name].dtype
                 src = (quant.dequantize_fp8_block(src, scale, dt) if info.dtype == "F8_E4M3"

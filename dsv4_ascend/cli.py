@@ -108,8 +108,9 @@ def _check_flags(args, sampling: bool = True) -> None:
                          "string")
     for s in args.stop:
         _utf8(s, "--stop")
-    need(args.max_tokens < args.max_seq_len, f"--max-tokens {args.max_tokens} leaves no room for a prompt in "
-                                             f"--max-seq-len {args.max_seq_len}")
+    spec = f" + --speculative-tokens {args.speculative_tokens}" if args.speculative_tokens else ""
+    need(args.max_tokens + args.speculative_tokens < args.max_seq_len,  # a verify writes n tokens past the last
+         f"--max-tokens {args.max_tokens}{spec} leaves no room for a prompt in --max-seq-len {args.max_seq_len}")
 
 
 def _utf8(text: str, where: str) -> str:
@@ -148,9 +149,24 @@ def _prepare(args, sampling: bool = True):
     check_device(args.device)
     path = resolve_model_dir(args.model)
     cfg = read_model_config(path)
+    _check_model_flags(args, cfg, sampling)
+    return path, cfg, load_model_tokenizer(path)
+
+
+def _check_model_flags(args, cfg, sampling: bool) -> None:
+    """Flag values the model's config.json rules out (what the engine would refuse after loading the weights)."""
     if sampling and args.top_k > cfg.vocab_size:
         raise UsageError(f"--top-k must be <= the vocabulary size {cfg.vocab_size}, found {args.top_k}")
-    return path, cfg, load_model_tokenizer(path)
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings} (config.json)")
+    lcm = math.lcm(*[r for r in cfg.compress_ratios if r] or [1])
+    if args.block_size is not None and args.block_size % lcm:
+        raise UsageError(f"--block-size must be a multiple of every compress ratio in config.json (lcm {lcm}), "
+                         f"found {args.block_size}")
+    if args.speculative_tokens and not cfg.num_nextn_predict_layers:
+        raise UsageError("--speculative-tokens needs the model's MTP block; config.json has "
+                         "num_nextn_predict_layers 0")
 
 
 def _params(args):
@@ -233,8 +249,9 @@ def _load(args):
 def cmd_generate(args) -> int:
     path, _, tok = _prepare(args)
     ids = [tok.bos_id] + tok.encode(_read_prompt(args))
-    if len(ids) + args.max_tokens > args.max_seq_len:
-        raise UsageError(f"prompt ({len(ids)} tokens) + --max-tokens {args.max_tokens} exceeds --max-seq-len "
+    if len(ids) + args.max_tokens + args.speculative_tokens > args.max_seq_len:  # a verify writes n past the end
+        spec = f" + --speculative-tokens {args.speculative_tokens}" if args.speculative_tokens else ""
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-tokens {args.max_tokens}{spec} exceeds --max-seq-len "
                          f"{args.max_seq_len}")
     params = _params(args)
     engine = _engine(_load(args), args, max_slots=1)
@@ -271,7 +288,7 @@ def _fit_history(messages: list[dict], tok, args) -> list[int] | None:
     dropped = 0
     while True:
         ids = tok.encode(encode_messages(messages, thinking=args.thinking))
-        if len(ids) + args.max_tokens <= args.max_seq_len:
+        if len(ids) + args.max_tokens + args.speculative_tokens <= args.max_seq_len:  # as Engine.add_request
             break
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if len(users) <= 1:
@@ -434,7 +451,8 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=512, help="requests waiting for a slot before 503s")
     v.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGINT/SIGTERM before they are cut")
-    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info: also one access-log line per request)")
     v.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="serve over N ranks on this node (DP attention, EP MoE), started through torch's launcher "
                         "(torchrun --standalone); for several nodes run `torchrun ... -m dsv4_ascend.cli serve` "

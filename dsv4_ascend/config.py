@@ -126,6 +126,12 @@ class ModelConfig:
             need(v > 0, key, f"must be > 0 (a non-positive value makes the model meaningless), found {v!r}")
         for key in ("norm_topk_prob", "tie_word_embeddings"):
             need(isinstance(getattr(self, key), bool), key, f"must be true or false, found {getattr(self, key)!r}")
+        # Fixed in V4 (DeepSeek's inference code and transformers): the top-k weights are always renormalised, and
+        # the output head is its own tensor. Accepting the other value would ignore it.
+        need(self.norm_topk_prob, "norm_topk_prob", "only true is implemented (V4 renormalises the routed top-k "
+                                                    "weights); found false")
+        need(not self.tie_word_embeddings, "tie_word_embeddings", "only false is implemented (V4's output head is "
+                                                                  "a separate tensor); found true")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                     "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
                     "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
@@ -186,27 +192,41 @@ class ModelConfig:
         d = dict(raw)
         names = {f.name for f in dataclasses.fields(cls)}
         out: dict[str, Any] = {}
-        # transformers' folded layer description.
-        if "compress_ratios" not in d and ("layer_types" in d or "compress_rates" in d):
-            types = d.get("layer_types")
-            if types is None:
-                raise ConfigError("config key 'layer_types': required when 'compress_ratios' is absent")
-            rates = d.get("compress_rates") or {}
-            ratios = []
-            for i, t in enumerate(types):
-                if t not in _LAYER_TYPE_TO_RATIO:
-                    raise ConfigError(f"config key 'layer_types[{i}]': allowed values "
-                                      f"{sorted(_LAYER_TYPE_TO_RATIO)}; found {t!r}")
-                r = _LAYER_TYPE_TO_RATIO[t]
-                if isinstance(rates, dict) and t in rates:
-                    r = int(rates[t])
-                ratios.append(r)
-            n_mtp = int(d.get("num_nextn_predict_layers", 1))
-            out["compress_ratios"] = ratios + [0] * n_mtp
-        if "num_hash_layers" not in d and "mlp_layer_types" in d:
-            out["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
-        if "qk_rope_head_dim" not in d and "partial_rotary_factor" in d and "head_dim" in d:
-            out["qk_rope_head_dim"] = int(round(d["partial_rotary_factor"] * d["head_dim"]))
+        _refuse_unimplemented(d)
+        n_layers = d.get("num_hidden_layers", cls.num_hidden_layers)
+        # transformers' folded layer description. When the native `compress_ratios` is there too, transformers
+        # reads the folded keys and DeepSeek's code the native one: they must agree.
+        if "layer_types" in d or "compress_rates" in d:
+            folded = _folded_ratios(d, n_layers)
+            if "compress_ratios" not in d:
+                out["compress_ratios"] = folded + [0] * int(d.get("num_nextn_predict_layers", 1))
+            elif isinstance(d["compress_ratios"], list) and folded != d["compress_ratios"][:len(folded)]:
+                raise ConfigError(f"config keys 'compress_ratios' and 'layer_types'/'compress_rates' disagree: "
+                                  f"{d['compress_ratios'][:len(folded)]} vs {folded} (transformers reads the "
+                                  "folded keys, DeepSeek's code compress_ratios)"[:400])
+        elif "compress_ratios" not in d:
+            raise ConfigError("config key 'compress_ratios': missing (one compress ratio per layer, as the released "
+                              "config.json has; or transformers' 'layer_types')")
+        mlt = d.get("mlp_layer_types")
+        if mlt is not None:
+            n_hash = _hash_prefix(mlt, n_layers)
+            if "num_hash_layers" in d and d["num_hash_layers"] != n_hash:
+                raise ConfigError(f"config keys 'num_hash_layers' ({d['num_hash_layers']!r}) and 'mlp_layer_types' "
+                                  f"({n_hash} hash_moe layers) disagree")
+            out["num_hash_layers"] = n_hash
+        # RoPE width: transformers takes head_dim * partial_rotary_factor (default 64/512), DeepSeek's code
+        # qk_rope_head_dim (default 64); where both readings exist they must agree.
+        head_dim = d.get("head_dim", cls.head_dim)
+        prf = d.get("partial_rotary_factor")
+        if prf is not None:
+            rope = int(head_dim * prf)
+            if "qk_rope_head_dim" in d and d["qk_rope_head_dim"] != rope:
+                raise ConfigError(f"config keys 'qk_rope_head_dim' ({d['qk_rope_head_dim']!r}) and "
+                                  f"'partial_rotary_factor' (x head_dim {head_dim} = {rope}) disagree")
+            out["qk_rope_head_dim"] = rope
+        elif "qk_rope_head_dim" not in d and head_dim != cls.head_dim:
+            raise ConfigError(f"config key 'qk_rope_head_dim': missing, and with head_dim {head_dim} its defaults "
+                              f"differ (DeepSeek's code: 64, transformers: head_dim / 8 = {head_dim // 8}); give it")
         # No YaRN unless the config asks for it: a config.json without `rope_scaling` (or transformers' folded
         # `rope_parameters` whose "compress" entry has rope_type "default") means plain RoPE on the compress table,
         # as transformers reads it; factor 1 is exactly that (rope.rope_inv_freq). The dataclass default (16) is
@@ -217,28 +237,17 @@ class ModelConfig:
             c = rp.get("compress", {})
             if "rope_theta" in c:
                 out["compress_rope_theta"] = c["rope_theta"]
-            yarn = c.get("rope_type", c.get("type", "default")) == "yarn"
-            if not yarn:
-                out["rope_factor"] = 1.0
-            for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
-                             "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
-                             ("beta_slow", "rope_beta_slow")):
-                if src in c and yarn:
-                    out[dst] = c[src]
+            _yarn_into(out, c, "rope_parameters.compress", default_type="default")
+        elif isinstance(rp, dict) and d.get("rope_scaling") is None:
+            # transformers' un-nested form: the YaRN (or default) parameters of the compress table
+            _yarn_into(out, rp, "rope_parameters", default_type="default")
         elif "rope_parameters" not in d and d.get("rope_scaling") is None:
             out["rope_factor"] = 1.0
         rs = d.get("rope_scaling")
         if rs is not None and not isinstance(rs, dict):
             raise ConfigError(f"config key 'rope_scaling': must be an object (or null), found {rs!r}"[:300])
         if isinstance(rs, dict):
-            kind = rs.get("type", rs.get("rope_type", "yarn"))
-            if kind != "yarn":
-                raise ConfigError(f"config key 'rope_scaling.type': allowed values ['yarn']; found {kind!r}")
-            for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings",
-                             "rope_original_max_position"), ("beta_fast", "rope_beta_fast"),
-                             ("beta_slow", "rope_beta_slow")):
-                if src in rs:
-                    out[dst] = rs[src]
+            _yarn_into(out, rs, "rope_scaling", default_type="yarn")
         qc = d.get("quantization_config")
         if qc is not None and not isinstance(qc, dict):
             raise ConfigError(f"config key 'quantization_config': must be an object (or absent), found {qc!r}"[:300])
@@ -248,6 +257,10 @@ class ModelConfig:
                 out["expert_dtype"] = None
         else:
             out["quant_method"] = qc.get("quant_method")
+            for key, want in _FIXED_QUANT.items():  # the released format; the loader and kernels assume it
+                if key in qc and qc[key] != want:
+                    raise ConfigError(f"config key 'quantization_config.{key}': only {json.dumps(want)} is "
+                                      f"implemented (the released FP8 format); found {qc[key]!r}"[:300])
             if "expert_dtype" not in d and "expert_dtype" in qc:
                 out["expert_dtype"] = qc["expert_dtype"]
         if d.get("dtype") is not None and "torch_dtype" not in d:  # transformers writes "dtype": null when unset
@@ -283,6 +296,83 @@ class ModelConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Keys of the released config.json (or transformers' config) that this model does not read because it implements
+# exactly one value of each (DeepSeek's inference code and transformers' DeepseekV4 model); any other value would
+# change the math, so it is refused rather than ignored.
+_FIXED_KEYS = {"hidden_act": "silu", "mlp_bias": False, "attention_bias": False, "num_key_value_heads": 1}
+_FIXED_QUANT = {"fmt": "e4m3", "weight_block_size": [128, 128]}  # what the FP8 weights are; the loader assumes it
+
+
+def _refuse_unimplemented(d: dict[str, Any]) -> None:
+    for key, want in _FIXED_KEYS.items():
+        if key in d and d[key] != want:
+            raise ConfigError(f"config key '{key}': only {json.dumps(want)} is implemented (DeepSeek-V4's value); "
+                              f"found {d[key]!r}"[:300])
+
+
+def _folded_ratios(d: dict[str, Any], n_layers: int) -> list[int]:
+    """Per-layer compress ratios from transformers' `layer_types` + `compress_rates` (or, without `layer_types`,
+    the native `compress_ratios` re-rated by `compress_rates`, as transformers reads it)."""
+    rates = d.get("compress_rates") or {}
+    if not isinstance(rates, dict):
+        raise ConfigError(f"config key 'compress_rates': must be an object, found {rates!r}"[:300])
+    for t, want in (("compressed_sparse_attention", lambda r: r == 4), ("heavily_compressed_attention",
+                                                                        lambda r: r != 4)):
+        if t in rates and not (isinstance(rates[t], int) and want(rates[t])):
+            raise ConfigError(f"config key 'compress_rates.{t}': the layer kind is its ratio here (4 = CSA, an "
+                              f"even ratio > 4 = HCA); found {rates[t]!r}"[:300])
+    types = d.get("layer_types")
+    if types is None:  # native ratios, re-rated by compress_rates where transformers maps them to a kind
+        native = d.get("compress_ratios")
+        if not isinstance(native, list):
+            raise ConfigError("config key 'layer_types': required when 'compress_ratios' is absent")
+        kind = {4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+        return [int(rates.get(kind[r], r)) if r in kind else r for r in native[:n_layers]]
+    if not isinstance(types, list):
+        raise ConfigError(f"config key 'layer_types': must be a list, found {types!r}"[:300])
+    ratios = []
+    for i, t in enumerate(types):
+        if t not in _LAYER_TYPE_TO_RATIO:
+            raise ConfigError(f"config key 'layer_types[{i}]': allowed values {sorted(_LAYER_TYPE_TO_RATIO)}; "
+                              f"found {t!r}")
+        ratios.append(int(rates.get(t, _LAYER_TYPE_TO_RATIO[t])) if t != "sliding_attention" else 0)
+    return ratios
+
+
+def _hash_prefix(types: Any, n_layers: int) -> int:
+    """Number of hash-routed layers in transformers' `mlp_layer_types` (they must come first, as in V4)."""
+    if not isinstance(types, list) or any(t not in ("hash_moe", "moe") for t in types) or len(types) != n_layers:
+        raise ConfigError(f"config key 'mlp_layer_types': must list 'hash_moe' / 'moe' for each of the "
+                          f"num_hidden_layers={n_layers} layers; found {types!r}"[:300])
+    n = types.count("hash_moe")
+    if types[:n] != ["hash_moe"] * n:
+        raise ConfigError(f"config key 'mlp_layer_types': hash-routed layers must come first (DeepSeek-V4 hashes "
+                          f"the first num_hash_layers layers); found {types!r}"[:300])
+    return n
+
+
+def _yarn_into(out: dict[str, Any], rs: dict[str, Any], key: str, default_type: str) -> None:
+    """The compress table's RoPE scaling from `rs` (rope_scaling, or transformers' rope_parameters entry) into
+    `out`: YaRN's factor / original length / betas, or factor 1 for plain RoPE. Settings that change YaRN in
+    transformers but that DeepSeek-V4 does not use (an attention factor other than 1, truncate=false) are refused."""
+    kind = rs.get("type", rs.get("rope_type", default_type))
+    if kind not in ("yarn", "default"):
+        raise ConfigError(f"config key '{key}.type': allowed values ['yarn', 'default']; found {kind!r}")
+    if kind == "default":
+        out["rope_factor"] = 1.0
+        return
+    if rs.get("attention_factor", 1.0) != 1.0:  # V4 scales neither cos/sin nor the logits by a YaRN mscale
+        raise ConfigError(f"config key '{key}.attention_factor': only 1.0 is implemented (DeepSeek-V4 applies no "
+                          f"YaRN attention scaling); found {rs['attention_factor']!r}"[:300])
+    if rs.get("truncate", True) is not True:  # DeepSeek's correction range is floored / ceiled
+        raise ConfigError(f"config key '{key}.truncate': only true is implemented (DeepSeek-V4 rounds YaRN's "
+                          f"correction range); found {rs['truncate']!r}"[:300])
+    for src, dst in (("factor", "rope_factor"), ("original_max_position_embeddings", "rope_original_max_position"),
+                     ("beta_fast", "rope_beta_fast"), ("beta_slow", "rope_beta_slow")):
+        if src in rs:
+            out[dst] = rs[src]
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -184,6 +185,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, target: str, *, experts
         raise ConvertError(f"unknown experts mode {experts!r}; allowed: w8a8, w4a8")
     if experts == "w4a8" and target != "a3":
         raise ConvertError("experts='w4a8' is an Atlas A2/A3 format; Ascend 950 keeps the MXFP4 experts")
+    if nz and target != "a3":  # only the a3 loader (converted.py) reads weight_format; 950 keeps FP8/MXFP4 as is
+        raise ConvertError("nz (--nz) applies to the a3 target's int8 weights; Ascend 950 keeps the tensors as stored")
     if shard_bytes <= 0:
         raise ConvertError(f"shard_bytes must be positive, found {shard_bytes}")
     src, dst = Path(src), Path(dst)
@@ -317,9 +320,13 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def convert_main(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.shard_size) and args.shard_size * 2**30 >= 1):
+        print(f"dsv4 convert: error: --shard-size must be a positive number of GiB, found {args.shard_size}",
+              file=sys.stderr)
+        return 2
     try:
         convert_checkpoint(args.src, args.dst, args.target, experts=args.experts, nz=args.nz,
-                           shard_bytes=max(1, int(args.shard_size * 2**30)), overwrite=args.force,
+                           shard_bytes=int(args.shard_size * 2**30), overwrite=args.force,
                            progress=not args.quiet)
     except CheckpointError as e:
         print(f"dsv4 convert: error: {e}", file=sys.stderr)

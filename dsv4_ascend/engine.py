@@ -104,6 +104,9 @@ class Engine:
         pages = plan_capacity(model, page_bytes, n_slots, max_seq_len, kv_fp8, block_size) if cache_bytes else None
         self.cache = model.new_cache(n_slots, max_seq_len, num_blocks=pages, kv_fp8=kv_fp8, preassign=False,
                                      block_size=block_size)
+        # The longest sequence a request may reach: the cache rounds its length up to whole pages, which must not
+        # let a request past the max_seq_len asked for (and so past max_position_embeddings).
+        self.max_seq_len = max_seq_len
         # The decode step, eager or one compiled graph per batch bucket: one call, one result type.
         self.decoder: Decoder = EagerDecoder(model, self.cache)
         verifier = None
@@ -174,10 +177,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
         extra = self.spec.n if self.spec else 0  # a verify writes (deferred) up to n positions past the last token
         need = len(prompt) + params.max_tokens
-        if need + extra > self.cache.max_seq_len:
+        if need + extra > self.max_seq_len:
             more = f" + {extra} speculative" if extra else ""
             raise CapacityError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}){more} = "
-                                f"{need + extra} exceeds the cache's max_seq_len {self.cache.max_seq_len}")
+                                f"{need + extra} exceeds the engine's max_seq_len {self.max_seq_len}")
         if self.cache.pages_for(need + extra) > self.cache.num_blocks - 1:
             raise CapacityError(f"prompt + max_tokens = {need} tokens needs {self.cache.pages_for(need + extra)} "
                                 f"cache pages; the cache has {self.cache.num_blocks - 1}")

@@ -290,6 +290,7 @@ def run_parity(model_dir: str | Path | None = None, *, ascend_model: str | Path 
 
     if quant not in DEFAULT_TOLERANCE:
         raise ValueError(f"quant must be one of {sorted(DEFAULT_TOLERANCE)}, found {quant!r}")
+    _check_args(tokens if prompt is None else 1, seed, decode_steps, min_cosine, min_top1, device)
     path = resolve_model_dir(model_dir)
     asc_path = resolve_model_dir(ascend_model) if ascend_model else path
     if converted_quant(path) is not None:
@@ -465,6 +466,23 @@ def format_report(r: ParityResult) -> str:
     else:
         lines.append("FAIL: " + "; ".join(r.failures))
     return "\n".join(lines)
+
+
+def _check_args(tokens: int, seed: int, decode_steps: int, min_cosine: float | None, min_top1: float | None,
+                device: str) -> None:
+    """Values that can never work, refused before any weight is read (ValueError naming the flag)."""
+    from .loading import check_device
+
+    if tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, found {tokens}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1], found {seed}")
+    if decode_steps < 0:
+        raise ValueError(f"--decode-steps must be >= 0, found {decode_steps}")
+    for flag, v in (("--min-cosine", min_cosine), ("--min-top1", min_top1)):
+        if v is not None and not -math.inf < v < math.inf:  # NaN fails too (a bound above 1 forces a FAIL)
+            raise ValueError(f"{flag} must be a finite number, found {v}")
+    check_device(device)
 
 
 def add_parity_args(p: argparse.ArgumentParser) -> None:

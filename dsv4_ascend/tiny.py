@@ -212,6 +212,10 @@ def make_tiny_main(argv: list[str] | None = None) -> int:
                          "MTP block)")
     ap.add_argument("--force", action="store_true", help="overwrite DIR even if it already holds a config.json")
     args = ap.parse_args(argv)
+    if not 0 <= args.seed < 2**63:  # torch seeds are 64-bit; generate's --seed takes the same range
+        ap.error(f"--seed must be in [0, 2**63 - 1], found {args.seed}")
+    if args.shard_bytes is not None and args.shard_bytes < 1:  # was: one shard per tensor
+        ap.error(f"--shard-bytes must be >= 1, found {args.shard_bytes}")
     out = Path(args.dir)
     if (out / "config.json").exists() and not args.force:
         ap.error(f"{out} already holds a config.json; pass --force to overwrite it")

@@ -257,6 +257,14 @@ def test_make_tiny_main(tmp_path, capsys):
         make_tiny_main([str(out)])  # refuses to overwrite without --force
     assert make_tiny_main([str(out), "--force", "--shard-bytes", "100000"]) == 0
     assert len(list(out.glob("*.safetensors"))) > 3
+    # were: --shard-bytes 0 / -5 wrote one shard per tensor, --seed 2**64 a bare "Overflow" ValueError
+    for flags, want in ((["--shard-bytes", "0"], "--shard-bytes must be >= 1, found 0"),
+                        (["--seed", str(2**64)], "--seed must be in [0, 2**63 - 1]"),
+                        (["--seed", "-1"], "--seed must be in [0, 2**63 - 1], found -1")):
+        with pytest.raises(SystemExit):
+            make_tiny_main([str(tmp_path / "bad"), *flags])
+        assert want in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_progress_bar_goes_to_stderr(ckpt, capsys):
@@ -421,6 +429,38 @@ def _break_wrong_shard(d):
     return INDEX_NAME, "embed.weight", rf"is in {other}, but .* \(it is in {actual}\)"
 
 
+def _break_nan_bf16_norm(d):  # was loaded: every logit NaN
+    name = "layers.0.attn_norm.weight"
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        t[3] = float("nan")
+        return t
+    return _poke(d, name, edit), name, r"\(bfloat16 \[128\]\) holds 1 NaN/inf value \(first at index \[3\]\)"
+
+
+def _tid2eid(value: int):
+    def brk(d):  # was loaded: the first prompt holding token 5 failed mid-run with an index error
+        name = "layers.0.ffn.gate.tid2eid"
+        def edit(t: torch.Tensor) -> torch.Tensor:
+            t[5, 1] = value
+            return t
+        return _poke(d, name, edit), name, rf"routes token 5 to expert {value}, outside \[0, n_routed_experts=8\)"
+    brk.__name__ = f"_break_tid2eid_{value}".replace("-", "minus")
+    return brk
+
+
+def _break_plain_fp8_weight(d):  # DeepSeek's convert.py layout: wo_a dequantised to BF16, no scale
+    name = "layers.1.attn.wo_a"
+    f0 = _shard_of(d, name + ".weight")
+    def edit(t, f):
+        if f != f0:
+            return t
+        t = {**t, name + ".weight": quant.dequantize(t[name + ".weight"], t[name + ".scale"]).bfloat16()}
+        del t[name + ".scale"]
+        return t
+    _rewrite(d, edit)
+    return f0, name + r"\.weight' is BF16 without the scale '" + name, r"load with weights='bf16'"
+
+
 def _config_value(key: str, value):
     def brk(d):
         raw = json.loads((d / "config.json").read_text())
@@ -438,7 +478,8 @@ BREAKS = [_break_missing, _break_unexpected, _break_shape, _break_dtype, _break_
           _break_inf_float_scale, _break_nan_fp8_weight, _break_wrong_shard, _config_value("rms_norm_eps", 0),
           _config_value("rope_theta", -1.0), _config_value("rope_theta", "abc"), _config_value("hc_eps", "1e-6"),
           _config_value("compress_rope_theta", 0), _config_value("hidden_size", "64"),
-          _config_value("rope_scaling", "yarn"), _config_value("quantization_config", "fp8")]  # were: ignored / an
+          _config_value("rope_scaling", "yarn"), _config_value("quantization_config", "fp8"),
+          _break_nan_bf16_norm, _tid2eid(8), _tid2eid(-1), _break_plain_fp8_weight]  # were: ignored / an
 # AttributeError text ("'str' object has no attribute 'get'") not naming the key
 
 
@@ -453,6 +494,14 @@ def test_malformed_snapshot_errors_name_file_and_tensor(ckpt, tmp_path, breaker)
     assert str(d) in msg and file_part in msg, msg
     assert re.search(tensor_part, msg), msg
     assert re.search(what, msg), msg
+
+
+def test_plain_fp8_weight_loads_with_weights_bf16(ckpt, tmp_path):
+    """DeepSeek's convert.py layout (wo_a dequantised to BF16, no scale) is refused in native mode (above) and loads
+    with weights='bf16', equal to the official files: e4m3 x 2^k is exact in bf16."""
+    d = _copy(ckpt, tmp_path / "plain")
+    _break_plain_fp8_weight(d)
+    assert torch.equal(_load(d, weights="bf16")(_ids()), _load(ckpt, weights="bf16")(_ids()))
 
 
 def test_weights_mode_is_checked(ckpt):
@@ -507,3 +556,26 @@ def test_each_shard_is_unmapped_when_its_tensors_are_done(ckpt):
     assert mapped() == set()
     # while a later shard streams, the earlier ones are no longer mapped (only the current one is)
     assert len(shards) >= 2 and all(now <= {cur} for cur, now in seen), seen
+
+
+@pytest.mark.parametrize("name", ["v4-flash", "v4-pro"])
+def test_released_configs_build_on_meta_with_the_official_formats(name):
+    """The released configs (presets equal to the hub config.json files) read back from their native config.json
+    form and build on the meta device (no memory) with the tensors of docs/checkpoint-format.md §1: FP8 linears
+    with 128x128 e8m0 scales, MXFP4 experts packed two per byte with 1x32 scales, BF16 embeddings."""
+    from dsv4_ascend.backend import Backend
+    from dsv4_ascend.model import WeightFormats
+
+    cfg = preset(name)
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    meta = Transformer(cfg, Backend(), torch.bfloat16, WeightFormats.from_config(cfg), device="meta")
+    got = {n: (t.dtype, tuple(t.shape)) for n, t in meta.checkpoint_tensors()}
+    d, q, inter = cfg.hidden_size, cfg.q_lora_rank, cfg.moe_intermediate_size
+    assert got["embed.weight"] == got["head.weight"] == (torch.bfloat16, (cfg.vocab_size, d))
+    assert got["layers.2.attn.wq_a.weight"] == (torch.float8_e4m3fn, (q, d))
+    assert got["layers.2.attn.wq_a.scale"] == (torch.float8_e8m0fnu, (q // 128, d // 128))
+    assert got["layers.3.ffn.experts.5.w1.weight"] == (torch.int8, (inter, d // 2))
+    assert got["layers.3.ffn.experts.5.w1.scale"] == (torch.float8_e8m0fnu, (inter, d // 32))
+    assert got["layers.0.ffn.gate.tid2eid"] == (torch.int64, (cfg.vocab_size, cfg.num_experts_per_tok))
+    assert any(n.startswith("mtp.0.") for n in got)
+    assert not any(n.startswith(f"layers.{cfg.num_hidden_layers}.") for n in got)

@@ -82,6 +82,13 @@ FLAG_CASES = [
     (["--max-tokens", "abc"], "argument --max-tokens: invalid int value: 'abc'"),
     (["--speculative-tokens", "-2"], "--speculative-tokens must be >= 0"),
     (["--max-tokens", "4096"], "--max-tokens 4096 leaves no room for a prompt in --max-seq-len 4096"),
+    # Values config.json rules out; were refused by the engine only after every weight had loaded, the first two
+    # without naming the flag ("block_size 6 must be ...", "max_seq_len=8192 exceeds ...").
+    (["--block-size", "6"], "--block-size must be a multiple of every compress ratio in config.json (lcm 8), found 6"),
+    (["--max-seq-len", "8192"], "--max-seq-len 8192 exceeds the model's max_position_embeddings 4096"),
+    (["--speculative-tokens", "5000"], "--max-tokens 64 + --speculative-tokens 5000 leaves no room for a prompt"),
+    (["--speculative-tokens", "3", "--max-tokens", "60", "--max-seq-len", "64"],
+     "prompt (6 tokens) + --max-tokens 60 + --speculative-tokens 3 exceeds --max-seq-len 64"),
 ]
 
 
@@ -96,6 +103,16 @@ def test_chat_and_serve_check_flags_too(no_weights, tmp_path):
     assert "--top-p must be in (0, 1]" in line
     line = one_error(run(tmp_path, "serve", "--model", str(no_weights), "--max-seq-len", "0"), "serve")
     assert "--max-seq-len must be >= 1" in line
+    line = one_error(run(tmp_path, "serve", "--model", str(no_weights), "--block-size", "12"), "serve")
+    assert "--block-size must be a multiple of every compress ratio" in line and "shard" not in line
+
+
+def test_speculative_tokens_without_an_mtp_block_is_refused_before_any_weight(no_weights, tmp_path):
+    raw = json.loads((no_weights / "config.json").read_text())
+    raw["num_nextn_predict_layers"], raw["compress_ratios"] = 0, raw["compress_ratios"][:raw["num_hidden_layers"]]
+    (no_weights / "config.json").write_text(json.dumps(raw))
+    line = one_error(run(tmp_path, "generate", "--model", str(no_weights), "--speculative-tokens", "2"))
+    assert "--speculative-tokens needs the model's MTP block" in line and "shard" not in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -321,7 +338,7 @@ def test_thinking_turn_is_stored_as_reasoning_and_content(ckpt):
 
 def test_history_that_outgrows_max_seq_len_drops_the_oldest_turns(ckpt, capsys):
     tok = load_model_tokenizer(ckpt)
-    args = Namespace(thinking=False, max_tokens=8, max_seq_len=80)
+    args = Namespace(thinking=False, max_tokens=8, max_seq_len=80, speculative_tokens=0)
     long = "The quick brown fox jumps over the lazy dog"
     msgs = [{"role": "system", "content": "Be brief."}]
     for i in range(4):
@@ -336,6 +353,19 @@ def test_history_that_outgrows_max_seq_len_drops_the_oldest_turns(ckpt, capsys):
     assert "not sent" in capsys.readouterr().err
 
 
+def test_history_fit_leaves_room_for_the_speculative_tokens(ckpt):
+    """With --speculative-tokens N the engine needs prompt + max_tokens + N <= max_seq_len; the chat history was fit
+    to prompt + max_tokens only, so a history near the limit failed the whole session with a CapacityError."""
+    tok = load_model_tokenizer(ckpt)
+    long = "The quick brown fox jumps over the lazy dog"
+    msgs = [{"role": "user", "content": f"{long} {i}"} if i % 2 == 0 else {"role": "assistant", "content": long}
+            for i in range(9)]
+    whole = len(tok.encode(encode_messages(msgs, thinking=False)))
+    args = Namespace(thinking=False, max_tokens=8, max_seq_len=whole + 10, speculative_tokens=3)  # 1 token short
+    ids = _fit_history(msgs, tok, args)
+    assert ids is not None and whole > len(ids) and len(ids) + 8 + 3 <= whole + 10
+
+
 def test_chat_says_when_it_drops_turns(ckpt, tmp_path):
     lines = "\n".join(["The quick brown fox jumps over the lazy dog"] * 3 + ["\udcff bad"]) + "\n"
     p = run(tmp_path, "chat", "--model", str(ckpt), "--max-tokens", "4", "--max-seq-len", "48",
@@ -343,3 +373,15 @@ def test_chat_says_when_it_drops_turns(ckpt, tmp_path):
     err = p.stderr.decode()
     assert p.returncode == 0 and "Traceback" not in err, err
     assert "dropped the oldest" in err and "input: not valid UTF-8 text" in err
+
+
+def test_every_flag_of_every_subcommand_has_help():
+    """`dsv4 CMD --help` explains every flag (was: serve's --log-level had none); make-tiny has its own parser."""
+    import argparse
+
+    from dsv4_ascend.cli import _build_parser
+
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{cmd} {a.option_strings or a.dest}" for cmd, p in sub.choices.items() for a in p._actions
+            if a.help in (None, "", argparse.SUPPRESS) and cmd != "make-tiny"]
+    assert not bare, bare

@@ -75,3 +75,16 @@ def test_sampling_rules():
     freq = (many == top).float().mean()
     sigma = (p[top] * (1 - p[top]) / 2000).sqrt()
     assert abs(freq - p[top]) < 5 * sigma
+
+
+def test_max_seq_len_is_the_limit_not_the_page_rounded_cache(tiny_model):
+    """The cache rounds max_seq_len up to whole pages (100 -> 112 with 16-token pages); a request reaching past 100
+    was accepted and decoded positions up to 111, past the length asked for (and, when max_seq_len equals it, past
+    max_position_embeddings). The limit is now the max_seq_len given; the server's context follows it."""
+    eng = Engine(tiny_model, max_slots=1, max_seq_len=100, block_size=16, eos_token_id=-1)
+    assert eng.cache.max_seq_len == 112
+    prompt = list(range(2, 52))
+    with pytest.raises(CapacityError, match="= 101 exceeds the engine's max_seq_len 100"):
+        eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=51))
+    req = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=50))[0]
+    assert len(req.output) == 50 and req.finish_reason == "length"

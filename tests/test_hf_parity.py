@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4_ascend.config import ModelConfig
+from dsv4_ascend.config import ConfigError, ModelConfig
 from dsv4_ascend.hf_oracle import TINY_NATIVE_CFG, build_hf_model, hf_cached_logits, hf_generate_greedy, hf_logits
 from dsv4_ascend.engine import Engine
 from dsv4_ascend.model import Transformer
@@ -134,4 +134,66 @@ def test_transformers_save_pretrained_directory_loads_and_matches(tmp_path):
     ours, _ = load_model(str(tmp_path), dtype="float32", progress=False)
     assert len(ours.mtp) == 0
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(6))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL
+
+
+# Config keys that transformers (and DeepSeek's inference code) read differently from what we would do: each was
+# accepted and ignored (or read another way than transformers), so the model silently differed; now each is
+# refused with the key named. E.g. "hidden_act": "gelu" moved transformers' logits by 1.7 against ours.
+_RS = TINY_NATIVE_CFG["rope_scaling"]
+_LAYERS = TINY_NATIVE_CFG["num_hidden_layers"]
+REFUSED = {
+    "hidden_act": ({"hidden_act": "gelu"}, "config key 'hidden_act'"),
+    "mlp_bias": ({"mlp_bias": True}, "config key 'mlp_bias'"),
+    "norm_topk_prob": ({"norm_topk_prob": False}, "config key 'norm_topk_prob'"),
+    "tie_word_embeddings": ({"tie_word_embeddings": True}, "config key 'tie_word_embeddings'"),
+    "attention_factor": ({"rope_scaling": {**_RS, "attention_factor": 1.3}}, "'rope_scaling.attention_factor'"),
+    "truncate": ({"rope_scaling": {**_RS, "truncate": False}}, "'rope_scaling.truncate'"),
+    "layer_types_vs_ratios": ({"layer_types": ["sliding_attention"] * _LAYERS},
+                              "'compress_ratios' and 'layer_types'/'compress_rates' disagree"),
+    "compress_rates_vs_ratios": ({"compress_ratios": [0, 4, 128, 4, 0],
+                                 "compress_rates": {"heavily_compressed_attention": 16}},
+                                "'compress_ratios' and 'layer_types'/'compress_rates' disagree"),
+    "csa_rate": ({"compress_rates": {"compressed_sparse_attention": 8}},
+                 "'compress_rates.compressed_sparse_attention'"),
+    "hash_not_first": ({"mlp_layer_types": ["moe", "hash_moe"] + ["moe"] * (_LAYERS - 2)},
+                       "'mlp_layer_types': hash-routed layers must come first"),
+    "hash_count": ({"mlp_layer_types": ["hash_moe"] + ["moe"] * (_LAYERS - 1)},
+                   "'num_hash_layers' (2) and 'mlp_layer_types' (1 hash_moe layers) disagree"),
+    "partial_rotary_factor": ({"partial_rotary_factor": 0.25},
+                              "'qk_rope_head_dim' (64) and 'partial_rotary_factor' (x head_dim 128 = 32) disagree"),
+    "no_qk_rope_head_dim": ({"qk_rope_head_dim": None}, "config key 'qk_rope_head_dim': missing"),
+    "no_layer_schedule": ({"compress_ratios": None}, "config key 'compress_ratios': missing"),
+    "fp8_block": ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+                  "config key 'quantization_config.weight_block_size': only [128, 128]"),
+    "fp8_format": ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}},
+                   "config key 'quantization_config.fmt': only \"e4m3\""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_config_keys_transformers_reads_differently_are_refused_by_name(case):
+    change, want = REFUSED[case]
+    raw = {**TINY_NATIVE_CFG, **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(raw)
+    assert want in str(e.value), str(e.value)
+
+
+def test_folded_keys_read_as_transformers_reads_them():
+    """Accepted and matching transformers: its un-nested `rope_parameters` (the compress table's YaRN; was read as
+    the released models' default YaRN, factor 16 over 65,536), `mlp_layer_types` alone, `partial_rotary_factor`
+    alone, and the released config's fixed keys at their values."""
+    base = {k: v for k, v in TINY_NATIVE_CFG.items() if k not in ("rope_scaling", "num_hash_layers",
+                                                                   "qk_rope_head_dim")}
+    native = {**base, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                          "beta_fast": 16, "beta_slow": 2},
+              "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"], "partial_rotary_factor": 0.5,
+              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "num_key_value_heads": 1}
+    cfg = ModelConfig.from_dict(native)
+    assert (cfg.rope_factor, cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow,
+            cfg.num_hash_layers, cfg.qk_rope_head_dim) == (4.0, 32, 16, 2, 1, 64)
+    hf, ours = _pair_from({**native, "qk_rope_head_dim": 64})  # hf_oracle checks the rope width against this key
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(8))
     assert (hf_logits(hf, ids) - ours(ids)).abs().max().item() <= TOL

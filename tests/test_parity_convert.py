@@ -234,6 +234,40 @@ def test_convert_errors(tiny, a3, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("flags,want", [
+    # were: 0 / -1 silently meant 1-byte shards (one file per tensor), nan a "cannot convert float NaN" error
+    (["--target", "a3", "--shard-size", "0"], "--shard-size must be a positive number of GiB, found 0.0"),
+    (["--target", "a3", "--shard-size", "-1"], "--shard-size must be a positive number of GiB, found -1.0"),
+    (["--target", "a3", "--shard-size", "nan"], "--shard-size must be a positive number of GiB, found nan"),
+    # was: recorded as weight_format NZ in a 950 copy, whose loader never reads it
+    (["--target", "950", "--nz"], "nz (--nz) applies to the a3 target's int8 weights"),
+])
+def test_convert_flags_refused_before_writing(tiny, tmp_path, capsys, flags, want):
+    assert main(["convert", str(tiny), str(tmp_path / "x"), "--quiet", *flags]) == 2
+    assert want in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags,want", [
+    # were checked after both models had loaded, or not at all: -1 decode steps died in torch.stack, a NaN
+    # --min-cosine failed every run, a bad --device gave torch's bare RuntimeError
+    (["--tokens", "0"], "--tokens must be >= 1, found 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be >= 0, found -1"),
+    (["--min-cosine", "nan"], "--min-cosine must be a finite number, found nan"),
+    (["--min-top1", "inf"], "--min-top1 must be a finite number, found inf"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63 - 1], found -1"),
+    (["--device", "bogus"], "--device 'bogus': not a torch device"),
+])
+def test_parity_flags_refused_before_any_weight(tiny, tmp_path, capsys, flags, want):
+    d = tmp_path / "no-weights"  # config, index and tokenizer only: reading a weight would fail otherwise
+    d.mkdir()
+    for f in tiny.glob("*.json"):
+        shutil.copy(f, d / f.name)
+    assert main(["parity", "--model", str(d), *flags]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "shard" not in err, err
+
+
 def test_int4_pack_layout():
     # independent: op-plugin's convert_to_int4_pack, word i = sum_j (v[8i+j] & 0xF) << 4j, as unsigned 32-bit
     q = torch.randint(-8, 8, (3, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
