@@ -125,6 +125,7 @@ class ScriptedEngine:
     def __init__(self, vocab: int, eos: int, script: list[int], slots: int = 4) -> None:
         self.model = SimpleNamespace(cfg=SimpleNamespace(vocab_size=vocab))
         self.cache = SimpleNamespace(max_seq_len=4096, num_blocks=33, block_size=128, free_pages=32)
+        self.max_seq_len = 4096  # Engine's per-request length limit (the server's context)
         self.eos, self.script = eos, script
         self.free_slots, self.waiting, self.running = deque(range(slots)), deque(), []
         self.last_step: dict[str, int] = {}  # Engine's per-step figures (none: no step metrics)
