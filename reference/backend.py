@@ -193,9 +193,7 @@ class ReferenceBackend(Backend):
         if x.shape[1] != 1 or used is not None or ring != (1 + overlap) * m:
             return super().compressor(x, wkv, wgate, ape, norm_weight, norm_eps, state, blocks, start, cos, sin,
                                       ratio, used)
-        xf = x.float()  # [B,1,D]: the composite's GEMMs on the same [B,1,D] operands
-        new = torch.cat([self.linear(xf, wkv), self.linear(xf, wgate) + ape[start % m].unsqueeze(1)], -1)
-        state[blocks, start % ring] = new[:, 0]
+        self.compressor_state(x, wkv, wgate, ape, state, blocks, start, m)  # the composite's GEMMs on [B,1,D]
         vpos = ((start // m - int(overlap)) * m).unsqueeze(1) + torch.arange(ring, device=x.device)  # [B, ring]
         rows = state[blocks.unsqueeze(1), vpos % ring]  # [B, ring, 2c]: the ring in position order
         drop = ((vpos < 0) | (vpos > start.unsqueeze(1))).unsqueeze(-1)

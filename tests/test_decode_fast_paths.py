@@ -178,3 +178,46 @@ def test_eager_greedy_step_equals_next_tokens(tiny_model):
     tokens, logprobs = next_tokens(out.logits, SamplingBatch.of(params, out.logits.device), pos + 1,
                                    tiny_model.backend.sample, True)
     assert torch.equal(out.tokens, tokens) and torch.equal(out.logprobs, logprobs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prompts", [[7], [5, 13, 22]])
+def test_decode_with_host_lengths_equals_always_emit(prompts, dtype):
+    """Eager decode given the rows' host lengths (a compressor only advances its state on steps where no row
+    closes a window) gives the always-emit step's logits bit for bit, over 70 greedy steps that cross many CSA
+    (ratio 4) and HCA (ratio 16) entry boundaries; batch 1 and a ragged batch of 3 whose rows close windows on
+    different steps. The pages start full of stale finite values (a reused page), not zeros."""
+    from dsv4_ascend.config import ModelConfig
+    from tests.conftest import build_tiny
+
+    cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "compress_ratios": [0, 4, 16, 4, 0]})
+    model = build_tiny(3, dtype, cfg)
+    b, steps = len(prompts), 70
+    g = _gen(5)
+    caches = [model.new_cache(b, max(prompts) + steps + 1) for _ in range(2)]
+    for lc in caches[0].layers:
+        for store in (lc.entries, lc.index_keys):
+            if store is not None:
+                store.data.copy_(torch.randn(store.data.shape, generator=g).to(store.data.dtype))
+    for lc_a, lc_b in zip(caches[0].layers, caches[1].layers):
+        for a, c in ((lc_a.entries, lc_b.entries), (lc_a.index_keys, lc_b.index_keys)):
+            if a is not None:
+                c.data.copy_(a.data)
+    slots = torch.arange(b)
+    ids = torch.randint(2, cfg.vocab_size, (b, max(prompts)), generator=g)
+    with torch.inference_mode():
+        for cache in caches:
+            model.prefill(ids, cache, slots, [0] * b, lengths=prompts)
+        nxt = ids.gather(1, torch.tensor(prompts).view(-1, 1) - 1)  # each row's last prompt token, fed again
+        pos = torch.tensor(prompts) - 1
+        closes = skips = 0
+        for t in range(steps):
+            p = pos + t
+            lengths = (p + 1).tolist()
+            a = model.decode(nxt, p, caches[0], slots, max_len=max(lengths))
+            c = model.decode(nxt, p, caches[1], slots, max_len=max(lengths), lengths=lengths)
+            assert torch.equal(a, c), (t, lengths)
+            nxt = a[:, -1].argmax(-1, keepdim=True)
+            closes += any(n % 16 == 0 for n in lengths)
+            skips += not any(n % 4 == 0 for n in lengths)
+    assert closes >= 4 and skips >= 10  # both ratios closed entries, and steps did skip the emit
