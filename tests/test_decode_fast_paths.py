@@ -221,3 +221,28 @@ def test_decode_with_host_lengths_equals_always_emit(prompts, dtype):
             closes += any(n % 16 == 0 for n in lengths)
             skips += not any(n % 4 == 0 for n in lengths)
     assert closes >= 4 and skips >= 10  # both ratios closed entries, and steps did skip the emit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", [0, 1])  # sliding window only; CSA (window + picks from the pages)
+def test_window_picks_decode_attend_equals_default(layer, dtype):
+    """ReferenceBackend.attend's decode form for window (+ CSA picks) layers gives the default `Backend.attend`
+    (pool + indices + sparse_attention) bit for bit: rows whose window reaches before position 0, and picks
+    with -1 holes."""
+    from dsv4_ascend.attention_view import KVView
+    from tests.conftest import build_tiny
+
+    model = build_tiny(4, dtype)
+    cfg, g = model.cfg, _gen(11)
+    cache = model.new_cache(2, 48, block_size=16)
+    model(torch.randint(0, cfg.vocab_size, (2, 40), generator=g), cache, torch.arange(2), 0)
+    lc, attn = cache.layers[layer], model.layers[layer].attn
+    h, d = cfg.num_attention_heads, cfg.head_dim
+    slots = torch.tensor([1, 0])
+    for positions, picks in [([[39], [21]], [[[0, 3, -1, 2]], [[1, -1, -1, 0]]]), ([[2], [0]], [[[-1] * 4]] * 2),
+                             ([[9], [30]], [[[1, 0, -1, -1]], [[6, 2, 4, 5]]])]:
+        q = torch.randn(2, 1, h, d, generator=g).to(dtype)
+        view = KVView(lc.window, slots, torch.tensor(positions), None, None, 48, attn.ratio, lc.entries,
+                      lc.block_table[slots], torch.tensor(picks) if attn.ratio else None)
+        new = BE.attend(q, view, attn.attn_sink, d ** -0.5)
+        assert torch.equal(new, Backend.attend(BE, q, view, attn.attn_sink, d ** -0.5)), positions
