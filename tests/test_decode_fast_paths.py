@@ -182,16 +182,20 @@ def test_eager_greedy_step_equals_next_tokens(tiny_model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prompts", [[7], [5, 13, 22]])
-def test_decode_with_host_lengths_equals_always_emit(prompts, dtype):
+@pytest.mark.parametrize("ascend", [False, True])
+def test_decode_with_host_lengths_equals_always_emit(prompts, dtype, ascend):
     """Eager decode given the rows' host lengths (a compressor only advances its state on steps where no row
     closes a window) gives the always-emit step's logits bit for bit, over 70 greedy steps that cross many CSA
     (ratio 4) and HCA (ratio 16) entry boundaries; batch 1 and a ragged batch of 3 whose rows close windows on
-    different steps. The pages start full of stale finite values (a reused page), not zeros."""
+    different steps; the reference and the emulated Ascend backend (its fused custom `compressor` on the emit
+    steps, the composite state rows on the others). The pages start full of stale finite values (a reused page),
+    not zeros."""
     from dsv4_ascend.config import ModelConfig
+    from dsv4_ascend.ops import AscendBackend, emulator
     from tests.conftest import build_tiny
 
     cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "compress_ratios": [0, 4, 16, 4, 0]})
-    model = build_tiny(3, dtype, cfg)
+    model = build_tiny(3, dtype, cfg, AscendBackend(emulator, custom=emulator) if ascend else None)
     b, steps = len(prompts), 70
     g = _gen(5)
     caches = [model.new_cache(b, max(prompts) + steps + 1) for _ in range(2)]
