@@ -181,11 +181,10 @@ def test_eager_greedy_step_equals_next_tokens(tiny_model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prompts", [[7], [5, 13, 22]])
-@pytest.mark.parametrize("ascend", [False, True])
-def test_decode_with_host_lengths_equals_always_emit(prompts, dtype, ascend):
+@pytest.mark.parametrize("prompts,ascend", [([7], False), ([5, 13, 22], False), ([5, 13, 22], True)])
+def test_decode_with_host_lengths_equals_always_emit(prompts, ascend, dtype):
     """Eager decode given the rows' host lengths (a compressor only advances its state on steps where no row
-    closes a window) gives the always-emit step's logits bit for bit, over 70 greedy steps that cross many CSA
+    closes a window) gives the always-emit step's logits bit for bit, over 48 greedy steps that cross many CSA
     (ratio 4) and HCA (ratio 16) entry boundaries; batch 1 and a ragged batch of 3 whose rows close windows on
     different steps; the reference and the emulated Ascend backend (its fused custom `compressor` on the emit
     steps, the composite state rows on the others). The pages start full of stale finite values (a reused page),
@@ -196,7 +195,7 @@ def test_decode_with_host_lengths_equals_always_emit(prompts, dtype, ascend):
 
     cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "compress_ratios": [0, 4, 16, 4, 0]})
     model = build_tiny(3, dtype, cfg, AscendBackend(emulator, custom=emulator) if ascend else None)
-    b, steps = len(prompts), 70
+    b, steps = len(prompts), 48
     g = _gen(5)
     caches = [model.new_cache(b, max(prompts) + steps + 1) for _ in range(2)]
     for lc in caches[0].layers:
@@ -224,7 +223,7 @@ def test_decode_with_host_lengths_equals_always_emit(prompts, dtype, ascend):
             nxt = a[:, -1].argmax(-1, keepdim=True)
             closes += any(n % 16 == 0 for n in lengths)
             skips += not any(n % 4 == 0 for n in lengths)
-    assert closes >= 4 and skips >= 10  # both ratios closed entries, and steps did skip the emit
+    assert closes >= 3 and skips >= 10  # both ratios closed entries, and steps did skip the emit
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
