@@ -162,6 +162,20 @@ class Backend:
         r = 2 * cos.shape[-1]
         return torch.cat([e[..., :-r], self.rope(e[..., -r:], cos, sin)], dim=-1)
 
+    def compressor_state(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, state: Tensor, blocks: Tensor,
+                         start: Tensor, ratio: int) -> None:
+        """The state half of `compressor` for one token per row (x [B,1,D] at positions start [B]): write its
+        [kv | score] row (the same GEMMs as `compressor`) into row start % R of block blocks[b]; no entry.
+
+        Eager decode calls it on the steps where no row closes a window of this ratio, when the engine passes
+        the rows' host-known lengths (`Transformer.decode`). This default is the composite's GEMMs; a backend
+        whose fused `compressor` computes the rows with other roundings should override it with those."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"compressor_state: x must be one token per row [B,1,D], found {list(x.shape)}")
+        xf = x.float()
+        new = torch.cat([self.linear(xf, wkv), self.linear(xf, wgate) + ape[start % ratio].unsqueeze(1)], -1)
+        state[blocks, start % state.shape[1]] = new[:, 0]
+
     def indexer_topk(self, q: Tensor, weights: Tensor, keys: Tensor, n_visible: Tensor, k: int) -> Tensor:
         """Lightning indexer: score[t,w] = sum_h weights[t,h] relu(q[t,h].keys[w]); top-k over w < n_visible[t].
 

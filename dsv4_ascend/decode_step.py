@@ -37,9 +37,11 @@ class Decoder(Protocol):
     cache: KVCache
 
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
-             max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
+             max_len: int | None = None, adjust: AdjustBatch | None = None,
+             lengths: list[int] | None = None) -> StepResult:
         """Decode one token for each row: ids [B,1] at `positions` [B] of cache `slots` [B]; `adjust`: the rows'
-        logit adjustments (None: none)."""
+        logit adjustments (None: none); `max_len` / `lengths`: host-known bound / per-row lengths after this
+        token (hints a decoder may use: the values are those of the positions)."""
         ...
 
 
@@ -105,16 +107,19 @@ class EagerDecoder:
         self.cache = cache
 
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
-             max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
+             max_len: int | None = None, adjust: AdjustBatch | None = None,
+             lengths: list[int] | None = None) -> StepResult:
         """`max_len` (host-known, optional): every row's length after this token is at most this; compressed
-        entries are read only up to it (whole pages), so a few distinct shapes occur.
+        entries are read only up to it (whole pages), so a few distinct shapes occur. `lengths` (host-known,
+        optional): each row's length after this token; a compressor emits its entry only on steps where a row
+        closes a window (`Transformer.decode`).
 
         The whole step (model, logit rules, sampling) runs under `torch.inference_mode`: no autograd or view
         tracking per op (the batch-1 step is ~2,900 tiny ops, docs/design.md "Performance"). Cache and rule state
         are normal tensors updated in place, which inference mode allows; the returned tensors are inference
         tensors, read (not updated in place) by the engine."""
         with torch.inference_mode():
-            logits = self.model.decode(ids, positions, self.cache, slots, max_len=max_len)[:, -1]
+            logits = self.model.decode(ids, positions, self.cache, slots, max_len=max_len, lengths=lengths)[:, -1]
             greedy_rows = all_greedy(params)
             if greedy_rows and adjust is None:  # what next_tokens returns here, without building the batch's tensors
                 tokens, logprobs = greedy(logits)

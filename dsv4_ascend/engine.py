@@ -374,8 +374,9 @@ class Engine:
         pos = torch.tensor([r.length - 1 for r in reqs], device=dev)
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         params = [r.params for r in reqs]
-        result = self.decoder.step(ids, pos, slots, params, max_len=max(r.length for r in reqs),
-                                   adjust=self.rules.batch(reqs))  # [logit rules hook]
+        lengths = [r.length for r in reqs]
+        result = self.decoder.step(ids, pos, slots, params, max_len=max(lengths),
+                                   adjust=self.rules.batch(reqs), lengths=lengths)  # [logit rules hook]
         if self.prefix is not None:  # before _record releases finished sequences
             bs = self.cache.block_size
             self._register([(r, r.prompt + r.output, r.length) for r in reqs if r.length % bs == 0])

@@ -51,6 +51,7 @@ class Step:
     used: Tensor | None = None     # ragged prefill: valid tokens per row [B]
     end: int | None = None         # prefill: host bound, every position < end
     sync_free: bool = False        # prefill without host reads (a captured MTP verify): the decode-path MoE
+    lengths: tuple[int, ...] | None = None  # eager decode: each row's host-known length after this token
     _rope: dict = field(default_factory=dict)
     attn_shared: dict = field(default_factory=dict)  # KVView.shared: the backend's per-step attention tensors
 
@@ -62,6 +63,11 @@ class Step:
     def ragged(self) -> bool:
         """A prefill batch whose rows have their own starts and lengths."""
         return isinstance(self.start, Tensor)
+
+    def closes(self, ratio: int) -> bool:
+        """Decode: may a row's token close a window of `ratio` this step (its length a multiple of `ratio`)?
+        True without host lengths (graph mode: the step's ops must not depend on the positions)."""
+        return self.lengths is None or any(n % ratio == 0 for n in self.lengths)
 
     def starts(self) -> Tensor:
         """Per-row first positions [B] of a prefill chunk."""
@@ -127,6 +133,12 @@ class Compressor(nn.Module):
         if n == 1:
             return torch.where((closed > 0).view(-1, 1, 1), e, scalar(0.0))
         return torch.where((torch.arange(n, device=x.device) < closed.unsqueeze(1)).unsqueeze(-1), e, 0.0)
+
+    def advance(self, x: Tensor, start: Tensor, st: CompressorState, slots: Tensor) -> None:
+        """Decode step whose token closes no window in any row: only the state rows of x [B,1,D] are written
+        (`Backend.compressor_state`), no entry (entry start//ratio becomes visible only once it is closed)."""
+        self.backend.compressor_state(x, self.wkv.weight, self.wgate.weight, self.ape, st.state, st.blocks(slots),
+                                      start, self.ratio)
 
 
 def simulate_kv_qat(backend: Backend, kv: Tensor, rope_dim: int) -> Tensor:
@@ -282,14 +294,20 @@ class Attention(nn.Module):
         comp = self.compressor
         idx_comp = self.indexer.compressor if self.indexer is not None else None
         if step.decode:
+            # Entry p//m is read only once a token closes it (n_visible below), so a step where no row closes one
+            # (host-known lengths, eager) just advances the state; its page row keeps an older finite value,
+            # weighed by an exact 0 like the zeros written otherwise (tests/test_decode_fast_paths.py).
             p = pos[:, 0]
-            lc.write_entries(lc.entries, slots, (p // m).unsqueeze(1), comp(x, p, lc.comp, slots, self.table), m)
+            for c, store, st in ((comp, lc.entries, lc.comp), (idx_comp, lc.index_keys, lc.index_comp)):
+                if c is not None and step.closes(c.ratio):
+                    lc.write_entries(store, slots, (p // c.ratio).unsqueeze(1), c(x, p, st, slots, self.table),
+                                     c.ratio)
+                elif c is not None:
+                    c.advance(x, p, st, slots)
             pages = step.span_pages or lc.block_table.shape[1]  # static per bucket: shapes never depend on data
             n_total = pages * lc.block_size // m
             entries = None  # the attention view reads the pages (only if the backend needs them gathered)
             if idx_comp is not None:
-                lc.write_entries(lc.index_keys, slots, (p // 4).unsqueeze(1),
-                                 idx_comp(x, p, lc.index_comp, slots, self.table), 4)
                 keys = PagedRows(lc.index_keys, lc.block_table[slots][:, :pages], n_total)  # read by the backend
         else:
             write = step.defer is None
@@ -612,12 +630,19 @@ class Transformer(HcHead, nn.Module):
 
     @torch.no_grad()
     def decode(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
-               max_len: int | None = None) -> Tensor:
+               max_len: int | None = None, lengths: Sequence[int] | None = None) -> Tensor:
         """One token per sequence at per-row `positions` [B]: fp32 logits [B,1,V]. No host syncs.
 
         `max_len` (host-known, optional): an upper bound on every row's length after this token; compressed
         entries are read only up to it (rounded up to whole pages) instead of the slot's full capacity.
+        `lengths` (host-known, optional; eager only, the step's ops then depend on them): each row's length
+        after this token (positions + 1); a compressor whose window no row closes then only advances its state.
         """
+        if lengths is not None:
+            lengths = tuple(int(n) for n in lengths)
+            if len(lengths) != input_ids.shape[0] or min(lengths) < 1:
+                raise ValueError(f"decode: lengths must be one positive length per row ({input_ids.shape[0]} "
+                                 f"rows), found {list(lengths)}")
         pages = None if max_len is None else min(cache.pages_for(max_len), cache.pages_per_seq)
-        step = Step(input_ids, positions.view(-1, 1), slots, cache, None, pages)
+        step = Step(input_ids, positions.view(-1, 1), slots, cache, None, pages, lengths=lengths)
         return self.logits(self.hidden_streams(input_ids, step))

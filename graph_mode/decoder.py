@@ -210,10 +210,12 @@ class GraphDecoder:
         return bucket_for(self.buckets, n)
 
     def step(self, ids: Tensor, positions: Tensor, slots: Tensor, params: list[SamplingParams],
-             max_len: int | None = None, adjust: AdjustBatch | None = None) -> StepResult:
-        """Decode one token for n rows (padded to the bucket). `max_len` is not needed: a bucket's graph reads
-        every page of the block table rows (static shapes), which bounds any length. `adjust`: the rows' logit
-        adjustments (None: none)."""
+             max_len: int | None = None, adjust: AdjustBatch | None = None,
+             lengths: list[int] | None = None) -> StepResult:
+        """Decode one token for n rows (padded to the bucket). `max_len` and `lengths` are not needed: a bucket's
+        graph reads every page of the block table rows (static shapes), which bounds any length, and computes
+        every compressor's entry each step (no host values in the graph). `adjust`: the rows' logit adjustments
+        (None: none)."""
         sb = SamplingBatch.of(params, ids.device)
         n = ids.shape[0]
         pad = self.bucket_for(n) - n

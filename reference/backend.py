@@ -198,9 +198,7 @@ class ReferenceBackend(Backend):
         if x.shape[1] != 1 or used is not None or ring != (1 + overlap) * m:
             return super().compressor(x, wkv, wgate, ape, norm_weight, norm_eps, state, blocks, start, cos, sin,
                                       ratio, used)
-        xf = x.float()  # [B,1,D]: the composite's GEMMs on the same [B,1,D] operands
-        new = torch.cat([self.linear(xf, wkv), self.linear(xf, wgate) + ape[start % m].unsqueeze(1)], -1)
-        state[blocks, start % ring] = new[:, 0]
+        self.compressor_state(x, wkv, wgate, ape, state, blocks, start, m)  # the composite's GEMMs on [B,1,D]
         vpos = ((start // m - int(overlap)) * m).unsqueeze(1) + torch.arange(ring, device=x.device)  # [B, ring]
         rows = state[blocks.unsqueeze(1), vpos % ring]  # [B, ring, 2c]: the ring in position order
         drop = ((vpos < 0) | (vpos > start.unsqueeze(1))).unsqueeze(-1)
@@ -304,6 +302,8 @@ class ReferenceBackend(Backend):
         own = getattr(self.sparse_attention, "__func__", None) is ReferenceBackend.sparse_attention
         if view.chunk is None and own and view.ratio and view.picks is None and q.shape[1] == 1:
             return self._hca_decode(q, view, sink, scale)
+        if view.chunk is None and own and q.shape[1] == 1 and (not view.ratio or view.picks_from_store):
+            return self._window_picks_decode(q, view, sink, scale)
         if view.chunk is None or not isinstance(view.start, int) or not own:
             return super().attend(q, view, sink, scale)
         b, s, h, d = q.shape
@@ -383,6 +383,26 @@ class ReferenceBackend(Backend):
                     b, n * h, d)
             out.append(o.view(b, n, h, d))
         return torch.cat(out, dim=1).to(q.dtype)
+
+    @staticmethod
+    def _window_picks_decode(q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:
+        """Decode step over a window layer (+ CSA picks read from the pages): the keys the default gathers
+        through `view.block` and `sparse_attention`, in the same order ([window rows in position order | picks])
+        and layout, taken directly (no pool copy, no index arithmetic); then `sparse_attention`'s ops."""
+        b, _, h, d = q.shape
+        rows = view.window.window_rows(view.positions[:, 0])  # [B, win], -1 before position 0
+        keys = view.window.read(view.slots).gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))
+        masked = rows < 0
+        if view.picks is not None:
+            picked, valid = view.picked_entries(0, 1)  # [B,1,K,d], [B,1,K]
+            keys = torch.cat([keys, picked[:, 0].to(keys.dtype)], 1)
+            masked = torch.cat([masked, ~valid[:, 0]], 1)
+        keys = keys.unsqueeze(1).float()  # [B,1,K',d]
+        logits = torch.matmul(q.float(), keys.transpose(-1, -2)).mul_(scalar(scale))  # [B,1,H,K']
+        logits = logits.masked_fill(masked.view(b, 1, 1, -1), float("-inf"))
+        sink_col = sink.float().view(1, 1, -1, 1).expand(b, 1, h, 1)
+        probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
+        return cast(torch.matmul(probs, keys), q.dtype)
 
     @staticmethod
     def _hca_decode(q: Tensor, view: KVView, sink: Tensor, scale: float) -> Tensor:

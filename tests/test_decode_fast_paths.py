@@ -178,3 +178,74 @@ def test_eager_greedy_step_equals_next_tokens(tiny_model):
     tokens, logprobs = next_tokens(out.logits, SamplingBatch.of(params, out.logits.device), pos + 1,
                                    tiny_model.backend.sample, True)
     assert torch.equal(out.tokens, tokens) and torch.equal(out.logprobs, logprobs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prompts,ascend", [([7], False), ([5, 13, 22], False), ([5, 13, 22], True)])
+def test_decode_with_host_lengths_equals_always_emit(prompts, ascend, dtype):
+    """Eager decode given the rows' host lengths (a compressor only advances its state on steps where no row
+    closes a window) gives the always-emit step's logits bit for bit, over 48 greedy steps that cross many CSA
+    (ratio 4) and HCA (ratio 16) entry boundaries; batch 1 and a ragged batch of 3 whose rows close windows on
+    different steps; the reference and the emulated Ascend backend (its fused custom `compressor` on the emit
+    steps, the composite state rows on the others). The pages start full of stale finite values (a reused page),
+    not zeros."""
+    from dsv4_ascend.config import ModelConfig
+    from dsv4_ascend.ops import AscendBackend, emulator
+    from tests.conftest import build_tiny
+
+    cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "compress_ratios": [0, 4, 16, 4, 0]})
+    model = build_tiny(3, dtype, cfg, AscendBackend(emulator, custom=emulator) if ascend else None)
+    b, steps = len(prompts), 48
+    g = _gen(5)
+    caches = [model.new_cache(b, max(prompts) + steps + 1) for _ in range(2)]
+    for lc in caches[0].layers:
+        for store in (lc.entries, lc.index_keys):
+            if store is not None:
+                store.data.copy_(torch.randn(store.data.shape, generator=g).to(store.data.dtype))
+    for lc_a, lc_b in zip(caches[0].layers, caches[1].layers):
+        for a, c in ((lc_a.entries, lc_b.entries), (lc_a.index_keys, lc_b.index_keys)):
+            if a is not None:
+                c.data.copy_(a.data)
+    slots = torch.arange(b)
+    ids = torch.randint(2, cfg.vocab_size, (b, max(prompts)), generator=g)
+    with torch.inference_mode():
+        for cache in caches:
+            model.prefill(ids, cache, slots, [0] * b, lengths=prompts)
+        nxt = ids.gather(1, torch.tensor(prompts).view(-1, 1) - 1)  # each row's last prompt token, fed again
+        pos = torch.tensor(prompts) - 1
+        closes = skips = 0
+        for t in range(steps):
+            p = pos + t
+            lengths = (p + 1).tolist()
+            a = model.decode(nxt, p, caches[0], slots, max_len=max(lengths))
+            c = model.decode(nxt, p, caches[1], slots, max_len=max(lengths), lengths=lengths)
+            assert torch.equal(a, c), (t, lengths)
+            nxt = a[:, -1].argmax(-1, keepdim=True)
+            closes += any(n % 16 == 0 for n in lengths)
+            skips += not any(n % 4 == 0 for n in lengths)
+    assert closes >= 3 and skips >= 10  # both ratios closed entries, and steps did skip the emit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", [0, 1])  # sliding window only; CSA (window + picks from the pages)
+def test_window_picks_decode_attend_equals_default(layer, dtype):
+    """ReferenceBackend.attend's decode form for window (+ CSA picks) layers gives the default `Backend.attend`
+    (pool + indices + sparse_attention) bit for bit: rows whose window reaches before position 0, and picks
+    with -1 holes."""
+    from dsv4_ascend.attention_view import KVView
+    from tests.conftest import build_tiny
+
+    model = build_tiny(4, dtype)
+    cfg, g = model.cfg, _gen(11)
+    cache = model.new_cache(2, 48, block_size=16)
+    model(torch.randint(0, cfg.vocab_size, (2, 40), generator=g), cache, torch.arange(2), 0)
+    lc, attn = cache.layers[layer], model.layers[layer].attn
+    h, d = cfg.num_attention_heads, cfg.head_dim
+    slots = torch.tensor([1, 0])
+    for positions, picks in [([[39], [21]], [[[0, 3, -1, 2]], [[1, -1, -1, 0]]]), ([[2], [0]], [[[-1] * 4]] * 2),
+                             ([[9], [30]], [[[1, 0, -1, -1]], [[6, 2, 4, 5]]])]:
+        q = torch.randn(2, 1, h, d, generator=g).to(dtype)
+        view = KVView(lc.window, slots, torch.tensor(positions), None, None, 48, attn.ratio, lc.entries,
+                      lc.block_table[slots], torch.tensor(picks) if attn.ratio else None)
+        new = BE.attend(q, view, attn.attn_sink, d ** -0.5)
+        assert torch.equal(new, Backend.attend(BE, q, view, attn.attn_sink, d ** -0.5)), positions
