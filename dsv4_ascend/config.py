@@ -80,6 +80,9 @@ class ModelConfig:
     num_nextn_predict_layers: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 1
+    # A config.json `eos_token_id` list: its first id is `eos_token_id`, the others end a sequence too (as
+    # transformers' generate stops on any of them).
+    extra_eos_token_ids: list[int] = field(default_factory=list)
     tie_word_embeddings: bool = False
     # Checkpoint storage: "fp8" = block-scaled e4m3 linears; None = unquantised (bf16/fp32) weights.
     quant_method: str | None = "fp8"
@@ -88,6 +91,11 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a sequence: `eos_token_id`, then the config list's others."""
+        return [self.eos_token_id, *self.extra_eos_token_ids]
+
     @property
     def layer_ratios(self) -> list[int]:
         """Compress ratio of each main-model layer (MTP entries excluded)."""
@@ -124,6 +132,9 @@ class ModelConfig:
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
                  f"must be a finite number, found {v!r}")
             need(v > 0, key, f"must be > 0 (a non-positive value makes the model meaningless), found {v!r}")
+        extra = self.extra_eos_token_ids
+        need(isinstance(extra, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in extra),
+             "eos_token_id", f"must be an integer or a list of integers, found extra ids {extra!r}"[:300])
         for key in ("norm_topk_prob", "tie_word_embeddings"):
             need(isinstance(getattr(self, key), bool), key, f"must be true or false, found {getattr(self, key)!r}")
         # Fixed in V4 (DeepSeek's inference code and transformers): the top-k weights are always renormalised, and
@@ -268,8 +279,13 @@ class ModelConfig:
         for k, v in d.items():
             if k in names and k not in out:
                 out[k] = v
-        if isinstance(out.get("eos_token_id"), list):
-            out["eos_token_id"] = out["eos_token_id"][0]
+        eos = out.get("eos_token_id")
+        if isinstance(eos, list):
+            if not eos or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+                raise ConfigError(f"config key 'eos_token_id': must be an integer or a non-empty list of integers, "
+                                  f"found {eos!r}"[:300])
+            out["eos_token_id"], out["extra_eos_token_ids"] = eos[0], [t for t in dict.fromkeys(eos[1:])
+                                                                       if t != eos[0]]
         try:
             return cls(**out)
         except TypeError as e:  # wrong value types
@@ -278,6 +294,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """Official native config.json layout (what the released checkpoints ship)."""
         d = dataclasses.asdict(self)
+        if d.pop("extra_eos_token_ids"):
+            d["eos_token_id"] = self.eos_ids
         for k in ("rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow", "quant_method"):
             d.pop(k)
         if self.rope_factor > 1:  # else plain RoPE: no rope_scaling key (from_dict reads that back as factor 1)

@@ -130,9 +130,10 @@ class Engine:
 
             self.spec = Speculator(model, self.cache, speculative_tokens, verifier)
         self.prefill_chunk = prefill_chunk
-        self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        # The ids that end a sequence: the config's (every id of an eos_token_id list), or the one given here.
+        self.eos_ids = frozenset(model.cfg.eos_ids if eos_token_id is None else (eos_token_id,))
         # [logit rules hook] per-slot penalty / bias state on the device and grammar matchers (logits_process)
-        self.rules = LogitRules(self.cache.max_slots, model.cfg.vocab_size, self.eos, self.device)
+        self.rules = LogitRules(self.cache.max_slots, model.cfg.vocab_size, sorted(self.eos_ids), self.device)
         self.prefiller = None  # compiled per-token ops for prefill chunks (graph_mode.GraphPrefiller)
         if compile_prefill:
             from dsv4_ascend.graph_mode import GraphPrefiller
@@ -409,7 +410,7 @@ class Engine:
                 r.top_logprobs.append(dict(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
             if r.first_token_time is None:
                 r.first_token_time = now
-            if (tok == self.eos and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
+            if (tok in self.eos_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
                 r.finish_reason = "stop"
             elif len(r.output) >= r.params.max_tokens:
                 r.finish_reason = "length"

@@ -122,9 +122,10 @@ def raw_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 class LogitRules:
     """The engine's side: per-slot device state, one grammar matcher per constrained slot, per-step batches."""
 
-    def __init__(self, slots: int, vocab: int, eos: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, slots: int, vocab: int, eos: list[int], device: torch.device | str = "cpu") -> None:
+        """`eos`: the ids that end a sequence (banned with the stop ids while min_tokens are not out)."""
         self.state = SlotTokens(slots, vocab, device)
-        self.vocab, self.eos, self.device = vocab, eos, torch.device(device)
+        self.vocab, self.eos, self.device = vocab, [t for t in eos if 0 <= t < vocab], torch.device(device)
         self.matchers: dict[int, Matcher] = {}
 
     def check(self, params: SamplingParams, speculative: bool) -> None:
@@ -153,7 +154,7 @@ class LogitRules:
             s.bias[slot, torch.tensor(ids, device=self.device)] = torch.tensor(values, device=self.device)
         s.stops[slot].zero_()
         if p.min_tokens:
-            ids = ([] if p.ignore_eos else [self.eos]) + list(p.stop_token_ids)
+            ids = ([] if p.ignore_eos else self.eos) + list(p.stop_token_ids)
             if ids:
                 s.stops[slot, torch.tensor(ids, device=self.device)] = True
         if req.output:  # re-admitted after a preemption: the tokens already generated count again

@@ -51,6 +51,29 @@ def test_stop_tokens_and_capacity(tiny_model):
         eng.add_request([1, 999], SamplingParams())
 
 
+def test_every_id_of_a_config_eos_list_ends_a_sequence(tiny_model, monkeypatch):
+    # config.json may give eos_token_id as a list (transformers stops on any of them): the later ids end a
+    # sequence too, and min_tokens holds every one of them back.
+    from dsv4_ascend.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**tiny_model.cfg.to_dict(), "eos_token_id": [7, 9, 7]})
+    assert (cfg.eos_token_id, cfg.extra_eos_token_ids, cfg.eos_ids) == (7, [9], [7, 9])
+    assert ModelConfig.from_dict(cfg.to_dict()).eos_ids == [7, 9]  # written back as the list
+    p = _prompt(7, 3)
+    free = Engine(tiny_model, max_slots=1, max_seq_len=64, eos_token_id=-1).generate(
+        [p], SamplingParams(temperature=0, max_tokens=12))[0].output
+    i = next(k for k in range(2, 12) if free[k] not in free[:k])  # a token seen first at step i >= 2
+    monkeypatch.setattr(tiny_model.cfg, "eos_token_id", -5)  # never sampled: only the list's other id can stop it
+    monkeypatch.setattr(tiny_model.cfg, "extra_eos_token_ids", [free[i]])
+    eng = Engine(tiny_model, max_slots=1, max_seq_len=64)
+    req = eng.generate([p], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert req.output == free[:i + 1] and req.finish_reason == "stop"
+    held = eng.generate([p], SamplingParams(temperature=0, max_tokens=12, min_tokens=i + 2))[0]
+    assert held.output[:i] == free[:i] and free[i] not in held.output[:i + 2]
+    with pytest.raises(Exception, match="eos_token_id"):
+        ModelConfig.from_dict({**tiny_model.cfg.to_dict(), "eos_token_id": []})
+
+
 def test_sampling_rules():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

@@ -50,7 +50,7 @@ def test_adjusted_logits_equal_a_python_loop_over_the_history():
     reqs = [SimpleNamespace(prompt=[rng.randrange(V) for _ in range(12)], output=[], params=p, slot=s)
             for s, p in zip((2, 0, 3, 1), params)]
     reqs[3].prompt[-1] = 2  # the output below ends "2, 8": bad word (2, 8, 10) bans 10 next, (8, 9) bans 9
-    rules = LogitRules(slots=4, vocab=V, eos=EOS)
+    rules = LogitRules(slots=4, vocab=V, eos=[EOS])
     for r in reqs:
         rules.admit(r)
     for step in range(7):
@@ -100,7 +100,7 @@ def test_engine_counts_and_bias(tiny_model):
 
 
 def test_engine_refuses_adjustments_with_mtp_drafting():
-    rules = LogitRules(slots=1, vocab=8, eos=EOS)
+    rules = LogitRules(slots=1, vocab=8, eos=[EOS])
     with pytest.raises(ValueError, match="speculative"):
         rules.check(SamplingParams(min_p=0.1), speculative=True)
     rules.check(SamplingParams(), speculative=True)
