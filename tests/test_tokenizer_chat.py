@@ -269,7 +269,7 @@ def test_parse_completion_reasoning_and_tool_call():
     (f"reasoning without end{EOS}", True, "</think>"),
     (f"a{EOS}b", False, "after EOS"),
     (f"x</think>y{EOS}", False, "special token"),
-    (f"c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n", False, "invoke header"),
+    ("c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n", False, "invoke header"),
     (f"c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" string=\"maybe\">1"
      f"</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>{EOS}", False, "bad parameter"),
 ])

@@ -196,7 +196,7 @@ def _grouped_matmul_950(xm: Tensor, w: Tensor, group_list, group_list_type: int,
         raise ValueError(f"npu_grouped_matmul: weight must be stacked [E, K, N] (FP4: [E, K/2, N]), found "
                          f"{tuple(w.shape)}")
     m, k = xm.shape
-    e, n = w.shape[0], w.shape[2]
+    e = w.shape[0]
     if w.shape[1] != (k // 2 if fp4 else k):
         want = "K/2 (FP4 x2)" if fp4 else "K"
         raise ValueError(f"npu_grouped_matmul: x has K={k}, weight is {tuple(w.shape)}: expected {want} in dim 1")
