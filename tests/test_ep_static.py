@@ -98,9 +98,28 @@ def check_static_run(rank: int, got: dict, ref, ref16) -> None:
     assert got["mc2_static"] == len(ref.layers)
     assert got["gen"] == generate_lockstep(ref, ParallelContext(), _prompts(rank), max_tokens=4)
     # bf16: each rank's partial expert output is rounded to bf16 before the cross-rank sum (one rounding more than
-    # one process), so logits differ at bf16 noise; the greedy tokens must not.
+    # one process), so logits differ at bf16 noise and a near-tie may go either way (seen: a 2e-4 fp32 margin).
+    # Each token the ranks chose must be a greedy pick of the one-process bf16 model fed the same tokens, up to
+    # that noise.
     assert got["bf16_static"] > 0
-    assert got["gen_bf16"] == generate_lockstep(ref16, ParallelContext(), _prompts(rank), max_tokens=4)
+    _assert_near_greedy(ref16, _prompts(rank), got["gen_bf16"])
+
+
+# bf16 logits here are ~3 in size: one rounding moves them by up to 3 * 2^-8 = 0.012; the extra rounding of the
+# expert partial sums plus prefill-vs-decode rounding stays within a few of those. A wrong expert or a lost rank
+# moves logits by O(1).
+_BF16_PICK_TOL = 0.05
+
+
+def _assert_near_greedy(ref16, prompts: list[list[int]], outs: list[list[int]]) -> None:
+    """Each generated token is, under the one-process model fed the same tokens, within _BF16_PICK_TOL of the
+    maximum logit."""
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            logits = ref16(torch.tensor([p + out[:-1]]))[0, len(p) - 1:].float()
+        chosen = logits.gather(1, torch.tensor(out).unsqueeze(1)).squeeze(1)
+        gap = logits.max(1).values - chosen
+        assert (gap <= _BF16_PICK_TOL).all(), f"tokens {out}: below the greedy pick by {gap.tolist()}"
 
 
 def _graph_worker(rank: int, port: int, ckpt: str, out_dir: str) -> None:
