@@ -63,8 +63,11 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
     metrics = metrics or Metrics()
     cache = engine.cache
     # The longest request (prompt + max_tokens) the engine can ever hold: the per-sequence length limit, or the
-    # whole page budget when that is smaller.
-    context = min(engine.max_seq_len, (cache.num_blocks - 1) * cache.block_size)
+    # whole page budget when that is smaller, less the positions an MTP verify writes past the last token
+    # (`Engine.add_request` counts them; a request defaulting max_tokens to the context would be refused).
+    spec = getattr(engine, "spec", None)
+    extra = spec.n if spec is not None else 0
+    context = min(engine.max_seq_len, (cache.num_blocks - 1) * cache.block_size) - extra
     if not engine.free_slots or context < 2:
         raise ValueError(f"no request can ever be served: {len(engine.free_slots)} sequence slot(s) and room for "
                          f"{context} token(s) per request (one needs a slot and 2 tokens: a prompt token and a "
