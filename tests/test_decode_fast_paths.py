@@ -191,7 +191,7 @@ def test_decode_with_host_lengths_equals_always_emit(prompts, ascend, dtype):
     not zeros."""
     from dsv4_ascend.config import ModelConfig
     from dsv4_ascend.ops import AscendBackend, emulator
-    from tests.conftest import build_tiny
+    from conftest import build_tiny
 
     cfg = ModelConfig.from_dict({**preset("tiny").to_dict(), "compress_ratios": [0, 4, 16, 4, 0]})
     model = build_tiny(3, dtype, cfg, AscendBackend(emulator, custom=emulator) if ascend else None)
@@ -233,7 +233,7 @@ def test_window_picks_decode_attend_equals_default(layer, dtype):
     (pool + indices + sparse_attention) bit for bit: rows whose window reaches before position 0, and picks
     with -1 holes."""
     from dsv4_ascend.attention_view import KVView
-    from tests.conftest import build_tiny
+    from conftest import build_tiny
 
     model = build_tiny(4, dtype)
     cfg, g = model.cfg, _gen(11)
