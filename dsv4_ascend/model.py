@@ -299,10 +299,12 @@ class Attention(nn.Module):
             # weighed by an exact 0 like the zeros written otherwise (tests/test_decode_fast_paths.py).
             p = pos[:, 0]
             for c, store, st in ((comp, lc.entries, lc.comp), (idx_comp, lc.index_keys, lc.index_comp)):
-                if c is not None and step.closes(c.ratio):
+                if c is None:
+                    continue
+                if step.closes(c.ratio):
                     lc.write_entries(store, slots, (p // c.ratio).unsqueeze(1), c(x, p, st, slots, self.table),
                                      c.ratio)
-                elif c is not None:
+                else:
                     c.advance(x, p, st, slots)
             pages = step.span_pages or lc.block_table.shape[1]  # static per bucket: shapes never depend on data
             n_total = pages * lc.block_size // m

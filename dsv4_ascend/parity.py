@@ -480,7 +480,7 @@ def _check_args(tokens: int, seed: int, decode_steps: int, min_cosine: float | N
     if decode_steps < 0:
         raise ValueError(f"--decode-steps must be >= 0, found {decode_steps}")
     for flag, v in (("--min-cosine", min_cosine), ("--min-top1", min_top1)):
-        if v is not None and not -math.inf < v < math.inf:  # NaN fails too (a bound above 1 forces a FAIL)
+        if v is not None and not math.isfinite(v):  # a bound above 1 is allowed: it forces a FAIL
             raise ValueError(f"{flag} must be a finite number, found {v}")
     check_device(device)
 

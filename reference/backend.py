@@ -45,6 +45,14 @@ _INDEXER_PREFILTER_ENTRIES = 1 << 14
 _PAIR_SIGN = {torch.device("cpu"): torch.tensor([-1.0, 1.0])}
 
 
+def _window_keys(view: KVView) -> tuple[Tensor, Tensor]:
+    """A decode step's window keys [B, win, d] in position order, gathered from each row's ring, and their ring rows
+    [B, win] (-1 before position 0: the gathered key there is row 0, to be masked)."""
+    rows = view.window.window_rows(view.positions[:, 0])
+    ring = view.window.read(view.slots)  # [B, ring, d]
+    return ring.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, ring.shape[-1])), rows
+
+
 def _pair_sign(device: torch.device) -> Tensor:
     if device not in _PAIR_SIGN:
         _PAIR_SIGN[device] = _PAIR_SIGN[torch.device("cpu")].to(device)
@@ -390,8 +398,7 @@ class ReferenceBackend(Backend):
         through `view.block` and `sparse_attention`, in the same order ([window rows in position order | picks])
         and layout, taken directly (no pool copy, no index arithmetic); then `sparse_attention`'s ops."""
         b, _, h, d = q.shape
-        rows = view.window.window_rows(view.positions[:, 0])  # [B, win], -1 before position 0
-        keys = view.window.read(view.slots).gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))
+        keys, rows = _window_keys(view)
         masked = rows < 0
         if view.picks is not None:
             picked, valid = view.picked_entries(0, 1)  # [B,1,K,d], [B,1,K]
@@ -410,9 +417,8 @@ class ReferenceBackend(Backend):
         by visibility, one softmax with the sink. The default gathers a [K, d] copy of all context/128 entries."""
         b, _, h, d = q.shape
         pos = view.positions[:, 0]
-        rows = view.window.window_rows(pos)  # [B, win], -1 before position 0
-        ring = view.window.read(view.slots)  # [B, ring, d]
-        kw = ring.gather(1, rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)).float()
+        kw, rows = _window_keys(view)
+        kw = kw.float()
         ent = view.entry_pool().float()  # [B, N, d]
         qf = q.float().view(b, h, d)
         vis = torch.arange(ent.shape[1], device=q.device) < ((pos + 1) // view.ratio).unsqueeze(-1)  # [B, N]

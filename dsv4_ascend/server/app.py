@@ -74,7 +74,7 @@ def create_app(engine: Engine, tokenizer, served_model_name: str = "dsv4", api_k
                          "generated one)")
     worker = worker_class(engine, metrics)
     settings = Settings(served_model_name, context, engine.model.cfg.vocab_size, tokenizer.max_token_chars,
-                        api_key or None, max_queue, getattr(engine, "spec", None) is not None)
+                        api_key or None, max_queue, spec is not None)
     state = AppState(settings, metrics, worker, body_timeout)
     tok_text = TokenText(tokenizer)
     fmt = LogprobFormat(tokenizer, tok_text)
